@@ -1,0 +1,3 @@
+from latentpatch.cli.app import main
+
+main()

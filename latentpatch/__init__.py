@@ -1,0 +1,30 @@
+"""latentpatch: Patch Diffusion (Wang et al., 2023) in the latent space of a pretrained VAE.
+
+The Python API follows the pipeline: ``encode`` an image folder into a latent store, ``train`` a
+patch-wise EDM denoiser on it, ``sample`` full-size images from the run. Heavy modules load lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "encode": "latentpatch.encode",
+    "train": "latentpatch.training.trainer",
+    "sample": "latentpatch.generate",
+    "load_config": "latentpatch.config",
+    "load_autoencoder": "latentpatch.autoencoders",
+    "LatentStore": "latentpatch.data.store",
+    "UserError": "latentpatch.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'latentpatch' has no attribute {name!r}")

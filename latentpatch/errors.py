@@ -1,0 +1,5 @@
+"""One exception type for mistakes a user can fix; the CLI prints it without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input, a missing file or an option that does not fit; the message says which and how to fix it."""

@@ -1,0 +1,137 @@
+"""Patch sampler: the patch-size schedule, random crops, and the coordinate channels.
+
+One coordinate function serves training crops and full-size sampling, so a crop always carries
+exactly its slice of the full grid (Wang et al. 2023, Sec. 3: pixel-level coordinate channels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from latentpatch.errors import UserError
+
+
+def _axis(full: int, start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Coordinates 2k/(R-1) - 1 of indices start..start+length-1 along one axis of side R."""
+    k = start.to(torch.float64)[..., None] + torch.arange(length, device=start.device, dtype=torch.float64)
+    return (2.0 * k / max(full - 1, 1) - 1.0).to(dtype)
+
+
+def crop_coordinates(
+    tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, full_h: int, full_w: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[B, 2, ph, pw] coordinates of crops at (tops, lefts); channel 0 is x (width), 1 is y (height)."""
+    x = _axis(full_w, lefts, pw, dtype)  # [B, pw]
+    y = _axis(full_h, tops, ph, dtype)  # [B, ph]
+    b = x.shape[0]
+    return torch.stack([x[:, None, :].expand(b, ph, pw), y[:, :, None].expand(b, ph, pw)], dim=1)
+
+
+def coordinate_grid(
+    full_h: int, full_w: int, top: int = 0, left: int = 0, height: int | None = None,
+    width: int | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[2, h, w] coordinates of one window of the full grid (the whole grid by default)."""
+    height = full_h - top if height is None else height
+    width = full_w - left if width is None else width
+    t = torch.tensor([top], device=device)
+    l_ = torch.tensor([left], device=device)
+    return crop_coordinates(t, l_, height, width, full_h, full_w, dtype)[0]
+
+
+def full_coordinates(
+    batch: int, full_h: int, full_w: int, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[B, 2, H, W]: the full grid, what sampling and full-size training steps see."""
+    return coordinate_grid(full_h, full_w, device=device, dtype=dtype).expand(batch, 2, full_h, full_w)
+
+
+def random_crops(
+    latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
+    local_coordinates: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniformly placed crop per sample (vectorised gather) and its coordinate channels.
+
+    `local_coordinates` gives every crop the grid of a full image (the ablation without location).
+    """
+    b, c, h, w = latents.shape
+    if ph > h or pw > w:
+        raise UserError(f"patch {ph}x{pw} is larger than the latent {h}x{w}")
+    dev = latents.device
+    gen_dev = generator.device if generator is not None else dev
+    tops = torch.randint(0, h - ph + 1, (b,), generator=generator, device=gen_dev).to(dev)
+    lefts = torch.randint(0, w - pw + 1, (b,), generator=generator, device=gen_dev).to(dev)
+    rows = tops[:, None] + torch.arange(ph, device=dev)  # [B, ph]
+    cols = lefts[:, None] + torch.arange(pw, device=dev)  # [B, pw]
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    crops = latents.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if local_coordinates:
+        coords = full_coordinates(b, ph, pw, device=dev, dtype=latents.dtype)
+    else:
+        coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype)
+    return crops.contiguous(), coords.contiguous()
+
+
+@dataclass(frozen=True)
+class PatchStage:
+    """One entry of the schedule: patch side (latent pixels), its probability and batch size."""
+
+    height: int
+    width: int
+    prob: float
+    batch_size: int
+
+
+class PatchSchedule:
+    """Draws one patch size per step (the same on every rank: the draw depends on seed and step only).
+
+    Non-full sizes are fractions of the latent side with relative weights; the full size gets `real_p`
+    (the paper's real_p). Batch grows by `batch_growth` each time the side halves (the paper doubles it).
+    `progressive_steps` > 0 runs the sizes smallest-first in equal stages before the random schedule.
+    """
+
+    def __init__(
+        self, latent_h: int, latent_w: int, batch_size: int, real_p: float = 0.5,
+        sizes: list[float] | tuple[float, ...] = (0.5,), size_weights: list[float] | None = None,
+        batch_growth: float = 2.0, multiple_of: int = 1, progressive_steps: int = 0, seed: int = 0,
+    ) -> None:
+        if not 0.0 <= real_p <= 1.0:
+            raise UserError(f"patches.real_p must be in [0, 1], got {real_p}")
+        sizes = [float(s) for s in sizes] if real_p < 1.0 else []
+        weights = [float(x) for x in (size_weights or [1.0] * len(sizes))][: len(sizes)]
+        if len(weights) != len(sizes):
+            raise UserError("patches.size_weights needs one weight per entry of patches.sizes")
+        if any(not 0.0 < s < 1.0 for s in sizes):
+            raise UserError(f"patches.sizes are fractions of the latent side in (0, 1), got {sizes}")
+        if sizes and sum(weights) <= 0:
+            raise UserError("patches.size_weights must have a positive sum")
+        stages = []
+        for frac, wgt in zip(sizes, weights):
+            ph, pw = round(latent_h * frac), round(latent_w * frac)
+            mult = batch_growth ** math.log2(1.0 / frac)
+            stages.append(PatchStage(ph, pw, (1.0 - real_p) * wgt / sum(weights), max(1, round(batch_size * mult))))
+        if real_p > 0 or not stages:
+            stages.append(PatchStage(latent_h, latent_w, real_p if stages else 1.0, batch_size))
+        for s in stages:
+            if s.height % multiple_of or s.width % multiple_of or s.height < multiple_of:
+                raise UserError(
+                    f"patch size {s.height}x{s.width} (of latent {latent_h}x{latent_w}) is not divisible by "
+                    f"the network's patch size {multiple_of}; change patches.sizes or the resolution"
+                )
+        self.stages = sorted(stages, key=lambda s: s.height * s.width)
+        self.progressive_steps = progressive_steps
+        self.seed = seed
+        self._probs = torch.tensor([s.prob for s in self.stages], dtype=torch.float64)
+
+    def draw(self, step: int) -> PatchStage:
+        """The stage for optimisation step `step` (deterministic in seed and step, so resume is exact)."""
+        if step < self.progressive_steps:
+            per_stage = math.ceil(self.progressive_steps / len(self.stages))
+            return self.stages[min(step // per_stage, len(self.stages) - 1)]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self.stages[int(torch.multinomial(self._probs, 1, generator=g))]

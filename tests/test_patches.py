@@ -1,0 +1,115 @@
+"""The coordinate channels and the patch schedule, checked against the formulas in the paper."""
+
+import math
+
+import pytest
+import torch
+
+from latentpatch.errors import UserError
+from latentpatch.patches import (
+    PatchSchedule,
+    coordinate_grid,
+    crop_coordinates,
+    full_coordinates,
+    random_crops,
+)
+
+
+def test_full_grid_spans_minus_one_to_one_with_step_two_over_r_minus_one():
+    g = coordinate_grid(5, 9)
+    assert g.shape == (2, 5, 9)
+    assert torch.equal(g[0, 0], torch.linspace(-1, 1, 9))  # x runs along the width
+    assert torch.equal(g[1, :, 0], torch.linspace(-1, 1, 5))  # y runs along the height
+    assert g[0].min() == -1 and g[0].max() == 1 and g[1].min() == -1 and g[1].max() == 1
+    assert torch.allclose(g[0, 3, 1:] - g[0, 3, :-1], torch.full((8,), 2 / 8))
+
+
+def test_crop_corners_carry_their_slice_of_the_full_grid():
+    full = coordinate_grid(8, 8)
+    tops, lefts = torch.tensor([0, 4, 2]), torch.tensor([0, 4, 3])
+    c = crop_coordinates(tops, lefts, 4, 4, 8, 8)
+    assert c.shape == (3, 2, 4, 4)
+    for i in range(3):
+        t, l_ = int(tops[i]), int(lefts[i])
+        assert torch.equal(c[i], full[:, t : t + 4, l_ : l_ + 4])
+    assert c[0, 0, 0, 0] == -1 and c[0, 1, 0, 0] == -1  # top-left crop starts at the corner
+    assert c[1, 0, -1, -1] == 1 and c[1, 1, -1, -1] == 1  # bottom-right crop ends at the corner
+    assert math.isclose(float(c[2, 0, 0, 0]), 2 * 3 / 7 - 1, rel_tol=1e-6)
+
+
+def test_sampling_grid_equals_training_grid_of_a_full_size_crop():
+    lat = torch.randn(2, 4, 6, 10)
+    crops, coords = random_crops(lat, 6, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, lat)
+    assert torch.equal(coords, full_coordinates(2, 6, 10))
+
+
+def test_random_crops_gather_the_content_at_their_coordinates():
+    h, w = 8, 12
+    lat = torch.randn(16, 3, h, w)
+    crops, coords = random_crops(lat, 4, 6, torch.Generator().manual_seed(1))
+    assert crops.shape == (16, 3, 4, 6) and coords.shape == (16, 2, 4, 6)
+    for i in range(16):
+        left = round((float(coords[i, 0, 0, 0]) + 1) * (w - 1) / 2)
+        top = round((float(coords[i, 1, 0, 0]) + 1) * (h - 1) / 2)
+        assert torch.equal(crops[i], lat[i, :, top : top + 4, left : left + 6])
+    positions = {(float(coords[i, 0, 0, 0]), float(coords[i, 1, 0, 0])) for i in range(16)}
+    assert len(positions) > 4  # each sample gets its own place
+
+
+def test_local_coordinates_ablation_gives_every_crop_the_full_grid():
+    lat = torch.randn(3, 4, 8, 8)
+    _, coords = random_crops(lat, 4, 4, torch.Generator().manual_seed(0), local_coordinates=True)
+    assert torch.equal(coords, full_coordinates(3, 4, 4))
+
+
+def test_crop_larger_than_latent_is_refused():
+    with pytest.raises(UserError, match="larger than the latent"):
+        random_crops(torch.zeros(1, 4, 8, 8), 16, 16)
+
+
+def test_latent_default_schedule_frequencies_and_batch_multipliers():
+    s = PatchSchedule(32, 32, batch_size=8, real_p=0.5, sizes=[0.5], seed=3)
+    assert [(st.height, st.prob, st.batch_size) for st in s.stages] == [(16, 0.5, 16), (32, 0.5, 8)]
+    draws = [s.draw(i).height for i in range(4000)]
+    assert abs(draws.count(32) / 4000 - 0.5) < 0.03
+
+
+def test_pixel_schedule_of_the_paper():
+    p = 0.5
+    s = PatchSchedule(64, 64, batch_size=4, real_p=p, sizes=[0.25, 0.5], size_weights=[2, 3], seed=0)
+    assert [st.height for st in s.stages] == [16, 32, 64]
+    assert [st.batch_size for st in s.stages] == [16, 8, 4]
+    assert [st.prob for st in s.stages] == pytest.approx([(1 - p) * 2 / 5, (1 - p) * 3 / 5, p])
+    n = 6000
+    draws = [s.draw(i).height for i in range(n)]
+    for st in s.stages:
+        assert abs(draws.count(st.height) / n - st.prob) < 0.025
+
+
+def test_draw_is_a_function_of_seed_and_step_only():
+    a = PatchSchedule(16, 16, 4, seed=7)
+    b = PatchSchedule(16, 16, 4, seed=7)
+    assert [a.draw(i) for i in range(50)] == [b.draw(i) for i in reversed(range(50))][::-1]
+    c = PatchSchedule(16, 16, 4, seed=8)
+    assert [a.draw(i) for i in range(50)] != [c.draw(i) for i in range(50)]
+
+
+def test_full_size_baseline_has_one_stage():
+    s = PatchSchedule(16, 16, 4, real_p=1.0)
+    assert [(st.height, st.prob) for st in s.stages] == [(16, 1.0)]
+
+
+def test_progressive_schedule_runs_small_patches_first():
+    s = PatchSchedule(32, 32, 4, sizes=[0.25, 0.5], progressive_steps=30)
+    assert [s.draw(i).height for i in (0, 9, 10, 19, 20, 29)] == [8, 8, 16, 16, 32, 32]
+
+
+def test_non_square_latents_get_proportional_patches():
+    s = PatchSchedule(16, 32, 2, sizes=[0.5])
+    assert [(st.height, st.width) for st in s.stages] == [(8, 16), (16, 32)]
+
+
+def test_patch_not_divisible_by_network_patch_size_is_refused():
+    with pytest.raises(UserError, match="not divisible by the network's patch size 2"):
+        PatchSchedule(10, 10, 4, sizes=[0.5], multiple_of=2)
