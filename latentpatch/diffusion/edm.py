@@ -1,0 +1,124 @@
+"""EDM preconditioning, training loss and noise levels (Karras et al. 2022, "Elucidating the Design Space").
+
+Follows NVlabs/edm `training/networks.py` EDMPrecond and `training/loss.py` EDMLoss. The one Patch Diffusion
+change: the network also sees the patch's coordinate channels, appended after the scaled noisy latent and
+left unscaled (they are positions, not signal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class EDMConfig:
+    """Noise-level hyper-parameters; the defaults are the paper's (Table 1, "EDM" column)."""
+
+    sigma_data: float = 0.5  # std of the (normalised) training latents
+    P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2) during training
+    P_std: float = 1.2
+    sigma_min: float = 0.002  # sampling range
+    sigma_max: float = 80.0
+
+
+def precond_coefficients(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """c_skip, c_out, c_in, c_noise of Karras et al. 2022, Table 1 (EDM preconditioning), elementwise in sigma."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def loss_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (Table 1), i.e. 1 / c_out^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip * x + c_out * F(c_in * x, coords; c_noise)  (Karras et al. 2022, eq. 7).
+
+    `net(x[B, C+2, h, w], c_noise[B], cond) -> F[B, C, h, w]` may run under autocast; D is float32.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, coords: Tensor, cond=None) -> Tensor:
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
+        net_in = torch.cat([c_in * x, coords.to(torch.float32)], dim=1)
+        F_x = self.net(net_in, c_noise.flatten(), cond)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+def denoising_loss_at(
+    precond: nn.Module, x0: Tensor, coords: Tensor, sigmas: Tensor, noise: Tensor, cond=None,
+    *, sigma_data: float = 0.5,
+) -> Tensor:
+    """Per-sample EDM loss lambda(sigma) * mean_{C,h,w} (D(x0 + sigma*n; sigma) - x0)^2 (Table 1) -> [B].
+
+    Deterministic given `sigmas` [B] and `noise` [B, C, h, w]: the training loss draws them, held-out
+    evaluation fixes them.
+    """
+    sigma = sigmas.to(device=x0.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    D_yn = precond(x0 + sigma * noise.to(x0), sigma.flatten(), coords, cond)
+    per_sample = ((D_yn - x0.to(torch.float32)) ** 2).mean(dim=(1, 2, 3))
+    return loss_weight(sigma.flatten(), sigma_data) * per_sample
+
+
+def training_sigmas(n: int, cfg: EDMConfig, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """n training noise levels, ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1) -> [n] float32."""
+    rnd_normal = torch.randn([n], generator=generator, device=device)
+    return (rnd_normal * cfg.P_std + cfg.P_mean).exp()
+
+
+class EDMLoss:
+    """Training loss: sigma from `training_sigmas`, n ~ N(0, I), then `denoising_loss_at`."""
+
+    def __init__(self, cfg: EDMConfig | None = None):
+        self.cfg = cfg or EDMConfig()
+
+    def __call__(
+        self, precond: nn.Module, x0: Tensor, coords: Tensor, cond=None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        sigma = training_sigmas(x0.shape[0], self.cfg, generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return denoising_loss_at(precond, x0, coords, sigma, noise, cond, sigma_data=self.cfg.sigma_data)
+
+
+def heldout_sigma_grid(n: int = 8, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
+    """n noise levels at the mid-quantiles (k + 1/2)/n of the training log-normal, ascending, float32.
+
+    A fixed grid makes held-out losses comparable between checkpoints and runs.
+    """
+    if n < 1:
+        raise ValueError(f"heldout_sigma_grid needs n >= 1, got {n}")
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (P_mean + P_std * torch.special.ndtri(q)).exp().to(torch.float32)
+
+
+def fixed_noise(shape: tuple[int, ...] | torch.Size, seed: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """N(0, I) noise drawn on the CPU from `seed`, so it is the same on every device and machine."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype)
+
+
+__all__ = [
+    "EDMConfig",
+    "EDMLoss",
+    "EDMPrecond",
+    "denoising_loss_at",
+    "fixed_noise",
+    "heldout_sigma_grid",
+    "loss_weight",
+    "precond_coefficients",
+    "training_sigmas",
+]

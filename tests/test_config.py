@@ -1,0 +1,63 @@
+"""Configs: presets by name, `base:` inheritance, overrides, and errors that name the bad key."""
+
+import pytest
+
+from latentpatch.config import (
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+from latentpatch.errors import UserError
+
+
+def test_defaults_follow_the_papers():
+    cfg = RunConfig()
+    assert (cfg.edm.sigma_data, cfg.edm.P_mean, cfg.edm.P_std) == (0.5, -1.2, 1.2)
+    assert cfg.patches.real_p == 0.5 and cfg.patches.sizes == [0.5]
+
+
+def test_overrides_parse_values_as_yaml():
+    assert parse_overrides(["train.max_steps=10", "patches.sizes=[0.25, 0.5]", "model.preset=DiT-S/2"]) == {
+        "train": {"max_steps": 10},
+        "patches": {"sizes": [0.25, 0.5]},
+        "model": {"preset": "DiT-S/2"},
+    }
+    cfg = load_config(None, ["train.max_steps=10", "optim.lr=3e-4", "patches.real_p=1"])
+    assert cfg.train.max_steps == 10 and cfg.optim.lr == 3e-4
+    assert cfg.patches.real_p == 1.0 and isinstance(cfg.patches.real_p, float)
+
+
+def test_unknown_key_is_named_in_the_error():
+    with pytest.raises(UserError, match=r"unknown config key model\.hiden_size"):
+        load_config(None, ["model.hiden_size=64"])
+    with pytest.raises(UserError, match=r"unknown config key trian"):
+        config_from_dict({"trian": {}})
+
+
+def test_wrong_type_is_named_in_the_error():
+    with pytest.raises(UserError, match=r"train\.max_steps: expected int"):
+        load_config(None, ["train.max_steps=ten"])
+    with pytest.raises(UserError, match=r"must look like section.key=value"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_yaml_file_with_base_and_round_trip(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  hidden_size: 64\n  depth: 2\ntrain:\n  batch_size: 4\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {base}\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(child)
+    assert (cfg.model.hidden_size, cfg.model.depth, cfg.train.batch_size, cfg.train.max_steps) == (64, 2, 4, 7)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_missing_preset_lists_the_builtin_ones():
+    with pytest.raises(UserError, match="unknown config 'no-such-preset'"):
+        load_config("no-such-preset")
+    with pytest.raises(UserError, match="config file not found"):
+        load_config("missing.yaml")
