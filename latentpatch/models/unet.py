@@ -1,0 +1,105 @@
+"""diffusers UNets behind the EDM call signature: `net(x[B, C+2, h, w], c_noise[B], cond) -> [B, C, h, w]`.
+
+The coordinate channels are plain extra input channels, as in Patch Diffusion's UNets. UNet2DModel serves
+unconditional and class-conditional models; UNet2DConditionModel adds cross-attention on text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
+from torch import Tensor, nn
+
+from latentpatch.errors import UserError
+from latentpatch.models.conditioning import Conditioning
+from latentpatch.models.model_config import ModelConfig
+
+_PROCESSORS = {"sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor}
+
+
+def _check(cfg: ModelConfig) -> None:
+    channels, levels = cfg.unet_block_out_channels, cfg.unet_attention_levels
+    if len(channels) != len(levels):
+        raise UserError(
+            f"model.unet_attention_levels has {len(levels)} entries but model.unet_block_out_channels "
+            f"has {len(channels)}; give one per level"
+        )
+    if cfg.pooled_text_dim > 0 and cfg.text_dim == 0:
+        raise UserError("arch=unet takes model.pooled_text_dim only together with model.text_dim > 0")
+    if any(ch % cfg.unet_attention_head_dim for ch, a in zip(channels, levels) if a):
+        raise UserError(
+            f"model.unet_block_out_channels {list(channels)} must be multiples of "
+            f"model.unet_attention_head_dim={cfg.unet_attention_head_dim} at attention levels"
+        )
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers UNet; c_noise goes in as the (float) timestep, labels as class labels (null = num_classes)."""
+
+    def __init__(self, cfg: ModelConfig, latent_channels: int, attention_backend: str) -> None:
+        super().__init__()
+        _check(cfg)
+        self.latent_channels, self.num_classes = latent_channels, cfg.num_classes
+        self.text_conditioned = cfg.text_dim > 0
+        self.attention_backend = attention_backend
+        channels, levels = tuple(cfg.unet_block_out_channels), cfg.unet_attention_levels
+        self.size_multiple = 2 ** (len(channels) - 1)  # one downsampling between consecutive levels
+        common = dict(
+            in_channels=latent_channels + 2,
+            out_channels=latent_channels,
+            block_out_channels=channels,
+            layers_per_block=cfg.unet_layers_per_block,
+            norm_num_groups=math.gcd(32, *channels),  # GroupNorm's 32 groups, fewer for tiny widths
+            num_class_embeds=cfg.num_classes + 1 if cfg.num_classes > 0 else None,
+        )
+        if self.text_conditioned:
+            self.unet = UNet2DConditionModel(
+                down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+                up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+                cross_attention_dim=cfg.text_dim,
+                # diffusers' historical naming: this argument is the number of heads per level.
+                attention_head_dim=tuple(max(1, ch // cfg.unet_attention_head_dim) for ch in channels),
+                # pooled text enters the timestep embedding through a linear map (cond_proj)
+                time_cond_proj_dim=cfg.pooled_text_dim or None,
+                **common,
+            )
+        else:
+            self.unet = UNet2DModel(
+                down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+                attention_head_dim=cfg.unet_attention_head_dim,
+                **common,
+            )
+        processor = _PROCESSORS[attention_backend]()
+        for module in self.unet.modules():  # UNet2DModel has no set_attn_processor; set each layer's
+            if isinstance(module, Attention):
+                module.set_processor(processor)
+        if cfg.grad_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # diffusers applies it only while gradients are on
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning | None = None) -> Tensor:
+        h, w = x.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise UserError(
+                f"latent size {h}x{w} is not divisible by {self.size_multiple}, the UNet's total downsampling "
+                f"({len(self.unet.config.block_out_channels)} levels); use crop sizes that are multiples of it"
+            )
+        kwargs: dict[str, Tensor | None] = {}
+        if self.num_classes > 0:
+            labels = None if cond is None else cond.class_labels
+            if labels is None:  # no label given: the null label, i.e. unconditional
+                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            kwargs["class_labels"] = labels
+        if self.text_conditioned:
+            if cond is None or cond.text_tokens is None:
+                raise UserError("this model was built with model.text_dim > 0; pass cond.text_tokens")
+            if self.unet.config.time_cond_proj_dim and cond.text_pooled is None:
+                raise UserError("this model was built with model.pooled_text_dim > 0; pass cond.text_pooled")
+            dtype = self.unet.dtype
+            kwargs["encoder_hidden_states"] = cond.text_tokens.to(dtype)
+            kwargs["encoder_attention_mask"] = cond.text_mask
+            kwargs["timestep_cond"] = None if cond.text_pooled is None else cond.text_pooled.to(dtype)
+        return self.unet(x, c_noise, return_dict=False, **kwargs)[0]
