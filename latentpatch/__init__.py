@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "encode": "latentpatch.encode",
+    "encode": "latentpatch.encoding",
     "train": "latentpatch.training.trainer",
     "sample": "latentpatch.generate",
     "load_config": "latentpatch.config",

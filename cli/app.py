@@ -1,0 +1,40 @@
+"""The Typer app: one thin command per pipeline stage (parse, call one library function, report)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from latentpatch.errors import UserError
+
+app = typer.Typer(
+    name="latentpatch",
+    help="Patch Diffusion in the latent space of a pretrained VAE: encode images, patch-train, sample.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module defines `register(app)`; the order is the order of the pipeline.
+COMMAND_MODULES = ("encode",)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"latentpatch.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear line and exit 2, never a traceback."""
+    try:
+        app()
+    except UserError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; finished work is kept and a rerun resumes", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

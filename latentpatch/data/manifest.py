@@ -1,0 +1,273 @@
+"""The latent store's manifest: the contract between encode and train.
+
+A store folder holds `manifest.json` and `shards/shard-NNNNN.safetensors`. The manifest says which
+autoencoder made the latents (enough to load it again), at what resolution, in which dtype, and, per item,
+its source file, the file's sha256, caption, flip and where its row lives. It is rewritten atomically after
+each shard, so a shard file it does not name is an orphan left by a killed run. `plan_update` compares an
+image folder with it: what is new, changed, unchanged or known to be unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentpatch.data.images import SMALLER
+from latentpatch.errors import UserError
+from latentpatch.io import sha256_file, write_json_atomic
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+STORE_MODES = ("mean-std", "sample")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass
+class ShardRecord:
+    file: str  # name inside shards/
+    count: int  # rows in the file (items may reference fewer: stale rows are dropped, not rewritten)
+    sha256: str
+
+
+@dataclass
+class Item:
+    file: str  # source path relative to the image folder, POSIX
+    sha256: str  # of the source file's bytes
+    caption: str | None
+    flip: bool  # True: the horizontally flipped view of the image
+    shard: int  # index into Manifest.shards
+    row: int
+    size: int | None = None  # source size and mtime: a rerun skips hashing files whose stat is unchanged
+    mtime_ns: int | None = None
+
+
+@dataclass
+class Manifest:
+    autoencoder: dict[str, Any]  # AutoencoderInfo.to_dict()
+    resolution: list[int]  # [H, W] in pixels
+    latent_shape: list[int]  # [C, h, w]
+    dtype: str  # storage dtype of every tensor in the shards
+    stores_std: bool  # True: `mean` and `std` of the posterior, draw a fresh latent per read
+    store: str = "mean-std"  # what was asked: "mean-std" or "sample"
+    flip: bool = False  # every image also stored flipped
+    text_encoder: dict[str, Any] | None = None
+    shards: list[ShardRecord] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {file, size, mtime_ns, reason, detail}
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # keys written by newer code, kept on rewrite
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "format_version": self.format_version,
+            "autoencoder": self.autoencoder,
+            "resolution": list(self.resolution),
+            "latent_shape": list(self.latent_shape),
+            "dtype": self.dtype,
+            "stores_std": self.stores_std,
+            "store": self.store,
+            "flip": self.flip,
+            "count": self.count,
+            "text_encoder": self.text_encoder,
+            **self.extra,
+            "shards": [asdict(s) for s in self.shards],
+            "skipped": self.skipped,
+            "items": [asdict(i) for i in self.items],
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> Manifest:
+        """Parse and check a manifest; any inconsistency is a UserError naming `where`."""
+        try:
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            if d.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+            known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"count"}
+            m = cls(
+                autoencoder=dict(d["autoencoder"]),
+                resolution=[int(x) for x in d["resolution"]],
+                latent_shape=[int(x) for x in d["latent_shape"]],
+                dtype=str(d["dtype"]),
+                stores_std=bool(d["stores_std"]),
+                store=str(d.get("store", "mean-std")),
+                flip=bool(d.get("flip", False)),
+                text_encoder=d.get("text_encoder"),
+                shards=[ShardRecord(**s) for s in d["shards"]],
+                items=[Item(**i) for i in d["items"]],
+                skipped=list(d.get("skipped", [])),
+                extra={k: v for k, v in d.items() if k not in known},
+            )
+            m.check()
+        except (KeyError, TypeError, ValueError) as e:
+            detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"{where} is not a valid latent store manifest: {detail}") from e
+        if "count" in d and d["count"] != m.count:
+            raise UserError(f"{where}: count {d['count']} does not match its {m.count} items")
+        return m
+
+    def check(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {STORAGE_DTYPES}")
+        if len(self.resolution) != 2 or len(self.latent_shape) != 3:
+            raise ValueError("resolution must be [H, W] and latent_shape [C, h, w]")
+        for s in self.shards:
+            if not _SHARD_NAME.fullmatch(s.file):  # also keeps every read inside the store folder
+                raise ValueError(f"shard file name {s.file!r} is not shard-NNNNN.safetensors")
+        for s in self.skipped:
+            if not isinstance(s, dict) or not {"file", "size", "mtime_ns", "reason", "detail"} <= set(s):
+                raise ValueError(f"skipped entry {s!r} needs file, size, mtime_ns, reason and detail")
+        for i in self.items:
+            if not 0 <= i.shard < len(self.shards) or not 0 <= i.row < self.shards[i.shard].count:
+                raise ValueError(f"item {i.file!r} points at shard {i.shard} row {i.row}, which does not exist")
+
+    def differences(self, want: Manifest) -> list[str]:
+        """What a run asking for `want` would change in this store, one line per setting."""
+        out = []
+        if not same_autoencoder(self.autoencoder, want.autoencoder):
+            have, asked = _vae_name(self.autoencoder), _vae_name(want.autoencoder)
+            out.append(f"autoencoder: the store has {have}, this run asks for {asked}")
+        for name in ("resolution", "dtype", "store", "flip"):  # latent_shape follows from the first two
+            have, asked = getattr(self, name), getattr(want, name)
+            if have != asked:
+                out.append(f"{name}: the store has {have}, this run asks for {asked}")
+        return out
+
+    def drop_shards(self, lost: set[int]) -> None:
+        """Forget shards whose files are gone, and their items (a rerun encodes those images again)."""
+        keep = [i for i in range(len(self.shards)) if i not in lost]
+        renumber = {old: new for new, old in enumerate(keep)}
+        self.shards = [self.shards[i] for i in keep]
+        self.items = [i for i in self.items if i.shard not in lost]
+        for item in self.items:
+            item.shard = renumber[item.shard]
+
+    def next_shard_index(self) -> int:
+        """Shard files are numbered after the highest one named, so a new shard never reuses a live name."""
+        return 1 + max((int(s.file[6:-12]) for s in self.shards), default=-1)
+
+
+def same_autoencoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same kind, shape and normalisation, and the same weights (by sha256 when both know it, else by source)."""
+    keys = ("kind", "latent_channels", "factor", "scaling_factor", "shift_factor")
+    if any(a.get(k) != b.get(k) for k in keys):
+        return False
+    if a.get("revision") and b.get("revision"):
+        return a["revision"] == b["revision"]  # the same weights, wherever the folder now lives
+    return a.get("source") == b.get("source") and a.get("revision") == b.get("revision")
+
+
+def _vae_name(d: dict[str, Any]) -> str:
+    rev = f" (revision {str(d['revision'])[:12]})" if d.get("revision") else ""
+    return f"{d.get('kind')} autoencoder {d.get('source')}{rev}"
+
+
+def manifest_path(store: str | Path) -> Path:
+    return Path(store) / MANIFEST_NAME
+
+
+def read_manifest(store: str | Path) -> Manifest:
+    """Read `STORE/manifest.json`; a missing, unreadable or inconsistent one is a UserError."""
+    path = manifest_path(store)
+    if not Path(store).is_dir():
+        raise UserError(f"latent store {store} does not exist (no such folder)")
+    if not path.is_file():
+        raise UserError(f"{store} is not a latent store: it has no {MANIFEST_NAME}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"could not read {path}: {e}") from e
+    return Manifest.from_dict(d, where=str(path))
+
+
+def write_manifest(store: str | Path, manifest: Manifest) -> None:
+    write_json_atomic(manifest_path(store), manifest.to_dict())
+
+
+@dataclass
+class UpdatePlan:
+    """What a run has to do, from comparing the folder with the manifest."""
+
+    todo: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    remembered_skips: list[dict[str, Any]] = field(default_factory=list)
+    unchanged: int = 0
+    captions_updated: int = 0
+    missing: int = 0
+    dirty: bool = False  # the manifest changed without a new shard
+
+
+def plan_update(
+    manifest: Manifest, src: Path, files: list[str], captions: dict[str, str | None], *, rehash: bool = False,
+    upscale_small: bool = False,
+) -> UpdatePlan:
+    """Compare the folder with the manifest: unchanged files are kept, changed ones lose their rows.
+
+    A file whose size and mtime match the manifest is taken as unchanged without hashing (as make and rsync
+    do); `rehash` hashes every file. Stale rows are dropped from `manifest` and refreshed stats and captions
+    written into it; the caller saves it.
+    """
+    plan = UpdatePlan()
+    stored: dict[str, list[Item]] = {}
+    for item in manifest.items:
+        stored.setdefault(item.file, []).append(item)
+    skips = {s["file"]: s for s in manifest.skipped}
+    stale: set[str] = set()
+    for f in files:
+        try:
+            st = (src / f).stat()
+        except OSError:
+            plan.todo.append(f)  # decoding will report it as unreadable
+            continue
+        stat = (st.st_size, st.st_mtime_ns)
+        if f in stored:
+            views = stored[f]
+            moved = (views[0].size, views[0].mtime_ns) != stat
+            if rehash or moved:
+                if _hash_or_none(src / f) != views[0].sha256:
+                    stale.add(f)
+                    plan.changed.append(f)
+                    plan.todo.append(f)
+                    continue
+                for v in views:
+                    v.size, v.mtime_ns = stat
+                plan.dirty |= moved
+            plan.unchanged += 1
+            if views[0].caption != captions[f]:
+                for v in views:
+                    v.caption = captions[f]
+                plan.captions_updated += 1
+                plan.dirty = True
+        elif f in skips and (skips[f]["size"], skips[f]["mtime_ns"]) == stat and not (
+            upscale_small and skips[f]["reason"] == SMALLER
+        ):
+            plan.remembered_skips.append(skips[f])  # the same bytes would fail the same way
+        else:
+            plan.todo.append(f)
+    if stale:
+        manifest.items = [i for i in manifest.items if i.file not in stale]
+        plan.dirty = True
+    plan.dirty |= len(plan.remembered_skips) != len(skips)
+    plan.missing = len({i.file for i in manifest.items} - set(files))
+    return plan
+
+
+def _hash_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None  # gone or unreadable since the scan: decoding it again will say which

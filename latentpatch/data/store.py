@@ -1,0 +1,276 @@
+"""The latent store: a writer that appends shards atomically, a reader that loads them, a torch Dataset.
+
+Each shard holds `mean` [n, C, h, w] and, for KL autoencoders, `std` [n, C, h, w]: the posterior's normalised
+mean and standard deviation, so every read draws a fresh latent z = mean + std * eps (the VAE's own
+reparameterisation, Kingma & Welling 2014, eq. 10). Extra per-item tensors (text embeddings) travel in the
+same shards under their own names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as serialise
+from torch.utils.data import Dataset
+
+from latentpatch.autoencoders import AutoencoderInfo
+from latentpatch.data.manifest import MANIFEST_NAME, SHARD_DIR, Item, Manifest, ShardRecord
+from latentpatch.data.manifest import read_manifest, shard_name, write_manifest
+from latentpatch.errors import UserError
+from latentpatch.io import atomic_write_bytes
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class StoreWriter:
+    """Buffers rows and writes them as shards: shard file first, then the manifest that names it.
+
+    Writing runs on one background thread so the GPU keeps encoding; at most one shard is in flight. Only
+    that thread touches the manifest until `close()` returns.
+    """
+
+    def __init__(self, root: str | Path, manifest: Manifest, shard_size: int, background: bool = True):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.shard_size = shard_size
+        self._rows: list[dict[str, torch.Tensor]] = []
+        self._items: list[Item] = []
+        self._buffered = 0
+        self._next_index = manifest.next_shard_index()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") if background else None
+        self._pending: Future | None = None
+        (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+    def add(self, tensors: dict[str, torch.Tensor], items: Sequence[Item]) -> None:
+        """Queue one batch: every tensor has len(items) rows; shard/row of the items are filled in on write."""
+        if self._rows and set(tensors) != set(self._rows[0]):
+            raise ValueError(f"tensor names changed within a store: {sorted(tensors)} vs {sorted(self._rows[0])}")
+        if any(t.shape[0] != len(items) for t in tensors.values()):
+            raise ValueError("every tensor needs one row per item")
+        self._rows.append({k: v.detach().cpu() for k, v in tensors.items()})
+        self._items.extend(items)
+        self._buffered += len(items)
+        if self._buffered >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered as one shard (no-op when empty)."""
+        if not self._items:
+            return
+        tensors = {k: torch.cat([r[k] for r in self._rows]).contiguous() for k in self._rows[0]}
+        items, name = self._items, shard_name(self._next_index)
+        self._rows, self._items, self._buffered = [], [], 0
+        self._next_index += 1
+        self._wait()
+        if self._pool is None:
+            self._write(name, tensors, items)
+        else:
+            self._pending = self._pool.submit(self._write, name, tensors, items)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write here, in the caller's thread
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor], items: list[Item]) -> None:
+        data = serialise(tensors, metadata={"format": "latentpatch-latents"})
+        atomic_write_bytes(self.root / SHARD_DIR / name, data)
+        shard = len(self.manifest.shards)
+        self.manifest.shards.append(ShardRecord(name, len(items), hashlib.sha256(data).hexdigest()))
+        for row, item in enumerate(items):
+            item.shard, item.row = shard, row
+        self.manifest.items.extend(items)
+        write_manifest(self.root, self.manifest)
+
+
+def remove_orphan_shards(root: str | Path, manifest: Manifest) -> int:
+    """Delete shard files the manifest does not name (a run killed between shard and manifest write) and
+    forget shards whose files are gone; returns how many files were removed or forgotten."""
+    shard_dir = Path(root) / SHARD_DIR
+    live = {s.file for s in manifest.shards}
+    orphans = [p for p in shard_dir.iterdir() if p.name not in live and p.is_file()] if shard_dir.is_dir() else []
+    for path in orphans:
+        path.unlink()
+    for path in Path(root).glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest rewrite cut short; the old one stands
+        path.unlink()
+    lost = {i for i, s in enumerate(manifest.shards) if not (shard_dir / s.file).is_file()}
+    manifest.drop_shards(lost)
+    return len(orphans) + len(lost)
+
+
+class LatentStore:
+    """Read side of a store folder; the manifest is checked on open."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta: Manifest = read_manifest(self.path)
+        self._manifest_dict: dict[str, Any] | None = None
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest_dict is None:
+            self._manifest_dict = self.meta.to_dict()
+        return self._manifest_dict
+
+    @property
+    def info(self) -> AutoencoderInfo:
+        return AutoencoderInfo.from_dict(self.meta.autoencoder)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta.latent_shape)  # type: ignore[return-value]
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(self.meta.resolution)  # type: ignore[return-value]
+
+    @property
+    def stores_std(self) -> bool:
+        return self.meta.stores_std
+
+    @property
+    def items(self) -> list[Item]:
+        return self.meta.items
+
+    @property
+    def captions(self) -> list[str | None]:
+        return [i.caption for i in self.meta.items]
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+    def load(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Rows `indices` (default: all, in manifest order) of every stored tensor, in the storage dtype."""
+        items = self.meta.items
+        positions = list(range(len(items))) if indices is None else [int(i) for i in indices]
+        if any(not 0 <= p < len(items) for p in positions):
+            raise UserError(f"{self.path}: index out of range (the store has {len(items)} items)")
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
+        for out_row, p in enumerate(positions):
+            outs, rows = by_shard.setdefault(items[p].shard, ([], []))
+            outs.append(out_row)
+            rows.append(items[p].row)
+        result: dict[str, torch.Tensor] = {}
+        for shard, (outs, rows) in sorted(by_shard.items()):
+            tensors = self._read_shard(shard)
+            if not result:
+                result = {k: v.new_empty(len(positions), *v.shape[1:], device=device) for k, v in tensors.items()}
+            if set(tensors) != set(result):
+                raise UserError(f"{self._shard_path(shard)} holds {sorted(tensors)}, other shards {sorted(result)}")
+            dst, src = torch.tensor(outs, device=device), torch.tensor(rows)
+            for k, v in tensors.items():
+                result[k][dst] = v[src].to(device)
+        if not result:
+            c, h, w = self.latent_shape
+            dtype = TORCH_DTYPES[self.meta.dtype]
+            result = {"mean": torch.empty(0, c, h, w, dtype=dtype, device=device)}
+            if self.stores_std:
+                result["std"] = torch.empty(0, c, h, w, dtype=dtype, device=device)
+        return result
+
+    def verify(self) -> None:
+        """Check every shard file against the sha256 in the manifest (slow: reads everything)."""
+        for i, s in enumerate(self.meta.shards):
+            path = self._shard_path(i)
+            h = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            if h != s.sha256:
+                raise UserError(f"{path} is missing or differs from the manifest's sha256; re-encode into a new --out")
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.path / SHARD_DIR / self.meta.shards[shard].file
+
+    def _read_shard(self, shard: int) -> dict[str, torch.Tensor]:
+        path, record = self._shard_path(shard), self.meta.shards[shard]
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"could not read shard {path}: {e}") from e
+        expected = (record.count, *self.meta.latent_shape)
+        dtype = TORCH_DTYPES[self.meta.dtype]
+        for name in ("mean", "std") if self.meta.stores_std else ("mean",):
+            t = tensors.get(name)
+            if t is None or tuple(t.shape) != expected or t.dtype != dtype:
+                got = None if t is None else (tuple(t.shape), str(t.dtype))
+                raise UserError(f"shard {path}: '{name}' is {got}, manifest says {expected} {self.meta.dtype}")
+        return tensors
+
+
+def mix_seed(*values: int) -> int:
+    """Combine integers into one 63-bit seed (splitmix64 steps), so nearby (epoch, index) pairs decorrelate."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class LatentDataset(Dataset):
+    """Random access to a store held in memory; with a stored std each read draws z = mean + std * eps.
+
+    The noise of item i in epoch e comes from its own generator seeded by (seed, e, i), so a read is
+    reproducible whatever the order, rank or worker. Call `set_epoch` each epoch for fresh draws.
+    """
+
+    def __init__(
+        self,
+        store: LatentStore | str | Path,
+        indices: Sequence[int] | None = None,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.store = store if isinstance(store, LatentStore) else LatentStore(store)
+        self.indices = list(range(len(self.store))) if indices is None else [int(i) for i in indices]
+        self.tensors = self.store.load(self.indices, device=device)
+        self.mean = self.tensors["mean"]
+        self.std = self.tensors.get("std")
+        self.extras = {k: v for k, v in self.tensors.items() if k not in ("mean", "std")}
+        captions = self.store.captions
+        self.captions = [captions[i] for i in self.indices]
+        self.seed, self.epoch, self.device = seed, 0, torch.device(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.indices[i]
+        latent = self.mean[i].float()
+        if self.std is not None:
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, index))
+            latent = latent + self.std[i].float() * torch.randn(latent.shape, generator=g, device=self.device)
+        out = {"latent": latent, "caption": self.captions[i], "index": index}
+        out.update({k: v[i] for k, v in self.extras.items()})
+        return out
+
+    def batch(self, positions: torch.Tensor | Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents [B, C, h, w] float32 for dataset positions, drawn in one call (for in-memory trainers)."""
+        pos = torch.as_tensor(positions, device=self.mean.device, dtype=torch.long)
+        latent = self.mean[pos].float()
+        if self.std is not None:
+            noise = torch.randn(latent.shape, generator=generator, device=latent.device)
+            latent = latent + self.std[pos].float() * noise
+        return latent
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Indices of an n-item store that rank `rank` of `world` reads: every world-th item, disjoint across ranks."""
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"rank {rank} is not within a world of {world} processes")
+    return list(range(rank, n, world))

@@ -1,0 +1,381 @@
+"""The encode stage: image folder -> autoencoder -> latent store, resumable at any point.
+
+Files are decoded and hashed in DataLoader workers; resizing, the autoencoder and the flip run on the device
+in batches; shards are written on a background thread, each followed by an atomic manifest rewrite. A rerun
+compares the folder with the manifest (relative path + sha256) and encodes only what is new or changed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from filelock import FileLock, Timeout
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from latentpatch.autoencoders import Autoencoder, load_autoencoder
+from latentpatch.data.images import IMAGE_EXTENSIONS, SMALLER, DecodedImage, decode_file, read_captions, scan_images
+from latentpatch.data.manifest import MANIFEST_NAME, STORAGE_DTYPES, STORE_MODES, Item, Manifest
+from latentpatch.data.manifest import plan_update, read_manifest, write_manifest
+from latentpatch.data.store import TORCH_DTYPES, StoreWriter, mix_seed, remove_orphan_shards
+from latentpatch.data.transforms import as_size, check_resolution, covers, resize_center_crop
+from latentpatch.errors import UserError
+from latentpatch.io import write_json_atomic
+
+# Test hook: seconds to sleep after each batch, so a test can SIGKILL a real encode mid-run.
+TEST_DELAY_ENV = "LATENTPATCH_TEST_DELAY_S"
+LOCK_NAME = ".encode.lock"
+REPORT_NAME = "encode_report.json"
+SHARD_BYTES = 256 << 20  # a shard's size bound: the writer buffers about two shards in memory
+
+ExtraTensors = Callable[[list[Item]], dict[str, torch.Tensor]]
+
+
+def default_workers() -> int:
+    """Up to 4 decoding processes, never more than the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus)
+
+
+@dataclass
+class EncodeOptions:
+    """Everything `encode` takes besides the folders, the autoencoder and the resolution (see the CLI's --help)."""
+
+    batch_size: int = 32  # images per autoencoder call; with flip each file gives two
+    dtype: str = "float16"  # storage dtype
+    flip: bool = False
+    workers: int = field(default_factory=default_workers)
+    store: str = "mean-std"
+    seed: int = 0
+    upscale_small: bool = False
+    shard_size: int | None = None  # None: 4096 items, fewer if a shard would pass SHARD_BYTES
+    rehash: bool = False
+    extra_tensors: ExtraTensors | None = None  # items -> {name: tensor with one row per item}, stored alongside
+    progress: bool = False
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.store not in STORE_MODES:
+            raise UserError(f"--store must be one of {', '.join(STORE_MODES)}, got {self.store!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class EncodeSummary:
+    out: str
+    total: int  # items in the store after this run (a flipped view is an item)
+    encoded: int  # items written by this run
+    images_encoded: int  # source images encoded by this run
+    already_present: int  # source images found in the store unchanged
+    changed: list[str]  # source images re-encoded because their bytes changed
+    skipped: dict[str, int]  # reason -> number of files
+    skipped_files: list[dict[str, Any]]  # {file, reason, detail}
+    converted: dict[str, int]  # original mode -> images converted to RGB by this run
+    captions_updated: int
+    missing_sources: int  # source images in the store whose file is gone (their latents are kept)
+    orphans_removed: int  # shard files of an interrupted run that were deleted
+    elapsed_s: float  # the whole run, loading the autoencoder included
+    encode_s: float  # decoding, encoding and writing
+    images_per_s: float  # items encoded per second of encode_s
+    up_to_date: bool
+    report: str | None = None
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"store is up to date: {self.total} images in {self.out}"] + self._skip_lines()
+        out = [
+            f"encoded {self.encoded} images ({self.images_encoded} files) into {self.out} in {self.elapsed_s:.1f} s "
+            f"({self.encode_s:.1f} s encoding, {self.images_per_s:.1f} images/s); the store holds {self.total}",
+            f"already present: {self.already_present}",
+        ]
+        if self.changed:
+            names = ", ".join(self.changed[:5]) + (", ..." if len(self.changed) > 5 else "")
+            out.append(f"re-encoded {len(self.changed)} changed files (stale rows dropped): {names}")
+        if self.converted:
+            out.append("converted to RGB: " + ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items())))
+        if self.captions_updated:
+            out.append(f"captions updated: {self.captions_updated}")
+        if self.missing_sources:
+            out.append(f"kept {self.missing_sources} stored images whose source file is gone")
+        if self.orphans_removed:
+            out.append(f"cleaned up {self.orphans_removed} shard files left by an interrupted run")
+        return out + self._skip_lines()
+
+    def _skip_lines(self) -> list[str]:
+        if not self.skipped:
+            return []
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+        report = self.report or str(Path(self.out) / REPORT_NAME)
+        n = sum(self.skipped.values())
+        return [f"skipped {n} file{'s' if n != 1 else ''} ({counts}); list in {report}"]
+
+
+class _SourceFiles(Dataset):
+    """Decoding runs here, in DataLoader workers: stat, read, hash, decode; never raises for a bad file."""
+
+    def __init__(self, src: Path, files: list[str]):
+        self.src, self.files = src, files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[str, tuple[int, int] | None, DecodedImage]:
+        path = self.src / self.files[i]
+        try:
+            st = path.stat()  # before reading: a later edit then shows as a newer mtime on the next run
+            stat = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stat = None
+        return self.files[i], stat, decode_file(path)
+
+
+class _Pending:
+    """A batch's latents on their way to the host: the copy is queued behind the autoencoder's kernels and
+    waited for only after the next batch is queued, so the GPU is not idle while the CPU prepares it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], items: list[Item]):
+        self.items = items
+        cuda = any(t.is_cuda for t in tensors.values())
+        self.tensors = {k: v.to("cpu", non_blocking=cuda) for k, v in tensors.items()}
+        self.event = torch.cuda.Event() if cuda else None
+        if self.event is not None:
+            self.event.record()
+
+    def ready(self) -> tuple[dict[str, torch.Tensor], list[Item]]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensors, self.items
+
+
+def encode(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    vae: str | os.PathLike | Autoencoder,
+    resolution: int | tuple[int, int],
+    *,
+    batch_size: int = 32,
+    device: str | None = None,
+    vae_dtype: str | None = None,
+    dtype: str = "float16",
+    flip: bool = False,
+    workers: int | None = None,
+    store: str = "mean-std",
+    seed: int = 0,
+    upscale_small: bool = False,
+    shard_size: int | None = None,
+    rehash: bool = False,
+    extra_tensors: ExtraTensors | None = None,
+    progress: bool = False,
+) -> EncodeSummary:
+    """Encode every image under `src` into the latent store `out`; rerun to resume or to add new images.
+
+    `vae` is a spec for `load_autoencoder` ("pixel", "builtin", a diffusers folder, a hub id), loaded on
+    `device` in `vae_dtype`, or a ready `Autoencoder`. The other options are described on `EncodeOptions`.
+    """
+    start = time.perf_counter()
+    src, out, size = Path(src), Path(out), as_size(resolution)
+    opts = EncodeOptions(
+        batch_size=batch_size, dtype=dtype, flip=flip, workers=default_workers() if workers is None else workers,
+        store=store, seed=seed, upscale_small=upscale_small, shard_size=shard_size, rehash=rehash,
+        extra_tensors=extra_tensors, progress=progress,
+    )
+    opts.check()
+    if not src.exists():
+        raise UserError(f"image folder {src} does not exist")
+    if not src.is_dir():
+        raise UserError(f"{src} is not a folder; pass the folder that holds the images")
+    files = scan_images(src, exclude=out)
+    if not files:
+        raise UserError(f"no images found in {src} (looked for {', '.join(IMAGE_EXTENSIONS)}, in subfolders too)")
+    captions = read_captions(src, files)
+    autoencoder = _load(vae, device, vae_dtype)
+    check_resolution(size, autoencoder.info.factor)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the latent store")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK_NAME, blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"another encode is writing to {out} (it holds {out / LOCK_NAME}); wait for it or use another --out"
+        ) from None
+    try:
+        manifest = _open_store(out, autoencoder, size, opts)
+        return _update_store(src, out, files, captions, autoencoder, manifest, size, opts, start)
+    finally:
+        lock.release()
+
+
+def _load(vae: Any, device: str | None, vae_dtype: str | None) -> Autoencoder:
+    if not isinstance(vae, (str, os.PathLike)):
+        return vae  # already an Autoencoder
+    if vae_dtype is not None and vae_dtype not in TORCH_DTYPES:
+        raise UserError(f"--vae-dtype must be one of {', '.join(TORCH_DTYPES)}, got {vae_dtype!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_autoencoder(str(vae), device=device, dtype=vae_dtype)
+
+
+def _open_store(out: Path, autoencoder: Autoencoder, size: tuple[int, int], opts: EncodeOptions) -> Manifest:
+    """The store's manifest, or a new one; a store made with other settings is refused, saying what differs."""
+    info = autoencoder.info
+    wanted = Manifest(
+        autoencoder=info.to_dict(),
+        resolution=list(size),
+        latent_shape=[info.latent_channels, size[0] // info.factor, size[1] // info.factor],
+        dtype=opts.dtype,
+        stores_std=info.kind == "kl" and opts.store == "mean-std",
+        store=opts.store,
+        flip=opts.flip,
+    )
+    manifest = read_manifest(out) if (out / MANIFEST_NAME).exists() else wanted
+    differences = manifest.differences(wanted)
+    if differences:
+        raise UserError(
+            f"{out} is a latent store made with other settings:\n  " + "\n  ".join(differences)
+            + "\nencode into a new --out, or rerun with the store's settings"
+        )
+    return manifest
+
+
+def _update_store(
+    src: Path, out: Path, files: list[str], captions: dict[str, str | None], autoencoder: Autoencoder,
+    manifest: Manifest, size: tuple[int, int], opts: EncodeOptions, start: float,
+) -> EncodeSummary:
+    orphans = remove_orphan_shards(out, manifest)
+    plan = plan_update(manifest, src, files, captions, rehash=opts.rehash, upscale_small=opts.upscale_small)
+    summary = EncodeSummary(
+        out=str(out), total=manifest.count, encoded=0, images_encoded=0, already_present=plan.unchanged,
+        changed=plan.changed, skipped={}, skipped_files=[], converted={}, captions_updated=plan.captions_updated,
+        missing_sources=plan.missing, orphans_removed=orphans, elapsed_s=0.0, encode_s=0.0, images_per_s=0.0,
+        up_to_date=not (plan.todo or plan.dirty or orphans),
+    )
+    if plan.todo:
+        started = time.perf_counter()
+        _encode_files(src, out, plan.todo, captions, manifest, autoencoder, size, opts, summary)
+        summary.encode_s = time.perf_counter() - started
+        summary.images_per_s = summary.encoded / summary.encode_s
+    manifest.skipped = plan.remembered_skips + summary.skipped_files
+    summary.skipped_files = [{k: s[k] for k in ("file", "reason", "detail")} for s in manifest.skipped]
+    summary.skipped = dict(Counter(s["reason"] for s in manifest.skipped))
+    summary.total = manifest.count
+    summary.elapsed_s = time.perf_counter() - start
+    if not summary.up_to_date:  # a run that found nothing to do writes nothing
+        write_manifest(out, manifest)
+        summary.report = str(out / REPORT_NAME)
+        write_json_atomic(out / REPORT_NAME, asdict(summary))
+    return summary
+
+
+def _encode_files(
+    src: Path, out: Path, todo: list[str], captions: dict[str, str | None], manifest: Manifest,
+    autoencoder: Autoencoder, size: tuple[int, int], opts: EncodeOptions, summary: EncodeSummary,
+) -> None:
+    """Decode in workers, transform and encode on the device, hand rows to the shard writer.
+
+    Skipped files go to `summary.skipped_files` with their size and mtime, so a rerun need not decode them.
+    """
+    views = (False, True) if opts.flip else (False,)
+    loader = DataLoader(
+        _SourceFiles(src, todo), batch_size=math.ceil(opts.batch_size / len(views)), shuffle=False,
+        num_workers=opts.workers, collate_fn=list, prefetch_factor=4 if opts.workers else None,
+        pin_memory=torch.device(autoencoder.device).type == "cuda",
+    )
+    delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+    converted: Counter[str] = Counter()
+    writer = StoreWriter(out, manifest, opts.shard_size or _default_shard_size(manifest))
+    bar = tqdm(total=len(todo), unit="img", disable=not opts.progress, desc="encode", dynamic_ncols=True)
+    pending: _Pending | None = None
+    try:
+        for batch in loader:
+            images, items = [], []
+            for rel, stat, decoded in batch:
+                size_bytes, mtime_ns = stat or (None, None)
+                reason, detail = _skip_reason(decoded, size, opts.upscale_small)
+                if reason is not None:
+                    summary.skipped_files.append(
+                        {"file": rel, "size": size_bytes, "mtime_ns": mtime_ns, "reason": reason, "detail": detail}
+                    )
+                    continue
+                if decoded.mode != "RGB":
+                    converted[decoded.mode] += 1
+                images.append(decoded.image)
+                items += [Item(rel, decoded.sha256, captions[rel], f, -1, -1, size_bytes, mtime_ns) for f in views]
+            if images:
+                queued = _Pending(_encode_batch(autoencoder, images, items, size, opts), items)
+                if pending is not None:
+                    writer.add(*pending.ready())
+                pending = queued
+                summary.encoded += len(items)
+                summary.images_encoded += len(images)
+            bar.update(len(batch))
+            if delay:
+                time.sleep(delay)
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(
+            f"out of GPU memory at --batch-size {opts.batch_size}; lower it and rerun (finished shards are kept)"
+        ) from e
+    finally:
+        bar.close()
+        try:
+            if pending is not None:
+                writer.add(*pending.ready())
+        finally:
+            writer.close()  # also on Ctrl-C: rows already encoded are written, not lost
+    summary.converted = dict(converted)
+
+
+def _skip_reason(decoded: DecodedImage, size: tuple[int, int], upscale_small: bool) -> tuple[str | None, str]:
+    if decoded.skip is not None:
+        return decoded.skip, decoded.detail
+    h, w = decoded.image.shape[-2:]
+    if not upscale_small and not covers(h, w, size):
+        return SMALLER, f"{w}x{h} px; the resolution is {size[1]}x{size[0]} (--upscale-small allows it)"
+    return None, ""
+
+
+def _default_shard_size(manifest: Manifest) -> int:
+    row = math.prod(manifest.latent_shape) * TORCH_DTYPES[manifest.dtype].itemsize * (2 if manifest.stores_std else 1)
+    return min(4096, max(1, SHARD_BYTES // row))
+
+
+def _encode_batch(autoencoder, images, items: list[Item], size, opts: EncodeOptions) -> dict[str, torch.Tensor]:
+    pixels = resize_center_crop(images, size, autoencoder.device)
+    if opts.flip:  # rows in item order: image, its mirror, next image, ...
+        pixels = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)
+    storage = TORCH_DTYPES[opts.dtype]
+    with torch.no_grad():
+        mean, std = autoencoder.encode_moments(pixels)
+        if std is not None and opts.store == "sample":
+            mean, std = mean + std * _item_noise(items, opts.seed, mean), None
+        tensors = {"mean": mean.to(storage)}
+        if std is not None:
+            tensors["std"] = std.to(storage)
+        if opts.extra_tensors is not None:
+            tensors.update(opts.extra_tensors(items))
+    return tensors
+
+
+def _item_noise(items: list[Item], seed: int, like: torch.Tensor) -> torch.Tensor:
+    """One generator per item, seeded by (seed, file hash, flip): a stored sample does not depend on batching."""
+    noise = [
+        torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(_item_seed(seed, i))) for i in items
+    ]
+    return torch.stack(noise).to(like.device, like.dtype)
+
+
+def _item_seed(seed: int, item: Item) -> int:
+    return mix_seed(seed, int(item.sha256[:15], 16), item.flip)

@@ -1,0 +1,124 @@
+"""`latentpatch encode` as a user runs it: a real process killed mid-run resumes, errors are one clear line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import make_image_folder, photo, save_image
+from typer.testing import CliRunner
+
+from latentpatch.cli.app import app, main
+from latentpatch.data.store import LatentStore
+from latentpatch.encoding import TEST_DELAY_ENV
+from latentpatch.errors import UserError
+
+
+def stored_count(out):
+    try:
+        return json.loads((out / "manifest.json").read_text())["count"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_a_killed_encode_resumes_and_stores_every_image_exactly_once(tmp_path):
+    src, out = tmp_path / "images", tmp_path / "store"
+    make_image_folder(src, n=12, size=[32, (40, 32)], modes=("RGB", "L"))
+    args = [src, "--vae", "pixel", "--resolution", 32, "--out", out, "--batch-size", 1, "--shard-size", 2,
+            "--workers", 0, "--no-progress"]
+    slow = subprocess.Popen([sys.executable, "-m", "latentpatch.cli", "encode", *map(str, args)],
+                            env={**os.environ, TEST_DELAY_ENV: "0.25"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while stored_count(out) < 4 and time.monotonic() < deadline and slow.poll() is None:
+            time.sleep(0.05)
+        # While it runs, a second encode into the same folder fails at once instead of corrupting it.
+        second = CliRunner().invoke(app, ["encode", *map(str, args)])
+        assert isinstance(second.exception, UserError) and "another encode is writing to" in str(second.exception)
+        slow.send_signal(signal.SIGKILL)
+        slow.wait(timeout=30)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert slow.returncode == -signal.SIGKILL
+    done_before = stored_count(out)
+    assert 4 <= done_before < 12, "the first run should have been killed mid-run"
+
+    resumed = invoke(*args)  # the rerun may as well run in this process
+    assert resumed.exit_code == 0, resumed.output
+    assert f"already present: {done_before}" in resumed.output.splitlines()
+    store = LatentStore(out)
+    files = sorted(i.file for i in store.items)
+    assert files == sorted(p.name for p in src.iterdir()) and len(files) == len(set(files)) == 12
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.meta.shards)
+    store.verify()
+    assert len(store.load()["mean"]) == 12
+
+    again = invoke(*args)
+    assert again.exit_code == 0 and again.output.strip() == f"store is up to date: 12 images in {out}"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["encode", *map(str, args)])
+
+
+def test_user_errors_print_one_line_and_exit_2_without_a_traceback(tmp_path, monkeypatch, capsys):
+    nowhere = tmp_path / "nowhere"
+    monkeypatch.setattr(sys, "argv", ["latentpatch", "encode", str(nowhere), "--vae", "pixel", "--resolution", "32",
+                                      "--out", str(tmp_path / "store")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip() == f"error: image folder {nowhere} does not exist"
+
+
+def test_summary_reports_encoded_converted_skipped_and_up_to_date(tmp_path):
+    src, out = tmp_path / "images", tmp_path / "store"
+    make_image_folder(src, n=4, size=32, modes=("RGB", "L", "P", "RGBA"), formats=("png",))
+    (src / "zero.jpg").write_bytes(b"")
+    save_image(photo(1, 16), src / "tiny.png")
+    (src / "metadata.csv").write_text("file_name,text\nimg_000.png,hello\n")
+    args = [src, "--vae", "pixel", "--resolution", 32, "--out", out, "--workers", 0, "--no-progress"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    lines = first.output.splitlines()
+    assert lines[0].startswith(f"encoded 4 images (4 files) into {out} in ") and "images/s); the store holds 4" in lines[0]
+    assert "already present: 0" in lines and "converted to RGB: L 1, P 1, RGBA 1" in lines
+    assert f"skipped 2 files (empty file 1, smaller than resolution 1); list in {out / 'encode_report.json'}" in lines
+    assert LatentStore(out).captions[0] == "hello"
+    second = invoke(*args)
+    assert second.output.splitlines()[0] == f"store is up to date: 4 images in {out}"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--vae", "no/such-vae"], "autoencoder 'no/such-vae'"),
+        (["--resolution", 0], "resolution must be a positive size"),
+        (["--batch-size", 0], "--batch-size must be at least 1"),
+        (["--store", "everything"], "--store must be one of mean-std, sample"),
+        (["--resolution", 16], "resolution: the store has [32, 32], this run asks for [16, 16]"),
+        (["SRC_IS_A_FILE"], "is not a folder"),
+        (["EMPTY"], "no images found in"),
+    ],
+)
+def test_bad_options_raise_user_errors(tmp_path, change, message):
+    src, out = tmp_path / "images", tmp_path / "store"
+    make_image_folder(src, n=2, size=32, formats=("png",))
+    (tmp_path / "empty").mkdir()
+    base = {"src": src, "--vae": "pixel", "--resolution": 32, "--out": out, "--workers": 0, "--no-progress": None}
+    assert invoke(*[x for k, v in base.items() for x in ([v] if k == "src" else [k] if v is None else [k, v])]).exit_code == 0
+    opts = dict(base)
+    if change == ["SRC_IS_A_FILE"]:
+        opts["src"] = src / "img_000.png"
+    elif change == ["EMPTY"]:
+        opts["src"] = tmp_path / "empty"
+    else:
+        opts[change[0]] = change[1]
+    result = invoke(*[x for k, v in opts.items() for x in ([v] if k == "src" else [k] if v is None else [k, v])])
+    assert isinstance(result.exception, UserError), result.output
+    assert message in str(result.exception)
