@@ -1,0 +1,317 @@
+"""Checkpoints as folders of safetensors (no pickle), written atomically, kept by a retention rule.
+
+    checkpoints/step-00000100/  model.safetensors  ema.safetensors  optimizer.safetensors  state.json
+    checkpoints/LATEST          names the newest complete checkpoint; written last
+
+A checkpoint is written as `.tmp-step-XXXXXXXX`, fsynced, then renamed, so a killed run leaves either a
+complete checkpoint or a `.tmp-` folder that every reader ignores. state.json records the sha256 of each
+file, so a truncated or edited weights file is refused instead of loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from latentpatch.errors import UserError
+from latentpatch.io import atomic_write_text, sha256_file
+
+FORMAT_VERSION = 1
+CKPT_DIR = "checkpoints"
+LATEST = "LATEST"
+WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders, oldest first (`.tmp-` leftovers of a killed run are not listed)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The folder LATEST names; the newest complete one if LATEST is missing (a kill between rename and LATEST)."""
+    root = Path(run_dir) / CKPT_DIR
+    try:
+        name = (root / LATEST).read_text().strip()
+    except OSError:
+        name = ""
+    if name and _NAME.match(name) and (root / name / STATE_FILE).is_file():
+        return root / name
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# --- state dicts <-> safetensors -------------------------------------------------------------------
+
+
+def _cpu_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A copy: safetensors refuses tensors that share storage, and a GPU tensor must come to the CPU anyway.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimizer state_dict: tensors as `PARAM.NAME`, everything else as JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, entry in sd["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return _cpu_tensors(tensors), {"optimizer": json.dumps(meta)}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+    """The inverse of optimizer_to_tensors: a state_dict for `optimizer.load_state_dict`."""
+    meta = json.loads(metadata["optimizer"])
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    data = path.read_bytes()
+    try:
+        tensors = load_safetensors_bytes(data)
+        n = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged") from e
+    return tensors, metadata
+
+
+# --- RNG states (all step randomness is derived from (seed, step), these cover anything else) ------
+
+
+def rng_states() -> dict[str, Any]:
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    np_state = np.random.get_state()
+    return {
+        "torch": b64(torch.get_rng_state()),
+        "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    def unb64(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(unb64(states["torch"]))
+    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([unb64(s) for s in states["cuda"]])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- save, retention, load -------------------------------------------------------------------------
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike, step: int, model: nn.Module, ema: nn.Module,
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 0,
+) -> Path:
+    """Write step-XXXXXXXX atomically, point LATEST at it, then apply the retention rule (keep newest `keep`)."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tmp, final = root / f".tmp-{name}", root / name
+    for stale in root.glob(".tmp-*"):  # leftovers of a killed run; one writer per run, so none is live
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    blobs = {
+        WEIGHT_FILES["raw"]: save_safetensors_bytes(_cpu_tensors(model.state_dict()), metadata={"step": str(step)}),
+        WEIGHT_FILES["ema"]: save_safetensors_bytes(_cpu_tensors(ema.state_dict()), metadata={"step": str(step)}),
+        OPTIMIZER_FILE: save_safetensors_bytes(opt_tensors, metadata=opt_meta),
+    }
+    for fname, data in blobs.items():
+        _write_synced(tmp / fname, data)
+    record = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        **state,
+        "rng": rng_states(),
+        "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in blobs.items()},
+    }
+    _write_synced(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (a rerun after a kill): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, name + "\n")
+    apply_retention(run_dir, keep)
+    return final
+
+
+def apply_retention(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps all); never the one LATEST names."""
+    if keep <= 0:
+        return []
+    latest = latest_checkpoint(run_dir)
+    found = list_checkpoints(run_dir)
+    doomed = [p for p in found[: max(len(found) - keep, 0)] if latest is None or p.resolve() != latest.resolve()]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {ckpt} has no readable {STATE_FILE} ({e})") from e
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {ckpt} has format_version {state.get('format_version')}; "
+                        f"this latentpatch reads {FORMAT_VERSION}")
+    return state
+
+
+def verified_file(ckpt: Path, fname: str, state: dict[str, Any]) -> Path:
+    """The path of a checkpoint file whose sha256 matches state.json (UserError if truncated or edited)."""
+    path = ckpt / fname
+    if not path.is_file():
+        raise UserError(f"checkpoint {ckpt} lacks {fname}")
+    expected = state.get("files", {}).get(fname)
+    if expected is None or sha256_file(path) != expected:
+        raise UserError(f"{path} does not match the sha256 recorded in {ckpt / STATE_FILE}: the file was "
+                        "truncated or changed after it was written; use another checkpoint")
+    return path
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    tensors, _ = _read_safetensors(path)
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the model built from the run's config: {e}") from e
+
+
+def load_checkpoint(
+    ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Load weights, EMA and optimizer state in place; returns state.json (step, nimg, ...)."""
+    state = read_state(ckpt)
+    load_weights(model, verified_file(ckpt, WEIGHT_FILES["raw"], state))
+    load_weights(ema, verified_file(ckpt, WEIGHT_FILES["ema"], state))
+    tensors, meta = _read_safetensors(verified_file(ckpt, OPTIMIZER_FILE, state))
+    optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
+    if restore_rng and "rng" in state:
+        set_rng_states(state["rng"])
+    return state
+
+
+# --- loading a finished (or running) run for sampling ----------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    cfg: Any  # RunConfig
+    info: dict  # run.json
+    precond: nn.Module  # EDMPrecond, eval mode, on device
+    checkpoint: Path
+    checkpoint_id: str  # first 16 hex of the weights file's sha256
+    step: int
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None) -> Path:
+    """None: the latest; an int or "100": that step; a name or a path: that folder."""
+    if checkpoint is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise UserError(f"run folder {run_dir} has no checkpoint yet (nothing in {run_dir / CKPT_DIR})")
+        return found
+    text = str(checkpoint)
+    candidates = [Path(text), run_dir / CKPT_DIR / text]
+    if text.isdigit():
+        candidates.insert(0, run_dir / CKPT_DIR / checkpoint_name(int(text)))
+    for path in candidates:
+        if (path / STATE_FILE).is_file():
+            return path
+    names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+    raise UserError(f"checkpoint {text!r} not found in {run_dir / CKPT_DIR} (available: {names})")
+
+
+def load_run(
+    run_dir: str | os.PathLike, weights: str = "ema", checkpoint: str | int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedRun:
+    """The denoiser of a run folder, ready to sample: config, run.json and a verified checkpoint."""
+    from latentpatch.config import load_config
+    from latentpatch.training.build import build_precond
+
+    run_dir = Path(run_dir)
+    if weights not in WEIGHT_FILES:
+        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    for needed in ("config.yaml", "run.json"):
+        if not (run_dir / needed).is_file():
+            raise UserError(f"{run_dir} is not a latentpatch run folder: {needed} is missing")
+    cfg = load_config(run_dir / "config.yaml")
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{run_dir / 'run.json'} is not valid JSON: {e}") from e
+    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    state = read_state(ckpt)
+    path = verified_file(ckpt, WEIGHT_FILES[weights], state)
+    precond = build_precond(cfg, int(info["latent_shape"][0]), device=device)
+    load_weights(precond, path)
+    return LoadedRun(
+        cfg=cfg, info=info, precond=precond.to(device).eval().requires_grad_(False), checkpoint=ckpt,
+        checkpoint_id=state["files"][WEIGHT_FILES[weights]][:16], step=int(state["step"]),
+    )

@@ -1,0 +1,153 @@
+"""Training logs: JSON lines (the record), TensorBoard when installed, and a loss-curve PNG.
+
+Only rank 0 logs. On resume the lines past the resumed step (written by the killed run) are dropped,
+so log.jsonl reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentpatch.io import atomic_write_bytes, atomic_write_text
+
+LOG_FILE = "log.jsonl"
+LOSS_PNG = "loss.png"
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory allocated, or the process's peak resident set size on the CPU (MiB)."""
+    if device.type == "cuda":
+        return {"mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a log.jsonl; a half-written last line (a kill mid-write) is skipped."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_log(path: str | os.PathLike, after_step: int) -> None:
+    """Keep only the records up to `after_step` (the step a resumed run starts from)."""
+    path = Path(path)
+    if path.exists():
+        kept = [r for r in read_log(path) if r.get("step", 0) <= after_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_loss(log_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
+    """loss (and its running mean) against kimg; False when there is nothing to plot yet."""
+    records = [r for r in read_log(log_path) if "loss" in r and math.isfinite(r["loss"])]
+    if not records:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r.get("kimg", r["step"]) for r in records]
+    y = [r["loss"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(x, y, lw=0.8, alpha=0.5, label="loss")
+    k = max(1, len(y) // 20)
+    smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+    ax.plot(x, smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("kimg (full-size-equivalent images / 1000)")
+    ax.set_ylabel("EDM-weighted loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())
+    return True
+
+
+class RunLogger:
+    """Appends one JSON line per log step; mirrors scalars to TensorBoard if it is installed."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            try:  # optional dependency: skip silently when absent
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_FILE
+
+    def log(self, step: int, **scalars: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **scalars}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+
+    def plot(self) -> None:
+        if self.enabled:
+            plot_loss(self.log_path, self.run_dir / LOSS_PNG)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+@torch.no_grad()
+def save_sample_grid(
+    precond: torch.nn.Module, autoencoder, cfg, latent_shape: tuple[int, int, int], path: str | os.PathLike,
+    device: torch.device, seed: int = 0,
+) -> None:
+    """`cfg.train.sample_n` full-size samples of the EMA (EDM Heun, fixed seeds), decoded, as one PNG grid.
+
+    Seeds seed..seed+n-1 and labels 0, 1, 2, ... (when class-conditional) are the same at every step,
+    so the grids show how one set of samples evolves.
+    """
+    from torchvision.utils import save_image
+
+    from latentpatch.diffusion.samplers import karras_sigmas, per_image_noise_fn, sample_heun
+    from latentpatch.models.conditioning import Conditioning
+    from latentpatch.patches import full_coordinates
+
+    n, (c, h, w) = cfg.train.sample_n, latent_shape
+    noise_fn = per_image_noise_fn(list(range(seed, seed + n)), device=device)
+    sigmas = karras_sigmas(cfg.train.sample_steps, cfg.edm.sigma_min, cfg.edm.sigma_max)
+    coords = full_coordinates(n, h, w, device=device)
+    cond = None
+    if cfg.model.num_classes > 0:
+        cond = Conditioning(class_labels=torch.arange(n, device=device) % cfg.model.num_classes)
+    x = noise_fn(torch.empty(n, c, h, w, device=device)) * sigmas[0].item()
+    x = sample_heun(lambda x_, s: precond(x_, s, coords, cond), x, sigmas, noise_fn=noise_fn)
+    images = autoencoder.decode(x).float().clamp(-1, 1)
+    buf_path = Path(path)
+    buf_path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    save_image((images + 1) / 2, buf, format="png", nrow=max(1, math.ceil(math.sqrt(n))))
+    atomic_write_bytes(buf_path, buf.getvalue())

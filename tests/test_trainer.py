@@ -1,0 +1,253 @@
+"""The training loop on a real (tiny) data set: the loss falls, resume is exact, bad input is refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_helpers import make_store, photo_crops, tiny_overrides
+
+import latentpatch.training.trainer as trainer_mod
+from latentpatch.config import load_config
+from latentpatch.data.manifest import Item
+from latentpatch.data.store import LatentStore
+from latentpatch.diffusion.edm import denoising_loss_at, fixed_noise, heldout_sigma_grid
+from latentpatch.errors import UserError
+from latentpatch.patches import PatchSchedule, full_coordinates
+from latentpatch.training.batches import draw_batch
+from latentpatch.training.build import build_precond
+from latentpatch.training.checkpoint import latest_checkpoint, list_checkpoints, load_run, read_state
+from latentpatch.training.trainer import TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return photo_crops(48, 16, seed=0)  # 32 to train on, 16 held out
+
+
+@pytest.fixture(scope="module")
+def store(photos, tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store"), photos[:32])
+
+
+def tiny(**extra):
+    return load_config("tiny", tiny_overrides(**extra))
+
+
+def heldout_loss(precond, images):
+    """EDM-weighted full-size denoising loss on held-out images at a fixed sigma grid and fixed noise."""
+    sigmas = heldout_sigma_grid(8)
+    x0 = images.repeat_interleave(len(sigmas), 0)
+    noise = fixed_noise(x0.shape, seed=123)
+    coords = full_coordinates(x0.shape[0], *images.shape[-2:])
+    with torch.no_grad():
+        return denoising_loss_at(precond, x0, coords, sigmas.repeat(len(images)), noise).mean().item()
+
+
+def test_tiny_dit_heldout_loss_falls_on_real_photos(store, photos, tmp_path):
+    cfg = tiny(**{"train.max_steps": 150, "train.ckpt_every": 1000})
+    torch.manual_seed(cfg.train.seed)  # the trainer's initial weights
+    before = heldout_loss(build_precond(cfg, 3, device="cpu").eval(), photos[32:])
+    result = train(cfg, store, tmp_path / "run", progress=False, device="cpu")
+    after = heldout_loss(load_run(tmp_path / "run").precond, photos[32:])
+    assert result.step == 150 and result.checkpoint.name == "step-00000150"
+    assert after < 0.7 * before, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 151, 5))
+    assert {"loss", "lr", "patch", "img_s", "mem_mib", "grad_norm", "kimg"} <= set(records[0])
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kimg_counts_full_size_equivalent_images(store, tmp_path):
+    cfg = tiny(**{"train.max_steps": 12})
+    result = train(cfg, store, tmp_path / "run", progress=False, device="cpu")
+    schedule = PatchSchedule(16, 16, 8, 0.5, [0.5], None, 2.0, multiple_of=2, seed=cfg.train.seed)
+    draws = [schedule.draw(s) for s in range(12)]
+    assert {d.height for d in draws} == {8, 16}  # both sizes occur, so the count is really tested
+    # An 8x8 patch of a 16x16 latent is a quarter image; its batch of 16 counts as 4 images.
+    expected = sum(d.batch_size * d.height * d.width / 256 for d in draws)
+    assert read_state(result.checkpoint)["nimg"] == pytest.approx(expected)
+    assert result.kimg == pytest.approx(expected / 1000)
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(store, tmp_path):
+    cfg = dict(**{"train.max_steps": 16, "train.ckpt_every": 6})
+    whole = train(tiny(**cfg), store, tmp_path / "whole", progress=False, device="cpu")
+    train(tiny(**cfg), store, tmp_path / "split", max_steps=9, progress=False, device="cpu")
+    resumed = train(tiny(**cfg), store, tmp_path / "split", resume=True, progress=False, device="cpu")
+    assert resumed.step == whole.step == 16
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(whole.checkpoint / name), load_file(resumed.checkpoint / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_batch_randomness_depends_on_seed_and_step_and_ranks_split_one_global_batch(store):
+    cfg = tiny()
+    tensors = LatentStore(store).load()
+    stage = PatchSchedule(16, 16, 8, 0.5, [0.5], multiple_of=2).stages[0]
+    one = draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    again = draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    halves = [draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=r, world=2, device=torch.device("cpu"))
+              for r in range(2)]
+    other = draw_batch(tensors, cfg, stage, 16, step=4, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    for field in ("x0", "coords", "sigma", "noise"):
+        assert torch.equal(getattr(one, field), getattr(again, field))
+        assert torch.equal(getattr(one, field), torch.cat([getattr(h, field) for h in halves]))
+    assert not torch.equal(one.noise, other.noise)
+    assert one.x0.shape == (16, 3, 8, 8) and one.coords.shape == (16, 2, 8, 8)
+
+
+def _nan_after(calls: int):
+    real, count = trainer_mod.denoising_loss_at, {"n": 0}
+
+    def loss(*args, **kwargs):
+        count["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if count["n"] > calls else out
+
+    return loss
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "denoising_loss_at", _nan_after(5))  # step index 5 turns NaN
+    cfg = tiny(**{"train.max_steps": 20, "train.ckpt_every": 2, "train.keep_checkpoints": 5})
+    with pytest.raises(TrainingDiverged, match=r"step 5: the loss became nan.*step-00000004"):
+        train(cfg, store, tmp_path / "run", progress=False, device="cpu")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002", "step-00000004"]
+    weights = load_file(latest_checkpoint(tmp_path / "run") / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_infinite_learning_rate_never_writes_a_nonfinite_checkpoint(store, tmp_path):
+    cfg = tiny(**{"optim.lr": ".inf", "optim.warmup_steps": 1, "train.ckpt_every": 1, "train.max_steps": 3})
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(cfg, store, tmp_path / "run", progress=False, device="cpu")
+    assert list_checkpoints(tmp_path / "run") == []
+
+
+def test_missing_or_foreign_latent_store_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        train(tiny(), tmp_path / "nowhere", tmp_path / "run", device="cpu")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "cat.png").write_bytes(b"\x89PNG")
+    with pytest.raises(UserError, match="not a latent store"):
+        train(tiny(), tmp_path / "images", tmp_path / "run", device="cpu")
+
+
+@pytest.mark.parametrize("side, sizes, match", [
+    (18, "[0.5]", r"patch size 9x9 .* not divisible by the network's patch size 2"),
+    (15, "[0.4]", r"patch size 6x6 .* not divisible|patch size 15x15 .* not divisible"),
+])
+def test_latent_size_not_divisible_by_patch_or_dit_patch_is_refused(tmp_path, side, sizes, match):
+    path = make_store(tmp_path / "store", torch.zeros(2, 3, side, side))
+    with pytest.raises(UserError, match=match):
+        train(tiny(**{"patches.sizes": sizes}), path, tmp_path / "run", device="cpu")
+
+
+def test_new_run_into_a_folder_with_checkpoints_is_refused(store, tmp_path):
+    train(tiny(**{"train.max_steps": 2}), store, tmp_path / "run", progress=False, device="cpu")
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny(**{"train.max_steps": 2}), store, tmp_path / "run", device="cpu")
+
+
+def test_resume_with_a_different_config_names_the_keys(store, tmp_path):
+    train(tiny(**{"train.max_steps": 2}), store, tmp_path / "run", progress=False, device="cpu")
+    with pytest.raises(UserError, match=r"optim\.lr: 0\.001 -> 0\.002.*train\.batch_size: 8 -> 16"):
+        train(tiny(**{"optim.lr": 0.002, "train.batch_size": 16}), store, tmp_path / "run", resume=True,
+              device="cpu")
+    # max_steps may differ: that is how a finished run is extended.
+    result = train(tiny(**{"train.max_steps": 3}), store, tmp_path / "run", resume=True, progress=False,
+                   device="cpu")
+    assert result.step == 3
+
+
+def test_batch_not_divisible_by_accumulation_is_refused(store, tmp_path):
+    with pytest.raises(UserError, match="train.grad_accum"):
+        train(tiny(**{"train.grad_accum": 3}), store, tmp_path / "run", device="cpu")
+
+
+def test_class_conditional_model_needs_labels_in_the_store(store, tmp_path):
+    with pytest.raises(UserError, match="have no 'label'"):
+        train(tiny(**{"model.num_classes": 4}), store, tmp_path / "run", device="cpu")
+
+
+@pytest.mark.skipif("label" not in Item.__dataclass_fields__, reason="the store's Item has no label field yet")
+def test_labels_train_and_are_dropped_to_the_null_label(photos, tmp_path):
+    path = make_store(tmp_path / "store", photos[:8], labels=[i % 3 for i in range(8)])
+    with pytest.raises(UserError, match="label 2, outside 0..1"):
+        train(tiny(**{"model.num_classes": 2}), path, tmp_path / "bad", device="cpu")
+    cfg = tiny(**{"model.num_classes": 3, "train.label_dropout": 0.5})
+    tensors = trainer_mod.load_training_tensors(LatentStore(path), cfg)
+    stage = PatchSchedule(16, 16, 8, 1.0, multiple_of=2).stages[0]
+    b = draw_batch(tensors, cfg, stage, 64, step=0, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    assert set(b.cond.class_labels.tolist()) == {0, 1, 2, 3}  # 3 = the null label
+    assert train(cfg, path, tmp_path / "run", max_steps=2, progress=False, device="cpu").step == 2
+
+
+def test_sample_grid_is_written_every_n_steps(store, tmp_path):
+    cfg = tiny(**{"train.max_steps": 4, "train.sample_every": 2, "train.sample_n": 4, "train.sample_steps": 3})
+    train(cfg, store, tmp_path / "run", progress=False, device="cpu")
+    from PIL import Image
+
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert grids == ["step-00000002.png", "step-00000004.png"]
+    with Image.open(tmp_path / "run" / "samples" / "step-00000004.png") as im:
+        assert im.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16 px images, 2 px padding
+
+
+def test_callback_sees_each_step_and_can_stop_the_run(store, tmp_path):
+    seen = []
+
+    def callback(info):
+        seen.append((info.step, info.patch, info.batch_size))
+        return info.step == 3
+
+    result = train(tiny(**{"train.max_steps": 50}), store, tmp_path / "run", progress=False, device="cpu",
+                   callback=callback)
+    assert [s for s, _, _ in seen] == [1, 2, 3] and result.step == 3
+    assert result.checkpoint.name == "step-00000003"  # stopping writes a checkpoint
+    assert all(batch == {8: 16, 16: 8}[patch[0]] for _, patch, batch in seen)
+
+
+def test_stored_posterior_std_draws_a_fresh_latent_per_step(tmp_path):
+    from latentpatch.autoencoders import PixelAutoencoder
+    from latentpatch.data.manifest import Manifest
+    from latentpatch.data.store import StoreWriter
+
+    manifest = Manifest(autoencoder=PixelAutoencoder().info.to_dict(), resolution=[16, 16],
+                        latent_shape=[3, 16, 16], dtype="float32", stores_std=True)
+    writer = StoreWriter(tmp_path, manifest, shard_size=8, background=False)
+    items = [Item(file=f"{i}.png", sha256=f"{i:064x}", caption=None, flip=False, shard=0, row=0) for i in range(4)]
+    writer.add({"mean": torch.zeros(4, 3, 16, 16), "std": torch.full((4, 3, 16, 16), 2.0)}, items)
+    writer.close()
+    tensors = LatentStore(tmp_path).load()
+    stage = PatchSchedule(16, 16, 8, 1.0, multiple_of=2).stages[0]
+    draw = [draw_batch(tensors, tiny(), stage, 64, step=s, micro=0, rank=0, world=1, device=torch.device("cpu"))
+            for s in (0, 1)]
+    assert draw[0].x0.std().item() == pytest.approx(2.0, rel=0.05)  # mean 0 + std 2 * N(0, 1)
+    assert not torch.equal(draw[0].x0, draw[1].x0)
+
+
+def test_local_coordinates_ablation_gives_every_crop_the_full_grid(store):
+    tensors = LatentStore(store).load()
+    stage = PatchSchedule(16, 16, 8, 0.5, [0.5], multiple_of=2).stages[0]
+    local = draw_batch(tensors, tiny(**{"patches.coordinates": "local"}), stage, 4, step=0, micro=0, rank=0,
+                       world=1, device=torch.device("cpu"))
+    absolute = draw_batch(tensors, tiny(), stage, 4, step=0, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    assert torch.equal(local.coords, full_coordinates(4, 8, 8))
+    assert torch.equal(local.x0, absolute.x0) and not torch.equal(local.coords, absolute.coords)
+    with pytest.raises(UserError, match="patches.coordinates"):
+        draw_batch(tensors, tiny(**{"patches.coordinates": "relative"}), stage, 4, step=0, micro=0, rank=0,
+                   world=1, device=torch.device("cpu"))
+
+
+def test_unet_patches_must_divide_by_its_total_downsampling(store, tmp_path):
+    from latentpatch.models import build_network
+    from latentpatch.training.build import size_multiple
+
+    cfg = load_config("unet-small", ["model.unet_block_out_channels=[16, 32, 32]"])
+    assert size_multiple(build_network(cfg.model, 3, device="cpu")) == 4
+    assert size_multiple(build_precond(tiny(), 3, device="cpu").net) == 2
+    with pytest.raises(UserError, match=r"patch size 6x6 .* network's patch size 4"):
+        train(load_config("unet-small", ["patches.sizes=[0.375]", "model.unet_block_out_channels=[16, 32, 32]"]),
+              store, tmp_path / "run", device="cpu")

@@ -1,0 +1,65 @@
+"""Small real data sets for the trainer's tests: crops of scikit-image's sample photos in a latent store.
+
+The "pixel" autoencoder is the identity, so a store of [3, S, S] images in [-1, 1] is a real latent store
+(sigma_data = 0.5 fits pixels) and needs no network or download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "camera", "brick", "grass")
+
+
+def photo_crops(n: int, size: int, seed: int = 0, scale: int = 4) -> torch.Tensor:
+    """n images [n, 3, size, size] in [-1, 1]: random size*scale crops of the photos, downsampled by scale."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in PHOTOS:
+        im = getattr(skimage.data, name)()
+        im = np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im[..., :3]
+        photos.append(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 127.5 - 1)
+    out = []
+    side = size * scale
+    for i in range(n):
+        p = photos[i % len(photos)]
+        top = int(rng.integers(0, p.shape[1] - side + 1))
+        left = int(rng.integers(0, p.shape[2] - side + 1))
+        crop = p[:, top : top + side, left : left + side][None]
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
+    return torch.stack(out).clamp(-1, 1)
+
+
+def make_store(root: Path, images: torch.Tensor, labels: list[int] | None = None, shard_size: int = 64) -> Path:
+    """Write `images` (pixel-autoencoder latents) as a latent store at `root`."""
+    from latentpatch.autoencoders import PixelAutoencoder
+    from latentpatch.data.manifest import Item, Manifest
+    from latentpatch.data.store import StoreWriter
+
+    n, c, h, w = images.shape
+    manifest = Manifest(autoencoder=PixelAutoencoder().info.to_dict(), resolution=[h, w], latent_shape=[c, h, w],
+                        dtype="float32", stores_std=False)
+    writer = StoreWriter(root, manifest, shard_size=shard_size, background=False)
+    items = []
+    for i in range(n):
+        item = Item(file=f"img{i:04d}.png", sha256=f"{i:064x}", caption=None, flip=False, shard=0, row=0)
+        if labels is not None:
+            item.label = labels[i]
+        items.append(item)
+    writer.add({"mean": images.float()}, items)
+    writer.close()
+    return root
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """key=value overrides on top of the tiny preset that keep a test run to seconds."""
+    base = {"train.log_every": 5, "train.ckpt_every": 10, "optim.warmup_steps": 10}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
