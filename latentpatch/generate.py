@@ -1,0 +1,347 @@
+"""Batch generation: a job of N images from a run, written as PNGs with the settings that made each one.
+
+    out/job.json       every setting that decides the pixels + the list of (index, prompt/class, image_seed)
+    out/00000042.png   image 42 (settings in its "latentpatch" text chunk)
+    out/images.jsonl   one line per image, appended after its PNG is in place
+    out/grid.png       the first 64 images
+
+A job resumes: an image is done when its PNG exists (written to a temp name, then renamed), so a killed job
+started again makes only what is missing. Under `torchrun`, rank r makes images r, r + world, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+import latentpatch
+from latentpatch import job_folder as folder
+from latentpatch.errors import UserError
+from latentpatch.prompts import PromptEntry
+from latentpatch.sampling import (
+    build_conditioning,
+    check_class_labels,
+    check_settings,
+    generate_latents,
+    image_seed,
+    is_text_conditioned,
+    num_classes,
+)
+
+JOB_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image of a job: its global index, what it is conditioned on, and its generator seed."""
+
+    index: int
+    prompt: str | None
+    class_label: int | None
+    image_seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "prompt": self.prompt, "class": self.class_label, "image_seed": self.image_seed}
+
+
+@dataclass
+class Job:
+    settings: dict[str, Any]  # everything that decides the pixels, JSON-ready
+    images: list[ImageSpec] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": JOB_FORMAT, "settings": self.settings, "images": [i.to_dict() for i in self.images]}
+
+
+@dataclass
+class JobResult:
+    out: Path
+    total: int  # images in the job
+    written: int  # images this process wrote now
+    skipped: int  # images already there when it started (all ranks)
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _random_class(seed: int, index: int, k: int) -> int:
+    """A class for a class-conditional model when none is asked for (like EDM), fixed by (seed, index)."""
+    return image_seed(seed, index, stream="class") % k
+
+
+def plan_images(
+    run: Any, n: int, seed: int, prompts: Sequence[PromptEntry] | None, class_labels: Sequence[int] | None
+) -> list[ImageSpec]:
+    """n images per prompt (or its JSONL count) / per class label; a class model with none given draws one."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--n must be a whole number >= 1, got {n}")
+    if prompts is not None and class_labels is not None:
+        raise UserError("give prompts or a class, not both")
+    if prompts is not None:
+        build_conditioning(run, prompts=[prompts[0].prompt])  # fail before any file is written, not mid-job
+        conds = [(e.prompt, None) for e in prompts for _ in range(e.count)]
+    elif class_labels is not None:
+        check_class_labels(run, class_labels)
+        conds = [(None, int(c)) for c in class_labels for _ in range(n)]
+    else:
+        k = num_classes(run)
+        conds = [(None, None)] * n
+        if k > 0:
+            conds = [(None, _random_class(seed, i, k)) for i in range(n)]
+        build_conditioning(run)  # UserError for a text model without prompts
+    return [ImageSpec(i, p, c, image_seed(seed, i)) for i, (p, c) in enumerate(conds)]
+
+
+def make_job(
+    loaded: Any, n: int, *, prompts: Sequence[PromptEntry] | None = None, class_labels: Sequence[int] | None = None,
+    steps: int = 18, guidance: float = 1.0, churn: float = 0.0, seed: int = 0, sampler: str = "heun",
+    weights: str = "ema", run_dir: str | os.PathLike | None = None,
+) -> Job:
+    """The job spec: settings + one ImageSpec per image; nothing is generated or written."""
+    check_settings(sampler, steps, guidance, churn)
+    if guidance != 1 and num_classes(loaded) == 0 and not is_text_conditioned(loaded):
+        raise UserError(f"--guidance {guidance} needs a class- or text-conditioned model; this one is unconditional")
+    run_path = Path(run_dir) if run_dir is not None else loaded.checkpoint.parent.parent
+    cfg = loaded.cfg.edm
+    settings = {
+        "run": str(run_path.resolve()),
+        "checkpoint": str(Path(loaded.checkpoint).resolve()),
+        "weights": weights,
+        "checkpoint_id": loaded.checkpoint_id,  # sha256 of the weights file used
+        "step": loaded.step,
+        "sampler": sampler,
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "churn": float(churn),
+        "seed": int(seed),
+        "sigma_min": float(cfg.sigma_min),
+        "sigma_max": float(cfg.sigma_max),
+        "latent_shape": [int(s) for s in loaded.info["latent_shape"]],
+        "autoencoder": loaded.info["autoencoder"],
+    }
+    return Job(json.loads(json.dumps(settings)), plan_images(loaded, n, int(seed), prompts, class_labels))
+
+
+def load_autoencoder_for(loaded: Any, device: torch.device | str) -> Any:
+    """The autoencoder recorded in run.json, or a UserError saying which one this run needs."""
+    from latentpatch.autoencoders import load_autoencoder_from_info
+
+    info = loaded.info.get("autoencoder")
+    if not info:
+        raise UserError(f"{loaded.checkpoint.parent.parent}/run.json records no autoencoder; cannot decode")
+    try:
+        return load_autoencoder_from_info(info, device=device)
+    except UserError as e:
+        raise UserError(
+            f"this run needs the autoencoder {info.get('source')!r} (kind {info.get('kind')}, revision "
+            f"{info.get('revision')}) to decode its latents, and it could not be loaded: {e}"
+        ) from e
+
+
+def sample_batch(loaded: Any, autoencoder: Any, job: Job, specs: Sequence[ImageSpec], device: torch.device,
+                 progress: bool = False) -> Tensor:
+    """Sample the latents of `specs` and decode them: [B, 3, H, W] float32 in [-1, 1]."""
+    s = job.settings
+    prompts = [x.prompt for x in specs] if specs[0].prompt is not None else None
+    classes = [x.class_label for x in specs] if specs[0].class_label is not None else None
+    cond, uncond = build_conditioning(loaded, prompts=prompts, class_labels=classes, device=device)
+    latents = generate_latents(
+        loaded.precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
+        sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], churn=s["churn"],
+        sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], device=device, progress=progress,
+    )
+    return autoencoder.decode(latents)
+
+
+def image_metadata(job: Job, spec: ImageSpec, class_names: list[str] | None) -> dict[str, Any]:
+    """What made this image: every job setting, its own (index, prompt/class, seed) and the file name."""
+    meta = {"file": folder.image_name(spec.index), **spec.to_dict(), **job.settings,
+            "latentpatch_version": latentpatch.__version__}
+    if class_names and spec.class_label is not None:
+        meta["class_name"] = class_names[spec.class_label]
+    return meta
+
+
+def _from_main(obj: Any, d: Any) -> Any:
+    """Rank 0's value of a small picklable object on every rank (identity for one process)."""
+    if d.world_size == 1:
+        return obj
+    import torch.distributed
+
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_image(out: Path, image: Tensor, meta: dict[str, Any]) -> None:
+    folder.write_png(out / meta["file"], image, meta)
+    folder.append_index(out, meta)  # only after the PNG is in place
+
+
+def _batched(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_job(
+    loaded: Any, job: Job, out: str | os.PathLike, *, batch_size: int = 16, progress: bool = True,
+    dist_info: Any = None,
+) -> JobResult:
+    """Write the job's missing images into `out` (resumable; one job per folder, held by a lock file).
+
+    Under torchrun each rank makes indices rank::world; rank 0 owns the folder (lock, job.json, index, grid).
+    `dist_info` is `training.distributed.init_distributed()`'s result (joined here when None).
+    """
+    from tqdm.auto import tqdm
+
+    from latentpatch.training import distributed as dist
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    out = Path(out)
+    device = next(loaded.precond.parameters()).device
+    d = dist_info if dist_info is not None else dist.init_distributed(device)
+    total, lock = len(job.images), None
+    try:
+        if d.is_main:
+            try:
+                lock = folder.lock_folder(out)
+                folder.check_or_write_job(out, job.to_dict())
+                folder.remove_temp_files(out)
+                folder.rebuild_index(out, total)
+                status = ("ok", len(folder.done_indices(out, total)))
+            except UserError as e:
+                status = ("error", str(e))
+        status = _from_main(status if d.is_main else None, d)
+        if status[0] == "error":
+            raise UserError(status[1])
+        autoencoder = load_autoencoder_for(loaded, device)
+        mine = [s for s in job.images[d.rank :: d.world_size] if not folder.image_path(out, s.index).exists()]
+        class_names = loaded.info.get("class_names")
+        start = time.perf_counter()
+        # PNG encoding and fsync'd writes run on threads (zlib and I/O release the GIL) while the next batch
+        # samples; waiting for batch k's writes before submitting batch k+1's bounds memory to two batches.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+                tqdm(total=len(mine), unit="img", disable=not (progress and d.is_main), desc="sampling") as bar:
+            pending: list = []
+            for specs in _batched(mine, batch_size):
+                images = folder.to_uint8(sample_batch(loaded, autoencoder, job, specs, device))
+                for future in pending:
+                    future.result()
+                pending = [pool.submit(_write_image, out, img, image_metadata(job, spec, class_names))
+                           for spec, img in zip(specs, images)]
+                bar.update(len(specs))
+            for future in pending:
+                future.result()
+        seconds = time.perf_counter() - start
+        dist.barrier(d)
+        if d.is_main:
+            folder.rebuild_index(out, total)
+            folder.write_grid(out, total)
+        return JobResult(out, total, len(mine), status[1], seconds)
+    finally:
+        if lock is not None:
+            lock.release()
+        if dist_info is None:
+            dist.cleanup(d)
+
+
+def _weights_of(loaded: Any, default: str) -> str:
+    """Which weights file of its checkpoint a loaded run holds, from its checkpoint_id (so the record is right)."""
+    from latentpatch.training.checkpoint import WEIGHT_FILES, read_state
+
+    files = read_state(Path(loaded.checkpoint)).get("files", {})
+    found = [w for w, name in WEIGHT_FILES.items() if files.get(name, "")[:16] == loaded.checkpoint_id]
+    return found[0] if len(found) == 1 else default
+
+
+def _as_entries(prompts: str | Sequence[str | PromptEntry] | None, n: int) -> list[PromptEntry] | None:
+    if prompts is None:
+        return None
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [p if isinstance(p, PromptEntry) else PromptEntry(str(p), n) for p in prompts]
+
+
+def sample(
+    run: str | os.PathLike | Any,
+    n: int = 1,
+    *,
+    prompts: str | Sequence[str | PromptEntry] | None = None,
+    class_labels: int | Sequence[int] | None = None,
+    steps: int = 18,
+    guidance: float = 1.0,
+    churn: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    weights: str = "ema",
+    sampler: str = "heun",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    out: str | os.PathLike | None = None,
+    output: str = "pil",
+    progress: bool = False,
+) -> list | Tensor | JobResult:
+    """Generate n images per prompt / class label (n in all without either) from a run folder.
+
+    `run` is a run folder or a `load_run` result (then weights/checkpoint/device are its own). Image i's noise comes from a generator seeded with image_seed(seed, i), so it
+    is the same whatever batch_size or number of processes. With `out` the images are written as a
+    resumable job (PNG + images.jsonl + grid.png, split over torchrun ranks) and read back from the PNGs.
+    output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]) or, with `out`,
+    "none" (a JobResult, nothing read back).
+
+        >>> images = latentpatch.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
+    """
+    from latentpatch.training import distributed as dist
+    from latentpatch.training.checkpoint import load_run
+
+    if output not in ("pil", "tensor", "none") or (output == "none" and out is None):
+        raise UserError(f"output must be 'pil' or 'tensor' ('none' only with out=), got {output!r}")
+    check_settings(sampler, steps, guidance, churn)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    if isinstance(class_labels, int):
+        class_labels = [class_labels]
+    # Join torchrun's group first: each rank loads the model onto its own GPU.
+    d = dist.init_distributed(device) if out is not None else None
+    try:
+        if isinstance(run, (str, os.PathLike)):
+            run_dir = Path(run)
+            dev = d.device if d is not None else dist.resolve_device(device)
+            loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=dev)
+        else:
+            loaded, run_dir, weights = run, None, _weights_of(run, weights)
+        job = make_job(loaded, n, prompts=_as_entries(prompts, n), class_labels=class_labels, steps=steps,
+                       guidance=guidance, churn=churn, seed=seed, sampler=sampler, weights=weights,
+                       run_dir=run_dir)
+        if out is not None:
+            result = run_job(loaded, job, out, batch_size=batch_size, progress=progress, dist_info=d)
+            if output == "none":
+                return result
+            return folder.read_images(Path(out), len(job.images), as_tensor=output == "tensor")
+    finally:
+        if d is not None:
+            dist.cleanup(d)
+    from tqdm.auto import tqdm
+
+    dev = next(loaded.precond.parameters()).device
+    autoencoder = load_autoencoder_for(loaded, dev)
+    batches = list(_batched(job.images, batch_size))
+    images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev).cpu()
+                        for specs in tqdm(batches, unit="batch", disable=not progress, desc="sampling")])
+    if output == "tensor":
+        return (images + 1) / 2
+    return [folder.to_pil(img) for img in folder.to_uint8(images)]
+
+
+__all__ = ["ImageSpec", "Job", "JobResult", "sample_batch", "make_job", "plan_images", "run_job", "sample"]
