@@ -55,6 +55,12 @@ def register(app: typer.Typer) -> None:
         rehash: bool = typer.Option(
             False, "--rehash", help="Hash every file again instead of trusting an unchanged size and modification time."
         ),
+        text_encoder: Optional[str] = typer.Option(
+            None, "--text-encoder", help="Cache caption embeddings for text-conditioned training: an open_clip "
+            "MODEL[:PRETRAINED], e.g. ViT-B-32:laion2b_s34b_b79k (a tag or a checkpoint file; MODEL may be a model "
+            "config .json). Recorded in the manifest; a rerun keeps the store's encoder. Uncaptioned images get the "
+            "empty caption."
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with images/s."),
     ) -> None:
         """Encode an image folder into a latent store; rerun to resume or to add new images."""
@@ -63,7 +69,14 @@ def register(app: typer.Typer) -> None:
         summary = run_encode(
             src, out, vae, resolution, batch_size=batch_size, device=device, vae_dtype=vae_dtype, dtype=dtype,
             flip=flip, workers=workers, store=store, seed=seed, upscale_small=upscale_small, shard_size=shard_size,
-            rehash=rehash, progress=progress,
+            rehash=rehash, progress=progress, text_encoder=text_encoder,
         )
         for line in summary.lines():
             typer.echo(line)
+        if text_encoder is not None:
+            from latentpatch.data.store import LatentStore
+
+            missing = sum(c is None for c in LatentStore(out).captions)
+            if missing:
+                typer.echo(f"note: {missing} stored images have no caption; text-conditioned training needs one "
+                           "for every image (NAME.txt beside it, or metadata.jsonl)")

@@ -14,10 +14,13 @@ def register(app: typer.Typer) -> None:
         "train",
         context_settings={"help_option_names": ["-h", "--help"]},
         epilog="Example: latentpatch train --latents store/ --config tiny --out runs/demo train.max_steps=100 "
-        "optim.lr=3e-4.  Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli train ...",
+        "optim.lr=3e-4.  Fine-tune: latentpatch train --base runs/demo --data my_images/ --out runs/ft "
+        "--max-steps 2000.  Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli train ...",
     )
     def train(
-        latents: Path = typer.Option(..., "--latents", help="Latent store folder written by `latentpatch encode` (manifest.json + shards/)."),
+        latents: Optional[Path] = typer.Option(
+            None, "--latents", help="Latent store folder written by `latentpatch encode` (manifest.json + shards/). "
+            "With --base it may also be an image folder (same as --data)."),
         out: Path = typer.Option(..., "--out", help="Run folder: config.yaml, run.json, checkpoints/, log.jsonl, loss.png, samples/."),
         config: Optional[str] = typer.Option(
             None, "--config",
@@ -28,15 +31,46 @@ def register(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimisation steps in all (overrides train.max_steps; may change on --resume)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun each rank's GPU)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with loss and images/s (rank 0 only)."),
+        base: Optional[str] = typer.Option(
+            None, "--base", help="Fine-tune instead of starting from random weights: a latentpatch run folder, or a "
+            "diffusers UNet2DModel/UNet2DConditionModel (folder or hub id) whose input layer gains zero-initialised "
+            "coordinate channels. --max-steps is the number of fine-tuning steps (default 1000)."),
+        data: Optional[Path] = typer.Option(
+            None, "--data", help="With --base: an image folder (captions in NAME.txt or metadata.jsonl; encoded into "
+            "OUT/latents with the base's autoencoder) or a latent store."),
+        base_weights: str = typer.Option("ema", "--base-weights", help="With a run as --base: start from its ema or raw weights."),
+        text_encoder: Optional[str] = typer.Option(
+            None, "--text-encoder", help="With --base: the open_clip MODEL[:PRETRAINED] for captions (default: the "
+            "base run's). A pretrained UNet2DConditionModel needs one of its cross_attention_dim width."),
+        vae: Optional[str] = typer.Option(None, "--vae", help="With --base and an image folder: the autoencoder (default: the base run's)."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", help="With --base and an image folder: pixel size to encode at (default: the base run's)."),
+        lora_rank: int = typer.Option(0, "--lora-rank", help="With --base: train rank-r LoRA adapters on the attention projections only (0 = all weights)."),
         overrides: Optional[List[str]] = typer.Argument(
             None, help="Config overrides as section.key=value, e.g. train.batch_size=32 patches.real_p=0.25 (values are YAML)."
         ),
     ) -> None:
-        """Train a denoiser on a latent store with the Patch Diffusion schedule, EDM loss, AdamW and EMA."""
+        """Train a denoiser on a latent store with the Patch Diffusion schedule, EDM loss, AdamW and EMA (or fine-tune one: --base)."""
         from latentpatch.config import load_config
         from latentpatch.errors import UserError
         from latentpatch.training.trainer import train as run_train
 
+        if base is not None:
+            from latentpatch.finetuning import finetune
+
+            source = data or latents
+            if source is None:
+                raise UserError("--base needs --data: an image folder or a latent store to fine-tune on")
+            result = finetune(base, source, out, steps=max_steps or 1000, weights=base_weights,
+                              text_encoder=text_encoder, vae=vae, resolution=resolution, lora_rank=lora_rank,
+                              config=config, overrides=overrides or [], resume=resume, device=device,
+                              progress=progress)
+            if os.environ.get("RANK", "0") == "0":
+                loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+                typer.echo(f"fine-tuned to step {result.step} (loss {loss}) in {result.seconds:.0f} s; "
+                           f"latest checkpoint {result.checkpoint}")
+            return
+        if latents is None:
+            raise UserError("--latents is needed: the latent store to train on (or --base with --data to fine-tune)")
         if config is None and overrides:
             raise UserError("config overrides need --config (a resumed run keeps its own config)")
         cfg = load_config(config, overrides or []) if config is not None else None

@@ -1,7 +1,8 @@
 """latentpatch: Patch Diffusion (Wang et al., 2023) in the latent space of a pretrained VAE.
 
 The Python API follows the pipeline: ``encode`` an image folder into a latent store, ``train`` a
-patch-wise EDM denoiser on it, ``sample`` full-size images from the run. Heavy modules load lazily.
+patch-wise EDM denoiser on it, ``sample`` full-size images from the run; ``finetune`` continues a run or a
+pretrained diffusers UNet on your own (captioned) images. Heavy modules load lazily.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _API = {
     "encode": "latentpatch.encoding",
     "train": "latentpatch.training.trainer",
     "sample": "latentpatch.generate",
+    "finetune": "latentpatch.finetuning",
     "load_config": "latentpatch.config",
     "load_autoencoder": "latentpatch.autoencoders",
     "LatentStore": "latentpatch.data.store",

@@ -64,12 +64,14 @@ class TrainConfig:
 
 @dataclass
 class TextConfig:
-    """Frozen open-clip text encoder; empty model means no text conditioning."""
+    """Frozen open-clip text encoder (latentpatch.text); empty model means no text conditioning, unless the
+    latent store holds cached text embeddings, whose encoder is then used ("none" trains without text)."""
 
-    model: str = ""
-    pretrained: str | None = None
-    caption_dropout: float = 0.1
-    max_length: int = 77
+    model: str = ""                 # open_clip name (ViT-B-32) or a model config .json file
+    pretrained: str | None = None   # tag (laion2b_s34b_b79k), checkpoint file, or None: random weights
+    caption_dropout: float = 0.1    # P(caption -> ""), which trains the unconditional model for guidance
+    max_length: int = 77            # tokens kept for cross-attention (at most the model's context length)
+    pooled: bool = True             # also feed the pooled embedding (adaLN / the UNet's time embedding)
 
 
 @dataclass

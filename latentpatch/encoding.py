@@ -25,6 +25,7 @@ from latentpatch.data.images import IMAGE_EXTENSIONS, SMALLER, DecodedImage, dec
 from latentpatch.data.manifest import MANIFEST_NAME, STORAGE_DTYPES, STORE_MODES, Item, Manifest
 from latentpatch.data.manifest import plan_update, read_manifest, write_manifest
 from latentpatch.data.store import TORCH_DTYPES, StoreWriter, mix_seed, remove_orphan_shards
+from latentpatch.data.text_cache import open_store_text, with_text_rows
 from latentpatch.data.transforms import as_size, check_resolution, covers, resize_center_crop
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
@@ -179,11 +180,14 @@ def encode(
     rehash: bool = False,
     extra_tensors: ExtraTensors | None = None,
     progress: bool = False,
+    text_encoder: str | Any | None = None,
 ) -> EncodeSummary:
     """Encode every image under `src` into the latent store `out`; rerun to resume or to add new images.
 
     `vae` is a spec for `load_autoencoder` ("pixel", "builtin", a diffusers folder, a hub id), loaded on
-    `device` in `vae_dtype`, or a ready `Autoencoder`. The other options are described on `EncodeOptions`.
+    `device` in `vae_dtype`, or a ready `Autoencoder`. `text_encoder` ("MODEL[:PRETRAINED]" of open_clip, or
+    a `latentpatch.text.TextEncoder`) caches each caption's embedding in the store (a rerun keeps the
+    store's encoder). The other options are described on `EncodeOptions`.
     """
     start = time.perf_counter()
     src, out, size = Path(src), Path(out), as_size(resolution)
@@ -215,6 +219,9 @@ def encode(
         ) from None
     try:
         manifest = _open_store(out, autoencoder, size, opts)
+        text = open_store_text(out, manifest, text_encoder, autoencoder.device)
+        if text is not None:
+            opts.extra_tensors = with_text_rows(opts.extra_tensors, text, TORCH_DTYPES[opts.dtype])
         return _update_store(src, out, files, captions, autoencoder, manifest, size, opts, start)
     finally:
         lock.release()
@@ -349,6 +356,10 @@ def _skip_reason(decoded: DecodedImage, size: tuple[int, int], upscale_small: bo
 
 def _default_shard_size(manifest: Manifest) -> int:
     row = math.prod(manifest.latent_shape) * TORCH_DTYPES[manifest.dtype].itemsize * (2 if manifest.stores_std else 1)
+    if manifest.text_encoder:  # cached caption embeddings: tokens and pooled in the storage dtype, mask, hash
+        t = manifest.text_encoder
+        row += (t["max_length"] * t["width"] + t["pooled_dim"]) * TORCH_DTYPES[manifest.dtype].itemsize
+        row += t["max_length"] + 8
     return min(4096, max(1, SHARD_BYTES // row))
 
 

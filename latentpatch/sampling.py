@@ -67,10 +67,8 @@ def build_conditioning(
     run: Any, prompts: Sequence[str] | None = None, class_labels: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Conditioning | None, Conditioning | None]:
-    """(cond, uncond) for a batch: one prompt or class per image; uncond is the null label / empty text.
-
-    The hook for text conditioning: prompt -> Conditioning encoding is added here by the text work.
-    """
+    """(cond, uncond) for a batch: one prompt or class per image; uncond is the null label / the empty
+    caption "" (what caption dropout trained). Prompts are embedded by the run's own text encoder."""
     if prompts is not None and class_labels is not None:
         raise UserError("give prompts or class labels, not both")
     if prompts is not None:
@@ -78,15 +76,58 @@ def build_conditioning(
             raise UserError(
                 "this model is not text-conditioned; drop --prompt/--prompts (use --class for a class model)"
             )
-        raise UserError("sampling a text-conditioned model is not supported yet: prompt encoding is still to come")
+        return prompt_conditioning(run, prompts, device)
     if is_text_conditioned(run):
-        raise UserError("sampling a text-conditioned model is not supported yet: prompt encoding is still to come")
+        raise UserError('this model is text-conditioned; give --prompt/--prompts (--prompt "" samples it '
+                        "unconditionally)")
     if class_labels is None:
         return None, None
     check_class_labels(run, class_labels)
     labels = torch.tensor([int(c) for c in class_labels], dtype=torch.long, device=device)
     null = torch.full_like(labels, num_classes(run))  # label num_classes is the dropped (null) label
     return Conditioning(class_labels=labels), Conditioning(class_labels=null)
+
+
+def run_text_encoder(run: Any, device: torch.device | str = "cpu") -> Any:
+    """The text encoder a run was trained with (run.json's record), loaded once and kept on the run."""
+    from latentpatch.text import load_text_encoder, load_text_encoder_from_record
+
+    encoder = getattr(run, "text_encoder", None)
+    if encoder is None:
+        record, tc = run.info.get("text_encoder"), run.cfg.text
+        if record:
+            encoder = load_text_encoder_from_record(record, device=device)
+        elif tc.model:
+            encoder = load_text_encoder(tc.model, tc.pretrained, max_length=tc.max_length, device=device)
+        else:
+            raise UserError("this text-conditioned run records no text encoder (run.json text_encoder, "
+                            "config text.model); it cannot embed prompts")
+        try:
+            run.text_encoder = encoder
+        except AttributeError:
+            pass  # a read-only stand-in for a run: load again next time
+    elif encoder.device != torch.device(device):
+        encoder.to(device)  # validated on the CPU before a job, then used where the model runs
+    return encoder
+
+
+def prompt_conditioning(
+    run: Any, prompts: Sequence[str], device: torch.device | str = "cpu"
+) -> tuple[Conditioning, Conditioning]:
+    """Prompts and as many empty captions through the run's text encoder, cut to one common length."""
+    from latentpatch.text import trim_to_longest
+
+    prompts = [str(p) for p in prompts]
+    emb = run_text_encoder(run, device).encode(prompts + [""])
+    tokens, mask = trim_to_longest(emb.tokens, emb.mask)
+    n, pooled_used = len(prompts), run.cfg.model.pooled_text_dim > 0
+
+    def cond(rows: Any) -> Conditioning:
+        return Conditioning(text_tokens=tokens[rows].to(device), text_mask=mask[rows].to(device),
+                            text_pooled=emb.pooled[rows].to(device) if pooled_used else None)
+
+    null_rows = torch.full((n,), n, dtype=torch.long)
+    return cond(torch.arange(n)), cond(null_rows)
 
 
 @torch.no_grad()

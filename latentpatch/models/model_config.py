@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,3 +30,6 @@ class ModelConfig:
     unet_layers_per_block: int = 2
     unet_attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
     unet_attention_head_dim: int = 8
+    # A widened pretrained diffusers UNet's config (set by latentpatch.finetuning); overrides the unet_* fields.
+    unet_config: Any = None                # dict | None
+    lora_rank: int = 0                     # >0: LoRA adapters of this rank on attention projections; base frozen

@@ -36,43 +36,71 @@ def _check(cfg: ModelConfig) -> None:
         )
 
 
+def _new_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
+    """A fresh diffusers UNet from the unet_* fields; coordinates are two extra input channels."""
+    channels, levels = tuple(cfg.unet_block_out_channels), cfg.unet_attention_levels
+    common = dict(
+        in_channels=latent_channels + 2,
+        out_channels=latent_channels,
+        block_out_channels=channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        norm_num_groups=math.gcd(32, *channels),  # GroupNorm's 32 groups, fewer for tiny widths
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes > 0 else None,
+    )
+    if cfg.text_dim > 0:
+        return UNet2DConditionModel(
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+            cross_attention_dim=cfg.text_dim,
+            # diffusers' historical naming: this argument is the number of heads per level.
+            attention_head_dim=tuple(max(1, ch // cfg.unet_attention_head_dim) for ch in channels),
+            # pooled text enters the timestep embedding through a linear map (cond_proj)
+            time_cond_proj_dim=cfg.pooled_text_dim or None,
+            **common,
+        )
+    return UNet2DModel(
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+        attention_head_dim=cfg.unet_attention_head_dim,
+        **common,
+    )
+
+
+def _pretrained_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
+    """The widened pretrained UNet that model.unet_config describes; its text width must be the encoder's."""
+    from latentpatch.models.widen import COORD_CHANNELS, check_unet_config, unet_from_config
+
+    config = cfg.unet_config
+    check_unet_config(config, latent_channels)
+    if config.get("in_channels") != latent_channels + COORD_CHANNELS:
+        raise UserError(f"model.unet_config takes {config.get('in_channels')} input channels; a widened UNet for "
+                        f"{latent_channels} latent channels takes {latent_channels + COORD_CHANNELS}")
+    conditional = config.get("_class_name") == "UNet2DConditionModel"
+    if conditional != (cfg.text_dim > 0) or (conditional and cfg.text_dim != config.get("cross_attention_dim")):
+        raise UserError(
+            f"model.text_dim={cfg.text_dim} does not fit the pretrained {config.get('_class_name')} "
+            f"(cross_attention_dim {config.get('cross_attention_dim')}); use a text encoder of that width"
+        )
+    if cfg.pooled_text_dim != (config.get("time_cond_proj_dim") or 0):
+        raise UserError(f"model.pooled_text_dim={cfg.pooled_text_dim} does not fit the pretrained UNet "
+                        f"(time_cond_proj_dim {config.get('time_cond_proj_dim')}); set text.pooled=false")
+    return unet_from_config(config)
+
+
 class UNetDenoiser(nn.Module):
     """A diffusers UNet; c_noise goes in as the (float) timestep, labels as class labels (null = num_classes)."""
 
     def __init__(self, cfg: ModelConfig, latent_channels: int, attention_backend: str) -> None:
         super().__init__()
-        _check(cfg)
         self.latent_channels, self.num_classes = latent_channels, cfg.num_classes
         self.text_conditioned = cfg.text_dim > 0
         self.attention_backend = attention_backend
-        channels, levels = tuple(cfg.unet_block_out_channels), cfg.unet_attention_levels
-        self.size_multiple = 2 ** (len(channels) - 1)  # one downsampling between consecutive levels
-        common = dict(
-            in_channels=latent_channels + 2,
-            out_channels=latent_channels,
-            block_out_channels=channels,
-            layers_per_block=cfg.unet_layers_per_block,
-            norm_num_groups=math.gcd(32, *channels),  # GroupNorm's 32 groups, fewer for tiny widths
-            num_class_embeds=cfg.num_classes + 1 if cfg.num_classes > 0 else None,
-        )
-        if self.text_conditioned:
-            self.unet = UNet2DConditionModel(
-                down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
-                up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
-                cross_attention_dim=cfg.text_dim,
-                # diffusers' historical naming: this argument is the number of heads per level.
-                attention_head_dim=tuple(max(1, ch // cfg.unet_attention_head_dim) for ch in channels),
-                # pooled text enters the timestep embedding through a linear map (cond_proj)
-                time_cond_proj_dim=cfg.pooled_text_dim or None,
-                **common,
-            )
+        if cfg.unet_config is not None:  # a widened pretrained UNet (latentpatch.models.widen), rebuilt by config
+            self.unet = _pretrained_unet(cfg, latent_channels)
         else:
-            self.unet = UNet2DModel(
-                down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels),
-                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
-                attention_head_dim=cfg.unet_attention_head_dim,
-                **common,
-            )
+            _check(cfg)
+            self.unet = _new_unet(cfg, latent_channels)
+        self.size_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)  # one downsampling per level
         processor = _PROCESSORS[attention_backend]()
         for module in self.unet.modules():  # UNet2DModel has no set_attn_processor; set each layer's
             if isinstance(module, Attention):
@@ -101,5 +129,6 @@ class UNetDenoiser(nn.Module):
             dtype = self.unet.dtype
             kwargs["encoder_hidden_states"] = cond.text_tokens.to(dtype)
             kwargs["encoder_attention_mask"] = cond.text_mask
-            kwargs["timestep_cond"] = None if cond.text_pooled is None else cond.text_pooled.to(dtype)
+            pooled = cond.text_pooled if self.unet.config.time_cond_proj_dim else None  # only with cond_proj
+            kwargs["timestep_cond"] = None if pooled is None else pooled.to(dtype)
         return self.unet(x, c_noise, return_dict=False, **kwargs)[0]

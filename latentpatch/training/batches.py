@@ -52,10 +52,8 @@ def training_sigma(n: int, edm: EDMConfig, generator: torch.Generator, device: t
 def make_conditioning(
     store_tensors: dict[str, Tensor], indices: Tensor, generator: torch.Generator, cfg: RunConfig
 ) -> Conditioning | None:
-    """Conditioning of the global batch `indices`, with label dropout (the null label is num_classes).
-
-    The hook for text conditioning: it adds text_tokens / text_mask / text_pooled (and caption dropout)
-    here, drawing from `generator` after the labels.
+    """Conditioning of the global batch `indices`, with label dropout (the null label is num_classes) and
+    caption dropout (the caption becomes the empty one, `null_text_*`), drawn from `generator` in that order.
     """
     num_classes = cfg.model.num_classes
     if num_classes <= 0 and cfg.model.text_dim <= 0 and cfg.model.pooled_text_dim <= 0:
@@ -66,9 +64,17 @@ def make_conditioning(
         labels = store_tensors["labels"][indices].to(device)
         drop = torch.rand(labels.shape, generator=generator, device=device) < cfg.train.label_dropout
         cond.class_labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-    for key in ("text_tokens", "text_mask", "text_pooled"):
+    keys = ("text_tokens", "text_mask") + (("text_pooled",) if cfg.model.pooled_text_dim > 0 else ())
+    drop = None
+    if "null_text_tokens" in store_tensors and (cfg.model.text_dim > 0 or cfg.model.pooled_text_dim > 0):
+        drop = torch.rand(indices.shape, generator=generator, device=device) < cfg.text.caption_dropout
+    for key in keys:
         if key in store_tensors:
-            setattr(cond, key, store_tensors[key][indices].to(device))
+            value = store_tensors[key][indices].to(device)
+            if drop is not None:  # Ho & Salimans 2022: the dropped rows train the unconditional model
+                null = store_tensors["null_" + key].to(device)
+                value = torch.where(drop.view(-1, *[1] * (value.dim() - 1)), null, value)
+            setattr(cond, key, value)
     return cond
 
 

@@ -7,14 +7,30 @@ from torch import nn
 
 from latentpatch.config import RunConfig
 from latentpatch.diffusion.edm import EDMPrecond
+from latentpatch.errors import UserError
 from latentpatch.models import build_network
 
 
 def build_precond(
-    cfg: RunConfig, latent_channels: int, *, device: torch.device | str | None = None
+    cfg: RunConfig, latent_channels: int, *, device: torch.device | str | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> EDMPrecond:
-    """build_network + EDMPrecond; `device` only picks the attention backend, the module stays on the CPU."""
-    return EDMPrecond(build_network(cfg.model, latent_channels, device=device), sigma_data=cfg.edm.sigma_data)
+    """build_network + EDMPrecond; `device` only picks the attention backend, the module stays on the CPU.
+
+    `init_state` (a fine-tune's starting weights, plain keys) is loaded before model.lora_rank adapters are
+    added, so the adapters start from it.
+    """
+    precond = EDMPrecond(build_network(cfg.model, latent_channels, device=device), sigma_data=cfg.edm.sigma_data)
+    if init_state is not None:
+        try:
+            precond.load_state_dict(init_state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"the starting weights do not fit the model built from the config: {e}") from e
+    if cfg.model.lora_rank > 0:
+        from latentpatch.models.lora import add_lora
+
+        add_lora(precond.net, cfg.model.lora_rank)
+    return precond
 
 
 def size_multiple(net: nn.Module) -> int:

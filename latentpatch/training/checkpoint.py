@@ -267,6 +267,7 @@ class LoadedRun:
     checkpoint: Path
     checkpoint_id: str  # first 16 hex of the weights file's sha256
     step: int
+    text_encoder: Any = None  # the run's TextEncoder, loaded by sampling.build_conditioning on first use
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None) -> Path:
@@ -311,6 +312,10 @@ def load_run(
     path = verified_file(ckpt, WEIGHT_FILES[weights], state)
     precond = build_precond(cfg, int(info["latent_shape"][0]), device=device)
     load_weights(precond, path)
+    if cfg.model.lora_rank > 0:  # fold the adapters in: sampling then costs what the base model costs
+        from latentpatch.models.lora import merge_lora
+
+        merge_lora(precond)
     return LoadedRun(
         cfg=cfg, info=info, precond=precond.to(device).eval().requires_grad_(False), checkpoint=ckpt,
         checkpoint_id=state["files"][WEIGHT_FILES[weights]][:16], step=int(state["step"]),

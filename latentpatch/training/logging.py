@@ -123,12 +123,12 @@ class RunLogger:
 @torch.no_grad()
 def save_sample_grid(
     precond: torch.nn.Module, autoencoder, cfg, latent_shape: tuple[int, int, int], path: str | os.PathLike,
-    device: torch.device, seed: int = 0,
+    device: torch.device, seed: int = 0, cond=None,
 ) -> None:
     """`cfg.train.sample_n` full-size samples of the EMA (EDM Heun, fixed seeds), decoded, as one PNG grid.
 
-    Seeds seed..seed+n-1 and labels 0, 1, 2, ... (when class-conditional) are the same at every step,
-    so the grids show how one set of samples evolves.
+    Seeds seed..seed+n-1 and labels 0, 1, 2, ... (when class-conditional) or the given text `cond` are the
+    same at every step, so the grids show how one set of samples evolves.
     """
     from torchvision.utils import save_image
 
@@ -140,8 +140,7 @@ def save_sample_grid(
     noise_fn = per_image_noise_fn(list(range(seed, seed + n)), device=device)
     sigmas = karras_sigmas(cfg.train.sample_steps, cfg.edm.sigma_min, cfg.edm.sigma_max)
     coords = full_coordinates(n, h, w, device=device)
-    cond = None
-    if cfg.model.num_classes > 0:
+    if cond is None and cfg.model.num_classes > 0:
         cond = Conditioning(class_labels=torch.arange(n, device=device) % cfg.model.num_classes)
     x = noise_fn(torch.empty(n, c, h, w, device=device)) * sigmas[0].item()
     x = sample_heun(lambda x_, s: precond(x_, s, coords, cond), x, sigmas, noise_fn=noise_fn)

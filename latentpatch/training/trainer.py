@@ -31,6 +31,9 @@ from latentpatch.training.distributed import DistInfo, all_reduce_mean, barrier,
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
 from latentpatch.training.logging import LOG_FILE, RunLogger, memory_stats, save_sample_grid, truncate_log
 from latentpatch.training.run_folder import prepare_run
+from latentpatch.training.text_data import (
+    RunText, grid_text_conditioning, prepare_text, record_in_run, training_text_tensors,
+)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -49,8 +52,9 @@ class TrainResult:
     seconds: float
 
 
-def load_training_tensors(store: LatentStore, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """All rows of the store in memory, plus `labels` [N] when the model is class-conditional."""
+def load_training_tensors(store: LatentStore, cfg: RunConfig, text: RunText | None = None) -> dict[str, torch.Tensor]:
+    """All rows of the store in memory, plus `labels` [N] when the model is class-conditional and the
+    text embeddings (cached or computed once here) when it is text-conditioned."""
     if len(store) == 0:
         raise UserError(f"latent store {store.path} is empty; encode some images first")
     tensors = store.load()
@@ -65,8 +69,11 @@ def load_training_tensors(store: LatentStore, cfg: RunConfig) -> dict[str, torch
         if bad.numel():
             raise UserError(f"{store.path} has label {int(bad[0])}, outside 0..{num_classes - 1} "
                             f"(model.num_classes={num_classes}); raise model.num_classes")
-    if cfg.model.text_dim > 0 and "text_tokens" not in tensors:
-        raise UserError(f"model.text_dim={cfg.model.text_dim} but {store.path} holds no text embeddings")
+    if text is not None:
+        tensors.update(training_text_tensors(text, store, tensors))
+    elif cfg.model.text_dim > 0 or cfg.model.pooled_text_dim > 0:
+        raise UserError(f"model.text_dim={cfg.model.text_dim} needs a text encoder: set text.model (an open_clip "
+                        f"model) or encode {store.path} with --text-encoder")
     return tensors
 
 
@@ -123,14 +130,16 @@ def train(
     cfg: RunConfig | None, latents: str | Path | LatentStore, out: str | Path, resume: bool = False,
     max_steps: int | None = None, device: str | torch.device | None = None, progress: bool = True,
     callback: Callable[[StepInfo], bool | None] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train on a latent store into run folder `out` (see the run-folder contract); `cfg` None resumes.
 
     `callback(info)` runs on every rank after each step; returning True ends the run after a checkpoint.
+    `init_state` (plain state-dict keys of the EDMPrecond) replaces the random initial weights: fine-tuning.
     """
     dist_info = init_distributed(device)
     try:
-        session = _Session.start(cfg, latents, Path(out), resume, max_steps, dist_info)
+        session = _Session.start(cfg, latents, Path(out), resume, max_steps, dist_info, init_state)
         return session.run(progress, callback)
     finally:
         cleanup(dist_info)
@@ -156,18 +165,25 @@ class _Session:
     autoencoder: object = None  # loaded on the first sample grid
 
     @classmethod
-    def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo) -> _Session:
+    def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo,
+              init_state=None) -> _Session:
         store = latents if isinstance(latents, LatentStore) else LatentStore(latents)
+        text = None
         if cfg is not None:
             check_train_config(cfg)
+            cfg, text = prepare_text(cfg, store)  # model.text_dim from the encoder, before config.yaml is written
         cfg = prepare_run(run_dir, cfg, store, resume, max_steps, write=dist.is_main)
         check_train_config(cfg)
+        if text is None:
+            cfg, text = prepare_text(cfg, store)
+        if text is not None and dist.is_main:
+            record_in_run(run_dir, text.record)
         barrier(dist)
-        tensors = load_training_tensors(store, cfg)
+        tensors = load_training_tensors(store, cfg, text)
         channels, lat_h, lat_w = store.latent_shape
         tc, oc, pc = cfg.train, cfg.optim, cfg.patches
         torch.manual_seed(tc.seed)  # the initial weights are a function of the seed alone
-        precond = build_precond(cfg, channels, device=dist.device).to(dist.device)
+        precond = build_precond(cfg, channels, device=dist.device, init_state=init_state).to(dist.device)
         ema = make_ema(precond)
         optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas),
                                       eps=oc.eps, weight_decay=oc.weight_decay)
@@ -247,15 +263,14 @@ class _Session:
                            time.perf_counter() - t_start)
 
     def save_samples(self, autocast) -> None:
-        if self.cfg.model.text_dim > 0 or self.cfg.model.pooled_text_dim > 0:
-            return  # text-conditioned sample grids need prompts: left to the text-conditioning work
         from latentpatch.autoencoders import load_autoencoder_from_info
 
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder_from_info(self.store.info, device=self.dist.device)
         with autocast():
             save_sample_grid(self.ema, self.autoencoder, self.cfg, self.store.latent_shape,
-                             self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device)
+                             self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
+                             cond=grid_text_conditioning(self.tensors, self.store, self.cfg, self.dist.device))
 
     def checkpoint(self, logger: RunLogger) -> None:
         """Rank 0 writes; weights that are not finite are never written (the last good checkpoint stays)."""

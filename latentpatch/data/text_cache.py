@@ -1,0 +1,109 @@
+"""Text embeddings kept in the latent store, so training never runs the text encoder.
+
+Each shard row carries `text_tokens` [L, D], `text_mask` [L], `text_pooled` [P] and `text_caption_hash` (a
+fingerprint of the caption it was computed from: a caption edited after encoding is noticed, not trusted).
+The empty caption's embedding, which caption dropout and guidance use, is `text_null.safetensors` beside the
+manifest; `manifest.text_encoder` records the encoder (name, weights, hashes, widths, max_length).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from latentpatch.data.manifest import Item, Manifest
+from latentpatch.errors import UserError
+from latentpatch.io import atomic_save_safetensors
+from latentpatch.text import (
+    TextEmbeddings, TextEncoder, describe, load_text_encoder, load_text_encoder_from_record, parse_text_encoder,
+    same_text_encoder,
+)
+
+NULL_FILE = "text_null.safetensors"
+TEXT_KEYS = ("text_tokens", "text_mask", "text_pooled")
+HASH_KEY = "text_caption_hash"
+
+
+def open_store_text(
+    out: Path, manifest: Manifest, spec: str | TextEncoder | None, device: torch.device | str | None,
+    max_length: int | None = None,
+) -> TextEncoder | None:
+    """The encoder for an encode run into `out` (`spec` is "MODEL[:PRETRAINED]"), recorded in the manifest.
+
+    A rerun without `spec` keeps the store's own encoder; a store made without text embeddings, or with
+    another encoder, cannot mix in new rows and is refused.
+    """
+    recorded = manifest.text_encoder
+    if spec is None and recorded is None:
+        return None
+    if spec is None:
+        encoder = load_text_encoder_from_record(recorded, device=device)
+    elif isinstance(spec, TextEncoder):
+        encoder = spec
+    else:
+        model, pretrained = parse_text_encoder(str(spec))
+        encoder = load_text_encoder(model, pretrained, max_length=max_length, device=device)
+    if manifest.count > 0 and recorded is None:
+        raise UserError(f"{out} was encoded without text embeddings; every row needs them, so encode with "
+                        "--text-encoder into a new --out")
+    if recorded is not None and not same_text_encoder(recorded, encoder.record):
+        raise UserError(f"{out} holds text embeddings from {describe(recorded)}; this run asks for "
+                        f"{describe(encoder.record)}. Encode into a new --out, or drop --text-encoder")
+    manifest.text_encoder = encoder.record
+    null = encoder.encode([""])
+    atomic_save_safetensors({k: v for k, v in zip(TEXT_KEYS, (null.tokens, null.mask, null.pooled))}, out / NULL_FILE)
+    return encoder
+
+
+def with_text_rows(
+    previous: Callable[[list[Item]], dict[str, torch.Tensor]] | None, encoder: TextEncoder, dtype: torch.dtype
+) -> Callable[[list[Item]], dict[str, torch.Tensor]]:
+    """An encode `extra_tensors` callable that adds each item's caption embedding to its shard row."""
+
+    def rows(items: list[Item]) -> dict[str, torch.Tensor]:
+        out = previous(items) if previous is not None else {}
+        out.update(encoder.item_tensors([i.caption for i in items], dtype))
+        return out
+
+    return rows
+
+
+def read_null(store_path: str | os.PathLike) -> TextEmbeddings:
+    """The store's cached embedding of the empty caption."""
+    path = Path(store_path) / NULL_FILE
+    try:
+        t = load_file(path)
+        return TextEmbeddings(t["text_tokens"], t["text_mask"].bool(), t["text_pooled"])
+    except (OSError, KeyError, SafetensorError) as e:
+        raise UserError(f"{path} (the empty caption's cached embedding) is missing or unreadable: {e}; "
+                        "rerun `latentpatch encode` on the store") from e
+
+
+def cached_rows(tensors: dict[str, torch.Tensor], captions: list[str | None]) -> tuple[TextEmbeddings, list[int]]:
+    """The store's per-row embeddings and the rows whose caption changed since they were computed."""
+    from latentpatch.text import caption_hash
+
+    emb = TextEmbeddings(tensors["text_tokens"], tensors["text_mask"].bool(), tensors["text_pooled"])
+    stored = tensors[HASH_KEY].tolist() if HASH_KEY in tensors else [None] * len(captions)
+    stale = [i for i, (h, c) in enumerate(zip(stored, captions)) if h != caption_hash(c)]
+    return emb, stale
+
+
+def text_identity(model: str, pretrained: str | None, max_length: int) -> dict[str, Any]:
+    """The record keys that identify an encoder, computed from a config without loading the model."""
+    from latentpatch.io import sha256_file
+
+    config_sha = None
+    if model.endswith(".json") and Path(model).is_file():
+        config_sha = sha256_file(model)
+        model = str(Path(model).resolve())
+    weights_sha = None
+    if pretrained is not None and Path(pretrained).is_file():
+        weights_sha, pretrained = sha256_file(pretrained), str(Path(pretrained).resolve())
+    return {"model": model, "pretrained": pretrained, "weights_sha256": weights_sha, "config_sha256": config_sha,
+            "max_length": int(max_length)}

@@ -1,0 +1,283 @@
+"""Fine-tuning: continue a trained model on your own (small, captioned) images with patch training.
+
+    import latentpatch as lp
+    run = lp.finetune(base="runs/base", data="my_captioned_images/", out="runs/ft", steps=2000)
+    images = lp.sample(run, prompts=["a red brick wall"], n=4, guidance=4.0)
+
+`base` is a latentpatch run folder (its EMA or raw weights, same architecture; an unconditional DiT gains
+zero-initialised cross-attention when the data has captions) or a pretrained diffusers UNet2DModel /
+UNet2DConditionModel (a folder or a hub id) whose conv_in is widened with zero-initialised coordinate
+channels, so before training it computes exactly what it computed before. `data` is an image folder
+(encoded into OUT/latents with the base's autoencoder, captions embedded) or an existing latent store.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentpatch.config import RunConfig, config_from_dict, config_to_dict, load_config, parse_overrides
+from latentpatch.data.manifest import MANIFEST_NAME, same_autoencoder
+from latentpatch.data.store import LatentStore
+from latentpatch.errors import UserError
+from latentpatch.io import write_json_atomic
+
+LATENTS_DIR = "latents"
+BASE_FILE = "finetune.json"
+TEXT_KEY_PARTS = (".cross_attn.", "net.text_embedder.", "net.pooled_embedder.")  # what a DiT gains with text
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned run; usable wherever a run folder is (`lp.sample(result, ...)`): it is os.PathLike."""
+
+    run_dir: Path
+    latents: Path
+    step: int
+    loss: float | None
+    checkpoint: Path | None
+    seconds: float
+
+    def __fspath__(self) -> str:
+        return str(self.run_dir)
+
+
+@dataclass
+class _Base:
+    cfg: RunConfig
+    state: dict[str, torch.Tensor]  # plain EDMPrecond keys
+    autoencoder: dict[str, Any] | None  # AutoencoderInfo dict (None: a diffusers UNet, take the store's)
+    resolution: list[int] | None
+    text_record: dict[str, Any] | None  # the text encoder the base was trained with
+    describe: dict[str, Any]  # provenance, written to OUT/finetune.json
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "run.json").is_file()
+
+
+def finetune(
+    base: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    steps: int = 1000,
+    weights: str = "ema",
+    text_encoder: str | None = None,
+    vae: str | None = None,
+    resolution: int | None = None,
+    lora_rank: int = 0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    config: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    flip: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune `base` on `data` into the new run folder `out` for `steps` optimisation steps.
+
+    text_encoder: "MODEL[:PRETRAINED]" of open_clip; default the base run's (a pretrained UNet2DConditionModel
+    needs one whose token width is its cross_attention_dim, e.g. ViT-L-14:openai for Stable Diffusion 1.x).
+    vae / resolution: how an image folder is encoded (default: the base run's); a diffusers base needs `vae`.
+    lora_rank > 0: train rank-r LoRA adapters on the attention projections instead of all weights (the
+    checkpoints still hold whole weights, merged when loaded, so sampling needs nothing new).
+    lr, batch_size, config (a preset or YAML, for a diffusers base) and `overrides` ("section.key=value")
+    set the training; the rest comes from the base run. `resume` continues an interrupted fine-tune.
+    """
+    from latentpatch.training.trainer import train
+
+    out = Path(out)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be a whole number >= 1, got {steps}")
+    if lora_rank < 0:
+        raise UserError(f"lora_rank must be >= 0, got {lora_rank}")
+    if is_run_folder(base):
+        if config is not None:
+            raise UserError("config= (--config) is for a diffusers base; a run base keeps its own config "
+                            "(change settings with overrides)")
+        found = _run_base(Path(base), weights)
+    else:
+        found = _diffusers_base(str(base), config)
+    _check_text_choice(found, text_encoder)
+    store = _prepare_data(found, Path(data), out, text_encoder, vae, resolution, flip, device, progress)
+    saved = out / "config.yaml"
+    if resume and saved.is_file():  # the run's own config; only the number of steps may change
+        cfg, resumed = load_config(saved), True
+    else:
+        cfg = _finetune_config(found, store, text_encoder, steps, lora_rank, lr, batch_size, overrides)
+        resumed = False
+    state = _initial_state(found, cfg, store)
+    found.state = {}  # the base's copy is no longer needed
+    out.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        write_json_atomic(out / BASE_FILE, {**found.describe, "data": str(Path(data).resolve()),
+                                            "lora_rank": lora_rank})
+    result = train(None if resumed else cfg, store, out, resume=resume, max_steps=steps, device=device,
+                   progress=progress, init_state=state)
+    return FinetuneResult(out, store.path, result.step, result.loss, result.checkpoint, result.seconds)
+
+
+def _run_base(base: Path, weights: str) -> _Base:
+    from latentpatch.models.lora import plain_state_dict
+    from latentpatch.training.checkpoint import load_run
+
+    loaded = load_run(base, weights=weights, device="cpu")
+    cfg = copy.deepcopy(loaded.cfg)
+    cfg.model.lora_rank = 0  # a LoRA base is merged: the fine-tune starts from its whole weights
+    return _Base(
+        cfg=cfg, state=plain_state_dict(loaded.precond), autoencoder=loaded.info["autoencoder"],
+        resolution=list(loaded.info["resolution"]), text_record=loaded.info.get("text_encoder"),
+        describe={"base": str(base.resolve()), "kind": "latentpatch run", "weights": weights,
+                  "checkpoint": str(loaded.checkpoint), "checkpoint_id": loaded.checkpoint_id, "step": loaded.step},
+    )
+
+
+def _diffusers_base(base: str, config: str | os.PathLike | None) -> _Base:
+    from latentpatch.models.widen import json_config, load_pretrained_unet, widen_unet
+
+    unet = load_pretrained_unet(base)
+    widen_unet(unet, unet.conv_in.in_channels)
+    cfg = load_config(config) if config is not None else RunConfig()
+    cfg.model = dataclasses.replace(cfg.model, arch="unet", preset=None, unet_config=json_config(unet),
+                                    num_classes=0, text_dim=0, pooled_text_dim=0)
+    cfg.text.pooled = False  # a pretrained UNet's time embedding has no input for it
+    state = {f"net.unet.{k}": v for k, v in unet.state_dict().items()}
+    return _Base(cfg=cfg, state=state, autoencoder=None, resolution=None, text_record=None,
+                 describe={"base": base, "kind": type(unet).__name__})
+
+
+def _prepare_data(
+    found: _Base, data: Path, out: Path, text_encoder, vae, resolution, flip, device, progress
+) -> LatentStore:
+    """The store to train on: `data` itself, or `data` encoded into OUT/latents with the base's autoencoder."""
+    from latentpatch.encoding import encode
+
+    if (data / MANIFEST_NAME).is_file():
+        store = LatentStore(data)
+    elif data.is_dir():
+        text = text_encoder
+        if text is None and found.text_record is not None:
+            from latentpatch.text import load_text_encoder_from_record
+
+            text = load_text_encoder_from_record(found.text_record, device=device)
+        if vae is None and found.autoencoder is None:
+            raise UserError("a diffusers base needs vae= (--vae): the autoencoder whose latents the UNet was "
+                            "trained on, e.g. the pipeline folder's vae/ or stabilityai/sd-vae-ft-mse")
+        autoencoder = vae if vae is not None else _load_vae(found.autoencoder, device)
+        size = resolution or (tuple(found.resolution) if found.resolution else None)
+        if size is None:
+            raise UserError("give resolution= (--resolution): the pixel size to encode the images at")
+        encode(data, out / LATENTS_DIR, autoencoder, size, device=device, flip=flip, text_encoder=text,
+               progress=progress)
+        store = LatentStore(out / LATENTS_DIR)
+    else:
+        raise UserError(f"data {data} is neither an image folder nor a latent store")
+    if found.autoencoder is not None and not same_autoencoder(store.meta.autoencoder, found.autoencoder):
+        raise UserError(f"latent store {store.path} was made with another autoencoder than the base run's "
+                        f"({found.autoencoder.get('source')}); encode the images with the base's autoencoder")
+    unet_cfg = found.cfg.model.unet_config
+    if unet_cfg is not None and store.latent_shape[0] != unet_cfg["in_channels"] - 2:
+        raise UserError(f"the base UNet takes {unet_cfg['in_channels'] - 2}-channel latents but {store.path} holds "
+                        f"{store.latent_shape[0]}-channel ones; encode with the autoencoder the UNet was trained with")
+    return store
+
+
+def _load_vae(info: dict[str, Any], device: str | None) -> Any:
+    from latentpatch.autoencoders import load_autoencoder_from_info
+
+    return load_autoencoder_from_info(info, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora_rank, lr, batch_size,
+                     overrides) -> RunConfig:
+    from latentpatch.training.text_data import prepare_text
+
+    cfg = copy.deepcopy(found.cfg)
+    tc = cfg.train
+    tc.max_steps, tc.ckpt_every, tc.log_every = steps, min(tc.ckpt_every, steps), min(tc.log_every, steps)
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))  # it starts from trained weights
+    cfg.model.lora_rank = lora_rank
+    if lr is not None:
+        cfg.optim.lr = float(lr)
+    if batch_size is not None:
+        tc.batch_size = int(batch_size)
+    _choose_text(cfg, found, store, text_encoder)
+    if overrides:
+        from latentpatch.config import _deep_merge
+
+        cfg = config_from_dict(_deep_merge(config_to_dict(cfg), parse_overrides(overrides)))
+    cfg, _ = prepare_text(cfg, store)  # fills model.text_dim / pooled_text_dim from the encoder
+    unet_cfg = cfg.model.unet_config or {}
+    if unet_cfg.get("cross_attention_dim") and cfg.model.text_dim != unet_cfg["cross_attention_dim"]:
+        raise UserError(
+            f"the text encoder {cfg.text.model}:{cfg.text.pretrained} gives tokens of width {cfg.model.text_dim} but "
+            f"the UNet's cross_attention_dim is {unet_cfg['cross_attention_dim']}; choose an encoder of that width "
+            "(Stable Diffusion 1.x: ViT-L-14:openai, 768)"
+        )
+    if cfg.model.arch == "unet" and cfg.model.unet_config is None and found.cfg.model.text_dim != cfg.model.text_dim:
+        raise UserError("a UNet run cannot gain (or lose) text conditioning by fine-tuning; set text.model=none "
+                        "to fine-tune it without text, fine-tune a DiT run, or train a text UNet from scratch")
+    return cfg
+
+
+def _check_text_choice(found: _Base, text_encoder: str | None) -> None:
+    """A base trained with text keeps its encoder; a UNet2DModel has nothing to condition on text."""
+    from latentpatch.text import parse_text_encoder
+
+    tc, unet_cfg = found.cfg.text, found.cfg.model.unet_config
+    if text_encoder is None:
+        return
+    if tc.model and tc.model != "none" and parse_text_encoder(text_encoder) != (tc.model, tc.pretrained):
+        raise UserError(f"the base was trained with text encoder {tc.model}:{tc.pretrained}; a fine-tune keeps "
+                        "it (drop --text-encoder)")
+    if unet_cfg is not None and unet_cfg.get("_class_name") == "UNet2DModel":
+        raise UserError("the base UNet2DModel has no cross-attention, so it is fine-tuned without text; "
+                        "drop --text-encoder (or start from a UNet2DConditionModel)")
+
+
+def _choose_text(cfg: RunConfig, found: _Base, store: LatentStore, text_encoder: str | None) -> None:
+    """Which encoder conditions the fine-tune: the base's own, else the one asked for, else the store's."""
+    from latentpatch.text import parse_text_encoder
+
+    if cfg.text.model:
+        return
+    unet_cfg = cfg.model.unet_config
+    if unet_cfg is not None and unet_cfg.get("_class_name") == "UNet2DModel":
+        cfg.text.model = "none"
+        return
+    if text_encoder is not None:
+        cfg.text.model, cfg.text.pretrained = parse_text_encoder(text_encoder)
+        cfg.text.max_length = (store.meta.text_encoder or {}).get("max_length", cfg.text.max_length)
+    elif store.meta.text_encoder is None and unet_cfg is not None:
+        raise UserError("the base UNet2DConditionModel needs a text encoder whose width is its cross_attention_dim "
+                        f"({unet_cfg.get('cross_attention_dim')}): pass text_encoder= (--text-encoder)")
+
+
+def _initial_state(found: _Base, cfg: RunConfig, store: LatentStore) -> dict[str, torch.Tensor]:
+    """The base's weights in the fine-tune's architecture; a DiT that gains text gets its new layers zeroed
+    where that keeps its output unchanged (cross-attention's output projection, the pooled-text map)."""
+    from latentpatch.training.build import build_precond
+
+    plain = copy.deepcopy(cfg)
+    plain.model.lora_rank = 0
+    torch.manual_seed(cfg.train.seed)
+    precond = build_precond(plain, store.latent_shape[0], device="cpu")
+    missing, unexpected = precond.load_state_dict(found.state, strict=False)
+    new = [k for k in missing if not any(part in k for part in TEXT_KEY_PARTS)]
+    if unexpected or new:
+        shown = ", ".join((unexpected or new)[:4])
+        raise UserError(f"the base's weights do not fit the fine-tune's model ({shown}); the architecture must "
+                        "stay the same (latent channels, model size)")
+    pooled = getattr(precond.net, "pooled_embedder", None)
+    if pooled is not None and any(k.startswith("net.pooled_embedder.") for k in missing):
+        torch.nn.init.zeros_(pooled.weight)
+        torch.nn.init.zeros_(pooled.bias)
+    return {k: v.detach().clone() for k, v in precond.state_dict().items()}

@@ -1,0 +1,79 @@
+"""LoRA (Hu et al. 2021) through peft: low-rank adapters on the attention projections, the base frozen.
+
+W x becomes W x + (alpha / r) B A x with A [r, in], B [out, r] and B = 0 at the start, so a model with
+fresh adapters computes what it computed before. Layers that a fine-tune adds or widens (the UNet's
+conv_in with its coordinate channels, the DiT's text embedders) stay fully trainable.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from latentpatch.errors import UserError
+
+DIT_TARGETS = ["qkv", "proj", "q", "kv"]  # self- and cross-attention projections (models/dit.py)
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers Attention
+TRAINABLE_PREFIXES = ("conv_in.", "text_embedder.", "pooled_embedder.")
+
+
+def _targets(net: nn.Module) -> list[str]:
+    return UNET_TARGETS if hasattr(net, "unet") else DIT_TARGETS
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
+    """Inject rank-`rank` adapters into `net` in place; only adapters and TRAINABLE_PREFIXES layers train."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise UserError("LoRA (model.lora_rank > 0) needs peft: pip install 'latentpatch[lora]'") from e
+    if rank < 1:
+        raise UserError(f"model.lora_rank must be >= 1 to add adapters, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=_targets(net))
+    try:
+        inject_adapter_in_model(config, net)
+    except ValueError as e:
+        raise UserError(f"could not add LoRA adapters to the {type(net).__name__}: {e}") from e
+    for name, p in net.named_parameters():
+        leaf = name.split("unet.", 1)[-1]
+        p.requires_grad_("lora_" in name or leaf.startswith(TRAINABLE_PREFIXES))
+    return net
+
+
+def has_lora(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False  # without peft no module can hold adapters
+    return any(isinstance(m, LoraLayer) for m in module.modules())
+
+
+@torch.no_grad()
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W <- W + scale B A), so inference costs what it did before."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer) and not m.merged:
+            m.merge()
+    return module
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with adapters merged and peft's names undone (`x.base_layer.weight` -> `x.weight`)."""
+    if not has_lora(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    merged = merge_lora(copy.deepcopy(module))
+    out = {}
+    for key, value in merged.state_dict().items():
+        if ".lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value.detach().clone()
+    return out
+
+
+def trainable_fraction(module: nn.Module) -> float:
+    total = sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters() if p.requires_grad) / max(total, 1)

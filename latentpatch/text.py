@@ -1,0 +1,305 @@
+"""A frozen open-clip text encoder: captions and prompts -> token embeddings, mask and pooled embedding.
+
+Token embeddings (the text transformer's output after ln_final, one per position) feed cross-attention;
+the pooled embedding (what open_clip's `encode_text` returns) can feed adaLN. Only the text tower is kept.
+
+    enc = load_text_encoder("ViT-B-32", "laion2b_s34b_b79k")
+    emb = enc.encode(["a red brick wall", ""])      # tokens [2, 77, 512], mask [2, 77], pooled [2, 512]
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from latentpatch.errors import UserError
+from latentpatch.models.conditioning import Conditioning
+
+LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
+LIST_TAGS_HINT = "python -c \"import open_clip; print(open_clip.list_pretrained())\""
+RANDOM_WEIGHTS_SEED = 0  # pretrained=None: random weights, the same in every process (tests, smoke runs)
+
+
+def parse_text_encoder(spec: str) -> tuple[str, str | None]:
+    """`MODEL[:PRETRAINED]` -> (model, pretrained); an `hf-hub:`/`local-dir:` model keeps its whole name."""
+    spec = spec.strip()
+    if not spec:
+        raise UserError("--text-encoder is empty; give an open_clip model such as ViT-B-32:laion2b_s34b_b79k")
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return spec, None
+    model, _, pretrained = spec.partition(":")
+    return model, pretrained or None
+
+
+def caption_hash(caption: str | None) -> int:
+    """A 63-bit fingerprint of a caption (0 for none), stored beside each cached embedding row."""
+    if caption is None:
+        return 0
+    return 1 + (int.from_bytes(hashlib.sha256(caption.encode()).digest()[:8], "little") & (2**62 - 1))
+
+
+@dataclass
+class TextEmbeddings:
+    """Per-text outputs of the encoder, on the CPU."""
+
+    tokens: Tensor  # [N, L, D] token embeddings (after ln_final)
+    mask: Tensor  # [N, L] bool, True for real tokens up to and including the end-of-text token
+    pooled: Tensor  # [N, P] the pooled (projected) embedding, as open_clip's encode_text
+
+    def conditioning(self, device: torch.device | str = "cpu") -> Conditioning:
+        """A Conditioning of all rows, cut to the longest real text (padding is masked anyway)."""
+        tokens, mask = trim_to_longest(self.tokens, self.mask)
+        return Conditioning(text_tokens=tokens.to(device), text_mask=mask.to(device),
+                            text_pooled=self.pooled.to(device))
+
+
+def trim_to_longest(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop trailing positions that are padding in every row: cross-attention masks them, so it only saves work."""
+    length = int(mask.sum(dim=1).max()) if mask.numel() else 1
+    return tokens[:, : max(length, 1)], mask[:, : max(length, 1)]
+
+
+class TextEncoder:
+    """The text tower of an open_clip model, frozen; see `load_text_encoder`."""
+
+    def __init__(self, model: Any, tokenizer: Any, record: dict[str, Any], device: torch.device) -> None:
+        self.model, self.tokenizer, self.record, self.device = model, tokenizer, record, device
+        self.max_length: int = record["max_length"]
+        self.width: int = record["width"]  # token embedding size (model.text_dim)
+        self.pooled_dim: int = record["pooled_dim"]  # pooled embedding size (model.pooled_text_dim)
+
+    def to(self, device: torch.device | str) -> TextEncoder:
+        """Move the tower to `device` (in place); embeddings still come back on the CPU."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @property
+    def context_length(self) -> int:
+        return int(self.record["context_length"])
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids [N, context_length]; text past max_length tokens is cut, with a warning saying how much."""
+        texts = list(texts)
+        lengths = [self._token_count(t) for t in texts]
+        for text, n in zip(texts, lengths):
+            if n > self.max_length:
+                short = text if len(text) <= 60 else text[:57] + "..."
+                warnings.warn(
+                    f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}; "
+                    f"{n - self.max_length} tokens were dropped from its end",
+                    stacklevel=3,
+                )
+        ids = self.tokenizer(texts, context_length=self.max_length)
+        if ids.shape[1] < self.context_length:  # pad to the tower's length; padding never changes real tokens
+            ids = torch.nn.functional.pad(ids, (0, self.context_length - ids.shape[1]))
+        return ids
+
+    def _token_count(self, text: str) -> int:
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is not None and hasattr(self.tokenizer, "sot_token_id"):  # open_clip's SimpleTokenizer
+            return len(encode(text)) + 2  # + start and end of text
+        ids = self.tokenizer([text], context_length=max(4 * self.max_length, 512))
+        return int(_real_tokens(ids, self.tokenizer).sum())
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> TextEmbeddings:
+        """Embeddings of `texts` in float32 on the CPU, in batches of `batch_size`."""
+        texts = list(texts)
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            ids = self.tokenize(texts[start : start + batch_size])
+            tokens, pooled = _text_forward(self.model, ids.to(self.device))
+            mask = _real_tokens(ids, self.tokenizer)[:, : self.max_length]
+            parts.append((tokens[:, : self.max_length].float().cpu(), mask, pooled.float().cpu()))
+        if not parts:
+            return TextEmbeddings(torch.empty(0, self.max_length, self.width), torch.empty(0, self.max_length,
+                                  dtype=torch.bool), torch.empty(0, self.pooled_dim))
+        return TextEmbeddings(*(torch.cat(p) for p in zip(*parts)))
+
+    def item_tensors(self, captions: Sequence[str | None], dtype: torch.dtype) -> dict[str, Tensor]:
+        """Store rows for items with these captions (none -> the empty caption), with each caption's hash."""
+        emb = self.encode(["" if c is None else c for c in captions])
+        return {
+            "text_tokens": emb.tokens.to(dtype), "text_mask": emb.mask, "text_pooled": emb.pooled.to(dtype),
+            "text_caption_hash": torch.tensor([caption_hash(c) for c in captions], dtype=torch.int64),
+        }
+
+
+def _real_tokens(ids: Tensor, tokenizer: Any) -> Tensor:
+    """True up to and including the first end-of-text token (or every non-zero id for other tokenizers)."""
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is None:
+        return ids != 0
+    is_eot = ids == eot
+    first = torch.where(is_eot.any(1), is_eot.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+    return torch.arange(ids.shape[1])[None] <= first[:, None].cpu()
+
+
+def _text_forward(model: Any, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(tokens [N, L, D], pooled [N, P]): open_clip's CLIP.encode_text step by step, keeping the tokens."""
+    from open_clip.transformer import TextTransformer, text_global_pool
+
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer):  # CustomTextCLIP: the tower returns both when asked
+        text.output_tokens = True
+        pooled, tokens = text(ids)
+        return tokens, pooled
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(ids).to(cast_dtype)
+    x = x + model.positional_embedding.to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    tokens = model.ln_final(x)
+    pooled = text_global_pool(tokens, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        proj = model.text_projection
+        pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+    return tokens, pooled
+
+
+def _register_config_file(model: str) -> tuple[str, str | None]:
+    """A `.json` open_clip model config file is registered under its file name: (name, sha256 of the file)."""
+    import open_clip
+
+    if not model.endswith(".json"):
+        return model, None
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"text encoder config file {path} does not exist")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    open_clip.add_model_config(path)
+    return path.stem, digest
+
+
+def _check_model_name(name: str) -> None:
+    import open_clip
+
+    if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in open_clip.list_models():
+        return
+    close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise UserError(
+        f"unknown open_clip model {name!r} (text.model / --text-encoder).{hint} See every valid name with: "
+        f"{LIST_MODELS_HINT}"
+    )
+
+
+def _pretrained_identity(name: str, pretrained: str | None) -> dict[str, Any]:
+    """How the weights are named in the record: a tag, or an absolute file path with its sha256."""
+    import open_clip
+
+    if pretrained is None:
+        return {"pretrained": None, "weights_sha256": None}
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return {"pretrained": None, "weights_sha256": None}  # the weights come with the name
+    if pretrained in open_clip.list_pretrained_tags_by_model(name.replace("/", "-")):
+        return {"pretrained": pretrained, "weights_sha256": None}
+    path = Path(pretrained)
+    if path.is_file():
+        from latentpatch.io import sha256_file
+
+        return {"pretrained": str(path.resolve()), "weights_sha256": sha256_file(path)}
+    tags = open_clip.list_pretrained_tags_by_model(name.replace("/", "-"))
+    raise UserError(
+        f"pretrained weights {pretrained!r} for open_clip model {name!r} are neither a known tag "
+        f"({', '.join(tags) or 'none'}) nor a checkpoint file; see all pairs with: {LIST_TAGS_HINT}"
+    )
+
+
+def load_text_encoder(
+    model: str, pretrained: str | None = None, *, max_length: int | None = None,
+    device: torch.device | str | None = None,
+) -> TextEncoder:
+    """An open_clip model's frozen text tower. `model` is an open_clip name (or a model config `.json`
+    file), `pretrained` a tag, a checkpoint file, or None for random weights (seeded, for tests);
+    `max_length` tokens are kept (default: the model's context length, 77 for CLIP)."""
+    import open_clip
+
+    if not model:
+        raise UserError("no text encoder given (text.model is empty)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name, config_sha = _register_config_file(model)
+    _check_model_name(name)
+    identity = _pretrained_identity(name, pretrained)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights (pretrained None) are a function of the name
+            level = logging.getLogger().level
+            if pretrained is None:  # open_clip warns about random weights on the root logger; they are asked for
+                logging.getLogger().setLevel(logging.ERROR)
+            try:
+                clip = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+            finally:
+                logging.getLogger().setLevel(level)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not load open_clip model {name!r} (pretrained={pretrained!r}): {e}") from e
+    if getattr(clip, "visual", None) is not None:
+        clip.visual = None  # only the text tower is used; free the image tower
+    text = getattr(clip, "text", None)
+    if text is not None and not hasattr(text, "ln_final"):
+        raise UserError(f"open_clip model {name!r} has a Hugging Face text tower, which latentpatch does not "
+                        "support; choose a model with open_clip's own text transformer (e.g. ViT-B-32)")
+    clip = clip.to(device).eval().requires_grad_(False)
+    context_length = int(getattr(clip, "context_length", None) or getattr(text, "context_length"))
+    max_length = context_length if max_length is None else int(max_length)
+    if not 1 <= max_length <= context_length:
+        raise UserError(f"text.max_length={max_length} must be between 1 and the model's context length "
+                        f"{context_length}")
+    ids = tokenizer([""], context_length=context_length)
+    tokens, pooled = _text_forward(clip, ids.to(device))
+    record = {
+        "library": "open_clip",
+        "model": str(Path(model).resolve()) if config_sha else model,
+        **identity,
+        "config_sha256": config_sha,
+        "max_length": int(max_length),
+        "context_length": context_length,
+        "width": int(tokens.shape[-1]),
+        "pooled_dim": int(pooled.shape[-1]),
+        "tokenizer": type(tokenizer).__name__,
+    }
+    return TextEncoder(clip, tokenizer, record, device)
+
+
+def load_text_encoder_from_record(record: dict[str, Any], device: torch.device | str | None = None) -> TextEncoder:
+    """The encoder a store manifest or run.json names; refuses one whose weights or config file changed."""
+    encoder = load_text_encoder(record["model"], record.get("pretrained"), max_length=int(record["max_length"]),
+                                device=device)
+    for key in ("weights_sha256", "config_sha256"):
+        if record.get(key) != encoder.record.get(key):
+            raise UserError(
+                f"the text encoder file for {record['model']!r} ({record.get('pretrained') or 'config'}) changed "
+                f"since it was recorded ({key} {str(record.get(key))[:12]} -> {str(encoder.record.get(key))[:12]}); "
+                "restore it or re-encode"
+            )
+    return encoder
+
+
+IDENTITY_KEYS = ("model", "pretrained", "weights_sha256", "config_sha256", "max_length")
+
+
+def same_text_encoder(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two records name the same encoder: by weights hash when both are files, else by name and tag."""
+    if a is None or b is None:
+        return a is b
+    keys = list(IDENTITY_KEYS)
+    if a.get("weights_sha256") and b.get("weights_sha256"):
+        keys.remove("pretrained")  # the same file wherever it now lives
+    if a.get("config_sha256") and b.get("config_sha256"):
+        keys.remove("model")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe(record: dict[str, Any]) -> str:
+    weights = record.get("pretrained") or "random weights"
+    return f"{os.path.basename(str(record['model']))}:{weights} (max_length {record['max_length']})"
