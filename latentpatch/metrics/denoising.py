@@ -1,0 +1,192 @@
+"""Held-out full-size denoising loss: EDM's training objective on latents the run never trained on, made exact.
+
+    L(sigma) = lambda(sigma) E ||D(x0 + sigma n; sigma) - x0||^2 / (C h w),  lambda = (sigma^2 + sd^2) / (sigma sd)^2
+
+(Karras et al. 2022, eq. 2 with the Table 1 weighting.) Three things make it comparable between checkpoints,
+runs and machines: the noise levels are the fixed mid-quantiles of the training log-normal
+(`edm.heldout_sigma_grid`), image i's noise at every level comes from its own seed (`edm.fixed_noise`, drawn
+on the CPU), and the network sees the whole latent with the full coordinate grid, as sampling does. The mean
+over the grid is then a quadrature of the training loss's expectation over sigma. Needs no pretrained network.
+
+For latents x0 ~ N(0, sd^2 I) the ideal denoiser is D(x) = c_skip x (F = 0) and its expected L(sigma) is
+exactly 1 at every sigma, so 1 is the floor for Gaussian data; any model scores at least that on average.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from latentpatch.data.store import LatentStore, mix_seed
+from latentpatch.diffusion.edm import denoising_loss_at, fixed_noise, heldout_sigma_grid
+from latentpatch.errors import UserError
+from latentpatch.models.conditioning import Conditioning
+from latentpatch.patches import full_coordinates
+
+# AutoencoderInfo fields that change what a latent means; a loss on another autoencoder's latents is noise.
+_LATENT_SPACE_KEYS = ("kind", "source", "revision", "latent_channels", "factor", "scaling_factor", "shift_factor")
+
+
+@dataclass
+class DenoisingLoss:
+    sigmas: list[float]  # the fixed grid, ascending
+    per_sigma: list[float]  # mean over held-out images at each sigma
+    mean: float  # mean over the grid (equal weights: the grid points are equal-probability quantiles)
+    n_images: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class HeldoutSet:
+    """Held-out latents [n, C, h, w] (+ per-image conditioning) with their fixed noise levels and noise seeds.
+
+    Build once, score many checkpoints: a benchmark calls `denoising_loss(precond, heldout)` every few seconds.
+    """
+
+    def __init__(
+        self, latents: Tensor, *, num_sigmas: int = 8, seed: int = 0, P_mean: float = -1.2, P_std: float = 1.2,
+        cond: Conditioning | None = None,
+    ) -> None:
+        if latents.ndim != 4 or len(latents) == 0:
+            raise UserError(f"held-out latents must be a non-empty [n, C, h, w] tensor, got {tuple(latents.shape)}")
+        if num_sigmas < 1:
+            raise UserError(f"the held-out loss needs at least 1 noise level, got {num_sigmas}")
+        self.x0 = latents.detach().to("cpu", torch.float32)
+        self.sigmas = heldout_sigma_grid(num_sigmas, P_mean, P_std)
+        self.seed = int(seed)
+        self.cond = cond
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def noise(self, index: int) -> Tensor:
+        """[num_sigmas, C, h, w]: image `index`'s noise at each level, from its own seed (batch-independent)."""
+        return fixed_noise((len(self.sigmas), *self.x0.shape[1:]), mix_seed(self.seed, index))
+
+    def cond_of(self, images: Tensor, device: torch.device) -> Conditioning | None:
+        if self.cond is None:
+            return None
+        return Conditioning(**{k: (None if v is None else v[images].to(device)) for k, v in vars(self.cond).items()})
+
+
+@torch.no_grad()
+def denoising_loss(precond: nn.Module, heldout: HeldoutSet, *, batch_size: int = 256) -> DenoisingLoss:
+    """Score `precond` (an EDMPrecond, on its own device, float32) on every (image, sigma) pair of `heldout`.
+
+    Deterministic: the same model and set give bit-identical results on one machine and batch size.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    device = next(precond.parameters()).device
+    sigma_data = float(getattr(precond, "sigma_data", 0.5))
+    n, s = len(heldout), len(heldout.sigmas)
+    _, h, w = heldout.x0.shape[1:]
+    sums = torch.zeros(s, dtype=torch.float64)
+    was_training = precond.training
+    precond.eval()
+    try:
+        # Whole images per batch, each at every level: pair (i, j) is image i at sigma j.
+        for images in torch.arange(n).split(max(1, batch_size // s)):
+            levels = torch.arange(s).repeat(len(images))
+            noise = torch.cat([heldout.noise(int(i)) for i in images])
+            rows = images.repeat_interleave(s)
+            loss = denoising_loss_at(
+                precond, heldout.x0[rows].to(device), full_coordinates(len(rows), h, w, device=device),
+                heldout.sigmas[levels].to(device), noise.to(device), heldout.cond_of(rows, device),
+                sigma_data=sigma_data,
+            )
+            sums.index_add_(0, levels, loss.double().cpu())
+    finally:
+        precond.train(was_training)
+    per_sigma = (sums / n).tolist()
+    if not all(math.isfinite(v) for v in per_sigma):
+        raise UserError(f"the held-out denoising loss is not finite ({per_sigma}): the model's weights are broken")
+    return DenoisingLoss(
+        sigmas=heldout.sigmas.tolist(), per_sigma=per_sigma, mean=sum(per_sigma) / s, n_images=n, seed=heldout.seed
+    )
+
+
+def store_heldout_set(
+    store: LatentStore | str | os.PathLike, *, num_sigmas: int = 8, seed: int = 0, limit: int | None = None,
+    P_mean: float = -1.2, P_std: float = 1.2, num_classes: int = 0, text: bool = False,
+) -> HeldoutSet:
+    """A HeldoutSet of a latent store's first `limit` items (all by default), at their posterior means.
+
+    The mean, not a posterior draw, keeps the loss deterministic. A class-conditional model (num_classes > 0)
+    is scored with the items' labels when the store has them, else with the null label (its unconditional loss).
+    """
+    store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
+    if len(store) == 0:
+        raise UserError(f"held-out latent store {store.path} is empty")
+    count = len(store) if limit is None else min(int(limit), len(store))
+    if count < 1:
+        raise UserError(f"the held-out image limit must be at least 1, got {limit}")
+    tensors = store.load(range(count))
+    cond = None
+    if num_classes > 0 or text:
+        cond = Conditioning()
+        if num_classes > 0:
+            labels = [getattr(item, "label", None) for item in store.items[:count]]
+            labels = [num_classes if label is None else int(label) for label in labels]
+            cond.class_labels = torch.tensor(labels, dtype=torch.long)
+        if text:
+            missing = [k for k in ("text_tokens",) if k not in tensors]
+            if missing:
+                raise UserError(f"the model is text-conditioned but {store.path} holds no text embeddings; "
+                                "encode the held-out images with captions and the run's text encoder")
+            for key in ("text_tokens", "text_mask", "text_pooled"):
+                if key in tensors:
+                    setattr(cond, key, tensors[key])
+    return HeldoutSet(tensors["mean"], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond)
+
+
+def _existing_store(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"held-out latent store {path} does not exist (make one with `latentpatch encode`)")
+    return path
+
+
+def check_same_latent_space(run_info: dict[str, Any], store: LatentStore) -> None:
+    """UserError unless the store's latents are the run's kind: same shape and the same autoencoder."""
+    run_shape, store_shape = [int(v) for v in run_info["latent_shape"]], list(store.latent_shape)
+    if run_shape != store_shape:
+        raise UserError(f"held-out store {store.path} has latents {store_shape}, the run was trained on {run_shape}; "
+                        "encode the held-out images at the run's resolution")
+    run_ae, store_ae = run_info.get("autoencoder") or {}, store.info.to_dict()
+    for key in _LATENT_SPACE_KEYS:
+        if run_ae.get(key) != store_ae.get(key):
+            raise UserError(
+                f"held-out store {store.path} was encoded with another autoencoder ({key}: {store_ae.get(key)!r}, "
+                f"the run's is {run_ae.get(key)!r}); encode the held-out images with the run's autoencoder"
+            )
+
+
+def run_denoising_loss(
+    loaded: Any, store: LatentStore | str | os.PathLike, *, num_sigmas: int = 8, seed: int = 0,
+    limit: int | None = None, batch_size: int = 256,
+) -> DenoisingLoss:
+    """The held-out loss of a `training.checkpoint.load_run` result on a held-out latent store."""
+    store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
+    check_same_latent_space(loaded.info, store)
+    model, edm = loaded.cfg.model, loaded.cfg.edm
+    heldout = store_heldout_set(
+        store, num_sigmas=num_sigmas, seed=seed, limit=limit, P_mean=edm.P_mean, P_std=edm.P_std,
+        num_classes=int(loaded.info.get("num_classes") or model.num_classes or 0),
+        text=model.text_dim > 0 or model.pooled_text_dim > 0,
+    )
+    return denoising_loss(loaded.precond, heldout, batch_size=batch_size)
+
+
+__all__ = [
+    "DenoisingLoss", "HeldoutSet", "check_same_latent_space", "denoising_loss", "run_denoising_loss",
+    "store_heldout_set",
+]
