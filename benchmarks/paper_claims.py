@@ -56,6 +56,7 @@ from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.metrics.denoising import denoising_loss, store_heldout_set
 from latentpatch.metrics.inception import load_inception
 from latentpatch.training.trainer import StepInfo, train
+from patch_vs_full import time_to_reach  # the same crossing-time rule as the throughput benchmark (same folder)
 
 SIDE = 32
 N_FACES, N_TRAIN = 100, 80  # lfw_subset(): images 0-99 are faces, 100-199 are not
@@ -145,19 +146,6 @@ class Recorder:
             self.eval_wall += time.perf_counter() - wall
             self.next_eval += self.eval_every_s
         return done
-
-
-def time_to_reach(evals: list[tuple[float, int, float]], target: float) -> float:
-    """First training time with held-out loss <= target, linear between evaluations (inf if never)."""
-    prev = None
-    for t, _, loss in evals:
-        if loss <= target:
-            if prev is None or prev[1] == loss:
-                return t
-            t0, l0 = prev
-            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
-        prev = (t, loss)
-    return math.inf
 
 
 def arm_config(arm: Arm, args):

@@ -85,11 +85,9 @@ def _denoise(denoise: Denoiser, x: Tensor, sigma: float, s_in: Tensor) -> Tensor
     return denoise(x, sigma * s_in).to(x.dtype)
 
 
-@torch.no_grad()
-def sample_heun(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, noise_fn: NoiseFn | None = None,
-                churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                callback=None, progress: bool = False) -> Tensor:
-    """EDM's 2nd-order Heun sampler with optional churn (Karras et al. 2022, Algorithm 2); Euler into sigma = 0."""
+def _edm_steps(denoise: Denoiser, x: Tensor, sigmas: Tensor, noise_fn: NoiseFn | None, churn: float,
+               s_tmin: float, s_tmax: float, s_noise: float, callback, progress: bool, heun: bool) -> Tensor:
+    """Karras et al. 2022, Algorithm 2: churn, an Euler step, and (heun) the trapezoidal correction."""
     sig, s_in, noise_fn = _prepare(x, sigmas, noise_fn)
     n_steps = len(sig) - 1
     for i in trange(n_steps, disable=not progress):
@@ -99,10 +97,18 @@ def sample_heun(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, noise_fn: Noise
             callback({"x": x_hat, "i": i, "sigma": sig[i], "sigma_hat": t_hat, "denoised": denoised})
         d_cur = _to_d(x_hat, t_hat, denoised)
         x = x_hat + (sig[i + 1] - t_hat) * d_cur
-        if sig[i + 1] > 0:  # Algorithm 2 lines 9-11: trapezoidal correction
+        if heun and sig[i + 1] > 0:  # Algorithm 2 lines 9-11: trapezoidal correction
             d_prime = _to_d(x, sig[i + 1], _denoise(denoise, x, sig[i + 1], s_in))
             x = x_hat + (sig[i + 1] - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x
+
+
+@torch.no_grad()
+def sample_heun(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, noise_fn: NoiseFn | None = None,
+                churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                callback=None, progress: bool = False) -> Tensor:
+    """EDM's 2nd-order Heun sampler with optional churn (Karras et al. 2022, Algorithm 2); Euler into sigma = 0."""
+    return _edm_steps(denoise, x, sigmas, noise_fn, churn, s_tmin, s_tmax, s_noise, callback, progress, heun=True)
 
 
 @torch.no_grad()
@@ -110,15 +116,7 @@ def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, noise_fn: Nois
                  churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                  callback=None, progress: bool = False) -> Tensor:
     """1st-order Euler on the probability-flow ODE (Algorithm 2 without the correction), same churn."""
-    sig, s_in, noise_fn = _prepare(x, sigmas, noise_fn)
-    n_steps = len(sig) - 1
-    for i in trange(n_steps, disable=not progress):
-        x_hat, t_hat = _churn_step(x, sig[i], churn, n_steps, s_tmin, s_tmax, s_noise, noise_fn)
-        denoised = _denoise(denoise, x_hat, t_hat, s_in)
-        if callback is not None:
-            callback({"x": x_hat, "i": i, "sigma": sig[i], "sigma_hat": t_hat, "denoised": denoised})
-        x = x_hat + (sig[i + 1] - t_hat) * _to_d(x_hat, t_hat, denoised)
-    return x
+    return _edm_steps(denoise, x, sigmas, noise_fn, churn, s_tmin, s_tmax, s_noise, callback, progress, heun=False)
 
 
 @torch.no_grad()
