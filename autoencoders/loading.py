@@ -110,7 +110,10 @@ def load_autoencoder(
     weights (a mismatch warns). dtype defaults to bfloat16 on CUDA, float32 elsewhere.
     """
     spec = os.fspath(spec)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)") from e
     if spec == "pixel" or kind == "pixel":
         if spec != "pixel":
             raise UserError(f"kind 'pixel' takes the spec 'pixel', not {spec!r}")

@@ -105,7 +105,7 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, str]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{where} is not valid YAML: {e}") from e
+        raise UserError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e  # one line
     if not isinstance(data, dict):
         raise UserError(f"{where} must hold a mapping of sections (model, patches, train, ...)")
     return data, where

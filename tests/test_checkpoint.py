@@ -102,9 +102,10 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_current(tmp_path, 
         real(path, data)
 
     monkeypatch.setattr(ck, "_write_synced", dying)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write checkpoint .*step-00000002: disk full"):
         _save(tmp_path, 2)
     assert ck.latest_checkpoint(tmp_path).name == "step-00000001"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert not (tmp_path / "checkpoints" / "step-00000002").exists()
 
 

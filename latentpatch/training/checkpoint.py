@@ -179,8 +179,6 @@ def save_checkpoint(
         WEIGHT_FILES["ema"]: save_safetensors_bytes(_cpu_tensors(ema.state_dict()), metadata={"step": str(step)}),
         OPTIMIZER_FILE: save_safetensors_bytes(opt_tensors, metadata=opt_meta),
     }
-    for fname, data in blobs.items():
-        _write_synced(tmp / fname, data)
     record = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -188,8 +186,15 @@ def save_checkpoint(
         "rng": rng_states(),
         "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in blobs.items()},
     }
-    _write_synced(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
-    _fsync_dir(tmp)
+    try:  # a full disk must not leave a half-written checkpoint (nor a raw traceback)
+        for fname, data in blobs.items():
+            _write_synced(tmp / fname, data)
+        _write_synced(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
+        _fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {final}: {e.strerror or e} (nothing was left half-written; "
+                        "the previous checkpoint is still the latest)") from e
     if final.exists():  # the same step written again (a rerun after a kill): replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -37,7 +37,10 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
     """'cuda' picks the local rank's GPU; None means CUDA when available, else CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {device} was asked for, but CUDA is not available on this machine")

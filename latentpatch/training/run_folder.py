@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 import latentpatch
 from latentpatch.config import RunConfig, config_to_dict, load_config, save_config
 from latentpatch.data.store import LatentStore
@@ -24,6 +26,25 @@ RUN_FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 RESUMABLE_KEYS = ("train.max_steps",)  # may change between a run and its resume
+LOCK_FILE = ".train.lock"
+
+
+def lock_run(run_dir: Path) -> FileLock:
+    """Hold the run folder's lock (non-blocking): a second train into it would clear or mix its checkpoints."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; pass a folder for the run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(run_dir / LOCK_FILE)
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise UserError(
+            f"another train is writing to run folder {run_dir} (it holds {run_dir / LOCK_FILE}); wait for it "
+            "to finish or pick another --out"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from e
+    return lock
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -30,7 +30,7 @@ from latentpatch.training.build import build_precond, size_multiple
 from latentpatch.training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
 from latentpatch.training.logging import LOG_FILE, RunLogger, memory_stats, save_sample_grid, truncate_log
-from latentpatch.training.run_folder import prepare_run
+from latentpatch.training.run_folder import lock_run, prepare_run
 from latentpatch.training.text_data import (
     RunText, grid_text_conditioning, prepare_text, record_in_run, training_text_tensors,
 )
@@ -138,10 +138,14 @@ def train(
     `init_state` (plain state-dict keys of the EDMPrecond) replaces the random initial weights: fine-tuning.
     """
     dist_info = init_distributed(device)
+    lock = None
     try:
+        lock = lock_run(Path(out)) if dist_info.is_main else None
         session = _Session.start(cfg, latents, Path(out), resume, max_steps, dist_info, init_state)
         return session.run(progress, callback)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup(dist_info)
 
 
@@ -237,7 +241,7 @@ class _Session:
         logger = RunLogger(self.run_dir, enabled=dist.is_main)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
         interval = _Interval()
-        last_loss, train_seconds, t_start, stop = None, 0.0, time.perf_counter(), False
+        last_loss, train_seconds, t_start, stop, ok = None, 0.0, time.perf_counter(), False, False
         try:
             while self.step < tc.max_steps and not stop:
                 t0 = time.perf_counter()
@@ -255,10 +259,16 @@ class _Session:
                     self.save_samples(autocast)
                 if self.step % tc.ckpt_every == 0 or final:
                     self.checkpoint(logger)
+            ok = True
         finally:
             bar.close()
-            logger.plot()
-            logger.close()
+            try:
+                logger.plot()
+            except UserError:
+                if ok:  # else keep the error that stopped the run: a full disk fails the plot too
+                    raise
+            finally:
+                logger.close()
         return TrainResult(self.run_dir, self.step, self.nimg / 1000, self.last_ckpt, last_loss,
                            time.perf_counter() - t_start)
 
