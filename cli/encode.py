@@ -61,6 +61,10 @@ def register(app: typer.Typer) -> None:
             "config .json). Recorded in the manifest; a rerun keeps the store's encoder. Uncaptioned images get the "
             "empty caption."
         ),
+        labels: Optional[str] = typer.Option(
+            None, "--labels", help="'folders': store a class label per image, its top-level subfolder (sorted "
+            "names -> 0..K-1, recorded as class_names), for class-conditional training (model.num_classes=K)."
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with images/s."),
     ) -> None:
         """Encode an image folder into a latent store; rerun to resume or to add new images."""
@@ -69,7 +73,7 @@ def register(app: typer.Typer) -> None:
         summary = run_encode(
             src, out, vae, resolution, batch_size=batch_size, device=device, vae_dtype=vae_dtype, dtype=dtype,
             flip=flip, workers=workers, store=store, seed=seed, upscale_small=upscale_small, shard_size=shard_size,
-            rehash=rehash, progress=progress, text_encoder=text_encoder,
+            rehash=rehash, progress=progress, text_encoder=text_encoder, labels=labels,
         )
         for line in summary.lines():
             typer.echo(line)

@@ -60,6 +60,7 @@ class EncodeOptions:
     rehash: bool = False
     extra_tensors: ExtraTensors | None = None  # items -> {name: tensor with one row per item}, stored alongside
     progress: bool = False
+    labels: str | None = None  # "folders": the class of an image is its top-level subfolder
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -72,6 +73,8 @@ class EncodeOptions:
             raise UserError(f"--store must be one of {', '.join(STORE_MODES)}, got {self.store!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.labels not in (None, "folders"):
+            raise UserError(f"--labels must be 'folders' (class = top-level subfolder), got {self.labels!r}")
 
 
 @dataclass
@@ -181,6 +184,7 @@ def encode(
     extra_tensors: ExtraTensors | None = None,
     progress: bool = False,
     text_encoder: str | Any | None = None,
+    labels: str | None = None,
 ) -> EncodeSummary:
     """Encode every image under `src` into the latent store `out`; rerun to resume or to add new images.
 
@@ -194,7 +198,7 @@ def encode(
     opts = EncodeOptions(
         batch_size=batch_size, dtype=dtype, flip=flip, workers=default_workers() if workers is None else workers,
         store=store, seed=seed, upscale_small=upscale_small, shard_size=shard_size, rehash=rehash,
-        extra_tensors=extra_tensors, progress=progress,
+        extra_tensors=extra_tensors, progress=progress, labels=labels,
     )
     opts.check()
     if not src.exists():
@@ -219,12 +223,31 @@ def encode(
         ) from None
     try:
         manifest = _open_store(out, autoencoder, size, opts)
+        if opts.labels == "folders":
+            _set_class_names(manifest, files, src)
         text = open_store_text(out, manifest, text_encoder, autoencoder.device)
         if text is not None:
             opts.extra_tensors = with_text_rows(opts.extra_tensors, text, TORCH_DTYPES[opts.dtype])
         return _update_store(src, out, files, captions, autoencoder, manifest, size, opts, start)
     finally:
         lock.release()
+
+
+def class_of(rel: str) -> str:
+    return rel.split("/", 1)[0]
+
+
+def _set_class_names(manifest: Manifest, files: list[str], src: Path) -> None:
+    """Classes are the sorted top-level subfolders; they are fixed once the store has them."""
+    top = [f for f in files if "/" not in f]
+    if top:
+        raise UserError(f"--labels folders needs every image in a class subfolder of {src}; {top[0]} is not")
+    names = sorted({class_of(f) for f in files})
+    known = manifest.extra.get("class_names")
+    if known is not None and known != names:
+        raise UserError(f"the class folders of {src} ({', '.join(names)}) differ from the store's "
+                        f"({', '.join(known)}); encode into a new --out")
+    manifest.extra["class_names"] = names
 
 
 def _load(vae: Any, device: str | None, vae_dtype: str | None) -> Autoencoder:
@@ -296,6 +319,7 @@ def _encode_files(
     Skipped files go to `summary.skipped_files` with their size and mtime, so a rerun need not decode them.
     """
     views = (False, True) if opts.flip else (False,)
+    classes = {name: i for i, name in enumerate(manifest.extra.get("class_names") or [])}
     loader = DataLoader(
         _SourceFiles(src, todo), batch_size=math.ceil(opts.batch_size / len(views)), shuffle=False,
         num_workers=opts.workers, collate_fn=list, prefetch_factor=4 if opts.workers else None,
@@ -320,7 +344,9 @@ def _encode_files(
                 if decoded.mode != "RGB":
                     converted[decoded.mode] += 1
                 images.append(decoded.image)
-                items += [Item(rel, decoded.sha256, captions[rel], f, -1, -1, size_bytes, mtime_ns) for f in views]
+                label = classes[class_of(rel)] if classes else None
+                items += [Item(rel, decoded.sha256, captions[rel], f, -1, -1, size_bytes, mtime_ns, label)
+                          for f in views]
             if images:
                 queued = _Pending(_encode_batch(autoencoder, images, items, size, opts), items)
                 if pending is not None:

@@ -256,3 +256,23 @@ def test_rehash_finds_a_change_that_kept_size_and_mtime(folder, tmp_path):
     assert encode(folder, out, "pixel", 32, rehash=True, **FAST).up_to_date is False
     store = LatentStore(out)
     assert next(i for i in store.items if i.file == "img_004.bmp").sha256 == sha256_file(path)
+
+
+def test_labels_from_class_folders_are_stored_and_fixed(tmp_path):
+    from latentpatch.data.store import LatentStore
+    from latentpatch.errors import UserError
+
+    src = tmp_path / "src"
+    make_image_folder(src / "dogs", n=2, size=24, prefix="d")
+    make_image_folder(src / "cats", n=3, size=24, prefix="c")
+    encode(src, tmp_path / "store", "pixel", 16, labels="folders", workers=0)
+    store = LatentStore(tmp_path / "store")
+    assert store.manifest["class_names"] == ["cats", "dogs"]
+    assert sorted((item.file.split("/")[0], item.label) for item in store.items) == [
+        ("cats", 0), ("cats", 0), ("cats", 0), ("dogs", 1), ("dogs", 1)]
+    make_image_folder(src / "birds", n=1, size=24, prefix="b")
+    with pytest.raises(UserError, match="differ from the store's"):
+        encode(src, tmp_path / "store", "pixel", 16, labels="folders", workers=0)
+    make_image_folder(tmp_path / "flat", n=1, size=24)
+    with pytest.raises(UserError, match="needs every image in a class subfolder"):
+        encode(tmp_path / "flat", tmp_path / "s2", "pixel", 16, labels="folders", workers=0)

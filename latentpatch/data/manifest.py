@@ -48,6 +48,7 @@ class Item:
     row: int
     size: int | None = None  # source size and mtime: a rerun skips hashing files whose stat is unchanged
     mtime_ns: int | None = None
+    label: int | None = None  # class index into the manifest's class_names (encode --labels folders)
 
 
 @dataclass
