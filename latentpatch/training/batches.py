@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from latentpatch.config import RunConfig
-from latentpatch.diffusion.edm import EDMConfig
+from latentpatch.diffusion.edm import training_sigmas
 from latentpatch.errors import UserError
 from latentpatch.models.conditioning import Conditioning
 from latentpatch.patches import PatchStage, random_crops
@@ -42,11 +42,6 @@ class Batch:
     sigma: Tensor  # [b]
     noise: Tensor  # [b, C, ph, pw]
     cond: Conditioning | None
-
-
-def training_sigma(n: int, edm: EDMConfig, generator: torch.Generator, device: torch.device) -> Tensor:
-    """ln(sigma) ~ N(P_mean, P_std^2), EDM's training noise levels (Karras et al. 2022, Table 1)."""
-    return (torch.randn([n], generator=generator, device=device) * edm.P_std + edm.P_mean).exp()
 
 
 def make_conditioning(
@@ -105,7 +100,7 @@ def draw_batch(
     crops, coords = random_crops(
         x, stage.height, stage.width, g, local_coordinates=cfg.patches.coordinates == "local"
     )
-    sigma = training_sigma(global_batch, cfg.edm, g, device)
+    sigma = training_sigmas(global_batch, cfg.edm, g, device)
     noise = torch.randn(crops.shape, generator=g, device=device)
     per_rank = global_batch // world
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
