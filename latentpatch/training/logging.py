@@ -132,18 +132,16 @@ def save_sample_grid(
     """
     from torchvision.utils import save_image
 
-    from latentpatch.diffusion.samplers import karras_sigmas, per_image_noise_fn, sample_heun
     from latentpatch.models.conditioning import Conditioning
-    from latentpatch.patches import full_coordinates
+    from latentpatch.sampling import generate_latents
 
     n, (c, h, w) = cfg.train.sample_n, latent_shape
-    noise_fn = per_image_noise_fn(list(range(seed, seed + n)), device=device)
-    sigmas = karras_sigmas(cfg.train.sample_steps, cfg.edm.sigma_min, cfg.edm.sigma_max)
-    coords = full_coordinates(n, h, w, device=device)
     if cond is None and cfg.model.num_classes > 0:
         cond = Conditioning(class_labels=torch.arange(n, device=device) % cfg.model.num_classes)
-    x = noise_fn(torch.empty(n, c, h, w, device=device)) * sigmas[0].item()
-    x = sample_heun(lambda x_, s: precond(x_, s, coords, cond), x, sigmas, noise_fn=noise_fn)
+    # autocast stays the caller's (the trainer's precision); float32 integration is plenty for a preview
+    x = generate_latents(precond, list(range(seed, seed + n)), (c, h, w), cond, sampler="heun",
+                         steps=cfg.train.sample_steps, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max,
+                         device=device, dtype=torch.float32, autocast=False)
     images = autoencoder.decode(x).float().clamp(-1, 1)
     buf_path = Path(path)
     buf_path.parent.mkdir(parents=True, exist_ok=True)
