@@ -47,3 +47,23 @@ class AutoencoderInfo:
             scaling_factor=float(d["scaling_factor"]),
             shift_factor=float(d["shift_factor"]),
         )
+
+
+# The fields that fix what a latent means; `source` and `revision` say which weights made it.
+LATENT_SPACE_KEYS = ("kind", "latent_channels", "factor", "scaling_factor", "shift_factor")
+
+
+def same_latent_space(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether latents made by autoencoder records `a` and `b` mean the same thing: the same kind, shape and
+    normalisation, and the same weights — by sha256 (`revision`) when both record one, wherever the folder
+    now lives; else by source. The one answer to "are these the same latents?" for every stage."""
+    if any(a.get(k) != b.get(k) for k in LATENT_SPACE_KEYS):
+        return False
+    if a.get("revision") and b.get("revision"):
+        return a["revision"] == b["revision"]
+    return a.get("source") == b.get("source") and a.get("revision") == b.get("revision")
+
+
+def describe_autoencoder(d: dict[str, Any]) -> str:
+    rev = f" (revision {str(d['revision'])[:12]})" if d.get("revision") else ""
+    return f"{d.get('kind')} autoencoder {d.get('source')}{rev}"

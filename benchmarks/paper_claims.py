@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import skimage.data
 import torch
+from patch_vs_full import time_to_reach  # the same crossing-time rule as the throughput benchmark (same folder)
 from PIL import Image
 
 from latentpatch.config import load_config
@@ -56,7 +57,6 @@ from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.metrics.denoising import denoising_loss, store_heldout_set
 from latentpatch.metrics.inception import load_inception
 from latentpatch.training.trainer import StepInfo, train
-from patch_vs_full import time_to_reach  # the same crossing-time rule as the throughput benchmark (same folder)
 
 SIDE = 32
 N_FACES, N_TRAIN = 100, 80  # lfw_subset(): images 0-99 are faces, 100-199 are not

@@ -39,10 +39,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
+from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.edm import denoising_loss_at, fixed_noise, heldout_sigma_grid
 from latentpatch.encoding import encode
 from latentpatch.patches import PatchSchedule, full_coordinates, random_crops
-from latentpatch.training.build import build_precond
 from latentpatch.training.trainer import StepInfo, train
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",

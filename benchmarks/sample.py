@@ -25,12 +25,13 @@ import torch
 
 import latentpatch
 from latentpatch.autoencoders import load_autoencoder
+from latentpatch.checkpoints import save_checkpoint
 from latentpatch.config import load_config, save_config
+from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.samplers import karras_sigmas, sample_heun
 from latentpatch.generate import load_autoencoder_for, sample
 from latentpatch.patches import full_coordinates
-from latentpatch.training.build import build_precond
-from latentpatch.training.checkpoint import load_run, save_checkpoint
+from latentpatch.runs import load_run
 
 
 def make_run(root: Path, args) -> Path:

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Run folder: config.yaml, run.json, checkpoints/, log.jsonl, loss.png, samples/."),
         config: Optional[str] = typer.Option(
             None, "--config",
-            help="Built-in preset name (tiny, dit-s2, dit-b2, unet-small, patch-latent, patch-pixel, full-size) or a YAML "
+            help="Built-in preset name (patch-latent: the recommended recipe on DiT-S/2; full-size: the plain baseline; "
+            "dit-b2, patch-pixel, unet-small, tiny, demo) or a YAML "
             "file. Needed for a new run; with --resume the run's own config is used, and a different one is refused.",
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint, exactly (same batches, same result)."),

@@ -1,8 +1,9 @@
 """latentpatch: Patch Diffusion (Wang et al., 2023) in the latent space of a pretrained VAE.
 
 The Python API follows the pipeline: ``encode`` an image folder into a latent store, ``train`` a
-patch-wise EDM denoiser on it, ``sample`` full-size images from the run; ``finetune`` continues a run or a
-pretrained diffusers UNet on your own (captioned) images. Heavy modules load lazily.
+patch-wise EDM denoiser on it, ``sample`` full-size images from the run (``load_run`` gives its denoiser),
+``evaluate_run`` judges it; ``finetune`` continues a run or a pretrained diffusers model on your own
+(captioned) images. Heavy modules load lazily.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _API = {
     "sample": "latentpatch.generate",
     "finetune": "latentpatch.finetuning",
     "load_config": "latentpatch.config",
+    "load_run": "latentpatch.runs",
+    "evaluate_run": "latentpatch.evaluate",
     "load_autoencoder": "latentpatch.autoencoders",
     "LatentStore": "latentpatch.data.store",
     "UserError": "latentpatch.errors",

@@ -14,11 +14,14 @@ from typing import Any
 
 import yaml
 
+# EDMConfig, ModelConfig and its sections are re-exported: each config lives beside the code it configures.
+from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.errors import UserError
+from latentpatch.models.model_config import DiTConfig, ModelConfig, UNetConfig, migrate_legacy  # noqa: F401
+from latentpatch.models.presets import preset_values
 
-# Re-exported: each config lives beside the code it configures.
-from latentpatch.diffusion.edm import EDMConfig  # noqa: E402
-from latentpatch.models.model_config import ModelConfig  # noqa: E402
+COORDINATE_MODES = ("absolute", "local")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -27,10 +30,36 @@ class PatchConfig:
 
     real_p: float = 0.5
     sizes: list[float] = field(default_factory=lambda: [0.5])
-    size_weights: list[float] | None = None
+    size_weights: list[float] | None = None  # one relative weight per entry of sizes (None: equal)
     batch_growth: float = 2.0
     progressive_steps: int = 0
     coordinates: str = "absolute"  # "absolute" (the paper) | "local" (ablation: no location information)
+
+    def __post_init__(self) -> None:
+        if self.real_p == 1.0 and self.sizes == PatchConfig.__dataclass_fields__["sizes"].default_factory():
+            self.sizes = []  # full-size only: the default sides are not in use (ones given are refused by check)
+
+    def check(self) -> None:
+        if not 0.0 <= self.real_p <= 1.0:
+            raise UserError(f"patches.real_p must be in [0, 1], got {self.real_p}")
+        if self.real_p == 1.0 and self.sizes:
+            raise UserError(f"patches.real_p=1 trains on full-size latents only, so patches.sizes {self.sizes} would "
+                            "never be used; set patches.sizes=[] too (as the full-size preset does), or real_p < 1")
+        if self.real_p < 1.0 and not self.sizes:
+            raise UserError(f"patches.real_p={self.real_p} leaves {1 - self.real_p:g} of the steps to patches, but "
+                            "patches.sizes is empty; give the patch sides, e.g. patches.sizes=[0.5]")
+        if any(not 0.0 < s < 1.0 for s in self.sizes):
+            raise UserError(f"patches.sizes are fractions of the latent side in (0, 1), got {self.sizes}")
+        if self.size_weights is not None:
+            if len(self.size_weights) != len(self.sizes):
+                raise UserError(f"patches.size_weights has {len(self.size_weights)} entries for the "
+                                f"{len(self.sizes)} of patches.sizes {self.sizes}; give one weight per size")
+            if any(w < 0 for w in self.size_weights) or sum(self.size_weights) <= 0:
+                raise UserError(f"patches.size_weights must be >= 0 with a positive sum, got {self.size_weights}")
+        if self.coordinates not in COORDINATE_MODES:
+            raise UserError(f"patches.coordinates must be one of {COORDINATE_MODES}, got {self.coordinates!r}")
+        if self.batch_growth <= 0 or self.progressive_steps < 0:
+            raise UserError("patches.batch_growth must be > 0 and patches.progressive_steps >= 0")
 
 
 @dataclass
@@ -41,6 +70,12 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 1000
     grad_clip: float = 1.0
+
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise UserError(f"optim.betas needs two values, got {self.betas}")
+        if not self.lr >= 0:
+            raise UserError(f"optim.lr must be >= 0, got {self.lr}")
 
 
 @dataclass
@@ -61,6 +96,16 @@ class TrainConfig:
     sample_n: int = 16
     sample_steps: int = 18
 
+    def check(self) -> None:
+        """Values no type check catches; each message names the key."""
+        for key in ("batch_size", "grad_accum", "log_every", "ckpt_every", "max_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise UserError(f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
 
 @dataclass
 class TextConfig:
@@ -73,6 +118,10 @@ class TextConfig:
     max_length: int = 77            # tokens kept for cross-attention (at most the model's context length)
     pooled: bool = True             # also feed the pooled embedding (adaLN / the UNet's time embedding)
 
+    def check(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise UserError(f"text.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
 
 @dataclass
 class RunConfig:
@@ -82,6 +131,12 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+    def check(self) -> RunConfig:
+        """Every check that needs no data, once, when the config is loaded; returns self."""
+        for section in (self.model, self.edm, self.patches, self.optim, self.train, self.text):
+            section.check()
+        return self
 
 
 def builtin_config_names() -> list[str]:
@@ -207,8 +262,32 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def _check_patch_sizes(data: dict) -> None:
+    """Patch sides given beside real_p 1 would never be used: a typo, refused (the default sides are dropped)."""
+    patches = data.get("patches") or {}
+    if isinstance(patches, dict) and patches.get("real_p") == 1 and patches.get("sizes"):
+        raise UserError(f"patches.real_p=1 trains on full-size latents only, so patches.sizes {patches['sizes']} would "
+                        "never be used; set patches.sizes=[] too (as the full-size preset does), or real_p < 1")
+
+
+def _check_preset_fields(data: dict) -> None:
+    """A DiT field set beside model.dit.preset must agree with it (the preset fills the rest)."""
+    dit = (data.get("model") or {}).get("dit") or {}
+    if not isinstance(dit, dict) or not dit.get("preset"):
+        return
+    for name, value in preset_values(dit["preset"]).items():
+        if name in dit and dit[name] != value:
+            raise UserError(f"model.dit.preset {dit['preset']} has {name} {value}, but model.dit.{name} is {dit[name]}; "
+                            "drop one of them (or set model.dit.preset=null to size the DiT by hand)")
+
+
 def config_from_dict(data: dict) -> RunConfig:
-    return _build(RunConfig, data, "")
+    """A checked RunConfig from a nested dict (a flat model section of older runs is read too)."""
+    if isinstance(data.get("model"), dict):
+        data = {**data, "model": migrate_legacy(data["model"])}
+    _check_preset_fields(data)
+    _check_patch_sizes(data)
+    return _build(RunConfig, data, "").check()
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -220,6 +299,11 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A checked copy of `cfg` with `section.key=value` overrides applied."""
+    return config_from_dict(_deep_merge(config_to_dict(cfg), parse_overrides(overrides)))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

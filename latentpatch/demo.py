@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from latentpatch.demo_data import DEMO_SOURCES, make_demo_images
 
 
@@ -48,11 +46,13 @@ def demo_overrides(opts: DemoOptions) -> list[str]:
 
 def run_demo(opts: DemoOptions, log=print) -> DemoResult:
     """Each stage is the same library call the CLI makes; a rerun resumes where the last one stopped."""
+    from torchvision.utils import save_image
+
+    from latentpatch.checkpoints import latest_checkpoint, read_state
     from latentpatch.config import load_config
     from latentpatch.encoding import encode
     from latentpatch.generate import sample
     from latentpatch.training.trainer import train
-    from torchvision.utils import save_image
 
     start = time.perf_counter()
     out = Path(opts.out)
@@ -69,12 +69,16 @@ def run_demo(opts: DemoOptions, log=print) -> DemoResult:
         log("      " + line)
 
     cfg = load_config("demo", demo_overrides(opts))
-    resume = (run / "checkpoints" / "LATEST").exists()
-    log(f"[3/4] training a text-conditioned patch DiT for {opts.steps} steps into {run}"
-        + (" (resuming)" if resume else ""))
-    result = train(None if resume else cfg, latents, run, resume=resume, device=opts.device,
-                   progress=opts.progress)
-    log(f"      final loss {result.loss:.4f} after {result.step} steps")
+    latest = latest_checkpoint(run)
+    done = 0 if latest is None else int(read_state(latest)["step"])
+    if done >= opts.steps:
+        log(f"[3/4] the patch DiT in {run} is already trained ({done} steps)")
+    else:
+        log(f"[3/4] training a text-conditioned patch DiT for {opts.steps} steps into {run}"
+            + (f" (resuming at step {done})" if latest is not None else ""))
+        result = train(None if latest is not None else cfg, latents, run, resume=latest is not None,
+                       max_steps=opts.steps, device=opts.device, progress=opts.progress)
+        log(f"      final loss {result.loss:.4f} after {result.step} steps")
 
     log(f"[4/4] sampling {opts.samples_per_prompt} images for each prompt (guidance {opts.guidance})")
     imgs = sample(run, prompts=prompts, n=opts.samples_per_prompt, steps=opts.sample_steps,
@@ -86,7 +90,3 @@ def run_demo(opts: DemoOptions, log=print) -> DemoResult:
     if (run / "loss.png").exists():
         shutil.copyfile(run / "loss.png", loss_png)
     return DemoResult(out, run, samples_png, loss_png, time.perf_counter() - start, prompts)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

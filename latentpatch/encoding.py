@@ -16,22 +16,37 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from latentpatch.autoencoders import Autoencoder, load_autoencoder
-from latentpatch.data.images import IMAGE_EXTENSIONS, SMALLER, DecodedImage, decode_file, read_captions, scan_images
-from latentpatch.data.manifest import MANIFEST_NAME, STORAGE_DTYPES, STORE_MODES, Item, Manifest
-from latentpatch.data.manifest import plan_update, read_manifest, write_manifest
-from latentpatch.data.store import TORCH_DTYPES, StoreWriter, mix_seed, remove_orphan_shards
+from latentpatch.data.images import (
+    IMAGE_EXTENSIONS,
+    SMALLER,
+    DecodedImage,
+    decode_file,
+    is_image_name,
+    read_captions,
+    scan_sources,
+)
+from latentpatch.data.manifest import (
+    MANIFEST_NAME,
+    STORAGE_DTYPES,
+    STORE_MODES,
+    Item,
+    Manifest,
+    plan_update,
+    read_manifest,
+    write_manifest,
+)
+from latentpatch.data.store import TORCH_DTYPES, StoreWriter, remove_orphan_shards
 from latentpatch.data.text_cache import open_store_text, with_text_rows
 from latentpatch.data.transforms import as_size, check_resolution, covers, resize_center_crop
+from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
-from latentpatch.io import write_json_atomic
+from latentpatch.io import lock_folder, write_json_atomic
+from latentpatch.seeding import derive_seed
 
-# Test hook: seconds to sleep after each batch, so a test can SIGKILL a real encode mid-run.
-TEST_DELAY_ENV = "LATENTPATCH_TEST_DELAY_S"
 LOCK_NAME = ".encode.lock"
 REPORT_NAME = "encode_report.json"
 SHARD_BYTES = 256 << 20  # a shard's size bound: the writer buffers about two shards in memory
@@ -205,22 +220,13 @@ def encode(
         raise UserError(f"image folder {src} does not exist")
     if not src.is_dir():
         raise UserError(f"{src} is not a folder; pass the folder that holds the images")
-    files = scan_images(src, exclude=out)
-    if not files:
+    files = scan_sources(src, exclude=out)  # every file is encoded or named in the skip report
+    if not any(is_image_name(f) for f in files):
         raise UserError(f"no images found in {src} (looked for {', '.join(IMAGE_EXTENSIONS)}, in subfolders too)")
     captions = read_captions(src, files)
     autoencoder = _load(vae, device, vae_dtype)
     check_resolution(size, autoencoder.info.factor)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the latent store")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / LOCK_NAME, blocking=False)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UserError(
-            f"another encode is writing to {out} (it holds {out / LOCK_NAME}); wait for it or use another --out"
-        ) from None
+    lock = lock_folder(out, LOCK_NAME, "encode")
     try:
         manifest = _open_store(out, autoencoder, size, opts)
         if opts.labels == "folders":
@@ -239,11 +245,11 @@ def class_of(rel: str) -> str:
 
 def _set_class_names(manifest: Manifest, files: list[str], src: Path) -> None:
     """Classes are the sorted top-level subfolders; they are fixed once the store has them."""
-    top = [f for f in files if "/" not in f]
+    top = [f for f in files if "/" not in f and is_image_name(f)]
     if top:
         raise UserError(f"--labels folders needs every image in a class subfolder of {src}; {top[0]} is not")
-    names = sorted({class_of(f) for f in files})
-    known = manifest.extra.get("class_names")
+    names = sorted({class_of(f) for f in files if "/" in f})
+    known = manifest.class_names
     if known is not None and known != names:
         raise UserError(f"the class folders of {src} ({', '.join(names)}) differ from the store's "
                         f"({', '.join(known)}); encode into a new --out")
@@ -255,8 +261,7 @@ def _load(vae: Any, device: str | None, vae_dtype: str | None) -> Autoencoder:
         return vae  # already an Autoencoder
     if vae_dtype is not None and vae_dtype not in TORCH_DTYPES:
         raise UserError(f"--vae-dtype must be one of {', '.join(TORCH_DTYPES)}, got {vae_dtype!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_autoencoder(str(vae), device=device, dtype=vae_dtype)
+    return load_autoencoder(str(vae), device=resolve_device(device), dtype=vae_dtype)
 
 
 def _open_store(out: Path, autoencoder: Autoencoder, size: tuple[int, int], opts: EncodeOptions) -> Manifest:
@@ -319,13 +324,12 @@ def _encode_files(
     Skipped files go to `summary.skipped_files` with their size and mtime, so a rerun need not decode them.
     """
     views = (False, True) if opts.flip else (False,)
-    classes = {name: i for i, name in enumerate(manifest.extra.get("class_names") or [])}
+    classes = {name: i for i, name in enumerate(manifest.class_names or [])}
     loader = DataLoader(
         _SourceFiles(src, todo), batch_size=math.ceil(opts.batch_size / len(views)), shuffle=False,
         num_workers=opts.workers, collate_fn=list, prefetch_factor=4 if opts.workers else None,
         pin_memory=torch.device(autoencoder.device).type == "cuda",
     )
-    delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
     converted: Counter[str] = Counter()
     writer = StoreWriter(out, manifest, opts.shard_size or _default_shard_size(manifest))
     bar = tqdm(total=len(todo), unit="img", disable=not opts.progress, desc="encode", dynamic_ncols=True)
@@ -344,7 +348,7 @@ def _encode_files(
                 if decoded.mode != "RGB":
                     converted[decoded.mode] += 1
                 images.append(decoded.image)
-                label = classes[class_of(rel)] if classes else None
+                label = classes.get(class_of(rel)) if classes else None
                 items += [Item(rel, decoded.sha256, captions[rel], f, -1, -1, size_bytes, mtime_ns, label)
                           for f in views]
             if images:
@@ -355,8 +359,6 @@ def _encode_files(
                 summary.encoded += len(items)
                 summary.images_encoded += len(images)
             bar.update(len(batch))
-            if delay:
-                time.sleep(delay)
     except torch.cuda.OutOfMemoryError as e:
         raise UserError(
             f"out of GPU memory at --batch-size {opts.batch_size}; lower it and rerun (finished shards are kept)"
@@ -415,4 +417,4 @@ def _item_noise(items: list[Item], seed: int, like: torch.Tensor) -> torch.Tenso
 
 
 def _item_seed(seed: int, item: Item) -> int:
-    return mix_seed(seed, int(item.sha256[:15], 16), item.flip)
+    return derive_seed(seed, item.sha256, item.flip, "posterior-sample")

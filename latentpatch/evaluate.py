@@ -24,10 +24,13 @@ import torch
 
 import latentpatch
 from latentpatch import job_folder
+from latentpatch.data.images import list_image_files, read_image
+from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
-from latentpatch.metrics.fid import FeatureStats, evaluate as fid_evaluate, feature_stats
-from latentpatch.metrics.inception import InceptionFeatures, _read_image, list_images, load_inception
+from latentpatch.metrics.fid import FeatureStats, feature_stats
+from latentpatch.metrics.fid import evaluate as fid_evaluate
+from latentpatch.metrics.inception import InceptionFeatures, load_inception
 from latentpatch.metrics.swd import swd
 
 REPORT_FORMAT = 1
@@ -57,7 +60,7 @@ class ImageFiles(Sequence):
             if not self.files:
                 raise UserError(f"{what} {self.folder} is a generation job with no finished images yet")
         else:
-            self.files = list_images(self.folder)
+            self.files = list_image_files(self.folder, what)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -65,7 +68,7 @@ class ImageFiles(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        return _read_image(self.files[i])
+        return read_image(self.files[i])
 
 
 def _job_size(folder: Path) -> int:
@@ -124,12 +127,6 @@ def _finite(value: float, name: str) -> float:
     return float(value)
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    from latentpatch.training.distributed import resolve_device
-
-    return resolve_device(device)
-
-
 class _Extractor:
     """Loads the Inception once, on first use."""
 
@@ -150,7 +147,7 @@ def save_reference_stats(
     """Inception statistics (mu, sigma and the features KID needs) of an image folder, saved as `out` (.npz)."""
     _check_save_stats(out, ref)
     reference = _reference(ref)
-    stats = feature_stats(reference, extractor=_Extractor(extractor, inception, _device(device)).get(),
+    stats = feature_stats(reference, extractor=_Extractor(extractor, inception, resolve_device(device)).get(),
                           batch_size=batch_size, progress=progress)
     stats.save(out)
     return stats
@@ -230,7 +227,7 @@ def evaluate_folders(
     start = time.perf_counter()
     chosen = parse_metrics(metrics, ref=ref, latents=False)
     images = ImageFiles(samples, "samples folder")
-    device = _device(device)
+    device = resolve_device(device)
     lazy = _Extractor(extractor, inception, device)
     values, inputs, seconds = _image_metrics(images, ref, chosen, lazy, save_stats=save_stats, seed=seed,
                                              batch_size=batch_size, progress=progress)
@@ -283,12 +280,12 @@ def evaluate_run(
     RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
     from latentpatch.generate import sample
     from latentpatch.metrics.denoising import run_denoising_loss
-    from latentpatch.training.checkpoint import load_run
+    from latentpatch.runs import load_run
 
     start = time.perf_counter()
     chosen = parse_metrics(metrics, ref=ref, latents=latents is not None)
     _check_run_inputs(chosen, n, samples, ref, latents, save_stats)
-    run_dir, device = Path(run), _device(device)
+    run_dir, device = Path(run), resolve_device(device)
     loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=device)
     inputs: dict[str, Any] = {
         "run": str(run_dir.resolve()), "checkpoint": str(Path(loaded.checkpoint).resolve()),
@@ -301,7 +298,7 @@ def evaluate_run(
         if n is not None:
             folder = folder or default_samples_folder(run_dir, loaded, n, seed, sampler, steps, guidance, weights)
             t0 = time.perf_counter()
-            job = sample(loaded, n, steps=steps, guidance=guidance, seed=seed, sampler=sampler, weights=weights,
+            job = sample(loaded, n, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
                          batch_size=batch_size, out=folder, output="none", progress=progress)
             timing["generate_s"] = time.perf_counter() - t0
             inputs["generation"] = {"n": n, "written": job.written, "already_there": job.skipped, "steps": steps,

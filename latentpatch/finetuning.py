@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
-from latentpatch.config import RunConfig, config_from_dict, config_to_dict, load_config, parse_overrides
-from latentpatch.data.manifest import MANIFEST_NAME, same_autoencoder
+from latentpatch.config import RunConfig, apply_overrides, load_config
+from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
+from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
+from latentpatch.runs import is_run_folder
 
 LATENTS_DIR = "latents"
 BASE_FILE = "finetune.json"
@@ -56,10 +58,6 @@ class _Base:
     resolution: list[int] | None
     text_record: dict[str, Any] | None  # the text encoder the base was trained with
     describe: dict[str, Any]  # provenance, written to OUT/finetune.json
-
-
-def is_run_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "run.json").is_file()
 
 
 def finetune(
@@ -127,27 +125,28 @@ def finetune(
 
 def _run_base(base: Path, weights: str) -> _Base:
     from latentpatch.models.lora import plain_state_dict
-    from latentpatch.training.checkpoint import load_run
+    from latentpatch.runs import load_run
 
     loaded = load_run(base, weights=weights, device="cpu")
     cfg = copy.deepcopy(loaded.cfg)
     cfg.model.lora_rank = 0  # a LoRA base is merged: the fine-tune starts from its whole weights
     return _Base(
         cfg=cfg, state=plain_state_dict(loaded.precond), autoencoder=loaded.info["autoencoder"],
-        resolution=list(loaded.info["resolution"]), text_record=loaded.info.get("text_encoder"),
+        resolution=list(loaded.info["resolution"]), text_record=loaded.spec.text_encoder,
         describe={"base": str(base.resolve()), "kind": "latentpatch run", "weights": weights,
                   "checkpoint": str(loaded.checkpoint), "checkpoint_id": loaded.checkpoint_id, "step": loaded.step},
     )
 
 
 def _diffusers_base(base: str, config: str | os.PathLike | None) -> _Base:
+    from latentpatch.models import PretrainedConfig
     from latentpatch.models.widen import json_config, load_pretrained_unet, widen_unet
 
     unet = load_pretrained_unet(base)
     widen_unet(unet, unet.conv_in.in_channels)
     cfg = load_config(config) if config is not None else RunConfig()
-    cfg.model = dataclasses.replace(cfg.model, arch="unet", preset=None, unet_config=json_config(unet),
-                                    num_classes=0, text_dim=0, pooled_text_dim=0)
+    cfg.model = dataclasses.replace(cfg.model, arch="pretrained", num_classes=0, text_dim=0, pooled_text_dim=0,
+                                    pretrained=PretrainedConfig(type(unet).__name__, json_config(unet)))
     cfg.text.pooled = False  # a pretrained UNet's time embedding has no input for it
     state = {f"net.unet.{k}": v for k, v in unet.state_dict().items()}
     return _Base(cfg=cfg, state=state, autoencoder=None, resolution=None, text_record=None,
@@ -180,10 +179,10 @@ def _prepare_data(
         store = LatentStore(out / LATENTS_DIR)
     else:
         raise UserError(f"data {data} is neither an image folder nor a latent store")
-    if found.autoencoder is not None and not same_autoencoder(store.meta.autoencoder, found.autoencoder):
-        raise UserError(f"latent store {store.path} was made with another autoencoder than the base run's "
-                        f"({found.autoencoder.get('source')}); encode the images with the base's autoencoder")
-    unet_cfg = found.cfg.model.unet_config
+    if found.autoencoder is not None:
+        store.require_latent_space(found.autoencoder, None, f"the base run {found.describe['base']} was trained on",
+                                   "encode the images with the base's autoencoder")
+    unet_cfg = _pretrained_config(found.cfg)
     if unet_cfg is not None and store.latent_shape[0] != unet_cfg["in_channels"] - 2:
         raise UserError(f"the base UNet takes {unet_cfg['in_channels'] - 2}-channel latents but {store.path} holds "
                         f"{store.latent_shape[0]}-channel ones; encode with the autoencoder the UNet was trained with")
@@ -193,12 +192,12 @@ def _prepare_data(
 def _load_vae(info: dict[str, Any], device: str | None) -> Any:
     from latentpatch.autoencoders import load_autoencoder_from_info
 
-    return load_autoencoder_from_info(info, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_autoencoder_from_info(info, device=resolve_device(device))
 
 
 def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora_rank, lr, batch_size,
                      overrides) -> RunConfig:
-    from latentpatch.training.text_data import prepare_text
+    from latentpatch.conditioning import derive_spec
 
     cfg = copy.deepcopy(found.cfg)
     tc = cfg.train
@@ -211,28 +210,30 @@ def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora
         tc.batch_size = int(batch_size)
     _choose_text(cfg, found, store, text_encoder)
     if overrides:
-        from latentpatch.config import _deep_merge
-
-        cfg = config_from_dict(_deep_merge(config_to_dict(cfg), parse_overrides(overrides)))
-    cfg, _ = prepare_text(cfg, store)  # fills model.text_dim / pooled_text_dim from the encoder
-    unet_cfg = cfg.model.unet_config or {}
+        cfg = apply_overrides(cfg, overrides)
+    cfg, _, _ = derive_spec(cfg, store)  # fills model.text_dim / pooled_text_dim from the encoder
+    unet_cfg = _pretrained_config(cfg) or {}
     if unet_cfg.get("cross_attention_dim") and cfg.model.text_dim != unet_cfg["cross_attention_dim"]:
         raise UserError(
             f"the text encoder {cfg.text.model}:{cfg.text.pretrained} gives tokens of width {cfg.model.text_dim} but "
             f"the UNet's cross_attention_dim is {unet_cfg['cross_attention_dim']}; choose an encoder of that width "
             "(Stable Diffusion 1.x: ViT-L-14:openai, 768)"
         )
-    if cfg.model.arch == "unet" and cfg.model.unet_config is None and found.cfg.model.text_dim != cfg.model.text_dim:
+    if cfg.model.arch == "unet" and found.cfg.model.text_dim != cfg.model.text_dim:
         raise UserError("a UNet run cannot gain (or lose) text conditioning by fine-tuning; set text.model=none "
                         "to fine-tune it without text, fine-tune a DiT run, or train a text UNet from scratch")
     return cfg
+
+
+def _pretrained_config(cfg: RunConfig) -> dict[str, Any] | None:
+    return cfg.model.pretrained.config if cfg.model.arch == "pretrained" else None
 
 
 def _check_text_choice(found: _Base, text_encoder: str | None) -> None:
     """A base trained with text keeps its encoder; a UNet2DModel has nothing to condition on text."""
     from latentpatch.text import parse_text_encoder
 
-    tc, unet_cfg = found.cfg.text, found.cfg.model.unet_config
+    tc, unet_cfg = found.cfg.text, _pretrained_config(found.cfg)
     if text_encoder is None:
         return
     if tc.model and tc.model != "none" and parse_text_encoder(text_encoder) != (tc.model, tc.pretrained):
@@ -249,14 +250,14 @@ def _choose_text(cfg: RunConfig, found: _Base, store: LatentStore, text_encoder:
 
     if cfg.text.model:
         return
-    unet_cfg = cfg.model.unet_config
+    unet_cfg = _pretrained_config(cfg)
     if unet_cfg is not None and unet_cfg.get("_class_name") == "UNet2DModel":
         cfg.text.model = "none"
         return
     if text_encoder is not None:
         cfg.text.model, cfg.text.pretrained = parse_text_encoder(text_encoder)
-        cfg.text.max_length = (store.meta.text_encoder or {}).get("max_length", cfg.text.max_length)
-    elif store.meta.text_encoder is None and unet_cfg is not None:
+        cfg.text.max_length = (store.manifest.text_encoder or {}).get("max_length", cfg.text.max_length)
+    elif store.manifest.text_encoder is None and unet_cfg is not None:
         raise UserError("the base UNet2DConditionModel needs a text encoder whose width is its cross_attention_dim "
                         f"({unet_cfg.get('cross_attention_dim')}): pass text_encoder= (--text-encoder)")
 
@@ -264,7 +265,7 @@ def _choose_text(cfg: RunConfig, found: _Base, store: LatentStore, text_encoder:
 def _initial_state(found: _Base, cfg: RunConfig, store: LatentStore) -> dict[str, torch.Tensor]:
     """The base's weights in the fine-tune's architecture; a DiT that gains text gets its new layers zeroed
     where that keeps its output unchanged (cross-attention's output projection, the pooled-text map)."""
-    from latentpatch.training.build import build_precond
+    from latentpatch.denoiser import build_precond
 
     plain = copy.deepcopy(cfg)
     plain.model.lora_rank = 0

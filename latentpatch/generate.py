@@ -23,18 +23,16 @@ import torch
 from torch import Tensor
 
 import latentpatch
+from latentpatch import distributed as dist
 from latentpatch import job_folder as folder
+from latentpatch.conditioning.requested import check_request, request_conditioning
+from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
+from latentpatch.io import lock_folder
 from latentpatch.prompts import PromptEntry
-from latentpatch.sampling import (
-    build_conditioning,
-    check_class_labels,
-    check_settings,
-    generate_latents,
-    image_seed,
-    is_text_conditioned,
-    num_classes,
-)
+from latentpatch.runs import LoadedRun, load_run
+from latentpatch.sampling import check_settings, generate_latents
+from latentpatch.seeding import image_seed
 
 JOB_FORMAT = 1
 
@@ -80,43 +78,41 @@ def _random_class(seed: int, index: int, k: int) -> int:
 
 
 def plan_images(
-    run: Any, n: int, seed: int, prompts: Sequence[PromptEntry] | None, class_labels: Sequence[int] | None
+    loaded: LoadedRun, n: int, seed: int, prompts: Sequence[PromptEntry] | None, class_labels: Sequence[int] | None
 ) -> list[ImageSpec]:
     """n images per prompt (or its JSONL count) / per class label; a class model with none given draws one."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"--n must be a whole number >= 1, got {n}")
     if prompts is not None and class_labels is not None:
         raise UserError("give prompts or a class, not both")
+    spec = loaded.spec
+    # Fail before any file is written, not mid-job.
+    check_request(spec, None if prompts is None else [e.prompt for e in prompts], class_labels)
     if prompts is not None:
-        build_conditioning(run, prompts=[prompts[0].prompt])  # fail before any file is written, not mid-job
         conds = [(e.prompt, None) for e in prompts for _ in range(e.count)]
     elif class_labels is not None:
-        check_class_labels(run, class_labels)
         conds = [(None, int(c)) for c in class_labels for _ in range(n)]
+    elif spec.num_classes > 0:
+        conds = [(None, _random_class(seed, i, spec.num_classes)) for i in range(n)]
     else:
-        k = num_classes(run)
         conds = [(None, None)] * n
-        if k > 0:
-            conds = [(None, _random_class(seed, i, k)) for i in range(n)]
-        build_conditioning(run)  # UserError for a text model without prompts
     return [ImageSpec(i, p, c, image_seed(seed, i)) for i, (p, c) in enumerate(conds)]
 
 
 def make_job(
-    loaded: Any, n: int, *, prompts: Sequence[PromptEntry] | None = None, class_labels: Sequence[int] | None = None,
-    steps: int = 18, guidance: float = 1.0, churn: float = 0.0, seed: int = 0, sampler: str = "heun",
-    weights: str = "ema", run_dir: str | os.PathLike | None = None,
+    loaded: LoadedRun, n: int, *, prompts: Sequence[PromptEntry] | None = None,
+    class_labels: Sequence[int] | None = None, steps: int = 18, guidance: float = 1.0, churn: float = 0.0,
+    seed: int = 0, sampler: str = "heun",
 ) -> Job:
     """The job spec: settings + one ImageSpec per image; nothing is generated or written."""
     check_settings(sampler, steps, guidance, churn)
-    if guidance != 1 and num_classes(loaded) == 0 and not is_text_conditioned(loaded):
+    if guidance != 1 and not loaded.spec.conditional:
         raise UserError(f"--guidance {guidance} needs a class- or text-conditioned model; this one is unconditional")
-    run_path = Path(run_dir) if run_dir is not None else loaded.checkpoint.parent.parent
     cfg = loaded.cfg.edm
     settings = {
-        "run": str(run_path.resolve()),
+        "run": str(loaded.run_dir.resolve()),
         "checkpoint": str(Path(loaded.checkpoint).resolve()),
-        "weights": weights,
+        "weights": loaded.weights,
         "checkpoint_id": loaded.checkpoint_id,  # sha256 of the weights file used
         "step": loaded.step,
         "sampler": sampler,
@@ -132,13 +128,13 @@ def make_job(
     return Job(json.loads(json.dumps(settings)), plan_images(loaded, n, int(seed), prompts, class_labels))
 
 
-def load_autoencoder_for(loaded: Any, device: torch.device | str) -> Any:
+def load_autoencoder_for(loaded: LoadedRun, device: torch.device | str) -> Any:
     """The autoencoder recorded in run.json, or a UserError saying which one this run needs."""
     from latentpatch.autoencoders import load_autoencoder_from_info
 
     info = loaded.info.get("autoencoder")
     if not info:
-        raise UserError(f"{loaded.checkpoint.parent.parent}/run.json records no autoencoder; cannot decode")
+        raise UserError(f"{loaded.run_dir}/run.json records no autoencoder; cannot decode")
     try:
         return load_autoencoder_from_info(info, device=device)
     except UserError as e:
@@ -148,13 +144,13 @@ def load_autoencoder_for(loaded: Any, device: torch.device | str) -> Any:
         ) from e
 
 
-def sample_batch(loaded: Any, autoencoder: Any, job: Job, specs: Sequence[ImageSpec], device: torch.device,
+def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[ImageSpec], device: torch.device,
                  progress: bool = False) -> Tensor:
     """Sample the latents of `specs` and decode them: [B, 3, H, W] float32 in [-1, 1]."""
     s = job.settings
     prompts = [x.prompt for x in specs] if specs[0].prompt is not None else None
     classes = [x.class_label for x in specs] if specs[0].class_label is not None else None
-    cond, uncond = build_conditioning(loaded, prompts=prompts, class_labels=classes, device=device)
+    cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), prompts, classes, device)
     latents = generate_latents(
         loaded.precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
         sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], churn=s["churn"],
@@ -172,7 +168,7 @@ def image_metadata(job: Job, spec: ImageSpec, class_names: list[str] | None) -> 
     return meta
 
 
-def _from_main(obj: Any, d: Any) -> Any:
+def _from_main(obj: Any, d: dist.DistInfo) -> Any:
     """Rank 0's value of a small picklable object on every rank (identity for one process)."""
     if d.world_size == 1:
         return obj
@@ -194,28 +190,26 @@ def _batched(items: list, size: int):
 
 
 def run_job(
-    loaded: Any, job: Job, out: str | os.PathLike, *, batch_size: int = 16, progress: bool = True,
-    dist_info: Any = None,
+    loaded: LoadedRun, job: Job, out: str | os.PathLike, *, batch_size: int = 16, progress: bool = True,
+    dist_info: dist.DistInfo | None = None,
 ) -> JobResult:
     """Write the job's missing images into `out` (resumable; one job per folder, held by a lock file).
 
     Under torchrun each rank makes indices rank::world; rank 0 owns the folder (lock, job.json, index, grid).
-    `dist_info` is `training.distributed.init_distributed()`'s result (joined here when None).
+    `dist_info` is `distributed.init_distributed()`'s result (joined here when None).
     """
     from tqdm.auto import tqdm
-
-    from latentpatch.training import distributed as dist
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size}")
     out = Path(out)
-    device = next(loaded.precond.parameters()).device
+    device = loaded.device
     d = dist_info if dist_info is not None else dist.init_distributed(device)
     total, lock = len(job.images), None
     try:
         if d.is_main:
             try:
-                lock = folder.lock_folder(out)
+                lock = lock_folder(out, folder.LOCK_FILE, "sample job")
                 folder.check_or_write_job(out, job.to_dict())
                 folder.remove_temp_files(out)
                 folder.rebuild_index(out, total)
@@ -227,7 +221,7 @@ def run_job(
             raise UserError(status[1])
         autoencoder = load_autoencoder_for(loaded, device)
         mine = [s for s in job.images[d.rank :: d.world_size] if not folder.image_path(out, s.index).exists()]
-        class_names = loaded.info.get("class_names")
+        class_names = loaded.spec.class_names
         start = time.perf_counter()
         # PNG encoding and fsync'd writes run on threads (zlib and I/O release the GIL) while the next batch
         # samples; waiting for batch k's writes before submitting batch k+1's bounds memory to two batches.
@@ -256,15 +250,6 @@ def run_job(
             dist.cleanup(d)
 
 
-def _weights_of(loaded: Any, default: str) -> str:
-    """Which weights file of its checkpoint a loaded run holds, from its checkpoint_id (so the record is right)."""
-    from latentpatch.training.checkpoint import WEIGHT_FILES, read_state
-
-    files = read_state(Path(loaded.checkpoint)).get("files", {})
-    found = [w for w, name in WEIGHT_FILES.items() if files.get(name, "")[:16] == loaded.checkpoint_id]
-    return found[0] if len(found) == 1 else default
-
-
 def _as_entries(prompts: str | Sequence[str | PromptEntry] | None, n: int) -> list[PromptEntry] | None:
     if prompts is None:
         return None
@@ -274,7 +259,7 @@ def _as_entries(prompts: str | Sequence[str | PromptEntry] | None, n: int) -> li
 
 
 def sample(
-    run: str | os.PathLike | Any,
+    run: str | os.PathLike | LoadedRun,
     n: int = 1,
     *,
     prompts: str | Sequence[str | PromptEntry] | None = None,
@@ -294,17 +279,15 @@ def sample(
 ) -> list | Tensor | JobResult:
     """Generate n images per prompt / class label (n in all without either) from a run folder.
 
-    `run` is a run folder or a `load_run` result (then weights/checkpoint/device are its own). Image i's noise comes from a generator seeded with image_seed(seed, i), so it
-    is the same whatever batch_size or number of processes. With `out` the images are written as a
+    `run` is a run folder or a `load_run` result (then weights/checkpoint/device are its own). Image i's noise
+    comes from a generator seeded with image_seed(seed, i), so it is the same whatever batch_size or number of
+    processes. With `out` the images are written as a
     resumable job (PNG + images.jsonl + grid.png, split over torchrun ranks) and read back from the PNGs.
     output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]) or, with `out`,
     "none" (a JobResult, nothing read back).
 
         >>> images = latentpatch.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
     """
-    from latentpatch.training import distributed as dist
-    from latentpatch.training.checkpoint import load_run
-
     if output not in ("pil", "tensor", "none") or (output == "none" and out is None):
         raise UserError(f"output must be 'pil' or 'tensor' ('none' only with out=), got {output!r}")
     check_settings(sampler, steps, guidance, churn)
@@ -315,15 +298,13 @@ def sample(
     # Join torchrun's group first: each rank loads the model onto its own GPU.
     d = dist.init_distributed(device) if out is not None else None
     try:
-        if isinstance(run, (str, os.PathLike)):
-            run_dir = Path(run)
-            dev = d.device if d is not None else dist.resolve_device(device)
-            loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=dev)
+        if isinstance(run, LoadedRun):
+            loaded = run
         else:
-            loaded, run_dir, weights = run, None, _weights_of(run, weights)
+            dev = d.device if d is not None else resolve_device(device)
+            loaded = load_run(Path(run), weights=weights, checkpoint=checkpoint, device=dev)
         job = make_job(loaded, n, prompts=_as_entries(prompts, n), class_labels=class_labels, steps=steps,
-                       guidance=guidance, churn=churn, seed=seed, sampler=sampler, weights=weights,
-                       run_dir=run_dir)
+                       guidance=guidance, churn=churn, seed=seed, sampler=sampler)
         if out is not None:
             result = run_job(loaded, job, out, batch_size=batch_size, progress=progress, dist_info=d)
             if output == "none":
@@ -334,7 +315,7 @@ def sample(
             dist.cleanup(d)
     from tqdm.auto import tqdm
 
-    dev = next(loaded.precond.parameters()).device
+    dev = loaded.device
     autoencoder = load_autoencoder_for(loaded, dev)
     batches = list(_batched(job.images, batch_size))
     images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev).cpu()

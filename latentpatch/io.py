@@ -1,4 +1,4 @@
-"""Atomic writes: a reader, a resumed job or a crash never sees a half-written file."""
+"""Atomic writes (a reader, a resumed job or a crash never sees a half-written file) and the folder lock."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save as save_safetensors_bytes
 
 from latentpatch.errors import UserError
@@ -56,3 +57,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def lock_folder(folder: str | os.PathLike, lock_name: str, what: str) -> FileLock:
+    """Create `folder` and hold its lock file `lock_name`, non-blocking, so a second `what` into it fails at once.
+
+    The one folder lock of every stage (an encode's store, a train's run folder, a sample job's folder): two
+    writers would mix or delete each other's files. The caller releases the returned lock.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; pass a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {folder}: {e.strerror or e}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"the output folder {folder} is not writable")
+    lock = FileLock(folder / lock_name)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise UserError(
+            f"another {what} is writing to {folder} (it holds {folder / lock_name}); wait for it to finish or pick "
+            "another --out"
+        ) from None
+    except OSError as e:
+        raise UserError(f"the output folder {folder} is not writable: {e.strerror or e}") from e
+    return lock

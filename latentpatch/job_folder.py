@@ -1,4 +1,4 @@
-"""The output folder of a generation job: lock, job.json, PNGs with their settings, images.jsonl, grid.png.
+"""The output folder of a generation job: job.json, PNGs with their settings, images.jsonl, grid.png.
 
 Every file appears whole or not at all (temp name + os.replace); images.jsonl is rebuilt from the PNGs'
 own text chunks at the start and end of a job, so a kill between a PNG and its index line loses nothing.
@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
@@ -37,27 +36,6 @@ def image_name(index: int) -> str:
 
 def image_path(out: Path, index: int) -> Path:
     return out / image_name(index)
-
-
-def lock_folder(out: Path) -> FileLock:
-    """Create `out` and hold its lock file (non-blocking), so a second job into it fails at once."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {out}: {e.strerror or e}") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"the output folder {out} is not writable")
-    lock = FileLock(out / LOCK_FILE)
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        raise UserError(
-            f"another job is writing into {out} (it holds {out / LOCK_FILE}); wait for it to finish or pick "
-            "another --out folder"
-        ) from None
-    except OSError as e:
-        raise UserError(f"the output folder {out} is not writable: {e.strerror or e}") from e
-    return lock
 
 
 def _first_difference(old: dict, new: dict) -> str | None:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from latentpatch.errors import UserError
+from latentpatch.seeding import make_generator
+
+if TYPE_CHECKING:
+    from latentpatch.config import PatchConfig
 
 
 def _axis(full: int, start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -93,30 +98,21 @@ class PatchSchedule:
     Non-full sizes are fractions of the latent side with relative weights; the full size gets `real_p`
     (the paper's real_p). Batch grows by `batch_growth` each time the side halves (the paper doubles it).
     `progressive_steps` > 0 runs the sizes smallest-first in equal stages before the random schedule.
+    The config was checked at load (PatchConfig.check); what depends on the latents is checked here.
     """
 
-    def __init__(
-        self, latent_h: int, latent_w: int, batch_size: int, real_p: float = 0.5,
-        sizes: list[float] | tuple[float, ...] = (0.5,), size_weights: list[float] | None = None,
-        batch_growth: float = 2.0, multiple_of: int = 1, progressive_steps: int = 0, seed: int = 0,
-    ) -> None:
-        if not 0.0 <= real_p <= 1.0:
-            raise UserError(f"patches.real_p must be in [0, 1], got {real_p}")
-        sizes = [float(s) for s in sizes] if real_p < 1.0 else []
-        weights = [float(x) for x in (size_weights or [1.0] * len(sizes))][: len(sizes)]
-        if len(weights) != len(sizes):
-            raise UserError("patches.size_weights needs one weight per entry of patches.sizes")
-        if any(not 0.0 < s < 1.0 for s in sizes):
-            raise UserError(f"patches.sizes are fractions of the latent side in (0, 1), got {sizes}")
-        if sizes and sum(weights) <= 0:
-            raise UserError("patches.size_weights must have a positive sum")
+    def __init__(self, cfg: PatchConfig, latent_h: int, latent_w: int, batch_size: int, multiple_of: int = 1,
+                 seed: int = 0) -> None:
+        sizes = [float(s) for s in cfg.sizes] if cfg.real_p < 1.0 else []
+        weights = [float(x) for x in (cfg.size_weights or [1.0] * len(sizes))]
         stages = []
         for frac, wgt in zip(sizes, weights):
             ph, pw = round(latent_h * frac), round(latent_w * frac)
-            mult = batch_growth ** math.log2(1.0 / frac)
-            stages.append(PatchStage(ph, pw, (1.0 - real_p) * wgt / sum(weights), max(1, round(batch_size * mult))))
-        if real_p > 0 or not stages:
-            stages.append(PatchStage(latent_h, latent_w, real_p if stages else 1.0, batch_size))
+            mult = cfg.batch_growth ** math.log2(1.0 / frac)
+            stages.append(PatchStage(ph, pw, (1.0 - cfg.real_p) * wgt / sum(weights),
+                                     max(1, round(batch_size * mult))))
+        if cfg.real_p > 0 or not stages:
+            stages.append(PatchStage(latent_h, latent_w, cfg.real_p if stages else 1.0, batch_size))
         for s in stages:
             if s.height % multiple_of or s.width % multiple_of or s.height < multiple_of:
                 raise UserError(
@@ -124,7 +120,7 @@ class PatchSchedule:
                     f"the network's patch size {multiple_of}; change patches.sizes or the resolution"
                 )
         self.stages = sorted(stages, key=lambda s: s.height * s.width)
-        self.progressive_steps = progressive_steps
+        self.progressive_steps = cfg.progressive_steps
         self.seed = seed
         self._probs = torch.tensor([s.prob for s in self.stages], dtype=torch.float64)
 
@@ -133,5 +129,5 @@ class PatchSchedule:
         if step < self.progressive_steps:
             per_stage = math.ceil(self.progressive_steps / len(self.stages))
             return self.stages[min(step // per_stage, len(self.stages) - 1)]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = make_generator("cpu", self.seed, step, "patch-size")
         return self.stages[int(torch.multinomial(self._probs, 1, generator=g))]

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
 
 LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
 LIST_TAGS_HINT = "python -c \"import open_clip; print(open_clip.list_pretrained())\""
@@ -54,12 +54,6 @@ class TextEmbeddings:
     tokens: Tensor  # [N, L, D] token embeddings (after ln_final)
     mask: Tensor  # [N, L] bool, True for real tokens up to and including the end-of-text token
     pooled: Tensor  # [N, P] the pooled (projected) embedding, as open_clip's encode_text
-
-    def conditioning(self, device: torch.device | str = "cpu") -> Conditioning:
-        """A Conditioning of all rows, cut to the longest real text (padding is masked anyway)."""
-        tokens, mask = trim_to_longest(self.tokens, self.mask)
-        return Conditioning(text_tokens=tokens.to(device), text_mask=mask.to(device),
-                            text_pooled=self.pooled.to(device))
 
 
 def trim_to_longest(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,7 +220,7 @@ def load_text_encoder(
 
     if not model:
         raise UserError("no text encoder given (text.model is empty)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     name, config_sha = _register_config_file(model)
     _check_model_name(name)
     identity = _pretrained_identity(name, pretrained)

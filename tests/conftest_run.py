@@ -15,9 +15,10 @@ import torch
 
 import latentpatch
 from latentpatch.autoencoders import PixelAutoencoder
+from latentpatch.checkpoints import save_checkpoint
+from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import load_config, save_config
-from latentpatch.training.build import build_precond
-from latentpatch.training.checkpoint import save_checkpoint
+from latentpatch.denoiser import build_precond
 
 
 def make_tiny_run(
@@ -30,7 +31,7 @@ def make_tiny_run(
     """
     root.mkdir(parents=True, exist_ok=True)
     cfg = load_config(None, [
-        "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
+        "model.dit.hidden_size=32", "model.dit.depth=2", "model.dit.num_heads=2", "model.dit.patch_size=2",
         f"model.num_classes={num_classes}", "model.attention=sdpa",
     ])
     save_config(cfg, root / "config.yaml")
@@ -40,9 +41,7 @@ def make_tiny_run(
         "autoencoder": PixelAutoencoder().info.to_dict(),
         "latent_shape": [3, side, side],
         "resolution": [side, side],
-        "num_classes": num_classes,
-        "class_names": [f"class{k}" for k in range(num_classes)] if num_classes else None,
-        "text_encoder": None,
+        "conditioning": ConditioningSpec(num_classes, tuple(f"class{k}" for k in range(num_classes)) or None).to_dict(),
         "created": "2025-01-01T00:00:00",
         "latentpatch_version": latentpatch.__version__,
     }

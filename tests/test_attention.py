@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentpatch.errors import UserError
-from latentpatch.models import ModelConfig, build_network
+from latentpatch.models import DiTConfig, ModelConfig, UNetConfig, build_network
 from latentpatch.models import attention as attn_module
 from latentpatch.models.attention import attention, resolve_backend
 
@@ -76,7 +76,7 @@ def test_unknown_backend_is_a_user_error():
 
 
 def test_network_stores_the_backend_chosen_at_construction():
-    net = build_network(ModelConfig(hidden_size=32, depth=2, num_heads=2, text_dim=8), 4, device="cpu")
+    net = build_network(ModelConfig(dit=DiTConfig(hidden_size=32, depth=2, num_heads=2), text_dim=8), 4, device="cpu")
     assert net.attention_backend == "sdpa"
     backends = {m.backend for m in net.modules() if hasattr(m, "backend")}
     assert backends == {"sdpa"}
@@ -116,15 +116,14 @@ def _perturbed_cuda_net(cfg: ModelConfig) -> torch.nn.Module:
 @pytest.mark.parametrize(
     "cfg",
     [
-        ModelConfig(arch="dit", hidden_size=64, depth=2, num_heads=2, text_dim=16),
-        ModelConfig(
-            arch="unet", unet_block_out_channels=[32, 64], unet_attention_levels=[False, True], text_dim=16
-        ),
+        ModelConfig(arch="dit", dit=DiTConfig(hidden_size=64, depth=2, num_heads=2), text_dim=16),
+        ModelConfig(arch="unet", unet=UNetConfig(block_out_channels=[32, 64], attention_levels=[False, True]),
+                    text_dim=16),
     ],
     ids=["dit", "unet"],
 )
 def test_networks_with_xformers_match_sdpa_on_cuda_in_bf16(cfg):
-    from latentpatch.models import Conditioning
+    from latentpatch.conditioning import Conditioning
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 16, 8, generator=g).cuda()

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest_run import make_tiny_run
 from helpers import make_image_folder
 from trainer_helpers import make_store, photo_crops
 
-from conftest_run import make_tiny_run
 from latentpatch.cli.app import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -79,7 +79,7 @@ BAD_INPUTS = [
     ("train-device-unknown", lambda w: _train(w, "--config", "tiny", "--device", "quantum"), "quantum"),
     ("train-resume-empty-folder", lambda w: _train(w, "--resume", out="never_trained"), "no run to resume"),
     ("train-new-run-over-checkpoints", lambda w: _train(w, "--config", "tiny", out="run"), "already has checkpoints"),
-    ("train-resume-other-config", lambda w: _train(w, "--resume", "--config", "tiny", "model.depth=3", out="run"),
+    ("train-resume-other-config", lambda w: _train(w, "--resume", "--config", "tiny", "model.dit.depth=3", out="run"),
      "config differs"),
     ("train-out-is-a-file", lambda w: _train(w, "--config", "tiny", out="file.txt"), "is a file"),
     ("sample-checkpoint-missing", lambda w: _sample(w, "--checkpoint", "step-00000999"), "step-00000999"),
@@ -132,7 +132,7 @@ def test_a_second_train_into_the_same_run_folder_is_refused_while_the_first_runs
         assert first.poll() is None, first.stderr.read()
         code, _, err = _main(monkeypatch, capsys, ["train", "--latents", world["store"], "--out", run, "--resume",
                                                    "--device", "cpu", "--no-progress", "--max-steps", 3])
-        assert code == 2 and err.startswith(f"error: another train is writing to run folder {run}"), err
+        assert code == 2 and err.startswith(f"error: another train is writing to {run}"), err
         assert "Traceback" not in err
     finally:
         first.send_signal(signal.SIGKILL)

@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from latentpatch import checkpoints as ck
 from latentpatch.config import load_config, save_config
+from latentpatch.denoiser import build_precond
 from latentpatch.errors import UserError
-from latentpatch.training import checkpoint as ck
-from latentpatch.training.build import build_precond
+from latentpatch.runs import load_run
 from latentpatch.training.ema import make_ema
 
 
@@ -132,12 +133,12 @@ def _run_folder(tmp_path):
 
 def test_load_run_returns_the_ema_or_raw_denoiser_in_eval_mode(tmp_path):
     path, precond, ema = _run_folder(tmp_path)
-    run = ck.load_run(tmp_path)
+    run = load_run(tmp_path)
     assert run.step == 7 and run.checkpoint == path and not run.precond.training
     assert run.checkpoint_id == ck.sha256_file(path / "ema.safetensors")[:16]
     for a, b in zip(run.precond.state_dict().values(), ema.state_dict().values()):
         assert torch.equal(a, b)
-    raw = ck.load_run(tmp_path, weights="raw", checkpoint=7)
+    raw = load_run(tmp_path, weights="raw", checkpoint=7)
     for a, b in zip(raw.precond.state_dict().values(), precond.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -147,18 +148,18 @@ def test_load_run_refuses_a_tampered_or_truncated_weights_file(tmp_path):
     data = (path / "ema.safetensors").read_bytes()
     (path / "ema.safetensors").write_bytes(data[:-10])
     with pytest.raises(UserError, match="truncated or changed"):
-        ck.load_run(tmp_path)
+        load_run(tmp_path)
     (path / "ema.safetensors").write_bytes(data[:-4] + b"\0\0\0\1")
     with pytest.raises(UserError, match="truncated or changed"):
-        ck.load_run(tmp_path)
+        load_run(tmp_path)
 
 
 def test_load_run_refuses_folders_that_are_not_runs(tmp_path):
     with pytest.raises(UserError, match="config.yaml is missing"):
-        ck.load_run(tmp_path)
+        load_run(tmp_path)
     save_config(load_config("tiny"), tmp_path / "config.yaml")
     (tmp_path / "run.json").write_text(json.dumps({"latent_shape": [3, 8, 8]}))
     with pytest.raises(UserError, match="no checkpoint yet"):
-        ck.load_run(tmp_path)
+        load_run(tmp_path)
     with pytest.raises(UserError, match="'ema' or 'raw'"):
-        ck.load_run(tmp_path, weights="best")
+        load_run(tmp_path, weights="best")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainer_helpers import make_store, photo_crops, tiny_overrides
 
 from latentpatch.config import load_config
-from latentpatch.training.distributed import all_reduce_mean, init_distributed
+from latentpatch.distributed import all_reduce_mean, init_distributed
 from latentpatch.training.trainer import train
 
 STEPS = {"train.max_steps": 4, "train.ckpt_every": 100, "train.log_every": 2}

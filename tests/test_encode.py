@@ -3,14 +3,16 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from filelock import FileLock
 from helpers import make_image_folder, make_tiny_kl_vae, photo, save_image
+from PIL import Image
 
 from latentpatch.autoencoders import load_autoencoder, load_autoencoder_from_info
 from latentpatch.data.images import decode_file
-from latentpatch.data.store import LatentDataset, LatentStore
+from latentpatch.data.store import LatentStore
 from latentpatch.data.transforms import resize_center_crop
 from latentpatch.encoding import encode
 from latentpatch.errors import UserError
@@ -42,7 +44,7 @@ def test_pixel_store_decodes_back_to_the_resized_images(folder, tmp_path):
     store = LatentStore(tmp_path / "store")
     assert summary.encoded == summary.total == len(store) == 6 and not summary.skipped
     assert summary.converted == {"L": 1, "P": 1, "RGBA": 1}
-    assert len(store.meta.shards) == 2 and store.load()["mean"].dtype == torch.float16
+    assert len(store.manifest.shards) == 2 and store.load()["mean"].dtype == torch.float16
     decoded = load_autoencoder_from_info(store.info).decode(store.load()["mean"])
     expected = resized(folder, [i.file for i in store.items])
     torch.testing.assert_close(decoded, expected, atol=2**-11, rtol=0)  # fp16 rounding of values in [-1, 1]
@@ -87,10 +89,6 @@ def test_kl_store_holds_the_posterior_mean_and_std(folder, tmp_path, kl_vae):
     mean, std = load_autoencoder(kl_vae).encode_moments(resized(folder, [i.file for i in store.items]))
     torch.testing.assert_close(loaded["mean"].float(), mean, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(loaded["std"].float(), std, atol=2e-3, rtol=2e-3)
-    ds = LatentDataset(store)
-    first = ds[0]["latent"]
-    ds.set_epoch(1)
-    assert not torch.equal(first, ds[0]["latent"])
 
 
 def test_sample_store_holds_one_draw_that_does_not_depend_on_batching(folder, tmp_path, kl_vae):
@@ -130,7 +128,7 @@ def test_extra_tensors_hook_adds_per_item_tensors(folder, tmp_path):
     store = LatentStore(tmp_path / "store")
     pooled = store.load()["text_pooled"]
     assert pooled.shape == (12, 2) and pooled[:, 1].tolist() == [0.0, 1.0] * 6
-    assert LatentDataset(store)[3]["text_pooled"].tolist() == [11.0, 1.0]
+    assert pooled[3].tolist() == [11.0, 1.0]
 
 
 def test_interrupt_keeps_encoded_batches_and_a_rerun_finishes(folder, tmp_path):
@@ -176,22 +174,41 @@ def test_bad_files_are_skipped_listed_and_remembered(folder, tmp_path):
     (folder / "zero.png").write_bytes(b"")
     (folder / "cut.jpg").write_bytes(good[: len(good) // 3])
     (folder / "fake.webp").write_text("plain text")
-    (folder / "readme.md").write_text("ignored silently: not an image extension")
+    (folder / "readme.md").write_text("not an image extension: listed too, never silently ignored")
     save_image(photo(0, (64, 20)), folder / "small.png")
     out = tmp_path / "store"
     summary = encode(folder, out, "pixel", 32, **FAST)
     assert summary.encoded == 6
-    assert summary.skipped == {"empty file": 1, "truncated image": 1, "not a decodable image": 1, "smaller than resolution": 1}
+    assert summary.skipped == {"empty file": 1, "truncated image": 1, "not a decodable image": 2, "smaller than resolution": 1}
     report = json.loads((out / "encode_report.json").read_text())
     reasons = {s["file"]: s["reason"] for s in report["skipped_files"]}
     assert reasons == {"zero.png": "empty file", "cut.jpg": "truncated image", "fake.webp": "not a decodable image",
-                       "small.png": "smaller than resolution"}
+                       "readme.md": "not a decodable image", "small.png": "smaller than resolution"}
     assert "64x20 px" in next(s["detail"] for s in report["skipped_files"] if s["file"] == "small.png")
     again = encode(folder, out, "pixel", 32, **FAST)  # skipped files are not decoded again
     assert again.up_to_date and again.skipped == summary.skipped
-    assert again.lines()[-1].startswith("skipped 4 files") and again.lines()[-1].endswith(str(out / "encode_report.json"))
+    assert again.lines()[-1].startswith("skipped 5 files") and again.lines()[-1].endswith(str(out / "encode_report.json"))
     upscaled = encode(folder, out, "pixel", 32, upscale_small=True, **FAST)
     assert upscaled.encoded == 1 and len(LatentStore(out)) == 7 and "small.png" in [i.file for i in LatentStore(out).items]
+
+
+def test_every_file_is_encoded_or_named_in_the_skip_report_a_gif_by_its_first_frame(tmp_path):
+    """Captions (NAME.txt beside an image, metadata.jsonl) are the only files an encode may pass over unnamed."""
+    src = tmp_path / "images"
+    make_image_folder(src, n=2, size=32, formats=("png",))
+    frames = [Image.fromarray(np.full((32, 32, 3), value, np.uint8)) for value in (200, 10)]
+    frames[0].save(src / "moving.gif", save_all=True, append_images=frames[1:])
+    (src / "img_000.txt").write_text("a caption")
+    (src / "notes.txt").write_text("a text file that is no caption")
+    (src / "metadata.jsonl").write_text('{"file_name": "img_001.png", "text": "another caption"}\n')
+    summary = encode(src, tmp_path / "store", "pixel", 32, **FAST)
+    store = LatentStore(tmp_path / "store")
+    assert sorted(i.file for i in store.items) == ["img_000.png", "img_001.png", "moving.gif"]
+    assert [s["file"] for s in summary.skipped_files] == ["notes.txt"]
+    gif = store.load([[i.file for i in store.items].index("moving.gif")])["mean"].float()
+    torch.testing.assert_close(gif, torch.full_like(gif, 200 / 127.5 - 1), atol=2e-3, rtol=0)  # the first frame
+    assert {i.file: i.caption for i in store.items} == {"img_000.png": "a caption", "img_001.png": "another caption",
+                                                        "moving.gif": None}
 
 
 def test_a_store_made_with_other_settings_is_refused_with_both_sides(folder, tmp_path, kl_vae):
@@ -267,7 +284,7 @@ def test_labels_from_class_folders_are_stored_and_fixed(tmp_path):
     make_image_folder(src / "cats", n=3, size=24, prefix="c")
     encode(src, tmp_path / "store", "pixel", 16, labels="folders", workers=0)
     store = LatentStore(tmp_path / "store")
-    assert store.manifest["class_names"] == ["cats", "dogs"]
+    assert store.manifest.class_names == ["cats", "dogs"]
     assert sorted((item.file.split("/")[0], item.label) for item in store.items) == [
         ("cats", 0), ("cats", 0), ("cats", 0), ("dogs", 1), ("dogs", 1)]
     make_image_folder(src / "birds", n=1, size=24, prefix="b")

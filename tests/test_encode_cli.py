@@ -1,11 +1,11 @@
 """`latentpatch encode` as a user runs it: a real process killed mid-run resumes, errors are one clear line."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import make_image_folder, photo, save_image
@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from latentpatch.cli.app import app, main
 from latentpatch.data.store import LatentStore
-from latentpatch.encoding import TEST_DELAY_ENV
 from latentpatch.errors import UserError
 
 
@@ -29,8 +28,9 @@ def test_a_killed_encode_resumes_and_stores_every_image_exactly_once(tmp_path):
     make_image_folder(src, n=12, size=[32, (40, 32)], modes=("RGB", "L"))
     args = [src, "--vae", "pixel", "--resolution", 32, "--out", out, "--batch-size", 1, "--shard-size", 2,
             "--workers", 0, "--no-progress"]
-    slow = subprocess.Popen([sys.executable, "-m", "latentpatch.cli", "encode", *map(str, args)],
-                            env={**os.environ, TEST_DELAY_ENV: "0.25"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    slow_cli = Path(__file__).with_name("slow_cli.py")  # the CLI with a pause after each batch
+    slow = subprocess.Popen([sys.executable, str(slow_cli), "0.25", "encode", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90
         while stored_count(out) < 4 and time.monotonic() < deadline and slow.poll() is None:
@@ -53,7 +53,7 @@ def test_a_killed_encode_resumes_and_stores_every_image_exactly_once(tmp_path):
     store = LatentStore(out)
     files = sorted(i.file for i in store.items)
     assert files == sorted(p.name for p in src.iterdir()) and len(files) == len(set(files)) == 12
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.meta.shards)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.manifest.shards)
     store.verify()
     assert len(store.load()["mean"]) == 12
 

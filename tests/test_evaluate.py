@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from typer.testing import CliRunner
-
 from conftest_run import make_tiny_run
 from helpers import make_image_folder
+from torch import nn
 from trainer_helpers import make_store
+from typer.testing import CliRunner
+
 from latentpatch import evaluate as evaluate_module
 from latentpatch.cli.app import app, main
 from latentpatch.diffusion.edm import EDMPrecond, loss_weight, precond_coefficients
@@ -169,7 +169,7 @@ def test_denoising_loss_is_deterministic_and_lower_closer_to_the_ideal(tmp_path)
     assert scores[0] < scores[1] < scores[2]
     torch.manual_seed(0)
     untrained = make_tiny_run(tmp_path / "run", side=8)
-    from latentpatch.training.checkpoint import load_run
+    from latentpatch.runs import load_run
 
     assert denoising_loss(load_run(untrained).precond, heldout).mean > scores[1]
     # Another seed draws other noise: close, but not the same numbers.
@@ -188,7 +188,7 @@ def test_loss_only_report_of_a_run_and_a_store_of_the_wrong_shape(tmp_path):
     assert evaluate_run(run, latents=store, device="cpu", loss_sigmas=3, report=tmp_path / "b.json")["metrics"] == \
         report["metrics"]
     wrong = make_store(tmp_path / "wrong", torch.zeros(2, 3, 16, 16))
-    with pytest.raises(UserError, match=r"has latents \[3, 16, 16\], the run was trained on \[3, 8, 8\]"):
+    with pytest.raises(UserError, match=r"was trained on latents of shape \[3, 8, 8\], but store .* holds \[3, 16, 16\]"):
         evaluate_run(run, latents=wrong, device="cpu")
 
 

@@ -23,21 +23,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest_run import make_tiny_run
 from helpers import make_image_folder
 from PIL import Image
 from safetensors.torch import load_file
 from trainer_helpers import make_store, photo_crops, tiny_overrides
 
+import latentpatch.checkpoints as ckpt_module
 import latentpatch.io as lp_io
-import latentpatch.training.checkpoint as ckpt_module
-from conftest_run import make_tiny_run
 from latentpatch import job_folder
+from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.cli.app import main
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
-from latentpatch.encoding import TEST_DELAY_ENV
 from latentpatch.generate import sample
-from latentpatch.training.checkpoint import latest_checkpoint, load_run
+from latentpatch.runs import load_run
 from latentpatch.training.trainer import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -49,6 +49,11 @@ N_IMAGES, SAMPLE_ARGS = 10, dict(steps=12, batch_size=1, seed=5, device="cpu")
 
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "latentpatch.cli", *map(str, args)]
+
+
+def _slow_cli(pause: float, *args) -> list[str]:
+    """The CLI with a pause after each encoded batch (tests/slow_cli.py), so a kill lands mid-run."""
+    return [sys.executable, str(Path(__file__).with_name("slow_cli.py")), str(pause), *map(str, args)]
 
 
 def _kill_after(proc: subprocess.Popen, started, seed: int, spread: float, what: str) -> bool:
@@ -93,7 +98,7 @@ def test_encode_killed_at_a_random_point_resumes_to_a_store_with_every_image_onc
     make_image_folder(src, n=N_IMAGES, size=[32, (40, 32)], modes=("RGB", "L"))
     args = ["encode", src, "--vae", "pixel", "--resolution", 32, "--out", out, "--batch-size", 1,
             "--shard-size", 2, "--workers", 0, "--no-progress"]
-    proc = subprocess.Popen(_cli(*args), env={**ENV, TEST_DELAY_ENV: "0.15"}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_slow_cli(0.15, *args), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _kill_after(proc, lambda: _stored(out) >= 1, seed, 1.5, "encode")
     before = _stored(out)
@@ -105,7 +110,7 @@ def test_encode_killed_at_a_random_point_resumes_to_a_store_with_every_image_onc
     store.verify()
     files = [i.file for i in store.items]
     assert sorted(files) == sorted(p.name for p in src.iterdir()) and len(set(files)) == N_IMAGES
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.meta.shards)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.manifest.shards)
     assert not _no_temp_files(out)
     # The pixel autoencoder is the identity: each stored row is its own image, whatever run wrote it.
     fresh = tmp_path / "fresh"

@@ -11,13 +11,15 @@ from text_helpers import colour_folder, write_clip_config
 from typer.testing import CliRunner
 
 import latentpatch as lp
+from latentpatch.checkpoints import latest_checkpoint
+from latentpatch.conditioning import Conditioning
 from latentpatch.config import load_config
+from latentpatch.denoiser import build_precond
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
+from latentpatch.models import PretrainedConfig
 from latentpatch.models.widen import json_config, load_pretrained_unet, widen_unet
 from latentpatch.patches import full_coordinates
-from latentpatch.training.build import build_precond
-from latentpatch.training.checkpoint import latest_checkpoint, load_run
+from latentpatch.runs import load_run
 
 FAST = dict(device="cpu", progress=False)
 
@@ -71,8 +73,8 @@ def test_widened_unet_computes_exactly_what_the_original_did(cls, tmp_path):
 def test_widened_unet_as_a_latentpatch_denoiser_equals_the_original(tmp_path):
     unet = tiny_unet(UNet2DConditionModel).eval()
     widened = widen_unet(tiny_unet(UNet2DConditionModel), 4)
-    cfg = load_config(None, ["model.arch=unet", "model.text_dim=32", "model.attention=sdpa"])
-    cfg.model.unet_config = json_config(widened)
+    cfg = load_config(None, ["model.text_dim=32", "model.attention=sdpa"])
+    cfg.model.arch, cfg.model.pretrained = "pretrained", PretrainedConfig("UNet2DConditionModel", json_config(widened))
     state = {f"net.unet.{k}": v for k, v in widened.state_dict().items()}
     net = build_precond(cfg, 4, device="cpu", init_state=state).net.eval()
     g = torch.Generator().manual_seed(1)
@@ -98,7 +100,7 @@ def test_finetune_a_pretrained_text_unet_then_sample_with_prompts(tmp_path, imag
                       text_encoder=str(clip_json), steps=3, batch_size=4, **FAST)
     assert run.step == 3 and (tmp_path / "ft" / "latents" / "text_null.safetensors").is_file()
     cfg = load_config(tmp_path / "ft" / "config.yaml")
-    assert cfg.model.unet_config["in_channels"] == 5 and cfg.model.text_dim == 32 and cfg.model.pooled_text_dim == 0
+    assert cfg.model.pretrained.config["in_channels"] == 5 and cfg.model.text_dim == 32 and cfg.model.pooled_text_dim == 0
     assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["kind"] == "UNet2DConditionModel"
     out = lp.sample(run, n=2, prompts=["red"], guidance=2.0, steps=2, output="tensor", device="cpu")
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
@@ -110,17 +112,18 @@ def test_finetune_from_a_run_starts_from_its_ema_weights(base_run, images, tmp_p
     raw = load_file(result.checkpoint / "model.safetensors")
     assert raw.keys() == ema.keys() and all(torch.equal(raw[k], ema[k]) for k in ema)  # lr 0: nothing moved
     info = json.loads((tmp_path / "ft" / "run.json").read_text())
-    assert info["latents"] == str((tmp_path / "ft" / "latents").resolve()) and info["text_encoder"] is None
+    assert info["latents"] == str((tmp_path / "ft" / "latents").resolve())
+    assert info["conditioning"]["text_encoder"] is None
 
 
 def test_an_unconditional_dit_gains_text_and_starts_unchanged(base_run, images, clip_json, tmp_path):
     lp.finetune(base_run, images, tmp_path / "ft", steps=1, lr=0.0, batch_size=4,
                 text_encoder=str(clip_json), **FAST)
     base, tuned = load_run(base_run, weights="ema"), load_run(tmp_path / "ft", weights="raw")
-    assert tuned.cfg.model.text_dim == 32 and tuned.info["text_encoder"]["model"] == str(clip_json)
-    from latentpatch.sampling import build_conditioning
+    assert tuned.cfg.model.text_dim == 32 and tuned.spec.text_encoder["model"] == str(clip_json)
+    from latentpatch.conditioning.requested import request_conditioning
 
-    cond, _ = build_conditioning(tuned, prompts=["red", "a blue wall"])
+    cond, _ = request_conditioning(tuned.spec, tuned.text_encoder(), prompts=["red", "a blue wall"])
     g = torch.Generator().manual_seed(0)
     x, sigma = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([0.5, 3.0])
     coords = full_coordinates(2, 8, 8)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
 from filelock import FileLock
 from PIL import Image
 
-from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
 from latentpatch import job_folder
 from latentpatch.errors import UserError
 from latentpatch.generate import sample
@@ -59,7 +59,7 @@ def test_ema_and_raw_weights_give_different_images(tiny_run):
 
 
 def test_a_loaded_run_can_be_passed_and_records_the_weights_it_holds(tiny_run, tmp_path):
-    from latentpatch.training.checkpoint import load_run
+    from latentpatch.runs import load_run
 
     loaded = load_run(tiny_run, weights="raw")
     sample(loaded, n=1, out=tmp_path / "o", output="none", **FAST)
@@ -123,7 +123,7 @@ def test_a_second_job_into_a_locked_folder_fails_at_once(tiny_run, tmp_path):
     out.mkdir()
     with FileLock(out / ".lock"):
         start = time.perf_counter()
-        with pytest.raises(UserError, match="another job is writing into"):
+        with pytest.raises(UserError, match="another sample job is writing to"):
             sample(tiny_run, n=2, out=out, output="none", **FAST)
         assert time.perf_counter() - start < 5
     assert not list(out.glob("*.png"))

@@ -7,15 +7,16 @@ import dataclasses
 import pytest
 import torch
 
+from latentpatch.conditioning import Conditioning
+from latentpatch.config import load_config
 from latentpatch.errors import UserError
-from latentpatch.models import Conditioning, ModelConfig, build_network
-from latentpatch.models.presets import apply_preset
+from latentpatch.models import DiTConfig, ModelConfig, UNetConfig, build_network
 from latentpatch.patches import coordinate_grid, full_coordinates
 
 C = 4
-TINY_DIT = ModelConfig(arch="dit", hidden_size=32, depth=2, num_heads=2, patch_size=2)
-TINY_UNET = ModelConfig(arch="unet", unet_block_out_channels=[16, 32], unet_layers_per_block=1,
-                        unet_attention_levels=[False, True])
+TINY_DIT = ModelConfig(arch="dit", dit=DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2))
+TINY_UNET = ModelConfig(arch="unet", unet=UNetConfig(block_out_channels=[16, 32], layers_per_block=1,
+                                                     attention_levels=[False, True]))
 
 
 def coords(full_h: int, full_w: int, batch: int = 1) -> torch.Tensor:
@@ -157,7 +158,8 @@ def test_grad_checkpointing_gives_the_same_gradients():
     "cfg,hw,match",
     [
         (TINY_DIT, (8, 7), "8x7.*patch size 2"),
-        (dataclasses.replace(TINY_DIT, patch_size=4), (6, 8), "6x8.*patch size 4"),
+        (dataclasses.replace(TINY_DIT, dit=DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=4)), (6, 8),
+         "6x8.*patch size 4"),
         (TINY_UNET, (8, 5), "8x5.*divisible by 2"),
     ],
 )
@@ -166,28 +168,37 @@ def test_size_not_divisible_by_patch_is_a_user_error(cfg, hw, match):
         build(cfg)(net_input(1, *hw), torch.zeros(1))
 
 
-def test_presets_follow_the_dit_paper_and_override_explicit_fields():
-    cfg = apply_preset(ModelConfig(preset="DiT-XL/2", hidden_size=32, depth=1))
+def test_presets_follow_the_dit_paper():
+    cfg = DiTConfig(preset="DiT-XL/2")
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (28, 1152, 16, 2)
-    assert apply_preset(ModelConfig(preset="DiT-B/4")).patch_size == 4
+    assert DiTConfig(preset="DiT-B/4").patch_size == 4
     with pytest.raises(UserError, match="DiT-M/2"):
-        apply_preset(ModelConfig(preset="DiT-M/2"))
+        DiTConfig(preset="DiT-M/2")
+
+
+def test_a_field_that_disagrees_with_the_preset_is_refused_not_silently_overridden():
+    with pytest.raises(UserError, match="preset DiT-XL/2 has hidden_size 1152, but model.dit.hidden_size is 32"):
+        DiTConfig(preset="DiT-XL/2", hidden_size=32)
+    with pytest.raises(UserError, match="preset DiT-B/2 has hidden_size 768, but model.dit.hidden_size is 384"):
+        load_config("dit-b2", ["model.dit.hidden_size=384"])  # explicit, even where it equals the default
+    assert load_config("dit-b2", ["model.dit.hidden_size=768"]).model.dit.hidden_size == 768  # agreeing is fine
+    assert load_config("dit-b2", ["model.dit.preset=null", "model.dit.hidden_size=480"]).model.dit.hidden_size == 480
 
 
 def test_dit_s2_parameter_count_is_near_the_papers_33m():
     with torch.device("meta"):
-        net = build_network(ModelConfig(preset="DiT-S/2"), C, device="cpu")
+        net = build_network(ModelConfig(dit=DiTConfig(preset="DiT-S/2")), C, device="cpu")
     n = sum(p.numel() for p in net.parameters())
     assert 31e6 < n < 34e6, n
 
 
-def test_bad_config_is_a_user_error():
-    with pytest.raises(UserError, match="arch"):
-        build_network(ModelConfig(arch="mlp"), C)
-    with pytest.raises(UserError, match="unet_attention_levels"):
-        build_network(dataclasses.replace(TINY_UNET, unet_attention_levels=[True]), C)
-    with pytest.raises(UserError, match="hidden_size"):
-        build_network(ModelConfig(hidden_size=30, num_heads=3, depth=1), C)
+def test_bad_config_is_a_user_error_at_load():
+    with pytest.raises(UserError, match="model.arch"):
+        load_config(None, ["model.arch=mlp"])
+    with pytest.raises(UserError, match="model.unet.attention_levels"):
+        load_config("unet-small", ["model.unet.attention_levels=[true]"])
+    with pytest.raises(UserError, match="model.dit.hidden_size=30"):
+        load_config(None, ["model.dit.hidden_size=30", "model.dit.num_heads=3"])
 
 
 @pytest.mark.cuda

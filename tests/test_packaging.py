@@ -12,7 +12,7 @@ from latentpatch.autoencoders import builtin_folder
 from latentpatch.config import builtin_config_names, load_config
 print(json.dumps({
     "pkg": latentpatch.__file__, "ae": latentpatch.autoencoders.__file__, "cli": latentpatch.cli.app.__file__,
-    "configs": builtin_config_names(), "demo_depth": load_config("demo").model.depth,
+    "configs": builtin_config_names(), "demo_depth": load_config("demo").model.dit.depth,
     "vae_files": sorted(p.name for p in builtin_folder().iterdir()),
 }))
 """
@@ -43,7 +43,7 @@ def test_wheel_and_editable_install_import_the_same_namespace(tmp_path):
     assert from_wheel["pkg"].startswith(str(site)) and from_wheel["ae"].startswith(str(site / "latentpatch"))
     assert editable["ae"] == str(REPO / "autoencoders" / "__init__.py")
     for probe in (from_wheel, editable):
-        assert {"tiny", "demo", "dit-s2", "patch-latent", "full-size"} <= set(probe["configs"])
+        assert {"tiny", "demo", "dit-b2", "patch-latent", "full-size"} <= set(probe["configs"])
         assert probe["demo_depth"] == 4
         assert {"config.json", "diffusion_pytorch_model.safetensors"} <= set(probe["vae_files"])
     assert not (site / "autoencoders").exists() and not (site / "cli").exists()  # nothing at the top level

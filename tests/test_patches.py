@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from latentpatch.config import PatchConfig
 from latentpatch.errors import UserError
 from latentpatch.patches import (
     PatchSchedule,
@@ -68,8 +69,14 @@ def test_crop_larger_than_latent_is_refused():
         random_crops(torch.zeros(1, 4, 8, 8), 16, 16)
 
 
+def schedule(h: int, w: int, batch: int, *, seed: int = 0, multiple_of: int = 1, **patches) -> PatchSchedule:
+    cfg = PatchConfig(**patches)
+    cfg.check()
+    return PatchSchedule(cfg, h, w, batch, multiple_of, seed)
+
+
 def test_latent_default_schedule_frequencies_and_batch_multipliers():
-    s = PatchSchedule(32, 32, batch_size=8, real_p=0.5, sizes=[0.5], seed=3)
+    s = schedule(32, 32, 8, real_p=0.5, sizes=[0.5], seed=3)
     assert [(st.height, st.prob, st.batch_size) for st in s.stages] == [(16, 0.5, 16), (32, 0.5, 8)]
     draws = [s.draw(i).height for i in range(4000)]
     assert abs(draws.count(32) / 4000 - 0.5) < 0.03
@@ -77,7 +84,7 @@ def test_latent_default_schedule_frequencies_and_batch_multipliers():
 
 def test_pixel_schedule_of_the_paper():
     p = 0.5
-    s = PatchSchedule(64, 64, batch_size=4, real_p=p, sizes=[0.25, 0.5], size_weights=[2, 3], seed=0)
+    s = schedule(64, 64, 4, real_p=p, sizes=[0.25, 0.5], size_weights=[2, 3], seed=0)
     assert [st.height for st in s.stages] == [16, 32, 64]
     assert [st.batch_size for st in s.stages] == [16, 8, 4]
     assert [st.prob for st in s.stages] == pytest.approx([(1 - p) * 2 / 5, (1 - p) * 3 / 5, p])
@@ -88,28 +95,28 @@ def test_pixel_schedule_of_the_paper():
 
 
 def test_draw_is_a_function_of_seed_and_step_only():
-    a = PatchSchedule(16, 16, 4, seed=7)
-    b = PatchSchedule(16, 16, 4, seed=7)
+    a = schedule(16, 16, 4, seed=7)
+    b = schedule(16, 16, 4, seed=7)
     assert [a.draw(i) for i in range(50)] == [b.draw(i) for i in reversed(range(50))][::-1]
-    c = PatchSchedule(16, 16, 4, seed=8)
+    c = schedule(16, 16, 4, seed=8)
     assert [a.draw(i) for i in range(50)] != [c.draw(i) for i in range(50)]
 
 
 def test_full_size_baseline_has_one_stage():
-    s = PatchSchedule(16, 16, 4, real_p=1.0)
+    s = schedule(16, 16, 4, real_p=1.0)
     assert [(st.height, st.prob) for st in s.stages] == [(16, 1.0)]
 
 
 def test_progressive_schedule_runs_small_patches_first():
-    s = PatchSchedule(32, 32, 4, sizes=[0.25, 0.5], progressive_steps=30)
+    s = schedule(32, 32, 4, sizes=[0.25, 0.5], progressive_steps=30)
     assert [s.draw(i).height for i in (0, 9, 10, 19, 20, 29)] == [8, 8, 16, 16, 32, 32]
 
 
 def test_non_square_latents_get_proportional_patches():
-    s = PatchSchedule(16, 32, 2, sizes=[0.5])
+    s = schedule(16, 32, 2, sizes=[0.5])
     assert [(st.height, st.width) for st in s.stages] == [(8, 16), (16, 32)]
 
 
 def test_patch_not_divisible_by_network_patch_size_is_refused():
     with pytest.raises(UserError, match="not divisible by the network's patch size 2"):
-        PatchSchedule(10, 10, 4, sizes=[0.5], multiple_of=2)
+        schedule(10, 10, 4, sizes=[0.5], multiple_of=2)

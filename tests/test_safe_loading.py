@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest_run import make_tiny_run
 from trainer_helpers import make_store, photo_crops
 
-from conftest_run import make_tiny_run
+from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.cli.app import main
-from latentpatch.training.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 UNPICKLING = r"\bimport pickle\b|\bpickle\.load|\bdill\b|yaml\.load\(|allow_pickle=True|yaml\.unsafe"

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
 from typer.testing import CliRunner
 
-from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
 from latentpatch.cli.app import app, main
 
 OPTIONS = ["--n", "--out", "--prompt", "--prompts", "--class", "--steps", "--guidance", "--seed", "--batch-size",

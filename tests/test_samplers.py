@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler
 
+from latentpatch.conditioning import Conditioning
 from latentpatch.diffusion.edm import EDMPrecond, precond_coefficients
 from latentpatch.diffusion.guidance import cat_conditioning, guided, guided_denoiser
 from latentpatch.diffusion.samplers import (
@@ -19,7 +20,6 @@ from latentpatch.diffusion.samplers import (
     sample_heun,
 )
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
 
 SHAPE = (4, 2, 2)  # a 16-dimensional "latent"
 DIM = 16

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from latentpatch.config import RunConfig
+from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
 from latentpatch.patches import full_coordinates, random_crops
-from latentpatch.sampling import build_conditioning, check_settings, generate_latents, image_seed
+from latentpatch.sampling import check_settings, generate_latents
+from latentpatch.seeding import image_seed
 
 SHAPE = (2, 2, 3)  # C, h, w: 12 dimensions
 
@@ -140,32 +139,6 @@ def test_classifier_free_guidance_mixes_conditional_and_null_label(scale):
     noise = torch.stack([torch.randn(SHAPE, generator=torch.Generator().manual_seed(s)) for s in seeds]) * 80.0
     expected = 0.5 * noise + scale * LabelPrecond.offsets[labels].reshape(-1, 1, 1, 1)
     assert torch.allclose(out, expected, atol=1e-4)
-
-
-def _run(num_classes=0, text_dim=0):
-    cfg = RunConfig()
-    cfg.model.num_classes, cfg.model.text_dim = num_classes, text_dim
-    return SimpleNamespace(cfg=cfg, info={"num_classes": num_classes, "text_encoder": {"m": 1} if text_dim else None})
-
-
-def test_build_conditioning_gives_labels_and_null_labels():
-    cond, uncond = build_conditioning(_run(5), class_labels=[0, 4, 2])
-    assert cond.class_labels.tolist() == [0, 4, 2]
-    assert uncond.class_labels.tolist() == [5, 5, 5]
-    assert build_conditioning(_run(0)) == (None, None)
-
-
-def test_build_conditioning_refuses_what_the_model_cannot_take():
-    with pytest.raises(UserError, match="this model is not text-conditioned"):
-        build_conditioning(_run(0), prompts=["a cat"])
-    with pytest.raises(UserError, match="this model is not text-conditioned"):
-        build_conditioning(_run(3), prompts=["a cat"])
-    with pytest.raises(UserError, match=r"class 3 is out of range: this model has classes 0..2"):
-        build_conditioning(_run(3), class_labels=[0, 3])
-    with pytest.raises(UserError, match="class -1 is out of range"):
-        build_conditioning(_run(3), class_labels=[-1])
-    with pytest.raises(UserError, match="this model has no classes"):
-        build_conditioning(_run(0), class_labels=[0])
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,14 @@ import json
 import pytest
 import torch
 
+from latentpatch.conditioning import ConditioningSpec
 from latentpatch.data.manifest import Item, Manifest, read_manifest, write_manifest
-from latentpatch.data.store import LatentDataset, LatentStore, StoreWriter, shard_indices
+from latentpatch.data.store import LatentStore, StoreWriter
+from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.errors import UserError
+from latentpatch.patches import PatchStage
+from latentpatch.seeding import make_generator
+from latentpatch.training.batches import BatchSpec, draw_batch
 
 PIXEL = {"kind": "pixel", "source": "pixel", "revision": None, "latent_channels": 3, "factor": 1,
          "scaling_factor": 1.0, "shift_factor": 0.0}
@@ -44,8 +49,8 @@ def test_writer_and_reader_round_trip_rows_in_item_order(tmp_path):
     write_store(tmp_path, mean, std, extra=extra)
     store = LatentStore(tmp_path)
     assert len(store) == 7 and store.latent_shape == (2, 4, 4) and store.resolution == (8, 8)
-    assert [s.file for s in store.meta.shards] == ["shard-00000.safetensors", "shard-00001.safetensors"]
-    assert [s.count for s in store.meta.shards] == [4, 3]  # a shard closes after the batch that fills it
+    assert [s.file for s in store.manifest.shards] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert [s.count for s in store.manifest.shards] == [4, 3]  # a shard closes after the batch that fills it
     loaded = store.load()
     assert torch.equal(loaded["mean"], mean) and torch.equal(loaded["std"], std)
     assert torch.equal(loaded["text_pooled"], extra)
@@ -53,7 +58,7 @@ def test_writer_and_reader_round_trip_rows_in_item_order(tmp_path):
     picked = store.load([6, 0, 5])
     assert torch.equal(picked["mean"], mean[[6, 0, 5]])
     store.verify()
-    assert store.manifest["count"] == 7 and store.info.kind == "kl"
+    assert store.manifest.count == 7 and store.info.kind == "kl"
 
 
 def test_dropped_items_are_not_loaded_and_indices_follow_the_manifest(tmp_path):
@@ -116,37 +121,26 @@ def test_missing_store_manifest_json_or_shard_is_a_user_error(tmp_path):
         LatentStore(tmp_path).verify()
 
 
-def test_dataset_draws_fresh_latents_from_mean_and_std(tmp_path):
+def test_training_batches_draw_fresh_latents_from_the_stored_mean_and_std(tmp_path):
+    """Each step draws z = mean + std * eps from the posterior (Kingma & Welling 2014, eq. 10), a new eps per step."""
     mean, std = torch.randn(4, 2, 4, 4), torch.full((4, 2, 4, 4), 0.5)
     write_store(tmp_path, mean, std)
-    ds = LatentDataset(tmp_path, seed=3)
-    first, again = ds[1]["latent"], ds[1]["latent"]
-    assert torch.equal(first, again)  # one (epoch, index): one draw, whatever the order of reads
-    ds.set_epoch(1)
-    assert not torch.equal(ds[1]["latent"], first)  # a new epoch: a fresh latent
-    draws = torch.stack([(ds.set_epoch(e), ds[1]["latent"])[1] for e in range(2000)])
-    torch.testing.assert_close(draws.mean(0), mean[1], atol=0.06, rtol=0)  # 4 sigma of the mean of 2000
-    torch.testing.assert_close(draws.std(0), std[1], atol=0.05, rtol=0)
-    batch = ds.batch(torch.tensor([1] * 2000), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(batch.mean(0), mean[1], atol=0.06, rtol=0)
-    item = ds[2]
-    assert item["caption"] == "caption 2" and item["index"] == 2 and item["latent"].dtype == torch.float32
+    tensors = LatentStore(tmp_path).load()
+    spec = BatchSpec(seed=3, edm=EDMConfig(), conditioning=ConditioningSpec(), label_dropout=0.0, caption_dropout=0.0,
+                     local_coordinates=False)
+    full = PatchStage(4, 4, 1.0, 64)
 
+    def draw(step):
+        return draw_batch(tensors, spec, full, 64, step, 0, 0, 1, torch.device("cpu"))
 
-def test_dataset_without_std_returns_the_stored_latent_and_keeps_store_indices(tmp_path):
-    mean = torch.randn(5, 3, 8, 8)
-    write_store(tmp_path, mean)
-    ds = LatentDataset(tmp_path, indices=shard_indices(5, 1, 2))
-    assert len(ds) == 2 and [ds[i]["index"] for i in range(2)] == [1, 3]
-    assert torch.equal(ds[1]["latent"], mean[3]) and torch.equal(ds.batch([0, 1]), mean[[1, 3]])
-
-
-def test_shard_indices_split_disjointly_and_cover_everything():
-    parts = [shard_indices(10, r, 3) for r in range(3)]
-    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert sorted(sum(parts, [])) == list(range(10))
-    with pytest.raises(UserError, match="rank 3 is not within a world of 3"):
-        shard_indices(10, 3, 3)
+    assert torch.equal(draw(5).x0, draw(5).x0)  # one (seed, step): one draw
+    assert not torch.equal(draw(5).x0, draw(6).x0)  # another step: fresh latents
+    rows = [torch.randint(0, 4, (64,), generator=make_generator("cpu", 3, step, 0, "indices")) for step in range(60)]
+    x0 = torch.cat([draw(step).x0 for step in range(60)])
+    of_row_1 = x0[torch.cat(rows) == 1]
+    assert len(of_row_1) > 600
+    torch.testing.assert_close(of_row_1.mean(0), mean[1], atol=0.08, rtol=0)
+    torch.testing.assert_close(of_row_1.std(0), std[1], atol=0.06, rtol=0)
 
 
 def test_writer_refuses_batches_whose_tensor_names_change(tmp_path):

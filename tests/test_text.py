@@ -13,13 +13,15 @@ from text_helpers import colour_folder, write_clip_config
 from typer.testing import CliRunner
 
 import latentpatch as lp
+from latentpatch.conditioning import ConditioningSpec, derive_spec
+from latentpatch.conditioning.requested import request_conditioning
+from latentpatch.conditioning.stored import condition_rows, draw_rows
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
 from latentpatch.data.text_cache import NULL_FILE, read_null
 from latentpatch.errors import UserError
+from latentpatch.seeding import make_generator
 from latentpatch.text import caption_hash, load_text_encoder, load_text_encoder_from_record
-from latentpatch.training.batches import make_conditioning, make_generator
-from latentpatch.training.text_data import prepare_text, training_text_tensors
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +61,10 @@ def test_generated_colour_follows_the_prompt(colour_run):
 
 def test_run_records_the_encoder_and_the_text_widths(colour_run, store):
     info = json.loads((colour_run / "run.json").read_text())
-    assert info["text_encoder"] == store.meta.text_encoder
+    assert info["conditioning"]["text_encoder"] == store.manifest.text_encoder
     cfg = load_config(colour_run / "config.yaml")
     assert (cfg.model.text_dim, cfg.model.pooled_text_dim) == (32, 32)
-    assert cfg.text.model == store.meta.text_encoder["model"]  # adopted from the store's cache
+    assert cfg.text.model == store.manifest.text_encoder["model"]  # adopted from the store's cache
     assert (colour_run / "samples" / "step-00000200.png").read_bytes()[:4] == b"\x89PNG"  # grids of its captions
 
 
@@ -90,7 +92,7 @@ def test_tokens_and_pooled_are_open_clips_text_tower(encoder):
 
 def test_cached_text_embeddings_equal_recomputed_ones(store):
     cached = store.load()
-    fresh = load_text_encoder_from_record(store.meta.text_encoder, device="cpu")  # a new instance, same weights
+    fresh = load_text_encoder_from_record(store.manifest.text_encoder, device="cpu")  # a new instance, same weights
     emb = fresh.encode(store.captions)
     assert torch.equal(cached["text_mask"], emb.mask)
     # Batches of different make-up differ in the last float bits only.
@@ -99,24 +101,24 @@ def test_cached_text_embeddings_equal_recomputed_ones(store):
     assert cached["text_caption_hash"].tolist() == [caption_hash(c) for c in store.captions]
     null, empty = read_null(store.path), fresh.encode([""])
     torch.testing.assert_close(null.tokens, empty.tokens, rtol=0, atol=1e-5)
-    assert store.meta.text_encoder["width"] == 32 and store.meta.text_encoder["max_length"] == 77
+    assert store.manifest.text_encoder["width"] == 32 and store.manifest.text_encoder["max_length"] == 77
 
 
 def test_training_uses_the_cache_and_computes_the_same_without_it(store, clip_json):
     cfg = load_config("tiny", [f"text.model={clip_json}"])
-    cfg, text = prepare_text(cfg, store)
+    cfg, spec, text = derive_spec(cfg, store)
     assert text.cached and text.encoder is None  # the encoder is not even loaded
-    from_cache = training_text_tensors(text, store, store.load())
+    from_cache = condition_rows(spec, store, store.load(), text)
     text.cached = False  # as for a store encoded without --text-encoder: embed every caption once
     text.encoder = load_text_encoder(str(clip_json), None, device="cpu")
-    computed = training_text_tensors(text, store, store.load())
+    computed = condition_rows(spec, store, store.load(), text)
     assert from_cache["text_tokens"].shape == (24, 3, 32)  # cut to the longest caption: start, word, end
     for key, value in from_cache.items():
         torch.testing.assert_close(value, computed[key], rtol=0, atol=1e-5)
 
 
 def test_caption_dropout_rate_and_it_is_drawn_from_the_step_generator():
-    cfg = load_config("tiny", ["model.text_dim=4", "model.pooled_text_dim=3", "text.caption_dropout=0.1"])
+    spec = ConditioningSpec(text_encoder={"width": 4, "pooled_dim": 3}, pooled=True)
     n = 20000
     tensors = {
         "text_tokens": torch.ones(n, 5, 4), "text_mask": torch.ones(n, 5, dtype=torch.bool),
@@ -124,14 +126,13 @@ def test_caption_dropout_rate_and_it_is_drawn_from_the_step_generator():
         "null_text_mask": torch.tensor([[True, True, False, False, False]]), "null_text_pooled": torch.zeros(1, 3),
     }
     indices = torch.arange(n)
-    cond = make_conditioning(tensors, indices, make_generator("cpu", 0, 7, 0, "batch"), cfg)
+    cond = draw_rows(spec, tensors, indices, make_generator("cpu", 0, 7, 0, "batch"), 0.0, 0.1)
     dropped = (cond.text_tokens == 0).all(dim=(1, 2))
     assert abs(dropped.float().mean().item() - 0.1) < 0.01  # 4.7 standard deviations
     assert torch.equal((cond.text_pooled == 0).all(1), dropped) and torch.equal(~cond.text_mask[:, 2], dropped)
-    again = make_conditioning(tensors, indices, make_generator("cpu", 0, 7, 0, "batch"), cfg)
+    again = draw_rows(spec, tensors, indices, make_generator("cpu", 0, 7, 0, "batch"), 0.0, 0.1)
     assert torch.equal(again.text_tokens, cond.text_tokens)  # a resumed step drops the same captions
-    cfg.text.caption_dropout = 0.0
-    assert (make_conditioning(tensors, indices, make_generator("cpu", 0, 7, 0, "batch"), cfg).text_tokens == 1).all()
+    assert (draw_rows(spec, tensors, indices, make_generator("cpu", 0, 7, 0, "batch"), 0.0, 0.0).text_tokens == 1).all()
 
 
 def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(encoder):
@@ -178,18 +179,18 @@ def test_a_store_keeps_its_text_encoder(tmp_path, clip_json):
 
 
 def test_guidance_and_unconditional_use_the_empty_caption(colour_run):
-    from latentpatch.sampling import build_conditioning
-    from latentpatch.training.checkpoint import load_run
+    from latentpatch.runs import load_run
 
     run = load_run(colour_run)
-    cond, uncond = build_conditioning(run, prompts=["red", "a blue thing"])
-    empty, _ = build_conditioning(run, prompts=[""])
+    encoder = run.text_encoder()
+    cond, uncond = request_conditioning(run.spec, encoder, prompts=["red", "a blue thing"])
+    empty, _ = request_conditioning(run.spec, encoder, prompts=[""])
     assert cond.text_tokens.shape == uncond.text_tokens.shape == (2, 5, 32)  # the longer prompt's 5 tokens
     assert uncond.text_mask.sum(1).tolist() == [2, 2]
     torch.testing.assert_close(uncond.text_pooled[0], empty.text_pooled[0])
-    assert run.text_encoder is not None  # loaded once, kept on the run for the next batch
+    assert run.text_encoder() is encoder  # loaded once, kept on the run for the next batch
     with pytest.raises(UserError, match="text-conditioned; give --prompt"):
-        build_conditioning(run)
+        request_conditioning(run.spec, encoder)
 
 
 def test_a_resumed_text_run_equals_an_uninterrupted_one(store, tmp_path):
@@ -217,7 +218,7 @@ def test_encode_cli_caches_text_embeddings(tmp_path, clip_json):
     assert result.exit_code == 0, result.output
     assert "2 stored images have no caption" in result.output
     store = LatentStore(tmp_path / "store")
-    assert store.meta.text_encoder["config_sha256"] and store.load()["text_pooled"].shape == (3, 32)
+    assert store.manifest.text_encoder["config_sha256"] and store.load()["text_pooled"].shape == (3, 32)
     bad = CliRunner().invoke(app, ["encode", str(images), "--vae", "pixel", "--resolution", "8", "--out",
                                    str(tmp_path / "other"), "--workers", "0", "--text-encoder", "ViT-B-33:openai"])
     assert bad.exit_code != 0 and "unknown open_clip model 'ViT-B-33'" in str(bad.exception)

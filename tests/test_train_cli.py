@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from trainer_helpers import make_store, photo_crops, tiny_overrides
 from typer.testing import CliRunner
 
+from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.cli.app import app
 from latentpatch.config import load_config
 from latentpatch.errors import UserError
-from latentpatch.training.checkpoint import latest_checkpoint
 from latentpatch.training.trainer import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -8,15 +8,17 @@ from safetensors.torch import load_file
 from trainer_helpers import make_store, photo_crops, tiny_overrides
 
 import latentpatch.training.trainer as trainer_mod
+from latentpatch.checkpoints import latest_checkpoint, list_checkpoints, read_state
+from latentpatch.conditioning import ConditioningSpec, derive_spec
 from latentpatch.config import load_config
 from latentpatch.data.manifest import Item
 from latentpatch.data.store import LatentStore
+from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.edm import denoising_loss_at, fixed_noise, heldout_sigma_grid
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchSchedule, full_coordinates
-from latentpatch.training.batches import draw_batch
-from latentpatch.training.build import build_precond
-from latentpatch.training.checkpoint import latest_checkpoint, list_checkpoints, load_run, read_state
+from latentpatch.runs import load_run
+from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
 from latentpatch.training.trainer import TrainingDiverged, train
 
 
@@ -61,7 +63,7 @@ def test_tiny_dit_heldout_loss_falls_on_real_photos(store, photos, tmp_path):
 def test_kimg_counts_full_size_equivalent_images(store, tmp_path):
     cfg = tiny(**{"train.max_steps": 12})
     result = train(cfg, store, tmp_path / "run", progress=False, device="cpu")
-    schedule = PatchSchedule(16, 16, 8, 0.5, [0.5], None, 2.0, multiple_of=2, seed=cfg.train.seed)
+    schedule = PatchSchedule(cfg.patches, 16, 16, 8, multiple_of=2, seed=cfg.train.seed)
     draws = [schedule.draw(s) for s in range(12)]
     assert {d.height for d in draws} == {8, 16}  # both sizes occur, so the count is really tested
     # An 8x8 patch of a 16x16 latent is a quarter image; its batch of 16 counts as 4 images.
@@ -84,7 +86,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(store, tmp_path):
 def test_batch_randomness_depends_on_seed_and_step_and_ranks_split_one_global_batch(store):
     cfg = tiny()
     tensors = LatentStore(store).load()
-    stage = PatchSchedule(16, 16, 8, 0.5, [0.5], multiple_of=2).stages[0]
+    stage = PatchSchedule(cfg.patches, 16, 16, 8, multiple_of=2).stages[0]
+    cfg = BatchSpec.from_config(cfg, ConditioningSpec())
     one = draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=0, world=1, device=torch.device("cpu"))
     again = draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=0, world=1, device=torch.device("cpu"))
     halves = [draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=r, world=2, device=torch.device("cpu"))
@@ -136,7 +139,7 @@ def test_missing_or_foreign_latent_store_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("side, sizes, match", [
     (18, "[0.5]", r"patch size 9x9 .* not divisible by the network's patch size 2"),
-    (15, "[0.4]", r"patch size 6x6 .* not divisible|patch size 15x15 .* not divisible"),
+    (15, "[0.4]", r"patch size 15x15 \(of latent 15x15\) is not divisible"),  # its 6x6 patches divide by 2
 ])
 def test_latent_size_not_divisible_by_patch_or_dit_patch_is_refused(tmp_path, side, sizes, match):
     path = make_store(tmp_path / "store", torch.zeros(2, 3, side, side))
@@ -171,15 +174,16 @@ def test_class_conditional_model_needs_labels_in_the_store(store, tmp_path):
         train(tiny(**{"model.num_classes": 4}), store, tmp_path / "run", device="cpu")
 
 
-@pytest.mark.skipif("label" not in Item.__dataclass_fields__, reason="the store's Item has no label field yet")
 def test_labels_train_and_are_dropped_to_the_null_label(photos, tmp_path):
     path = make_store(tmp_path / "store", photos[:8], labels=[i % 3 for i in range(8)])
     with pytest.raises(UserError, match="label 2, outside 0..1"):
         train(tiny(**{"model.num_classes": 2}), path, tmp_path / "bad", device="cpu")
     cfg = tiny(**{"model.num_classes": 3, "train.label_dropout": 0.5})
-    tensors = trainer_mod.load_training_tensors(LatentStore(path), cfg)
-    stage = PatchSchedule(16, 16, 8, 1.0, multiple_of=2).stages[0]
-    b = draw_batch(tensors, cfg, stage, 64, step=0, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    cfg, spec, text = derive_spec(cfg, LatentStore(path))
+    tensors = load_training_tensors(LatentStore(path), spec, text)
+    stage = PatchSchedule(cfg.patches, 16, 16, 8, multiple_of=2).stages[-1]
+    b = draw_batch(tensors, BatchSpec.from_config(cfg, spec), stage, 64, step=0, micro=0, rank=0, world=1,
+                   device=torch.device("cpu"))
     assert set(b.cond.class_labels.tolist()) == {0, 1, 2, 3}  # 3 = the null label
     assert train(cfg, path, tmp_path / "run", max_steps=2, progress=False, device="cpu").step == 2
 
@@ -221,8 +225,9 @@ def test_stored_posterior_std_draws_a_fresh_latent_per_step(tmp_path):
     writer.add({"mean": torch.zeros(4, 3, 16, 16), "std": torch.full((4, 3, 16, 16), 2.0)}, items)
     writer.close()
     tensors = LatentStore(tmp_path).load()
-    stage = PatchSchedule(16, 16, 8, 1.0, multiple_of=2).stages[0]
-    draw = [draw_batch(tensors, tiny(), stage, 64, step=s, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    stage = PatchSchedule(load_config("full-size").patches, 16, 16, 8, multiple_of=2).stages[0]
+    spec = BatchSpec.from_config(tiny(), ConditioningSpec())
+    draw = [draw_batch(tensors, spec, stage, 64, step=s, micro=0, rank=0, world=1, device=torch.device("cpu"))
             for s in (0, 1)]
     assert draw[0].x0.std().item() == pytest.approx(2.0, rel=0.05)  # mean 0 + std 2 * N(0, 1)
     assert not torch.equal(draw[0].x0, draw[1].x0)
@@ -230,24 +235,36 @@ def test_stored_posterior_std_draws_a_fresh_latent_per_step(tmp_path):
 
 def test_local_coordinates_ablation_gives_every_crop_the_full_grid(store):
     tensors = LatentStore(store).load()
-    stage = PatchSchedule(16, 16, 8, 0.5, [0.5], multiple_of=2).stages[0]
-    local = draw_batch(tensors, tiny(**{"patches.coordinates": "local"}), stage, 4, step=0, micro=0, rank=0,
+    stage = PatchSchedule(tiny().patches, 16, 16, 8, multiple_of=2).stages[0]
+
+    def spec(cfg):
+        return BatchSpec.from_config(cfg, ConditioningSpec())
+
+    local = draw_batch(tensors, spec(tiny(**{"patches.coordinates": "local"})), stage, 4, step=0, micro=0, rank=0,
                        world=1, device=torch.device("cpu"))
-    absolute = draw_batch(tensors, tiny(), stage, 4, step=0, micro=0, rank=0, world=1, device=torch.device("cpu"))
+    absolute = draw_batch(tensors, spec(tiny()), stage, 4, step=0, micro=0, rank=0, world=1,
+                          device=torch.device("cpu"))
     assert torch.equal(local.coords, full_coordinates(4, 8, 8))
     assert torch.equal(local.x0, absolute.x0) and not torch.equal(local.coords, absolute.coords)
     with pytest.raises(UserError, match="patches.coordinates"):
-        draw_batch(tensors, tiny(**{"patches.coordinates": "relative"}), stage, 4, step=0, micro=0, rank=0,
-                   world=1, device=torch.device("cpu"))
+        tiny(**{"patches.coordinates": "relative"})
 
 
 def test_unet_patches_must_divide_by_its_total_downsampling(store, tmp_path):
+    from latentpatch.denoiser import size_multiple
     from latentpatch.models import build_network
-    from latentpatch.training.build import size_multiple
 
-    cfg = load_config("unet-small", ["model.unet_block_out_channels=[16, 32, 32]"])
+    cfg = load_config("unet-small", ["model.unet.block_out_channels=[16, 32, 32]"])
     assert size_multiple(build_network(cfg.model, 3, device="cpu")) == 4
     assert size_multiple(build_precond(tiny(), 3, device="cpu").net) == 2
     with pytest.raises(UserError, match=r"patch size 6x6 .* network's patch size 4"):
-        train(load_config("unet-small", ["patches.sizes=[0.375]", "model.unet_block_out_channels=[16, 32, 32]"]),
+        train(load_config("unet-small", ["patches.sizes=[0.375]", "model.unet.block_out_channels=[16, 32, 32]"]),
               store, tmp_path / "run", device="cpu")
+
+
+def test_a_run_with_nothing_left_to_train_says_so(store, tmp_path):
+    train(tiny(**{"train.max_steps": 2}), store, tmp_path / "run", progress=False, device="cpu")
+    with pytest.raises(UserError, match="is at step 2 and train.max_steps is 2: nothing to train"):
+        train(None, store, tmp_path / "run", resume=True, device="cpu")
+    with pytest.raises(UserError, match="train.max_steps must be at least 1, got 0"):
+        train(tiny(), store, tmp_path / "new", max_steps=0, device="cpu")

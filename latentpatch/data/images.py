@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from latentpatch.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF gives its first frame
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 # Skip reasons: short fixed keys, so the summary can count them; the detail goes in the report.
@@ -38,23 +38,59 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def scan_images(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
-    """Relative POSIX paths of every image under `src`, sorted; hidden files and folders are left out.
-
-    `exclude` is a folder inside `src` to ignore (the store itself, when it lives inside the images).
-    """
-    src = Path(src)
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    found = []
+def _walk(src: Path, excluded: Path | None):
+    """(relative POSIX path, name) of every non-hidden file under src, sorted, skipping `excluded`."""
     for root, dirs, files in os.walk(src):
         root_path = Path(root)
         dirs[:] = sorted(
             d for d in dirs if not d.startswith(".") and (excluded is None or (root_path / d).resolve() != excluded)
         )
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((root_path / name).relative_to(src).as_posix())
-    return sorted(found)
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield (root_path / name).relative_to(src).as_posix(), name
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_images(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
+    """Relative POSIX paths of every image file (by extension) under `src`, sorted; hidden files and folders are
+    left out. `exclude` is a folder inside `src` to ignore (the store itself, when it lives inside the images)."""
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    return sorted(rel for rel, name in _walk(Path(src), excluded) if is_image_name(name))
+
+
+def scan_sources(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
+    """Every file an encode must account for (encode it, or name it in the skip report with the reason):
+    all non-hidden files but the captions (NAME.txt beside an image, metadata.jsonl / metadata.csv)."""
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    found = list(_walk(Path(src), excluded))
+    images = {rel for rel, name in found if is_image_name(name)}
+    stems = {str(PurePosixPath(rel).with_suffix("")) for rel in images}
+    def is_caption(rel: str, name: str) -> bool:
+        return name in METADATA_FILES or (name.lower().endswith(".txt") and str(PurePosixPath(rel).with_suffix(""))
+                                          in stems)
+    return sorted(rel for rel, name in found if rel in images or not is_caption(rel, name))
+
+
+def list_image_files(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
+    """The image files of a folder (subfolders too) as paths, or a UserError when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder} does not exist")
+    files = [folder / rel for rel in scan_images(folder)]
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+    return files
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """uint8 [3, H, W] RGB of one image file (decoded as encode decodes), or a UserError naming the file."""
+    decoded = decode_file(path)
+    if decoded.image is None:
+        raise UserError(f"could not read image {path}: {decoded.skip} ({decoded.detail})")
+    return decoded.image
 
 
 def read_captions(src: str | os.PathLike, files: list[str]) -> dict[str, str | None]:

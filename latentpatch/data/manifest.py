@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentpatch.autoencoders.info import describe_autoencoder, same_latent_space
 from latentpatch.data.images import SMALLER
 from latentpatch.errors import UserError
 from latentpatch.io import sha256_file, write_json_atomic
@@ -70,6 +71,11 @@ class Manifest:
     @property
     def count(self) -> int:
         return len(self.items)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes of `encode --labels folders` (item.label indexes them), or None."""
+        return self.extra.get("class_names")
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -139,8 +145,8 @@ class Manifest:
     def differences(self, want: Manifest) -> list[str]:
         """What a run asking for `want` would change in this store, one line per setting."""
         out = []
-        if not same_autoencoder(self.autoencoder, want.autoencoder):
-            have, asked = _vae_name(self.autoencoder), _vae_name(want.autoencoder)
+        if not same_latent_space(self.autoencoder, want.autoencoder):
+            have, asked = describe_autoencoder(self.autoencoder), describe_autoencoder(want.autoencoder)
             out.append(f"autoencoder: the store has {have}, this run asks for {asked}")
         for name in ("resolution", "dtype", "store", "flip"):  # latent_shape follows from the first two
             have, asked = getattr(self, name), getattr(want, name)
@@ -160,21 +166,6 @@ class Manifest:
     def next_shard_index(self) -> int:
         """Shard files are numbered after the highest one named, so a new shard never reuses a live name."""
         return 1 + max((int(s.file[6:-12]) for s in self.shards), default=-1)
-
-
-def same_autoencoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Same kind, shape and normalisation, and the same weights (by sha256 when both know it, else by source)."""
-    keys = ("kind", "latent_channels", "factor", "scaling_factor", "shift_factor")
-    if any(a.get(k) != b.get(k) for k in keys):
-        return False
-    if a.get("revision") and b.get("revision"):
-        return a["revision"] == b["revision"]  # the same weights, wherever the folder now lives
-    return a.get("source") == b.get("source") and a.get("revision") == b.get("revision")
-
-
-def _vae_name(d: dict[str, Any]) -> str:
-    rev = f" (revision {str(d['revision'])[:12]})" if d.get("revision") else ""
-    return f"{d.get('kind')} autoencoder {d.get('source')}{rev}"
 
 
 def manifest_path(store: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""The latent store: a writer that appends shards atomically, a reader that loads them, a torch Dataset.
+"""The latent store: a writer that appends shards atomically, and a reader that loads them.
 
 Each shard holds `mean` [n, C, h, w] and, for KL autoencoders, `std` [n, C, h, w]: the posterior's normalised
 mean and standard deviation, so every read draws a fresh latent z = mean + std * eps (the VAE's own
@@ -17,11 +17,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as serialise
-from torch.utils.data import Dataset
 
 from latentpatch.autoencoders import AutoencoderInfo
-from latentpatch.data.manifest import MANIFEST_NAME, SHARD_DIR, Item, Manifest, ShardRecord
-from latentpatch.data.manifest import read_manifest, shard_name, write_manifest
+from latentpatch.data.manifest import (
+    MANIFEST_NAME,
+    SHARD_DIR,
+    Item,
+    Manifest,
+    ShardRecord,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_write_bytes
 
@@ -117,45 +124,38 @@ class LatentStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.meta: Manifest = read_manifest(self.path)
-        self._manifest_dict: dict[str, Any] | None = None
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        if self._manifest_dict is None:
-            self._manifest_dict = self.meta.to_dict()
-        return self._manifest_dict
+        self.manifest: Manifest = read_manifest(self.path)
 
     @property
     def info(self) -> AutoencoderInfo:
-        return AutoencoderInfo.from_dict(self.meta.autoencoder)
+        return AutoencoderInfo.from_dict(self.manifest.autoencoder)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta.latent_shape)  # type: ignore[return-value]
+        return tuple(self.manifest.latent_shape)  # type: ignore[return-value]
 
     @property
     def resolution(self) -> tuple[int, int]:
-        return tuple(self.meta.resolution)  # type: ignore[return-value]
+        return tuple(self.manifest.resolution)  # type: ignore[return-value]
 
     @property
     def stores_std(self) -> bool:
-        return self.meta.stores_std
+        return self.manifest.stores_std
 
     @property
     def items(self) -> list[Item]:
-        return self.meta.items
+        return self.manifest.items
 
     @property
     def captions(self) -> list[str | None]:
-        return [i.caption for i in self.meta.items]
+        return [i.caption for i in self.manifest.items]
 
     def __len__(self) -> int:
-        return self.meta.count
+        return self.manifest.count
 
     def load(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Rows `indices` (default: all, in manifest order) of every stored tensor, in the storage dtype."""
-        items = self.meta.items
+        items = self.manifest.items
         positions = list(range(len(items))) if indices is None else [int(i) for i in indices]
         if any(not 0 <= p < len(items) for p in positions):
             raise UserError(f"{self.path}: index out of range (the store has {len(items)} items)")
@@ -176,101 +176,49 @@ class LatentStore:
                 result[k][dst] = v[src].to(device)
         if not result:
             c, h, w = self.latent_shape
-            dtype = TORCH_DTYPES[self.meta.dtype]
+            dtype = TORCH_DTYPES[self.manifest.dtype]
             result = {"mean": torch.empty(0, c, h, w, dtype=dtype, device=device)}
             if self.stores_std:
                 result["std"] = torch.empty(0, c, h, w, dtype=dtype, device=device)
         return result
 
+    def require_latent_space(self, autoencoder: dict[str, Any], latent_shape: Sequence[int] | None, who: str,
+                             fix: str) -> None:
+        """UserError unless this store's latents are those of `autoencoder` (same_latent_space) and shape.
+
+        `who` says whose latents they must be ("--resume: run R was trained on"), `fix` what to do instead."""
+        from latentpatch.autoencoders import describe_autoencoder, same_latent_space
+
+        have = self.info.to_dict()
+        if latent_shape is not None and [int(v) for v in latent_shape] != list(self.latent_shape):
+            raise UserError(f"{who} latents of shape {list(latent_shape)}, but store {self.path} holds "
+                            f"{list(self.latent_shape)}; {fix}")
+        if not same_latent_space(autoencoder, have):
+            raise UserError(f"{who} latents of the {describe_autoencoder(autoencoder)}, but store {self.path} "
+                            f"was encoded with the {describe_autoencoder(have)}; {fix}")
+
     def verify(self) -> None:
         """Check every shard file against the sha256 in the manifest (slow: reads everything)."""
-        for i, s in enumerate(self.meta.shards):
+        for i, s in enumerate(self.manifest.shards):
             path = self._shard_path(i)
             h = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
             if h != s.sha256:
                 raise UserError(f"{path} is missing or differs from the manifest's sha256; re-encode into a new --out")
 
     def _shard_path(self, shard: int) -> Path:
-        return self.path / SHARD_DIR / self.meta.shards[shard].file
+        return self.path / SHARD_DIR / self.manifest.shards[shard].file
 
     def _read_shard(self, shard: int) -> dict[str, torch.Tensor]:
-        path, record = self._shard_path(shard), self.meta.shards[shard]
+        path, record = self._shard_path(shard), self.manifest.shards[shard]
         try:
             tensors = load_file(path)
         except (OSError, SafetensorError) as e:
             raise UserError(f"could not read shard {path}: {e}") from e
-        expected = (record.count, *self.meta.latent_shape)
-        dtype = TORCH_DTYPES[self.meta.dtype]
-        for name in ("mean", "std") if self.meta.stores_std else ("mean",):
+        expected = (record.count, *self.manifest.latent_shape)
+        dtype = TORCH_DTYPES[self.manifest.dtype]
+        for name in ("mean", "std") if self.manifest.stores_std else ("mean",):
             t = tensors.get(name)
             if t is None or tuple(t.shape) != expected or t.dtype != dtype:
                 got = None if t is None else (tuple(t.shape), str(t.dtype))
-                raise UserError(f"shard {path}: '{name}' is {got}, manifest says {expected} {self.meta.dtype}")
+                raise UserError(f"shard {path}: '{name}' is {got}, manifest says {expected} {self.manifest.dtype}")
         return tensors
-
-
-def mix_seed(*values: int) -> int:
-    """Combine integers into one 63-bit seed (splitmix64 steps), so nearby (epoch, index) pairs decorrelate."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return x >> 1
-
-
-class LatentDataset(Dataset):
-    """Random access to a store held in memory; with a stored std each read draws z = mean + std * eps.
-
-    The noise of item i in epoch e comes from its own generator seeded by (seed, e, i), so a read is
-    reproducible whatever the order, rank or worker. Call `set_epoch` each epoch for fresh draws.
-    """
-
-    def __init__(
-        self,
-        store: LatentStore | str | Path,
-        indices: Sequence[int] | None = None,
-        *,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-    ):
-        self.store = store if isinstance(store, LatentStore) else LatentStore(store)
-        self.indices = list(range(len(self.store))) if indices is None else [int(i) for i in indices]
-        self.tensors = self.store.load(self.indices, device=device)
-        self.mean = self.tensors["mean"]
-        self.std = self.tensors.get("std")
-        self.extras = {k: v for k, v in self.tensors.items() if k not in ("mean", "std")}
-        captions = self.store.captions
-        self.captions = [captions[i] for i in self.indices]
-        self.seed, self.epoch, self.device = seed, 0, torch.device(device)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        index = self.indices[i]
-        latent = self.mean[i].float()
-        if self.std is not None:
-            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, index))
-            latent = latent + self.std[i].float() * torch.randn(latent.shape, generator=g, device=self.device)
-        out = {"latent": latent, "caption": self.captions[i], "index": index}
-        out.update({k: v[i] for k, v in self.extras.items()})
-        return out
-
-    def batch(self, positions: torch.Tensor | Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents [B, C, h, w] float32 for dataset positions, drawn in one call (for in-memory trainers)."""
-        pos = torch.as_tensor(positions, device=self.mean.device, dtype=torch.long)
-        latent = self.mean[pos].float()
-        if self.std is not None:
-            noise = torch.randn(latent.shape, generator=generator, device=latent.device)
-            latent = latent + self.std[pos].float() * noise
-        return latent
-
-
-def shard_indices(n: int, rank: int, world: int) -> list[int]:
-    """Indices of an n-item store that rank `rank` of `world` reads: every world-th item, disjoint across ranks."""
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"rank {rank} is not within a world of {world} processes")
-    return list(range(rank, n, world))

@@ -20,7 +20,12 @@ from latentpatch.data.manifest import Item, Manifest
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_save_safetensors
 from latentpatch.text import (
-    TextEmbeddings, TextEncoder, describe, load_text_encoder, load_text_encoder_from_record, parse_text_encoder,
+    TextEmbeddings,
+    TextEncoder,
+    describe,
+    load_text_encoder,
+    load_text_encoder_from_record,
+    parse_text_encoder,
     same_text_encoder,
 )
 

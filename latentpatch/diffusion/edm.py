@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from latentpatch.errors import UserError
+
 
 @dataclass
 class EDMConfig:
@@ -22,6 +24,10 @@ class EDMConfig:
     P_std: float = 1.2
     sigma_min: float = 0.002  # sampling range
     sigma_max: float = 80.0
+
+    def check(self) -> None:
+        if not self.sigma_data > 0 or not 0 < self.sigma_min < self.sigma_max or not self.P_std > 0:
+            raise UserError(f"edm: need sigma_data > 0, 0 < sigma_min < sigma_max and P_std > 0, got {self}")
 
 
 def precond_coefficients(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -80,20 +86,6 @@ def training_sigmas(n: int, cfg: EDMConfig, generator: torch.Generator | None = 
     return (rnd_normal * cfg.P_std + cfg.P_mean).exp()
 
 
-class EDMLoss:
-    """Training loss: sigma from `training_sigmas`, n ~ N(0, I), then `denoising_loss_at`."""
-
-    def __init__(self, cfg: EDMConfig | None = None):
-        self.cfg = cfg or EDMConfig()
-
-    def __call__(
-        self, precond: nn.Module, x0: Tensor, coords: Tensor, cond=None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        sigma = training_sigmas(x0.shape[0], self.cfg, generator, x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return denoising_loss_at(precond, x0, coords, sigma, noise, cond, sigma_data=self.cfg.sigma_data)
-
-
 def heldout_sigma_grid(n: int = 8, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
     """n noise levels at the mid-quantiles (k + 1/2)/n of the training log-normal, ascending, float32.
 
@@ -113,7 +105,6 @@ def fixed_noise(shape: tuple[int, ...] | torch.Size, seed: int, *, device=None, 
 
 __all__ = [
     "EDMConfig",
-    "EDMLoss",
     "EDMPrecond",
     "denoising_loss_at",
     "fixed_noise",

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from latentpatch.conditioning import Conditioning, cat_conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
 
 # The EDMPrecond call signature: (x, sigma[B], coords[B, 2, h, w], cond) -> D(x)
 PrecondFn = Callable[[Tensor, Tensor, Tensor, Optional[Conditioning]], Tensor]
-
-
-def cat_conditioning(a: Conditioning, b: Conditioning) -> Conditioning:
-    """Field-wise concatenation along the batch; a field None in both stays None."""
-    out = {}
-    for f in dataclasses.fields(Conditioning):
-        va, vb = getattr(a, f.name), getattr(b, f.name)
-        if (va is None) != (vb is None):
-            raise ValueError(f"cannot batch conditionings: {f.name} is set in one and None in the other")
-        out[f.name] = None if va is None else torch.cat([va, vb], dim=0)
-    return Conditioning(**out)
 
 
 def guided(

@@ -18,19 +18,20 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from latentpatch.data.store import LatentStore, mix_seed
+from latentpatch.conditioning import Conditioning, ConditioningSpec
+from latentpatch.data.store import LatentStore
 from latentpatch.diffusion.edm import denoising_loss_at, fixed_noise, heldout_sigma_grid
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
 from latentpatch.patches import full_coordinates
+from latentpatch.seeding import derive_seed
 
-# AutoencoderInfo fields that change what a latent means; a loss on another autoencoder's latents is noise.
-_LATENT_SPACE_KEYS = ("kind", "source", "revision", "latent_channels", "factor", "scaling_factor", "shift_factor")
+if TYPE_CHECKING:
+    from latentpatch.runs import LoadedRun
 
 
 @dataclass
@@ -69,12 +70,10 @@ class HeldoutSet:
 
     def noise(self, index: int) -> Tensor:
         """[num_sigmas, C, h, w]: image `index`'s noise at each level, from its own seed (batch-independent)."""
-        return fixed_noise((len(self.sigmas), *self.x0.shape[1:]), mix_seed(self.seed, index))
+        return fixed_noise((len(self.sigmas), *self.x0.shape[1:]), derive_seed(self.seed, index, "heldout-noise"))
 
     def cond_of(self, images: Tensor, device: torch.device) -> Conditioning | None:
-        if self.cond is None:
-            return None
-        return Conditioning(**{k: (None if v is None else v[images].to(device)) for k, v in vars(self.cond).items()})
+        return None if self.cond is None else self.cond.select(images).to(device)
 
 
 @torch.no_grad()
@@ -115,37 +114,39 @@ def denoising_loss(precond: nn.Module, heldout: HeldoutSet, *, batch_size: int =
 
 
 def store_heldout_set(
-    store: LatentStore | str | os.PathLike, *, num_sigmas: int = 8, seed: int = 0, limit: int | None = None,
-    P_mean: float = -1.2, P_std: float = 1.2, num_classes: int = 0, text: bool = False,
+    store: LatentStore | str | os.PathLike, spec: ConditioningSpec | None = None, *, num_sigmas: int = 8,
+    seed: int = 0, limit: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
 ) -> HeldoutSet:
     """A HeldoutSet of a latent store's first `limit` items (all by default), at their posterior means.
 
-    The mean, not a posterior draw, keeps the loss deterministic. A class-conditional model (num_classes > 0)
-    is scored with the items' labels when the store has them, else with the null label (its unconditional loss).
+    The mean, not a posterior draw, keeps the loss deterministic. A conditional model (`spec`) is scored with
+    the items' own conditioning: their labels (the null label where an item has none) and captions (the
+    store's cached embeddings when the run's encoder made them, else embedded once with it).
     """
+    from latentpatch.conditioning.spec import TextSource
+    from latentpatch.conditioning.stored import condition_rows, select_rows
+    from latentpatch.data.text_cache import text_identity
+    from latentpatch.text import same_text_encoder
+
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
+    spec = spec or ConditioningSpec()
     if len(store) == 0:
         raise UserError(f"held-out latent store {store.path} is empty")
     count = len(store) if limit is None else min(int(limit), len(store))
     if count < 1:
         raise UserError(f"the held-out image limit must be at least 1, got {limit}")
-    tensors = store.load(range(count))
-    cond = None
-    if num_classes > 0 or text:
-        cond = Conditioning()
-        if num_classes > 0:
-            labels = [getattr(item, "label", None) for item in store.items[:count]]
-            labels = [num_classes if label is None else int(label) for label in labels]
-            cond.class_labels = torch.tensor(labels, dtype=torch.long)
-        if text:
-            missing = [k for k in ("text_tokens",) if k not in tensors]
-            if missing:
-                raise UserError(f"the model is text-conditioned but {store.path} holds no text embeddings; "
-                                "encode the held-out images with captions and the run's text encoder")
-            for key in ("text_tokens", "text_mask", "text_pooled"):
-                if key in tensors:
-                    setattr(cond, key, tensors[key])
-    return HeldoutSet(tensors["mean"], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond)
+    tensors = store.load()
+    text = None
+    if spec.text:
+        rec, cached = spec.text_encoder, store.manifest.text_encoder
+        text = TextSource(rec, cached=cached is not None and same_text_encoder(
+            cached, text_identity(rec["model"], rec.get("pretrained"), rec["max_length"])))
+        if any(item.caption is None for item in store.items[:count]):
+            raise UserError(f"the model is text-conditioned but items of {store.path} have no caption; encode the "
+                            "held-out images with their captions")
+    rows = condition_rows(spec, store, tensors, text, missing_label="null")
+    cond = select_rows(spec, rows, torch.arange(count))
+    return HeldoutSet(tensors["mean"][:count], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond)
 
 
 def _existing_store(path: str | os.PathLike) -> Path:
@@ -155,38 +156,22 @@ def _existing_store(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_same_latent_space(run_info: dict[str, Any], store: LatentStore) -> None:
-    """UserError unless the store's latents are the run's kind: same shape and the same autoencoder."""
-    run_shape, store_shape = [int(v) for v in run_info["latent_shape"]], list(store.latent_shape)
-    if run_shape != store_shape:
-        raise UserError(f"held-out store {store.path} has latents {store_shape}, the run was trained on {run_shape}; "
-                        "encode the held-out images at the run's resolution")
-    run_ae, store_ae = run_info.get("autoencoder") or {}, store.info.to_dict()
-    for key in _LATENT_SPACE_KEYS:
-        if run_ae.get(key) != store_ae.get(key):
-            raise UserError(
-                f"held-out store {store.path} was encoded with another autoencoder ({key}: {store_ae.get(key)!r}, "
-                f"the run's is {run_ae.get(key)!r}); encode the held-out images with the run's autoencoder"
-            )
-
-
 def run_denoising_loss(
-    loaded: Any, store: LatentStore | str | os.PathLike, *, num_sigmas: int = 8, seed: int = 0,
+    loaded: LoadedRun, store: LatentStore | str | os.PathLike, *, num_sigmas: int = 8, seed: int = 0,
     limit: int | None = None, batch_size: int = 256,
 ) -> DenoisingLoss:
-    """The held-out loss of a `training.checkpoint.load_run` result on a held-out latent store."""
+    """The held-out loss of a `runs.load_run` result on a held-out latent store."""
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
-    check_same_latent_space(loaded.info, store)
-    model, edm = loaded.cfg.model, loaded.cfg.edm
-    heldout = store_heldout_set(
-        store, num_sigmas=num_sigmas, seed=seed, limit=limit, P_mean=edm.P_mean, P_std=edm.P_std,
-        num_classes=int(loaded.info.get("num_classes") or model.num_classes or 0),
-        text=model.text_dim > 0 or model.pooled_text_dim > 0,
-    )
+    store.require_latent_space(loaded.info.get("autoencoder") or {}, loaded.info["latent_shape"],
+                               f"the run {loaded.run_dir} was trained on",
+                               "encode the held-out images with the run's autoencoder, at its resolution")
+    edm = loaded.cfg.edm
+    heldout = store_heldout_set(store, loaded.spec, num_sigmas=num_sigmas, seed=seed, limit=limit,
+                                P_mean=edm.P_mean, P_std=edm.P_std)
     return denoising_loss(loaded.precond, heldout, batch_size=batch_size)
 
 
 __all__ = [
-    "DenoisingLoss", "HeldoutSet", "check_same_latent_space", "denoising_loss", "run_denoising_loss",
+    "DenoisingLoss", "HeldoutSet", "denoising_loss", "run_denoising_loss",
     "store_heldout_set",
 ]

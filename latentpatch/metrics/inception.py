@@ -24,12 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
+from latentpatch.data.images import list_image_files, read_image
 from latentpatch.errors import UserError
 from latentpatch.io import sha256_file
 
@@ -38,7 +37,6 @@ INCEPTION_SIZE = 299
 FID_HELPER_FILE = "default_1.pt"
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 ImageSource = torch.Tensor | Sequence[torch.Tensor] | str | os.PathLike
 
@@ -208,28 +206,9 @@ def to_unit_range(images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     return (x * 255.0).round() / 255.0 if quantize else x
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
-    return files
-
-
-def _read_image(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as e:
-        raise UserError(f"could not read image {path}: {e}") from e
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 def count_images(source: ImageSource) -> int:
     if isinstance(source, (str, os.PathLike)):
-        return len(list_images(source))
+        return len(list_image_files(source))
     return len(source)
 
 
@@ -243,7 +222,7 @@ def image_batches(source: ImageSource, batch_size: int = 32, quantize: bool = Tr
         for i in range(0, len(source), batch_size):
             yield to_unit_range(source[i : i + batch_size], quantize)
         return
-    items = map(_read_image, list_images(source)) if isinstance(source, (str, os.PathLike)) else iter(source)
+    items = map(read_image, list_image_files(source)) if isinstance(source, (str, os.PathLike)) else iter(source)
     pending: list[torch.Tensor] = []
     for image in items:
         if image.ndim != 3 or image.shape[0] != 3:

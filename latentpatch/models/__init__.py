@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentpatch.errors import UserError
+from latentpatch.device import resolve_device
 from latentpatch.models.attention import resolve_backend
-from latentpatch.models.conditioning import Conditioning
-from latentpatch.models.model_config import ModelConfig
-from latentpatch.models.presets import apply_preset
+from latentpatch.models.model_config import DiTConfig, ModelConfig, PretrainedConfig, UNetConfig
 
-__all__ = ["Conditioning", "ModelConfig", "build_network"]
+__all__ = ["DiTConfig", "ModelConfig", "PretrainedConfig", "UNetConfig", "build_network"]
 
 
 def build_network(
@@ -19,30 +17,24 @@ def build_network(
 ) -> nn.Module:
     """Build the denoiser for `latent_channels` latents; `device` is where it will run (picks the
     attention backend once; default CUDA when available), the module itself is returned on the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = resolve_backend(cfg.attention, device)
+    backend = resolve_backend(cfg.attention, resolve_device(device) if device is None else device)
     if cfg.arch == "dit":
         from latentpatch.models.dit import DiT
 
-        cfg = apply_preset(cfg)
+        d = cfg.dit
         return DiT(
             latent_channels,
-            hidden_size=cfg.hidden_size,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            patch_size=cfg.patch_size,
-            mlp_ratio=cfg.mlp_ratio,
+            hidden_size=d.hidden_size,
+            depth=d.depth,
+            num_heads=d.num_heads,
+            patch_size=d.patch_size,
+            mlp_ratio=d.mlp_ratio,
             num_classes=cfg.num_classes,
             text_dim=cfg.text_dim,
             pooled_text_dim=cfg.pooled_text_dim,
             attention_backend=backend,
             grad_checkpointing=cfg.grad_checkpointing,
         )
-    if cfg.arch == "unet":
-        if cfg.preset is not None:
-            raise UserError(f"model.preset={cfg.preset!r} names a DiT size; arch=unet takes no preset")
-        from latentpatch.models.unet import UNetDenoiser
+    from latentpatch.models.unet import UNetDenoiser
 
-        return UNetDenoiser(cfg, latent_channels, backend)
-    raise UserError(f"model.arch: unknown architecture {cfg.arch!r}; choose dit or unet")
+    return UNetDenoiser(cfg, latent_channels, backend)

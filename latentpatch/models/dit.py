@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.models.attention import attention
-from latentpatch.models.conditioning import Conditioning
 from latentpatch.models.embeddings import CoordinatePositionEmbedding, LabelEmbedder, TimestepEmbedder
 
 
@@ -124,10 +124,6 @@ class DiT(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if hidden_size % num_heads or hidden_size % 4:
-            raise UserError(
-                f"model.hidden_size={hidden_size} must be divisible by model.num_heads={num_heads} and by 4"
-            )
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.attention_backend = attention_backend
         self.grad_checkpointing = grad_checkpointing

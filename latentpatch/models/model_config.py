@@ -1,35 +1,126 @@
-"""The denoiser's configuration (re-exported by latentpatch.config as ModelConfig)."""
+"""The denoiser's configuration (re-exported by latentpatch.config): shared fields plus one section per
+architecture, each checked once when the config is loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from latentpatch.errors import UserError
+from latentpatch.models.presets import PRESET_FIELDS, preset_values
+
+ARCHS = ("dit", "unet", "pretrained")
+ATTENTION = ("auto", "sdpa", "xformers")
+
 
 @dataclass
-class ModelConfig:
-    """Which denoiser to build and how big.
+class DiTConfig:
+    """DiT size (Peebles & Xie 2023). A `preset` ("DiT-S/2" ... "DiT-XL/8") fills depth, hidden_size,
+    num_heads and patch_size; a value given beside it must agree with it."""
 
-    A DiT `preset` ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"; /4 and /8 too) sets depth, hidden_size,
-    num_heads and patch_size and overrides those four fields; they are read only when preset is None.
-    """
-
-    arch: str = "dit"                      # "dit" | "unet"
     preset: str | None = None
     hidden_size: int = 384
     depth: int = 12
     num_heads: int = 6
     patch_size: int = 2
     mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.preset is None:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in preset_values(self.preset).items():
+            if getattr(self, name) not in (defaults[name], value):
+                raise UserError(f"model.dit.preset {self.preset} has {name} {value}, but model.dit.{name} is "
+                                f"{getattr(self, name)}; drop one of them (or set model.dit.preset=null)")
+            setattr(self, name, value)
+
+    def check(self) -> None:
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise UserError(f"model.dit.hidden_size={self.hidden_size} must be divisible by model.dit.num_heads="
+                            f"{self.num_heads} and by 4")
+        for name in ("hidden_size", "depth", "num_heads", "patch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.dit.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class UNetConfig:
+    """A diffusers UNet built from scratch: one entry per resolution level."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 2
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    attention_head_dim: int = 8
+
+    def check(self) -> None:
+        channels, levels = self.block_out_channels, self.attention_levels
+        if len(channels) != len(levels):
+            raise UserError(f"model.unet.attention_levels has {len(levels)} entries but model.unet.block_out_channels "
+                            f"has {len(channels)}; give one per level")
+        if any(ch % self.attention_head_dim for ch, a in zip(channels, levels) if a):
+            raise UserError(f"model.unet.block_out_channels {list(channels)} must be multiples of "
+                            f"model.unet.attention_head_dim={self.attention_head_dim} at attention levels")
+
+
+@dataclass
+class PretrainedConfig:
+    """A pretrained diffusers network widened by the coordinate channels (written by fine-tuning): its
+    class and diffusers config; the weights are in the run's checkpoints."""
+
+    class_name: str = ""
+    config: Any = None  # dict: the diffusers config.json of the widened network
+
+
+@dataclass
+class ModelConfig:
+    """Which denoiser to build and how big; conditioning widths are shared by every architecture."""
+
+    arch: str = "dit"                      # "dit" | "unet" | "pretrained" (a widened diffusers network)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     num_classes: int = 0                   # 0 = unconditional; else label num_classes is the null label
     text_dim: int = 0                      # >0: cross-attention on text tokens of this width
     pooled_text_dim: int = 0               # >0: pooled text embedding added to the adaLN / time embedding
     attention: str = "auto"                # "auto" | "sdpa" | "xformers"
     grad_checkpointing: bool = False
-    unet_block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
-    unet_layers_per_block: int = 2
-    unet_attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
-    unet_attention_head_dim: int = 8
-    # A widened pretrained diffusers UNet's config (set by latentpatch.finetuning); overrides the unet_* fields.
-    unet_config: Any = None                # dict | None
     lora_rank: int = 0                     # >0: LoRA adapters of this rank on attention projections; base frozen
+
+    def check(self) -> None:
+        if self.arch not in ARCHS:
+            raise UserError(f"model.arch: unknown architecture {self.arch!r}; choose {', '.join(ARCHS)}")
+        if self.attention not in ATTENTION:
+            raise UserError(f"model.attention: unknown backend {self.attention!r}; choose auto, sdpa or xformers")
+        for name in ("num_classes", "text_dim", "pooled_text_dim", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.arch == "dit":
+            self.dit.check()
+        elif self.arch == "unet":
+            self.unet.check()
+            if self.pooled_text_dim > 0 and self.text_dim == 0:
+                raise UserError("arch=unet takes model.pooled_text_dim only together with model.text_dim > 0")
+        elif not isinstance(self.pretrained.config, dict) or not self.pretrained.class_name:
+            raise UserError("model.arch=pretrained needs model.pretrained.class_name and .config (written by "
+                            "fine-tuning a diffusers base)")
+
+
+# Keys of the flat model section written before the per-architecture sections (runs of latentpatch 0.1).
+LEGACY_KEYS = {**{k: ("dit", k) for k in (*PRESET_FIELDS, "preset", "mlp_ratio")},
+               **{f"unet_{k}": ("unet", k) for k in ("block_out_channels", "layers_per_block", "attention_levels",
+                                                      "attention_head_dim")}}
+
+
+def migrate_legacy(model: dict[str, Any]) -> dict[str, Any]:
+    """A flat model section (hidden_size, unet_block_out_channels, unet_config, ...) in today's layout."""
+    model = dict(model)
+    for old, (section, new) in LEGACY_KEYS.items():
+        if old in model:
+            model.setdefault(section, {})[new] = model.pop(old)
+    unet_config = model.pop("unet_config", None)
+    if unet_config is not None:
+        model["arch"] = "pretrained"
+        model["pretrained"] = {"class_name": unet_config.get("_class_name", ""), "config": unet_config}
+    return model

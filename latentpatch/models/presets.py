@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from latentpatch.errors import UserError
-from latentpatch.models.model_config import ModelConfig
 
 # name -> (depth, hidden_size, num_heads)
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -16,17 +14,14 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
+PRESET_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 
-def apply_preset(cfg: ModelConfig) -> ModelConfig:
-    """Return cfg with depth/hidden_size/num_heads/patch_size taken from cfg.preset (unchanged if None)."""
-    if cfg.preset is None:
-        return cfg
-    match = re.fullmatch(r"DiT-(S|B|L|XL)/(\d+)", cfg.preset)
+def preset_values(name: str) -> dict[str, int]:
+    """depth, hidden_size, num_heads and patch_size of a preset such as "DiT-B/2"."""
+    match = re.fullmatch(r"DiT-(S|B|L|XL)/(\d+)", name)
     if match is None or int(match.group(2)) not in PATCH_SIZES:
         names = ", ".join(f"DiT-{s}/{p}" for s in DIT_SIZES for p in PATCH_SIZES)
-        raise UserError(f"model.preset: unknown preset {cfg.preset!r}; choose one of {names}")
+        raise UserError(f"model.dit.preset: unknown preset {name!r}; choose one of {names}")
     depth, hidden, heads = DIT_SIZES[match.group(1)]
-    return dataclasses.replace(
-        cfg, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(match.group(2))
-    )
+    return dict(zip(PRESET_FIELDS, (depth, hidden, heads, int(match.group(2)))))

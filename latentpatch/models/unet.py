@@ -13,37 +13,22 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 from torch import Tensor, nn
 
+from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.conditioning import Conditioning
 from latentpatch.models.model_config import ModelConfig
 
 _PROCESSORS = {"sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor}
 
 
-def _check(cfg: ModelConfig) -> None:
-    channels, levels = cfg.unet_block_out_channels, cfg.unet_attention_levels
-    if len(channels) != len(levels):
-        raise UserError(
-            f"model.unet_attention_levels has {len(levels)} entries but model.unet_block_out_channels "
-            f"has {len(channels)}; give one per level"
-        )
-    if cfg.pooled_text_dim > 0 and cfg.text_dim == 0:
-        raise UserError("arch=unet takes model.pooled_text_dim only together with model.text_dim > 0")
-    if any(ch % cfg.unet_attention_head_dim for ch, a in zip(channels, levels) if a):
-        raise UserError(
-            f"model.unet_block_out_channels {list(channels)} must be multiples of "
-            f"model.unet_attention_head_dim={cfg.unet_attention_head_dim} at attention levels"
-        )
-
-
 def _new_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
-    """A fresh diffusers UNet from the unet_* fields; coordinates are two extra input channels."""
-    channels, levels = tuple(cfg.unet_block_out_channels), cfg.unet_attention_levels
+    """A fresh diffusers UNet from model.unet; coordinates are two extra input channels."""
+    u = cfg.unet
+    channels, levels = tuple(u.block_out_channels), u.attention_levels
     common = dict(
         in_channels=latent_channels + 2,
         out_channels=latent_channels,
         block_out_channels=channels,
-        layers_per_block=cfg.unet_layers_per_block,
+        layers_per_block=u.layers_per_block,
         norm_num_groups=math.gcd(32, *channels),  # GroupNorm's 32 groups, fewer for tiny widths
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes > 0 else None,
     )
@@ -53,7 +38,7 @@ def _new_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
             cross_attention_dim=cfg.text_dim,
             # diffusers' historical naming: this argument is the number of heads per level.
-            attention_head_dim=tuple(max(1, ch // cfg.unet_attention_head_dim) for ch in channels),
+            attention_head_dim=tuple(max(1, ch // u.attention_head_dim) for ch in channels),
             # pooled text enters the timestep embedding through a linear map (cond_proj)
             time_cond_proj_dim=cfg.pooled_text_dim or None,
             **common,
@@ -61,19 +46,19 @@ def _new_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
     return UNet2DModel(
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
-        attention_head_dim=cfg.unet_attention_head_dim,
+        attention_head_dim=u.attention_head_dim,
         **common,
     )
 
 
 def _pretrained_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
-    """The widened pretrained UNet that model.unet_config describes; its text width must be the encoder's."""
+    """The widened pretrained UNet that model.pretrained describes; its text width must be the encoder's."""
     from latentpatch.models.widen import COORD_CHANNELS, check_unet_config, unet_from_config
 
-    config = cfg.unet_config
+    config = cfg.pretrained.config
     check_unet_config(config, latent_channels)
     if config.get("in_channels") != latent_channels + COORD_CHANNELS:
-        raise UserError(f"model.unet_config takes {config.get('in_channels')} input channels; a widened UNet for "
+        raise UserError(f"model.pretrained.config takes {config.get('in_channels')} input channels; a widened UNet for "
                         f"{latent_channels} latent channels takes {latent_channels + COORD_CHANNELS}")
     conditional = config.get("_class_name") == "UNet2DConditionModel"
     if conditional != (cfg.text_dim > 0) or (conditional and cfg.text_dim != config.get("cross_attention_dim")):
@@ -95,10 +80,9 @@ class UNetDenoiser(nn.Module):
         self.latent_channels, self.num_classes = latent_channels, cfg.num_classes
         self.text_conditioned = cfg.text_dim > 0
         self.attention_backend = attention_backend
-        if cfg.unet_config is not None:  # a widened pretrained UNet (latentpatch.models.widen), rebuilt by config
+        if cfg.arch == "pretrained":  # a widened pretrained UNet (latentpatch.models.widen), rebuilt by config
             self.unet = _pretrained_unet(cfg, latent_channels)
         else:
-            _check(cfg)
             self.unet = _new_unet(cfg, latent_channels)
         self.size_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)  # one downsampling per level
         processor = _PROCESSORS[attention_backend]()

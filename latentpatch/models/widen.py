@@ -155,7 +155,7 @@ def unet_from_config(config: dict[str, Any]) -> nn.Module:
 
     name = config.get("_class_name")
     if name not in SUPPORTED_CLASSES:
-        raise UserError(f"model.unet_config names {name!r}; expected one of {', '.join(SUPPORTED_CLASSES)}")
+        raise UserError(f"model.pretrained.class_name is {name!r}; expected one of {', '.join(SUPPORTED_CLASSES)}")
     unet = getattr(diffusers, name).from_config(config)
     unet.conv_in = CoordinateConv2d.from_plain(unet.conv_in)
     return unet

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,31 +121,25 @@ class RunLogger:
             self._tb.close()
 
 
-@torch.no_grad()
-def save_sample_grid(
-    precond: torch.nn.Module, autoencoder, cfg, latent_shape: tuple[int, int, int], path: str | os.PathLike,
-    device: torch.device, seed: int = 0, cond=None,
-) -> None:
-    """`cfg.train.sample_n` full-size samples of the EMA (EDM Heun, fixed seeds), decoded, as one PNG grid.
+class LogInterval:
+    """Running sums between two log lines: mean loss, images/s and samples/s of the interval."""
 
-    Seeds seed..seed+n-1 and labels 0, 1, 2, ... (when class-conditional) or the given text `cond` are the
-    same at every step, so the grids show how one set of samples evolves.
-    """
-    from torchvision.utils import save_image
+    def __init__(self) -> None:
+        self.reset()
 
-    from latentpatch.models.conditioning import Conditioning
-    from latentpatch.sampling import generate_latents
+    def reset(self) -> None:
+        self.loss, self.steps, self.nimg, self.samples, self.t0 = 0.0, 0, 0.0, 0, time.perf_counter()
 
-    n, (c, h, w) = cfg.train.sample_n, latent_shape
-    if cond is None and cfg.model.num_classes > 0:
-        cond = Conditioning(class_labels=torch.arange(n, device=device) % cfg.model.num_classes)
-    # autocast stays the caller's (the trainer's precision); float32 integration is plenty for a preview
-    x = generate_latents(precond, list(range(seed, seed + n)), (c, h, w), cond, sampler="heun",
-                         steps=cfg.train.sample_steps, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max,
-                         device=device, dtype=torch.float32, autocast=False)
-    images = autoencoder.decode(x).float().clamp(-1, 1)
-    buf_path = Path(path)
-    buf_path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    save_image((images + 1) / 2, buf, format="png", nrow=max(1, math.ceil(math.sqrt(n))))
-    atomic_write_bytes(buf_path, buf.getvalue())
+    def add(self, loss: float, samples: int, nimg: float) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.nimg += nimg
+        self.samples += samples
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """The interval's log record (plus `extra`), and a fresh interval."""
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        record = dict(loss=self.loss / max(self.steps, 1), img_s=self.nimg / seconds, samples_s=self.samples / seconds,
+                      **extra, time=time.time())
+        self.reset()
+        return record

@@ -19,23 +19,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from latentpatch import checkpoints as ckpt_io
+from latentpatch.conditioning import ConditioningSpec, derive_spec
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
+from latentpatch.denoiser import build_precond, size_multiple
 from latentpatch.diffusion.edm import denoising_loss_at
+from latentpatch.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from latentpatch.errors import UserError
+from latentpatch.io import lock_folder
 from latentpatch.patches import PatchSchedule, PatchStage
-from latentpatch.training import checkpoint as ckpt_io
-from latentpatch.training.batches import derive_seed, draw_batch
-from latentpatch.training.build import build_precond, size_multiple
-from latentpatch.training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from latentpatch.seeding import derive_seed
+from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
-from latentpatch.training.logging import LOG_FILE, RunLogger, memory_stats, save_sample_grid, truncate_log
-from latentpatch.training.run_folder import lock_run, prepare_run
-from latentpatch.training.text_data import (
-    RunText, grid_text_conditioning, prepare_text, record_in_run, training_text_tensors,
-)
-
-PRECISIONS = ("auto", "bf16", "fp32")
+from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
+from latentpatch.training.resume import LOCK_FILE, record_run, saved_config
 
 
 class TrainingDiverged(UserError):
@@ -50,66 +48,6 @@ class TrainResult:
     checkpoint: Path | None  # the newest checkpoint (what `sample` loads)
     loss: float | None  # mean loss over the last log interval
     seconds: float
-
-
-def load_training_tensors(store: LatentStore, cfg: RunConfig, text: RunText | None = None) -> dict[str, torch.Tensor]:
-    """All rows of the store in memory, plus `labels` [N] when the model is class-conditional and the
-    text embeddings (cached or computed once here) when it is text-conditioned."""
-    if len(store) == 0:
-        raise UserError(f"latent store {store.path} is empty; encode some images first")
-    tensors = store.load()
-    num_classes = cfg.model.num_classes
-    labels = [getattr(item, "label", None) for item in store.items]
-    if num_classes > 0:
-        if any(label is None for label in labels):
-            raise UserError(f"model.num_classes={num_classes} but the items of {store.path} have no 'label'; "
-                            "encode with labels or set model.num_classes=0")
-        tensors["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.long)
-        bad = tensors["labels"][(tensors["labels"] < 0) | (tensors["labels"] >= num_classes)]
-        if bad.numel():
-            raise UserError(f"{store.path} has label {int(bad[0])}, outside 0..{num_classes - 1} "
-                            f"(model.num_classes={num_classes}); raise model.num_classes")
-    if text is not None:
-        tensors.update(training_text_tensors(text, store, tensors))
-    elif cfg.model.text_dim > 0 or cfg.model.pooled_text_dim > 0:
-        raise UserError(f"model.text_dim={cfg.model.text_dim} needs a text encoder: set text.model (an open_clip "
-                        f"model) or encode {store.path} with --text-encoder")
-    return tensors
-
-
-def _check_batches(schedule: PatchSchedule, cfg: RunConfig, world: int) -> None:
-    parts = cfg.train.grad_accum * world
-    for stage in schedule.stages:
-        if stage.batch_size % parts:
-            raise UserError(
-                f"the batch of patch {stage.height}x{stage.width} is {stage.batch_size} samples, not divisible "
-                f"by train.grad_accum ({cfg.train.grad_accum}) x processes ({world}); change train.batch_size"
-            )
-
-
-def check_train_config(cfg: RunConfig) -> None:
-    """Values no type check catches; each message names the key."""
-    tc = cfg.train
-    for key in ("batch_size", "grad_accum", "log_every", "ckpt_every"):
-        if getattr(tc, key) < 1:
-            raise UserError(f"train.{key} must be at least 1, got {getattr(tc, key)}")
-    if tc.max_steps < 0:
-        raise UserError(f"train.max_steps must be >= 0, got {tc.max_steps}")
-    if not 0.0 <= tc.label_dropout <= 1.0:
-        raise UserError(f"train.label_dropout must be in [0, 1], got {tc.label_dropout}")
-    if tc.precision not in PRECISIONS:
-        raise UserError(f"train.precision must be one of {PRECISIONS}, got {tc.precision!r}")
-    if len(cfg.optim.betas) != 2:
-        raise UserError(f"optim.betas needs two values, got {cfg.optim.betas}")
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 @dataclass
@@ -132,7 +70,7 @@ def train(
     callback: Callable[[StepInfo], bool | None] | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train on a latent store into run folder `out` (see the run-folder contract); `cfg` None resumes.
+    """Train on a latent store into run folder `out` (see latentpatch.runs); `cfg` None resumes.
 
     `callback(info)` runs on every rank after each step; returning True ends the run after a checkpoint.
     `init_state` (plain state-dict keys of the EDMPrecond) replaces the random initial weights: fine-tuning.
@@ -140,7 +78,7 @@ def train(
     dist_info = init_distributed(device)
     lock = None
     try:
-        lock = lock_run(Path(out)) if dist_info.is_main else None
+        lock = lock_folder(Path(out), LOCK_FILE, "train") if dist_info.is_main else None
         session = _Session.start(cfg, latents, Path(out), resume, max_steps, dist_info, init_state)
         return session.run(progress, callback)
     finally:
@@ -149,11 +87,32 @@ def train(
         cleanup(dist_info)
 
 
+def _autocast(cfg: RunConfig, device: torch.device):
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _check_batches(schedule: PatchSchedule, cfg: RunConfig, world: int) -> None:
+    parts = cfg.train.grad_accum * world
+    for stage in schedule.stages:
+        if stage.batch_size % parts:
+            raise UserError(
+                f"the batch of patch {stage.height}x{stage.width} is {stage.batch_size} samples, not divisible "
+                f"by train.grad_accum ({cfg.train.grad_accum}) x processes ({world}); change train.batch_size"
+            )
+
+
 @dataclass
 class _Session:
     """Everything one run holds: data, denoiser, EMA, optimiser, schedule, counters."""
 
     cfg: RunConfig
+    spec: ConditioningSpec
+    batch_spec: BatchSpec
     run_dir: Path
     dist: DistInfo
     store: LatentStore
@@ -166,44 +125,48 @@ class _Session:
     step: int = 0
     nimg: float = 0.0
     last_ckpt: Path | None = None
-    autoencoder: object = None  # loaded on the first sample grid
+    autoencoder: object = None  # loaded on the first preview grid
 
     @classmethod
     def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo,
               init_state=None) -> _Session:
         store = latents if isinstance(latents, LatentStore) else LatentStore(latents)
-        text = None
-        if cfg is not None:
-            check_train_config(cfg)
-            cfg, text = prepare_text(cfg, store)  # model.text_dim from the encoder, before config.yaml is written
-        cfg = prepare_run(run_dir, cfg, store, resume, max_steps, write=dist.is_main)
-        check_train_config(cfg)
-        if text is None:
-            cfg, text = prepare_text(cfg, store)
-        if text is not None and dist.is_main:
-            record_in_run(run_dir, text.record)
+        spec = text = None
+        if cfg is not None:  # model.text_dim from the encoder, before the config is compared or written
+            cfg, spec, text = derive_spec(cfg, store)
+        cfg = saved_config(run_dir, cfg, resume)
+        if max_steps is not None:
+            cfg.train.max_steps = int(max_steps)
+        cfg.check()
+        if spec is None:
+            cfg, spec, text = derive_spec(cfg, store)
+        if dist.is_main:
+            record_run(run_dir, cfg, store, spec)
         barrier(dist)
-        tensors = load_training_tensors(store, cfg, text)
+        tensors = load_training_tensors(store, spec, text)
         channels, lat_h, lat_w = store.latent_shape
-        tc, oc, pc = cfg.train, cfg.optim, cfg.patches
+        tc, oc = cfg.train, cfg.optim
         torch.manual_seed(tc.seed)  # the initial weights are a function of the seed alone
         precond = build_precond(cfg, channels, device=dist.device, init_state=init_state).to(dist.device)
         ema = make_ema(precond)
         optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas),
                                       eps=oc.eps, weight_decay=oc.weight_decay)
-        schedule = PatchSchedule(lat_h, lat_w, tc.batch_size, pc.real_p, pc.sizes, pc.size_weights,
-                                 pc.batch_growth, multiple_of=size_multiple(precond.net),
-                                 progressive_steps=pc.progressive_steps, seed=tc.seed)
+        schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=size_multiple(precond.net),
+                                 seed=tc.seed)
         _check_batches(schedule, cfg, dist.world_size)
         if dist.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        session = cls(cfg, run_dir, dist, store, tensors, precond, ema, precond, optimizer, schedule)
+        session = cls(cfg, spec, BatchSpec.from_config(cfg, spec), run_dir, dist, store, tensors, precond, ema, precond, optimizer,
+                      schedule)
         if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
             state = ckpt_io.load_checkpoint(found, precond, ema, optimizer)
             session.step, session.nimg, session.last_ckpt = int(state["step"]), float(state["nimg"]), found
             if dist.is_main:
                 truncate_log(run_dir / LOG_FILE, session.step)
+        if session.step >= tc.max_steps:
+            raise UserError(f"run {run_dir} is at step {session.step} and train.max_steps is {tc.max_steps}: nothing "
+                            "to train; pass a larger --max-steps to continue it")
         if dist.distributed:
             session.model = DistributedDataParallel(precond)
         if tc.compile:
@@ -212,7 +175,7 @@ class _Session:
 
     def optimisation_step(self, autocast) -> tuple[float, float, PatchStage, float, float]:
         """One step of the schedule: (global mean loss, gradient norm, patch stage, lr, images counted)."""
-        cfg, tc, oc, dist = self.cfg, self.cfg.train, self.cfg.optim, self.dist
+        tc, oc, dist = self.cfg.train, self.cfg.optim, self.dist
         _, lat_h, lat_w = self.store.latent_shape
         stage = self.schedule.draw(self.step)
         # Images are counted full-size-equivalent: a b-sample batch of ph x pw patches of an H x W
@@ -223,7 +186,7 @@ class _Session:
             group["lr"] = lr
         torch.manual_seed(derive_seed(tc.seed, self.step, dist.rank, "global"))  # anything inside the model
         self.optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce_mean(_accumulate(self.model, self.tensors, cfg, stage, self.step, dist, autocast), dist)
+        loss = all_reduce_mean(self._accumulate(stage, autocast), dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
         loss_value, norm_value = float(loss), float(grad_norm)
@@ -235,12 +198,32 @@ class _Session:
         self.step += 1
         return loss_value, norm_value, stage, lr, batch_nimg
 
+    def _accumulate(self, stage: PatchStage, autocast) -> torch.Tensor:
+        """Forward/backward over train.grad_accum micro-batches; returns this rank's mean loss (detached).
+
+        Each rank's loss is the mean over its slice, so DDP's gradient average over ranks is the global mean.
+        """
+        accum, dist = self.cfg.train.grad_accum, self.dist
+        micro_batch = stage.batch_size // accum
+        total = torch.zeros((), device=dist.device)
+        for micro in range(accum):
+            sync = micro == accum - 1 or not dist.distributed
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                b = draw_batch(self.tensors, self.batch_spec, stage, micro_batch, self.step, micro, dist.rank,
+                               dist.world_size, dist.device)
+                with autocast():
+                    loss = denoising_loss_at(self.model, b.x0, b.coords, b.sigma, b.noise, b.cond,
+                                             sigma_data=self.cfg.edm.sigma_data).mean()
+                (loss / accum).backward()
+            total += loss.detach()
+        return total / accum
+
     def run(self, progress: bool, callback) -> TrainResult:
         tc, dist = self.cfg.train, self.dist
         autocast = _autocast(self.cfg, dist.device)
         logger = RunLogger(self.run_dir, enabled=dist.is_main)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
-        interval = _Interval()
+        interval = LogInterval()
         last_loss, train_seconds, t_start, stop, ok = None, 0.0, time.perf_counter(), False, False
         try:
             while self.step < tc.max_steps and not stop:
@@ -254,9 +237,13 @@ class _Session:
                                                   stage.batch_size, train_seconds, self.precond, self.ema)))
                 final = self.step == tc.max_steps or stop
                 if self.step % tc.log_every == 0 or final:
-                    last_loss = interval.log(logger, bar, self.step, self.nimg, lr, stage, grad_norm, dist.device)
+                    record = interval.record(kimg=self.nimg / 1000, lr=lr, patch=stage.height, patch_w=stage.width,
+                                             batch=stage.batch_size, grad_norm=grad_norm, **memory_stats(dist.device))
+                    logger.log(self.step, **record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}")
+                    last_loss = record["loss"]
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0 and dist.is_main:
-                    self.save_samples(autocast)
+                    self.save_preview(autocast)
                 if self.step % tc.ckpt_every == 0 or final:
                     self.checkpoint(logger)
             ok = True
@@ -272,23 +259,27 @@ class _Session:
         return TrainResult(self.run_dir, self.step, self.nimg / 1000, self.last_ckpt, last_loss,
                            time.perf_counter() - t_start)
 
-    def save_samples(self, autocast) -> None:
+    def save_preview(self, autocast) -> None:
         from latentpatch.autoencoders import load_autoencoder_from_info
+        from latentpatch.conditioning.stored import preview_conditioning
+        from latentpatch.training.previews import save_preview_grid
 
+        tc, edm = self.cfg.train, self.cfg.edm
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder_from_info(self.store.info, device=self.dist.device)
+        cond = preview_conditioning(self.spec, self.tensors, self.store.captions, tc.sample_n)
         with autocast():
-            save_sample_grid(self.ema, self.autoencoder, self.cfg, self.store.latent_shape,
-                             self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
-                             cond=grid_text_conditioning(self.tensors, self.store, self.cfg, self.dist.device))
+            save_preview_grid(self.ema, self.autoencoder, self.store.latent_shape,
+                              self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
+                              n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
+                              cond=cond)
 
     def checkpoint(self, logger: RunLogger) -> None:
         """Rank 0 writes; weights that are not finite are never written (the last good checkpoint stays)."""
         if not (_all_finite(self.precond) and _all_finite(self.ema)):
             raise _diverged("the weights are no longer finite", self.step, self.last_ckpt)
         if self.dist.is_main:
-            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, "patch_schedule_step": self.step,
-                     "data_step": self.step}
+            state = {"nimg": self.nimg, "kimg": self.nimg / 1000}
             self.last_ckpt = ckpt_io.save_checkpoint(self.run_dir, self.step, self.precond, self.ema,
                                                      self.optimizer, state, self.cfg.train.keep_checkpoints)
             logger.plot()
@@ -297,59 +288,9 @@ class _Session:
             self.last_ckpt = ckpt_io.latest_checkpoint(self.run_dir)
 
 
-class _Interval:
-    """Running sums between two log lines."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss, self.steps, self.nimg, self.samples, self.t0 = 0.0, 0, 0.0, 0, time.perf_counter()
-
-    def add(self, loss: float, samples: int, nimg: float) -> None:
-        self.loss += loss
-        self.steps += 1
-        self.nimg += nimg
-        self.samples += samples
-
-    def log(self, logger, bar, step, nimg, lr, stage, grad_norm, device) -> float:
-        seconds = max(time.perf_counter() - self.t0, 1e-9)
-        loss = self.loss / max(self.steps, 1)
-        record = dict(
-            kimg=nimg / 1000, loss=loss, lr=lr, patch=stage.height, patch_w=stage.width, batch=stage.batch_size,
-            img_s=self.nimg / seconds, samples_s=self.samples / seconds, grad_norm=grad_norm,
-            **memory_stats(device), time=time.time(),
-        )
-        logger.log(step, **record)
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_s']:.1f}")
-        self.reset()
-        return loss
-
-
-def _accumulate(model, tensors, cfg: RunConfig, stage, step: int, dist: DistInfo, autocast) -> torch.Tensor:
-    """Forward/backward over train.grad_accum micro-batches; returns this rank's mean loss (detached).
-
-    Each rank's loss is the mean over its slice, so DDP's gradient average over ranks is the global mean.
-    """
-    accum = cfg.train.grad_accum
-    micro_batch = stage.batch_size // accum
-    total = torch.zeros((), device=dist.device)
-    for micro in range(accum):
-        sync = micro == accum - 1 or not dist.distributed
-        with contextlib.nullcontext() if sync else model.no_sync():
-            b = draw_batch(tensors, cfg, stage, micro_batch, step, micro, dist.rank, dist.world_size, dist.device)
-            with autocast():
-                loss = denoising_loss_at(model, b.x0, b.coords, b.sigma, b.noise, b.cond,
-                                         sigma_data=cfg.edm.sigma_data).mean()
-            (loss / accum).backward()
-        total += loss.detach()
-    return total / accum
-
-
 def _diverged(what: str, step: int, last_ckpt: Path | None) -> TrainingDiverged:
     kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
     return TrainingDiverged(
         f"training stopped at step {step}: {what}; {kept}. The run is deterministic, so a plain --resume "
         "would diverge again: lower optim.lr, raise optim.warmup_steps or set optim.grad_clip in a new --out"
     )
-

@@ -10,18 +10,14 @@ file, so a truncated or edited weights file is refused instead of loaded.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
@@ -114,35 +110,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-# --- RNG states (all step randomness is derived from (seed, step), these cover anything else) ------
-
-
-def rng_states() -> dict[str, Any]:
-    def b64(t: torch.Tensor) -> str:
-        return base64.b64encode(t.numpy().tobytes()).decode()
-
-    np_state = np.random.get_state()
-    return {
-        "torch": b64(torch.get_rng_state()),
-        "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    def unb64(s: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-    torch.set_rng_state(unb64(states["torch"]))
-    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([unb64(s) for s in states["cuda"]])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
 # --- save, retention, load -------------------------------------------------------------------------
 
 
@@ -183,7 +150,6 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "step": step,
         **state,
-        "rng": rng_states(),
         "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in blobs.items()},
     }
     try:  # a full disk must not leave a half-written checkpoint (nor a raw traceback)
@@ -247,32 +213,14 @@ def load_weights(module: nn.Module, path: Path) -> None:
         raise UserError(f"{path} does not fit the model built from the run's config: {e}") from e
 
 
-def load_checkpoint(
-    ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, restore_rng: bool = True
-) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load weights, EMA and optimizer state in place; returns state.json (step, nimg, ...)."""
     state = read_state(ckpt)
     load_weights(model, verified_file(ckpt, WEIGHT_FILES["raw"], state))
     load_weights(ema, verified_file(ckpt, WEIGHT_FILES["ema"], state))
     tensors, meta = _read_safetensors(verified_file(ckpt, OPTIMIZER_FILE, state))
     optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
-    if restore_rng and "rng" in state:
-        set_rng_states(state["rng"])
     return state
-
-
-# --- loading a finished (or running) run for sampling ----------------------------------------------
-
-
-@dataclass
-class LoadedRun:
-    cfg: Any  # RunConfig
-    info: dict  # run.json
-    precond: nn.Module  # EDMPrecond, eval mode, on device
-    checkpoint: Path
-    checkpoint_id: str  # first 16 hex of the weights file's sha256
-    step: int
-    text_encoder: Any = None  # the run's TextEncoder, loaded by sampling.build_conditioning on first use
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None) -> Path:
@@ -291,37 +239,3 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None
             return path
     names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
     raise UserError(f"checkpoint {text!r} not found in {run_dir / CKPT_DIR} (available: {names})")
-
-
-def load_run(
-    run_dir: str | os.PathLike, weights: str = "ema", checkpoint: str | int | None = None,
-    device: str | torch.device = "cpu",
-) -> LoadedRun:
-    """The denoiser of a run folder, ready to sample: config, run.json and a verified checkpoint."""
-    from latentpatch.config import load_config
-    from latentpatch.training.build import build_precond
-
-    run_dir = Path(run_dir)
-    if weights not in WEIGHT_FILES:
-        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    for needed in ("config.yaml", "run.json"):
-        if not (run_dir / needed).is_file():
-            raise UserError(f"{run_dir} is not a latentpatch run folder: {needed} is missing")
-    cfg = load_config(run_dir / "config.yaml")
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{run_dir / 'run.json'} is not valid JSON: {e}") from e
-    ckpt = resolve_checkpoint(run_dir, checkpoint)
-    state = read_state(ckpt)
-    path = verified_file(ckpt, WEIGHT_FILES[weights], state)
-    precond = build_precond(cfg, int(info["latent_shape"][0]), device=device)
-    load_weights(precond, path)
-    if cfg.model.lora_rank > 0:  # fold the adapters in: sampling then costs what the base model costs
-        from latentpatch.models.lora import merge_lora
-
-        merge_lora(precond)
-    return LoadedRun(
-        cfg=cfg, info=info, precond=precond.to(device).eval().requires_grad_(False), checkpoint=ckpt,
-        checkpoint_id=state["files"][WEIGHT_FILES[weights]][:16], step=int(state["step"]),
-    )

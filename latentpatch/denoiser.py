@@ -1,4 +1,5 @@
-"""The one place a denoiser is assembled from a RunConfig, so training and loading build the same thing."""
+"""The one place a denoiser (network + preconditioning) is assembled from a RunConfig, so training, loading
+and fine-tuning build the same thing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Process-group setup for `torchrun` (one node or many) and the few rank helpers the trainer needs.
+"""Process-group setup for `torchrun` (one node or many) and the few rank helpers training and generation need.
 
 `torchrun` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is one process. A process group
 the caller already initialised (tests use a file:// rendezvous) is used as it is and left open.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from latentpatch.errors import UserError
+from latentpatch.device import resolve_device
 
 
 @dataclass
@@ -31,23 +31,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """'cuda' picks the local rank's GPU; None means CUDA when available, else CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} was asked for, but CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:

@@ -1,0 +1,35 @@
+"""Which device a stage runs on: one rule for every command and API call."""
+
+from __future__ import annotations
+
+import torch
+
+from latentpatch.errors import UserError
+
+
+def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """None means CUDA when available, else the CPU; 'cuda' picks the local rank's GPU (an explicit index)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} was asked for, but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether two device names mean the same device ("cuda" is the current CUDA device, "cuda:0" by default)."""
+    return _canonical(torch.device(a)) == _canonical(torch.device(b))
+
+
+def _canonical(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device

@@ -1,0 +1,126 @@
+"""The run folder's contract between training and sampling: config.yaml, run.json, checkpoints/, load_run.
+
+    config.yaml   the resolved RunConfig (every value a run was trained with)
+    run.json      what sampling needs besides it: the autoencoder that decodes, the latent shape and
+                  resolution, the conditioning spec (classes, text encoder)
+    checkpoints/  safetensors weights (latentpatch.checkpoints)
+
+A run can always be sampled, evaluated and fine-tuned from its folder alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+import latentpatch
+from latentpatch import checkpoints as ckpt
+from latentpatch.conditioning import ConditioningSpec, spec_from_run
+from latentpatch.errors import UserError
+
+if TYPE_CHECKING:
+    from latentpatch.config import RunConfig
+    from latentpatch.data.store import LatentStore
+    from latentpatch.text import TextEncoder
+
+RUN_FORMAT_VERSION = 1
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / RUN_FILE).is_file()
+
+
+def run_info(store: LatentStore, spec: ConditioningSpec) -> dict[str, Any]:
+    """run.json of a run trained on `store` with conditioning `spec`."""
+    return {
+        "format_version": RUN_FORMAT_VERSION,
+        "latents": str(store.path.resolve()),
+        "autoencoder": store.info.to_dict(),
+        "latent_shape": list(store.latent_shape),
+        "resolution": list(store.resolution),
+        "conditioning": spec.to_dict(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "latentpatch_version": latentpatch.__version__,
+    }
+
+
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{run_dir} is not a latentpatch run folder: {RUN_FILE} is missing ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from e
+
+
+@dataclass
+class LoadedRun:
+    """A run's denoiser, ready to sample: its config, run.json, conditioning spec and a verified checkpoint."""
+
+    cfg: RunConfig
+    info: dict[str, Any]  # run.json
+    spec: ConditioningSpec
+    precond: nn.Module  # the preconditioned denoiser, eval mode, on its device
+    run_dir: Path
+    checkpoint: Path
+    weights: str  # "ema" or "raw"
+    checkpoint_id: str  # first 16 hex of the weights file's sha256
+    step: int
+    _text_encoder: TextEncoder | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.precond.parameters()).device
+
+    def text_encoder(self) -> TextEncoder | None:
+        """The encoder prompts must go through (loaded once, on the run's device); None without text."""
+        if not self.spec.text:
+            return None
+        if self._text_encoder is None:
+            from latentpatch.text import load_text_encoder_from_record
+
+            self._text_encoder = load_text_encoder_from_record(self.spec.text_encoder, device=self.device)
+        return self._text_encoder
+
+
+def load_run(
+    run_dir: str | os.PathLike, weights: str = "ema", checkpoint: str | int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedRun:
+    """The denoiser of a run folder: config, run.json and the `weights` of a verified checkpoint (the latest
+    by default), built on `device`."""
+    from latentpatch.config import load_config
+    from latentpatch.denoiser import build_precond
+
+    run_dir = Path(run_dir)
+    if weights not in ckpt.WEIGHT_FILES:
+        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    for needed in (CONFIG_FILE, RUN_FILE):
+        if not (run_dir / needed).is_file():
+            raise UserError(f"{run_dir} is not a latentpatch run folder: {needed} is missing")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    info = read_run_info(run_dir)
+    found = ckpt.resolve_checkpoint(run_dir, checkpoint)
+    state = ckpt.read_state(found)
+    path = ckpt.verified_file(found, ckpt.WEIGHT_FILES[weights], state)
+    precond = build_precond(cfg, int(info["latent_shape"][0]), device=device)
+    ckpt.load_weights(precond, path)
+    if cfg.model.lora_rank > 0:  # fold the adapters in: sampling then costs what the base model costs
+        from latentpatch.models.lora import merge_lora
+
+        merge_lora(precond)
+    return LoadedRun(
+        cfg=cfg, info=info, spec=spec_from_run(info, cfg), precond=precond.to(device).eval().requires_grad_(False),
+        run_dir=run_dir, checkpoint=found, weights=weights,
+        checkpoint_id=state["files"][ckpt.WEIGHT_FILES[weights]][:16], step=int(state["step"]),
+    )

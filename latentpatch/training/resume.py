@@ -1,0 +1,95 @@
+"""Starting or resuming a run in a folder: the saved config and run.json are checked again on every resume.
+
+A resume that would silently train a different configuration, or on latents from a different autoencoder,
+is refused with the keys that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from latentpatch.checkpoints import CKPT_DIR, latest_checkpoint
+from latentpatch.conditioning import ConditioningSpec
+from latentpatch.config import RunConfig, config_to_dict, load_config, save_config
+from latentpatch.data.store import LatentStore
+from latentpatch.errors import UserError
+from latentpatch.io import write_json_atomic
+from latentpatch.runs import CONFIG_FILE, RUN_FILE, run_info
+from latentpatch.training.logging import LOG_FILE
+
+RESUMABLE_KEYS = ("train.max_steps",)  # may change between a run and its resume
+LOCK_FILE = ".train.lock"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ, as 'key: a -> b'."""
+    fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)]
+
+
+def _check_same_latents(run_dir: Path, store: LatentStore) -> None:
+    try:
+        old = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # killed before run.json was written: nothing to compare, it is rewritten below
+    store.require_latent_space(old.get("autoencoder") or {}, old.get("latent_shape"),
+                               f"--resume: run {run_dir} was trained on",
+                               f"resume with the run's own store ({old.get('latents')})")
+
+
+def saved_config(run_dir: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
+    """The config to train with: the request for a new run; the saved one on a resume, which refuses a
+    different request (but for train.max_steps). A new run into a folder with checkpoints is refused."""
+    saved = run_dir / CONFIG_FILE
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    if resume and saved.is_file():
+        old = load_config(saved)
+        if cfg is not None:
+            diff = config_differences(old, cfg)
+            if diff:
+                raise UserError(
+                    f"--resume: the config differs from the one run {run_dir} was started with "
+                    f"({'; '.join(diff)}); resume without --config, or start a new --out"
+                )
+            old.train.max_steps = cfg.train.max_steps
+        return old
+    if has_ckpt and resume:
+        raise UserError(f"run folder {run_dir} has checkpoints but no {CONFIG_FILE}; it cannot be resumed")
+    if has_ckpt:
+        raise UserError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it, or a new --out")
+    if cfg is None:
+        raise UserError(f"{run_dir} holds no run to resume; pass --config to start a new one")
+    return cfg
+
+
+def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec) -> None:
+    """Rank 0 writes config.yaml and run.json; a fresh start (or a resume killed before its first checkpoint)
+    also clears stale logs and checkpoint leftovers. A resume must be on latents of the same space."""
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    if has_ckpt:
+        _check_same_latents(run_dir, store)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not has_ckpt:
+        (run_dir / LOG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    info = run_info(store, spec)
+    if has_ckpt:  # a resume keeps the date the run was created
+        try:
+            info["created"] = json.loads((run_dir / RUN_FILE).read_text())["created"]
+        except (OSError, KeyError, json.JSONDecodeError):
+            pass
+    write_json_atomic(run_dir / RUN_FILE, info)
