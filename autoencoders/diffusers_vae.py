@@ -18,6 +18,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch import Tensor
 
 from latentpatch.errors import UserError
+from latentpatch.pretrained import load_kwargs
 
 from .base import Autoencoder
 from .info import AutoencoderInfo
@@ -62,7 +63,8 @@ def load_diffusers_model(
     """from_pretrained, with every 'not found' turned into a UserError that says what to do."""
     try:
         cls = KIND_CLASSES[kind]
-        return cls.from_pretrained(path_or_id, subfolder=subfolder, revision=revision, torch_dtype=dtype)
+        return cls.from_pretrained(path_or_id, subfolder=subfolder, revision=revision, torch_dtype=dtype,
+                                   **load_kwargs())
     except LOAD_ERRORS as e:
         where = f"{path_or_id}" + (f" (subfolder {subfolder})" if subfolder else "")
         raise UserError(

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from latentpatch.autoencoders import load_autoencoder
 from latentpatch.data.images import decode_file, scan_images
 from latentpatch.data.transforms import resize_center_crop
+from latentpatch.device import resolve_device
 from latentpatch.encoding import encode
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
@@ -99,7 +100,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--channels", default="64,128,128", help="AutoencoderKL block_out_channels (factor 2^(n-1))")
     p.add_argument("--layers", type=int, default=2, help="layers_per_block")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--vae-dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the fastest of each counts")
     args = p.parse_args()
@@ -109,7 +110,7 @@ def main() -> None:
         (tmp / "images").mkdir()
         make_images(tmp / "images", args.images, args.resolution, args.distinct)
         vae_dir = make_vae(tmp / "vae", tuple(int(c) for c in args.channels.split(",")), args.layers)
-        ae = load_autoencoder(vae_dir, device=args.device, dtype=args.vae_dtype)
+        ae = load_autoencoder(vae_dir, device=resolve_device(args.device), dtype=args.vae_dtype)
         decoded = [decode_file(tmp / "images" / f).image for f in scan_images(tmp / "images")]
         pixels = resize_center_crop(decoded, (args.resolution, args.resolution), ae.device)
         batches = list(pixels.split(args.batch_size))

@@ -185,13 +185,13 @@ def test_cached_hub_pipeline_repo_records_the_commit_and_reads_vae_subfolder(vae
 def test_builtin_resolves_to_the_shipped_folder_or_says_it_is_not_shipped(vaes, tmp_path, monkeypatch):
     import latentpatch.autoencoders.loading as loading
 
-    if not (loading.WEIGHTS_DIR / loading.BUILTIN_NAME / "config.json").exists():
-        with pytest.raises(UserError, match="builtin VAE 'latentpatch-vae-f4' is not shipped in this install"):
-            load_autoencoder("builtin")
-    monkeypatch.setattr(loading, "WEIGHTS_DIR", tmp_path)
-    shutil.copytree(vaes["kl"], tmp_path / "latentpatch-vae-f4")
+    name = loading.BUILTIN_NAME
+    monkeypatch.setattr(loading, "WEIGHTS_DIR", tmp_path)  # an install without the weights folder
+    with pytest.raises(UserError, match=f"builtin VAE '{name}' is not shipped in this install"):
+        load_autoencoder("builtin")
+    shutil.copytree(vaes["kl"], tmp_path / name)
     info = load_autoencoder("builtin").info
-    assert (info.source, info.revision) == ("builtin:latentpatch-vae-f4", folder_revision(vaes["kl"]))
+    assert (info.source, info.revision) == (f"builtin:{name}", folder_revision(vaes["kl"]))
     assert load_autoencoder_from_info(info).info == info
 
 

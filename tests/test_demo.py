@@ -40,3 +40,27 @@ def test_demo_runs_end_to_end_and_writes_its_pictures(tmp_path):
     assert (out / "loss.png").stat().st_size > 0
     assert (out / "run" / "checkpoints" / "LATEST").exists()
     assert "samples (a row per prompt" in res.stdout and "latentpatch encode my_images/" in res.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a rerun resumes: nothing is redone
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "encoded 0 images" in again.stdout and "already trained (6 steps)" in again.stdout
+
+
+def test_loading_a_vae_without_accelerate_prints_nothing_for_the_user(monkeypatch):
+    """Without the optional accelerate package diffusers warned, once per model load, to install it."""
+    import logging
+
+    from diffusers.models import modeling_utils
+
+    from latentpatch.autoencoders import load_autoencoder
+
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        load_autoencoder("builtin")
+        load_autoencoder("builtin")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]

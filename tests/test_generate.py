@@ -316,3 +316,32 @@ def test_grid_is_near_square_with_each_image_in_its_cell():
     for k in range(5):
         top, left = 2 + (k // 3) * 6, 2 + (k % 3) * 8
         assert torch.equal(grid[:, top : top + 4, left : left + 6], images[k])
+
+
+def test_a_run_folder_written_by_latentpatch_0_1_still_loads_and_samples_the_same_images(tmp_path):
+    """0.1 wrote a flat model section, conditioning keys at the top of run.json and RNG state in state.json."""
+    import shutil
+
+    import yaml
+
+    from latentpatch.checkpoints import latest_checkpoint
+
+    new = make_tiny_run(tmp_path / "new", num_classes=3)
+    old = shutil.copytree(new, tmp_path / "old")
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    dit = cfg["model"].pop("dit")
+    unet = cfg["model"].pop("unet")
+    cfg["model"].pop("pretrained")
+    cfg["model"].update(dit, unet_config=None, **{f"unet_{k}": v for k, v in unet.items()})
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    info = json.loads((old / "run.json").read_text())
+    spec = info.pop("conditioning")
+    info.update(num_classes=spec["num_classes"], class_names=spec["class_names"], text_encoder=None)
+    (old / "run.json").write_text(json.dumps(info))
+    state_path = latest_checkpoint(old) / "state.json"
+    state = json.loads(state_path.read_text())
+    state.update(rng={"torch": "", "cuda": []}, patch_schedule_step=state["step"], data_step=state["step"])
+    state_path.write_text(json.dumps(state))
+    a = sample(new, n=2, class_labels=[1], **FAST, output="tensor")
+    b = sample(old, n=2, class_labels=[1], **FAST, output="tensor")
+    assert torch.equal(a, b)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentpatch.errors import UserError
+from latentpatch.pretrained import load_kwargs
 
 COORD_CHANNELS = 2
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -99,7 +100,7 @@ def load_pretrained_unet(source: str, *, revision: str | None = None) -> nn.Modu
         raise UserError(f"{source} holds a {name}; fine-tuning supports {' and '.join(SUPPORTED_CLASSES)}")
     try:
         unet = getattr(diffusers, name).from_pretrained(str(path) if path.exists() else source, subfolder=subfolder,
-                                                        revision=revision)
+                                                        revision=revision, **load_kwargs())
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the UNet {source}: {e}") from e
     with torch.no_grad():  # own, aligned memory: tensors read from the file may sit at unaligned offsets,
