@@ -150,8 +150,8 @@ class Recorder:
 
 def arm_config(arm: Arm, args):
     common = [
-        "model.arch=dit", "model.preset=null", f"model.hidden_size={args.hidden}", f"model.depth={args.depth}",
-        f"model.num_heads={args.heads}", f"model.patch_size={args.patch_size}", "model.attention=sdpa",
+        "model.arch=dit", "model.dit.preset=null", f"model.dit.hidden_size={args.hidden}", f"model.dit.depth={args.depth}",
+        f"model.dit.num_heads={args.heads}", f"model.dit.patch_size={args.patch_size}", "model.attention=sdpa",
         f"optim.lr={args.lr}", "optim.warmup_steps=50", f"train.batch_size={args.batch}", "train.precision=fp32",
         "train.max_steps=1000000000", "train.log_every=50", "train.ckpt_every=1000000000",
         "train.keep_checkpoints=1", "train.ema_halflife_kimg=0.5", "train.ema_rampup=0.05", "train.seed=0",

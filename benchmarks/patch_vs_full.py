@@ -106,7 +106,7 @@ def step_flops(cfg, latents: torch.Tensor, height: int, width: int, batch: int, 
     sigma = torch.full((batch,), 1.0, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with FlopCounterMode(display=False) as counter, autocast:
-        denoising_loss_at(precond, crops, coords, sigma, torch.randn_like(crops)).mean().backward()
+        denoising_loss_at(precond, crops, coords, sigma, torch.randn_like(crops), sigma_data=0.5).mean().backward()
     return float(counter.get_total_flops())
 
 
@@ -137,7 +137,7 @@ class Recorder:
         for i in range(0, self.x0.shape[0], 256):
             sl = slice(i, i + 256)
             total += denoising_loss_at(precond.eval(), self.x0[sl], self.coords[sl], self.sigmas[sl],
-                                       self.noise[sl]).sum().item()
+                                       self.noise[sl], sigma_data=0.5).sum().item()
         return total / self.x0.shape[0]
 
     def __call__(self, info: StepInfo) -> bool:
@@ -219,8 +219,9 @@ def main() -> None:
         store = make_store(root, "train", args.images, args.resolution, seed=0)
         heldout = LatentStore(make_store(root, "heldout", args.heldout, args.resolution, seed=1)).load()["mean"].float()
         common = [
-            "model.arch=dit", "model.preset=null", f"model.hidden_size={args.hidden}", f"model.depth={args.depth}",
-            f"model.num_heads={args.heads}", "model.patch_size=2", f"optim.lr={args.lr}", "optim.warmup_steps=50",
+            "model.arch=dit", "model.dit.preset=null", f"model.dit.hidden_size={args.hidden}", f"model.dit.depth={args.depth}",
+            f"model.dit.num_heads={args.heads}", "model.dit.patch_size=2", f"optim.lr={args.lr}", "optim.warmup_steps=50",
+            "edm.sigma_data=0.5",
             f"train.batch_size={args.batch}", "train.max_steps=1000000000", "train.log_every=100",
             "train.ckpt_every=1000000000", "train.keep_checkpoints=1", "train.ema_halflife_kimg=0.5",
             "train.ema_rampup=0.05",
@@ -232,8 +233,7 @@ def main() -> None:
         results = []
         for name, cfg in configs.items():
             side = args.resolution
-            stages = PatchSchedule(side, side, args.batch, cfg.patches.real_p, cfg.patches.sizes,
-                                   multiple_of=2).stages
+            stages = PatchSchedule(cfg.patches, side, side, args.batch, multiple_of=2).stages
             flops = {(s.height, s.width): step_flops(cfg, lat, s.height, s.width, s.batch_size, device)
                      for s in stages}
             rec = run_one(name, cfg, store, root, heldout, device, args)

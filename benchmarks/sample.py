@@ -47,8 +47,8 @@ def make_run(root: Path, args) -> Path:
     else:
         info = load_autoencoder("pixel").info
     c, side = info.latent_channels, args.latent
-    cfg = load_config(None, [f"model.hidden_size={args.hidden}", f"model.depth={args.depth}",
-                             f"model.num_heads={args.heads}", "model.patch_size=2"])
+    cfg = load_config(None, [f"model.dit.hidden_size={args.hidden}", f"model.dit.depth={args.depth}",
+                             f"model.dit.num_heads={args.heads}", "model.dit.patch_size=2", "edm.sigma_data=0.5"])
     save_config(cfg, root / "config.yaml")
     (root / "run.json").write_text(json.dumps({
         "format_version": 1, "latents": str(root / "latents"), "autoencoder": info.to_dict(),

@@ -2,6 +2,7 @@
 
     checkpoints/step-00000100/  model.safetensors  ema.safetensors  optimizer.safetensors  state.json
     checkpoints/LATEST          names the newest complete checkpoint; written last
+    checkpoints/BEST            names the checkpoint of the best held-out loss (when training evaluates one)
 
 A checkpoint is written as `.tmp-step-XXXXXXXX`, fsynced, then renamed, so a killed run leaves either a
 complete checkpoint or a `.tmp-` folder that every reader ignores. state.json records the sha256 of each
@@ -30,6 +31,7 @@ from latentpatch.io import atomic_write_text, sha256_file
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 LATEST = "LATEST"
+BEST = "BEST"
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -53,17 +55,28 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The folder LATEST names; the newest complete one if LATEST is missing (a kill between rename and LATEST)."""
+def _named(run_dir: str | os.PathLike, pointer: str) -> Path | None:
+    """The complete checkpoint folder a pointer file (LATEST, BEST) names, or None."""
     root = Path(run_dir) / CKPT_DIR
     try:
-        name = (root / LATEST).read_text().strip()
+        name = (root / pointer).read_text().strip()
     except OSError:
-        name = ""
-    if name and _NAME.match(name) and (root / name / STATE_FILE).is_file():
-        return root / name
+        return None
+    return root / name if _NAME.match(name) and (root / name / STATE_FILE).is_file() else None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The folder LATEST names; the newest complete one if LATEST is missing (a kill between rename and LATEST)."""
+    named = _named(run_dir, LATEST)
+    if named is not None:
+        return named
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint of the best held-out loss (None when the run evaluates none)."""
+    return _named(run_dir, BEST)
 
 
 # --- state dicts <-> safetensors -------------------------------------------------------------------
@@ -130,9 +143,10 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     run_dir: str | os.PathLike, step: int, model: nn.Module, ema: nn.Module,
-    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 0,
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 0, best: bool = False,
 ) -> Path:
-    """Write step-XXXXXXXX atomically, point LATEST at it, then apply the retention rule (keep newest `keep`)."""
+    """Write step-XXXXXXXX atomically, point LATEST (and with `best`, BEST) at it, then apply the retention
+    rule (keep the newest `keep`, and the best)."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
@@ -166,17 +180,19 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_text(root / LATEST, name + "\n")
+    if best:
+        atomic_write_text(root / BEST, name + "\n")
     apply_retention(run_dir, keep)
     return final
 
 
 def apply_retention(run_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps all); never the one LATEST names."""
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps all); never one LATEST or BEST names."""
     if keep <= 0:
         return []
-    latest = latest_checkpoint(run_dir)
+    kept = {p.resolve() for p in (latest_checkpoint(run_dir), best_checkpoint(run_dir)) if p is not None}
     found = list_checkpoints(run_dir)
-    doomed = [p for p in found[: max(len(found) - keep, 0)] if latest is None or p.resolve() != latest.resolve()]
+    doomed = [p for p in found[: max(len(found) - keep, 0)] if p.resolve() not in kept]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -224,9 +240,13 @@ def load_checkpoint(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: tor
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None) -> Path:
-    """None: the latest; an int or "100": that step; a name or a path: that folder."""
-    if checkpoint is None:
-        found = latest_checkpoint(run_dir)
+    """None or "best": the best held-out checkpoint, else the latest; "latest": the latest; an int or "100": that
+    step; a name or a path: that folder."""
+    if checkpoint == "best" and best_checkpoint(run_dir) is None:
+        raise UserError(f"run {run_dir} has no best checkpoint: it was trained without held-out evaluation "
+                        "(heldout.every); use --checkpoint latest")
+    if checkpoint in (None, "best", "latest"):
+        found = (best_checkpoint(run_dir) if checkpoint != "latest" else None) or latest_checkpoint(run_dir)
         if found is None:
             raise UserError(f"run folder {run_dir} has no checkpoint yet (nothing in {run_dir / CKPT_DIR})")
         return found

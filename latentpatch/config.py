@@ -14,113 +14,14 @@ from typing import Any
 
 import yaml
 
-# EDMConfig, ModelConfig and its sections are re-exported: each config lives beside the code it configures.
+# Each section lives beside the code it configures; all are re-exported here.
 from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import DiTConfig, ModelConfig, UNetConfig, migrate_legacy  # noqa: F401
 from latentpatch.models.presets import preset_values
-
-COORDINATE_MODES = ("absolute", "local")
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass
-class PatchConfig:
-    """Patch schedule (Wang et al. 2023): the full size gets real_p; smaller sides are fractions of it."""
-
-    real_p: float = 0.5
-    sizes: list[float] = field(default_factory=lambda: [0.5])
-    size_weights: list[float] | None = None  # one relative weight per entry of sizes (None: equal)
-    batch_growth: float = 2.0
-    progressive_steps: int = 0
-    coordinates: str = "absolute"  # "absolute" (the paper) | "local" (ablation: no location information)
-
-    def __post_init__(self) -> None:
-        if self.real_p == 1.0 and self.sizes == PatchConfig.__dataclass_fields__["sizes"].default_factory():
-            self.sizes = []  # full-size only: the default sides are not in use (ones given are refused by check)
-
-    def check(self) -> None:
-        if not 0.0 <= self.real_p <= 1.0:
-            raise UserError(f"patches.real_p must be in [0, 1], got {self.real_p}")
-        if self.real_p == 1.0 and self.sizes:
-            raise UserError(f"patches.real_p=1 trains on full-size latents only, so patches.sizes {self.sizes} would "
-                            "never be used; set patches.sizes=[] too (as the full-size preset does), or real_p < 1")
-        if self.real_p < 1.0 and not self.sizes:
-            raise UserError(f"patches.real_p={self.real_p} leaves {1 - self.real_p:g} of the steps to patches, but "
-                            "patches.sizes is empty; give the patch sides, e.g. patches.sizes=[0.5]")
-        if any(not 0.0 < s < 1.0 for s in self.sizes):
-            raise UserError(f"patches.sizes are fractions of the latent side in (0, 1), got {self.sizes}")
-        if self.size_weights is not None:
-            if len(self.size_weights) != len(self.sizes):
-                raise UserError(f"patches.size_weights has {len(self.size_weights)} entries for the "
-                                f"{len(self.sizes)} of patches.sizes {self.sizes}; give one weight per size")
-            if any(w < 0 for w in self.size_weights) or sum(self.size_weights) <= 0:
-                raise UserError(f"patches.size_weights must be >= 0 with a positive sum, got {self.size_weights}")
-        if self.coordinates not in COORDINATE_MODES:
-            raise UserError(f"patches.coordinates must be one of {COORDINATE_MODES}, got {self.coordinates!r}")
-        if self.batch_growth <= 0 or self.progressive_steps < 0:
-            raise UserError("patches.batch_growth must be > 0 and patches.progressive_steps >= 0")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 1000
-    grad_clip: float = 1.0
-
-    def check(self) -> None:
-        if len(self.betas) != 2:
-            raise UserError(f"optim.betas needs two values, got {self.betas}")
-        if not self.lr >= 0:
-            raise UserError(f"optim.lr must be >= 0, got {self.lr}")
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 64  # per optimisation step at full size, over all ranks
-    grad_accum: int = 1
-    max_steps: int = 100_000
-    seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    compile: bool = False
-    ema_halflife_kimg: float = 500.0
-    ema_rampup: float | None = 0.05
-    label_dropout: float = 0.1
-    log_every: int = 50
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 3
-    sample_every: int = 0
-    sample_n: int = 16
-    sample_steps: int = 18
-
-    def check(self) -> None:
-        """Values no type check catches; each message names the key."""
-        for key in ("batch_size", "grad_accum", "log_every", "ckpt_every", "max_steps"):
-            if getattr(self, key) < 1:
-                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
-        if not 0.0 <= self.label_dropout <= 1.0:
-            raise UserError(f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-@dataclass
-class TextConfig:
-    """Frozen open-clip text encoder (latentpatch.text); empty model means no text conditioning, unless the
-    latent store holds cached text embeddings, whose encoder is then used ("none" trains without text)."""
-
-    model: str = ""                 # open_clip name (ViT-B-32) or a model config .json file
-    pretrained: str | None = None   # tag (laion2b_s34b_b79k), checkpoint file, or None: random weights
-    caption_dropout: float = 0.1    # P(caption -> ""), which trains the unconditional model for guidance
-    max_length: int = 77            # tokens kept for cross-attention (at most the model's context length)
-    pooled: bool = True             # also feed the pooled embedding (adaLN / the UNet's time embedding)
-
-    def check(self) -> None:
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise UserError(f"text.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+from latentpatch.patches import PatchConfig
+from latentpatch.text import TextConfig
+from latentpatch.training.train_config import HeldoutConfig, OptimConfig, RoutingConfig, TrainConfig
 
 
 @dataclass
@@ -130,12 +31,20 @@ class RunConfig:
     patches: PatchConfig = field(default_factory=PatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
     def check(self) -> RunConfig:
         """Every check that needs no data, once, when the config is loaded; returns self."""
-        for section in (self.model, self.edm, self.patches, self.optim, self.train, self.text):
+        for section in (self.model, self.edm, self.patches, self.optim, self.train, self.heldout, self.routing,
+                        self.text):
             section.check()
+        if self.routing.share > 0:
+            if self.model.arch != "dit":
+                raise UserError(f"routing.share={self.routing.share} routes DiT tokens; model.arch={self.model.arch} "
+                                "has none (set routing.share=0)")
+            self.routing.blocks(self.model.dit.depth)
         return self
 
 

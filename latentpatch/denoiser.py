@@ -21,6 +21,9 @@ def build_precond(
     `init_state` (a fine-tune's starting weights, plain keys) is loaded before model.lora_rank adapters are
     added, so the adapters start from it.
     """
+    if cfg.edm.sigma_data is None:
+        raise UserError("edm.sigma_data is not set: training takes it from the latent store (its measured latent "
+                        "std); outside training give it in the config")
     precond = EDMPrecond(build_network(cfg.model, latent_channels, device=device), sigma_data=cfg.edm.sigma_data)
     if init_state is not None:
         try:

@@ -262,7 +262,7 @@ def _encode_files(
             if images:
                 queued = _Pending(_encode_batch(autoencoder, images, items, size, opts), items)
                 if pending is not None:
-                    writer.add(*pending.ready())
+                    _store_rows(writer, *pending.ready())
                 pending = queued
                 summary.encoded += len(items)
                 summary.images_encoded += len(images)
@@ -275,7 +275,7 @@ def _encode_files(
         bar.close()
         try:
             if pending is not None:
-                writer.add(*pending.ready())
+                _store_rows(writer, *pending.ready())
         finally:
             writer.close()  # also on Ctrl-C: rows already encoded are written, not lost
     summary.converted = dict(converted)
@@ -314,6 +314,18 @@ def _encode_batch(autoencoder, images, items: list[Item], size, opts: EncodeOpti
         if opts.extra_tensors is not None:
             tensors.update(opts.extra_tensors(items))
     return tensors
+
+
+def _store_rows(writer: StoreWriter, tensors: dict[str, torch.Tensor], items: list[Item]) -> None:
+    """Hand a batch to the shard writer, recording each item's latent moments [E z, E z^2] first: the store's
+    latent std (manifest.latent_std), which training takes as EDM's sigma_data, follows from them."""
+    mean = tensors["mean"].float().flatten(1)
+    second = mean.square().mean(1)
+    if "std" in tensors:  # z = mean + std * eps: E z^2 = mean^2 + std^2
+        second = second + tensors["std"].float().flatten(1).square().mean(1)
+    for item, m1, m2 in zip(items, mean.mean(1).tolist(), second.tolist()):
+        item.moments = [float(f"{m1:.6g}"), float(f"{m2:.6g}")]
+    writer.add(tensors, items)
 
 
 def _item_noise(items: list[Item], seed: int, like: torch.Tensor) -> torch.Tensor:

@@ -197,7 +197,7 @@ def _load_vae(info: dict[str, Any], device: str | None) -> Any:
 
 def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora_rank, lr, batch_size,
                      overrides) -> RunConfig:
-    from latentpatch.conditioning import derive_spec
+    from latentpatch.training.trainer import resolve_with_store
 
     cfg = copy.deepcopy(found.cfg)
     tc = cfg.train
@@ -211,7 +211,7 @@ def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora
     _choose_text(cfg, found, store, text_encoder)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    cfg, _, _ = derive_spec(cfg, store)  # fills model.text_dim / pooled_text_dim from the encoder
+    cfg, _, _ = resolve_with_store(cfg, store)  # text widths from the encoder, sigma_data from the latents
     unet_cfg = _pretrained_config(cfg) or {}
     if unet_cfg.get("cross_attention_dim") and cfg.model.text_dim != unet_cfg["cross_attention_dim"]:
         raise UserError(

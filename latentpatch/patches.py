@@ -7,16 +7,15 @@ exactly its slice of the full grid (Wang et al. 2023, Sec. 3: pixel-level coordi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
 from latentpatch.errors import UserError
 from latentpatch.seeding import make_generator
 
-if TYPE_CHECKING:
-    from latentpatch.config import PatchConfig
+COORDINATE_MODES = ("absolute", "local")
+LOSS_WEIGHTINGS = ("mean", "area")
 
 
 def _axis(full: int, start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -58,10 +57,12 @@ def full_coordinates(
 
 def random_crops(
     latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
-    local_coordinates: bool = False,
+    local_coordinates: bool = False, multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A uniformly placed crop per sample (vectorised gather) and its coordinate channels.
 
+    Offsets are multiples of `multiple`: with the network's token size (the DiT patch size) a crop's tokens
+    sit exactly where full-size sampling has them, so it trains on the token grid sampling uses.
     `local_coordinates` gives every crop the grid of a full image (the ablation without location).
     """
     b, c, h, w = latents.shape
@@ -69,8 +70,8 @@ def random_crops(
         raise UserError(f"patch {ph}x{pw} is larger than the latent {h}x{w}")
     dev = latents.device
     gen_dev = generator.device if generator is not None else dev
-    tops = torch.randint(0, h - ph + 1, (b,), generator=generator, device=gen_dev).to(dev)
-    lefts = torch.randint(0, w - pw + 1, (b,), generator=generator, device=gen_dev).to(dev)
+    tops = torch.randint(0, (h - ph) // multiple + 1, (b,), generator=generator, device=gen_dev).to(dev) * multiple
+    lefts = torch.randint(0, (w - pw) // multiple + 1, (b,), generator=generator, device=gen_dev).to(dev) * multiple
     rows = tops[:, None] + torch.arange(ph, device=dev)  # [B, ph]
     cols = lefts[:, None] + torch.arange(pw, device=dev)  # [B, pw]
     bidx = torch.arange(b, device=dev)[:, None, None]
@@ -80,6 +81,48 @@ def random_crops(
     else:
         coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype)
     return crops.contiguous(), coords.contiguous()
+
+
+@dataclass
+class PatchConfig:
+    """Patch schedule (Wang et al. 2023): the full size gets real_p; smaller sides are fractions of it."""
+
+    real_p: float = 0.5
+    sizes: list[float] = field(default_factory=lambda: [0.5])
+    size_weights: list[float] | None = None  # one relative weight per entry of sizes (None: equal)
+    batch_growth: float = 2.0
+    progressive_steps: int = 0
+    coordinates: str = "absolute"  # "absolute" (the paper) | "local" (ablation: no location information)
+    aligned: bool = True  # crop offsets on the network's token grid (DiT patch size, UNet downsampling)
+    loss_weighting: str = "mean"  # "mean": every step weighs the same | "area": a step's loss x its patch area
+
+    def __post_init__(self) -> None:
+        if self.real_p == 1.0 and self.sizes == [0.5]:
+            self.sizes = []  # full-size only: the default sides are not in use (ones given are refused by check)
+
+    def check(self) -> None:
+        if not 0.0 <= self.real_p <= 1.0:
+            raise UserError(f"patches.real_p must be in [0, 1], got {self.real_p}")
+        if self.real_p == 1.0 and self.sizes:
+            raise UserError(f"patches.real_p=1 trains on full-size latents only, so patches.sizes {self.sizes} would "
+                            "never be used; set patches.sizes=[] too (as the full-size preset does), or real_p < 1")
+        if self.real_p < 1.0 and not self.sizes:
+            raise UserError(f"patches.real_p={self.real_p} leaves {1 - self.real_p:g} of the steps to patches, but "
+                            "patches.sizes is empty; give the patch sides, e.g. patches.sizes=[0.5]")
+        if any(not 0.0 < s < 1.0 for s in self.sizes):
+            raise UserError(f"patches.sizes are fractions of the latent side in (0, 1), got {self.sizes}")
+        if self.size_weights is not None:
+            if len(self.size_weights) != len(self.sizes):
+                raise UserError(f"patches.size_weights has {len(self.size_weights)} entries for the "
+                                f"{len(self.sizes)} of patches.sizes {self.sizes}; give one weight per size")
+            if any(w < 0 for w in self.size_weights) or sum(self.size_weights) <= 0:
+                raise UserError(f"patches.size_weights must be >= 0 with a positive sum, got {self.size_weights}")
+        if self.coordinates not in COORDINATE_MODES:
+            raise UserError(f"patches.coordinates must be one of {COORDINATE_MODES}, got {self.coordinates!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise UserError(f"patches.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.batch_growth <= 0 or self.progressive_steps < 0:
+            raise UserError("patches.batch_growth must be > 0 and patches.progressive_steps >= 0")
 
 
 @dataclass(frozen=True)

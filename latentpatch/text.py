@@ -29,6 +29,22 @@ LIST_TAGS_HINT = "python -c \"import open_clip; print(open_clip.list_pretrained(
 RANDOM_WEIGHTS_SEED = 0  # pretrained=None: random weights, the same in every process (tests, smoke runs)
 
 
+@dataclass
+class TextConfig:
+    """Frozen open-clip text encoder (latentpatch.text); empty model means no text conditioning, unless the
+    latent store holds cached text embeddings, whose encoder is then used ("none" trains without text)."""
+
+    model: str = ""                 # open_clip name (ViT-B-32) or a model config .json file
+    pretrained: str | None = None   # tag (laion2b_s34b_b79k), checkpoint file, or None: random weights
+    caption_dropout: float = 0.1    # P(caption -> ""), which trains the unconditional model for guidance
+    max_length: int = 77            # tokens kept for cross-attention (at most the model's context length)
+    pooled: bool = True             # also feed the pooled embedding (adaLN / the UNet's time embedding)
+
+    def check(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise UserError(f"text.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+
 def parse_text_encoder(spec: str) -> tuple[str, str | None]:
     """`MODEL[:PRETRAINED]` -> (model, pretrained); an `hf-hub:`/`local-dir:` model keeps its whole name."""
     spec = spec.strip()

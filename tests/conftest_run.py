@@ -32,7 +32,7 @@ def make_tiny_run(
     root.mkdir(parents=True, exist_ok=True)
     cfg = load_config(None, [
         "model.dit.hidden_size=32", "model.dit.depth=2", "model.dit.num_heads=2", "model.dit.patch_size=2",
-        f"model.num_classes={num_classes}", "model.attention=sdpa",
+        f"model.num_classes={num_classes}", "model.attention=sdpa", "edm.sigma_data=0.5",
     ])
     save_config(cfg, root / "config.yaml")
     info = {

@@ -119,7 +119,7 @@ def test_missing_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
 
 def _run_folder(tmp_path):
     """A run folder with config.yaml, run.json and one checkpoint of the tiny DiT."""
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["edm.sigma_data=0.5"])
     save_config(cfg, tmp_path / "config.yaml")
     (tmp_path / "run.json").write_text(json.dumps({"latent_shape": [3, 8, 8]}))
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ from latentpatch.errors import UserError
 
 def test_defaults_follow_the_papers():
     cfg = RunConfig()
-    assert (cfg.edm.sigma_data, cfg.edm.P_mean, cfg.edm.P_std) == (0.5, -1.2, 1.2)
+    assert (cfg.edm.P_mean, cfg.edm.P_std) == (-1.2, 1.2)
+    assert cfg.edm.sigma_data is None  # the latent store's measured std, not EDM's 0.5 for pixels
     assert cfg.patches.real_p == 0.5 and cfg.patches.sizes == [0.5]
 
 

@@ -23,14 +23,18 @@ def test_single_process_needs_no_process_group():
     assert torch.equal(all_reduce_mean(torch.tensor([3.0]), info), torch.tensor([3.0]))
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("recipe", [{}, {"routing.share": 0.5, "routing.start": 0, "routing.end": 0}],
+                         ids=["plain", "routed"])
+def test_two_gloo_processes_match_one_process(tmp_path, recipe):
+    """Every draw (crops, noise, routed tokens) is one of the global batch: 2 ranks compute what 1 does."""
+    steps = {**STEPS, **recipe}
     store = make_store(tmp_path / "store", photo_crops(32, 16))
-    one = train(load_config("tiny", tiny_overrides(**STEPS)), store, tmp_path / "one", progress=False, device="cpu")
+    one = train(load_config("tiny", tiny_overrides(**steps)), store, tmp_path / "one", progress=False, device="cpu")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "latentpatch.cli", "train", "--latents", str(store), "--config", "tiny",
-           "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress", *tiny_overrides(**STEPS)]
+           "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress", *tiny_overrides(**steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("trained to step 4") == 1  # rank 0 reports, rank 1 stays quiet

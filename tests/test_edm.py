@@ -25,7 +25,7 @@ def training_loss(precond, x0, coords, cfg=None, generator=None):
     cfg = cfg or EDMConfig()
     sigma = training_sigmas(x0.shape[0], cfg, generator)
     noise = torch.randn(x0.shape, generator=generator)
-    return denoising_loss_at(precond, x0, coords, sigma, noise, sigma_data=cfg.sigma_data)
+    return denoising_loss_at(precond, x0, coords, sigma, noise, sigma_data=SD)
 
 
 class GaussianOracle(nn.Module):
@@ -61,7 +61,8 @@ def coords_for(batch, h, w):
 
 def test_edm_config_defaults_are_the_papers():
     cfg = EDMConfig()
-    assert (cfg.sigma_data, cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max) == (0.5, -1.2, 1.2, 0.002, 80.0)
+    assert (cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max) == (-1.2, 1.2, 0.002, 80.0)
+    assert cfg.sigma_data is None  # unset: training takes the latent store's measured std
 
 
 def test_coefficients_obey_table_1_identities():

@@ -91,6 +91,25 @@ def test_kl_store_holds_the_posterior_mean_and_std(folder, tmp_path, kl_vae):
     torch.testing.assert_close(loaded["std"].float(), std, atol=2e-3, rtol=2e-3)
 
 
+def test_the_manifest_records_the_std_of_the_latents_training_draws(folder, tmp_path, kl_vae):
+    """sqrt(Var(mean) + E[std^2]) for a posterior store: the std of z = mean + std * eps, what training sees."""
+    encode(folder, tmp_path / "kl", kl_vae, 32, **FAST)
+    store = LatentStore(tmp_path / "kl")
+    t = store.load()
+    mean, std = t["mean"].double(), t["std"].double()
+    expected = (mean.var(unbiased=False) + std.square().mean()).sqrt().item()
+    assert store.manifest.latent_std == pytest.approx(expected, rel=1e-4)
+    assert json.loads((tmp_path / "kl" / "manifest.json").read_text())["latent_std"] == store.manifest.latent_std
+    encode(folder, tmp_path / "px", "pixel", 32, **FAST)
+    pixels = LatentStore(tmp_path / "px")
+    assert pixels.manifest.latent_std == pytest.approx(pixels.load()["mean"].double().std(unbiased=False).item(),
+                                                       rel=1e-4)
+    for item in pixels.manifest.items:  # a store written before moments were recorded: computed from its rows
+        item.moments = None
+    assert pixels.manifest.latent_std is None
+    assert pixels.latent_std() == pytest.approx(pixels.load()["mean"].double().std(unbiased=False).item(), rel=1e-5)
+
+
 def test_sample_store_holds_one_draw_that_does_not_depend_on_batching(folder, tmp_path, kl_vae):
     encode(folder, tmp_path / "a", kl_vae, 32, store="sample", seed=5, workers=0, batch_size=1)
     encode(folder, tmp_path / "b", kl_vae, 32, store="sample", seed=5, workers=0, batch_size=6)

@@ -146,7 +146,7 @@ def _gaussian_latents(n: int = 48, seed: int = 0) -> torch.Tensor:
 
 def test_denoising_loss_of_the_ideal_gaussian_denoiser_matches_the_formula_and_is_near_one():
     x0 = _gaussian_latents()
-    heldout = HeldoutSet(x0, num_sigmas=4, seed=3)
+    heldout = HeldoutSet(x0, num_sigmas=4, seed=3, sigma_data=0.5)
     result = denoising_loss(EDMPrecond(ZeroNet(), 0.5), heldout, batch_size=20)
     # By hand: lambda(s) * mean((c_skip (x0 + s n) - x0)^2) with image i's fixed noise.
     noise = torch.stack([heldout.noise(i) for i in range(len(x0))])  # [n, S, C, h, w]

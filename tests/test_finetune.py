@@ -73,7 +73,7 @@ def test_widened_unet_computes_exactly_what_the_original_did(cls, tmp_path):
 def test_widened_unet_as_a_latentpatch_denoiser_equals_the_original(tmp_path):
     unet = tiny_unet(UNet2DConditionModel).eval()
     widened = widen_unet(tiny_unet(UNet2DConditionModel), 4)
-    cfg = load_config(None, ["model.text_dim=32", "model.attention=sdpa"])
+    cfg = load_config(None, ["model.text_dim=32", "model.attention=sdpa", "edm.sigma_data=0.5"])
     cfg.model.arch, cfg.model.pretrained = "pretrained", PretrainedConfig("UNet2DConditionModel", json_config(widened))
     state = {f"net.unet.{k}": v for k, v in widened.state_dict().items()}
     net = build_precond(cfg, 4, device="cpu", init_state=state).net.eval()

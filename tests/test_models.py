@@ -214,3 +214,44 @@ def test_dit_trains_on_cuda_in_bf16_autocast_with_checkpointing():
     assert out.shape == (2, C, 16, 8)
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert net.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_routing_every_token_is_bit_identical_to_the_plain_dit():
+    from latentpatch.models.routing import TokenRoute
+
+    net = build(dataclasses.replace(TINY_DIT, dit=DiTConfig(hidden_size=32, depth=4, num_heads=2)))
+    x, t = net_input(2, 8, 8), torch.tensor([0.3, -0.7])
+    with torch.no_grad():
+        plain = net(x, t)
+        everyone = net(x, t, route=TokenRoute(torch.arange(16).repeat(2, 1), 1, 2))
+    assert torch.equal(plain, everyone)
+
+
+def test_routed_tokens_skip_the_routed_blocks_and_rejoin_unchanged():
+    """The kept tokens (ascending, distinct) are all that enter the routed blocks."""
+    from latentpatch.models.routing import TokenRoute, kept_tokens
+
+    net = build(dataclasses.replace(TINY_DIT, dit=DiTConfig(hidden_size=32, depth=4, num_heads=2)))
+    keep = kept_tokens(2, 16, 0.5, torch.Generator().manual_seed(0))
+    assert keep.shape == (2, 8) and bool((keep[:, 1:] > keep[:, :-1]).all())  # ascending, distinct
+    seen = {}
+    net.blocks[1].register_forward_hook(lambda m, args, out: seen.update(tokens=args[0].shape[1]))
+    with torch.no_grad():
+        net(net_input(2, 8, 8), torch.zeros(2), route=TokenRoute(keep, 1, 2))
+    assert seen["tokens"] == 8  # half of the 4 x 4 tokens went through block 1
+    with torch.no_grad():
+        net(net_input(2, 8, 8), torch.zeros(2))
+    assert seen["tokens"] == 16  # without a route (sampling) every token does
+
+
+def test_route_out_puts_the_routed_tokens_back_in_place_and_leaves_the_others_as_they_were():
+    from latentpatch.models.routing import TokenRoute, route_in, route_out
+
+    before = torch.randn(2, 6, 4)
+    route = TokenRoute(torch.tensor([[0, 3, 4], [1, 2, 5]]), 0, 0)
+    routed = route_in(before, route)
+    assert torch.equal(routed[1], before[1, [1, 2, 5]])
+    after = route_out(routed + 1, before, route)
+    assert torch.equal(after[0, [0, 3, 4]], before[0, [0, 3, 4]] + 1) and torch.equal(after[0, [1, 2, 5]],
+                                                                                      before[0, [1, 2, 5]])
+    assert torch.equal(after[1, [0, 3, 4]], before[1, [0, 3, 4]])

@@ -120,3 +120,29 @@ def test_non_square_latents_get_proportional_patches():
 def test_patch_not_divisible_by_network_patch_size_is_refused():
     with pytest.raises(UserError, match="not divisible by the network's patch size 2"):
         schedule(10, 10, 4, sizes=[0.5], multiple_of=2)
+
+
+def test_aligned_crop_offsets_lie_on_the_token_grid():
+    """Offsets drawn in units of the token size: randint(0, (16 - 8) // 2 + 1) * 2 for a 2-pixel DiT patch."""
+    lat = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16).repeat(32, 1, 1, 1)
+    g = torch.Generator().manual_seed(3)
+    expected_tops = torch.randint(0, 5, (64,), generator=g) * 2
+    expected_lefts = torch.randint(0, 5, (64,), generator=g) * 2
+    crops, coords = random_crops(lat, 8, 8, torch.Generator().manual_seed(3), multiple=2)
+    tops = ((coords[:, 1, 0, 0] + 1) * 15 / 2).round().long()
+    lefts = ((coords[:, 0, 0, 0] + 1) * 15 / 2).round().long()
+    assert torch.equal(tops, expected_tops) and torch.equal(lefts, expected_lefts)
+    assert set(tops.tolist()) == {0, 2, 4, 6, 8} and set(lefts.tolist()) == {0, 2, 4, 6, 8}
+    assert all(torch.equal(crops[i], lat[i, :, t:t + 8, l_:l_ + 8]) for i, (t, l_) in enumerate(zip(tops, lefts)))
+    _, unaligned = random_crops(lat, 8, 8, torch.Generator().manual_seed(3))  # multiple 1: any offset
+    assert ((unaligned[:, 1, 0, 0] + 1) * 15 / 2).round().long().remainder(2).any()
+
+
+def test_an_aligned_crop_gets_exactly_its_slice_of_the_full_grid_position_embedding():
+    from latentpatch.models.embeddings import CoordinatePositionEmbedding
+
+    embed = CoordinatePositionEmbedding(32, patch_size=2)
+    full = embed(full_coordinates(1, 16, 16)).reshape(8, 8, 32)
+    top, left = 4, 6  # latent pixels: tokens (2, 3)
+    crop = embed(crop_coordinates(torch.tensor([top]), torch.tensor([left]), 8, 8, 16, 16)).reshape(4, 4, 32)
+    torch.testing.assert_close(crop, full[2:6, 3:7], rtol=0, atol=1e-6)

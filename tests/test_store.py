@@ -75,7 +75,7 @@ def test_manifest_round_trips_and_keeps_unknown_keys(tmp_path):
     assert {"format_version", "autoencoder", "resolution", "latent_shape", "dtype", "stores_std", "count",
             "text_encoder", "shards", "items"} <= set(d)
     assert d["items"][1] == {"file": "f1.png", "sha256": f"{1:064x}", "caption": "caption 1", "flip": False,
-                             "shard": 0, "row": 1, "size": None, "mtime_ns": None, "label": None}
+                             "shard": 0, "row": 1, "size": None, "mtime_ns": None, "label": None, "moments": None}
     d["future_field"] = {"x": 1}
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     again = read_manifest(tmp_path)

@@ -19,7 +19,7 @@ from latentpatch.errors import UserError
 from latentpatch.patches import PatchSchedule, full_coordinates
 from latentpatch.runs import load_run
 from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
-from latentpatch.training.trainer import TrainingDiverged, train
+from latentpatch.training.trainer import TrainingDiverged, resolve_with_store, train
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +43,14 @@ def heldout_loss(precond, images):
     noise = fixed_noise(x0.shape, seed=123)
     coords = full_coordinates(x0.shape[0], *images.shape[-2:])
     with torch.no_grad():
-        return denoising_loss_at(precond, x0, coords, sigmas.repeat(len(images)), noise).mean().item()
+        return denoising_loss_at(precond, x0, coords, sigmas.repeat(len(images)), noise, sigma_data=0.5).mean().item()
 
 
 def test_tiny_dit_heldout_loss_falls_on_real_photos(store, photos, tmp_path):
     cfg = tiny(**{"train.max_steps": 150, "train.ckpt_every": 1000})
     torch.manual_seed(cfg.train.seed)  # the trainer's initial weights
-    before = heldout_loss(build_precond(cfg, 3, device="cpu").eval(), photos[32:])
+    before = heldout_loss(build_precond(resolve_with_store(cfg, LatentStore(store))[0], 3, device="cpu").eval(),
+                          photos[32:])
     result = train(cfg, store, tmp_path / "run", progress=False, device="cpu")
     after = heldout_loss(load_run(tmp_path / "run").precond, photos[32:])
     assert result.step == 150 and result.checkpoint.name == "step-00000150"
@@ -142,7 +143,7 @@ def test_missing_or_foreign_latent_store_is_a_user_error(tmp_path):
     (15, "[0.4]", r"patch size 15x15 \(of latent 15x15\) is not divisible"),  # its 6x6 patches divide by 2
 ])
 def test_latent_size_not_divisible_by_patch_or_dit_patch_is_refused(tmp_path, side, sizes, match):
-    path = make_store(tmp_path / "store", torch.zeros(2, 3, side, side))
+    path = make_store(tmp_path / "store", torch.randn(2, 3, side, side))
     with pytest.raises(UserError, match=match):
         train(tiny(**{"patches.sizes": sizes}), path, tmp_path / "run", device="cpu")
 
@@ -256,7 +257,7 @@ def test_unet_patches_must_divide_by_its_total_downsampling(store, tmp_path):
 
     cfg = load_config("unet-small", ["model.unet.block_out_channels=[16, 32, 32]"])
     assert size_multiple(build_network(cfg.model, 3, device="cpu")) == 4
-    assert size_multiple(build_precond(tiny(), 3, device="cpu").net) == 2
+    assert size_multiple(build_precond(tiny(**{"edm.sigma_data": 0.5}), 3, device="cpu").net) == 2
     with pytest.raises(UserError, match=r"patch size 6x6 .* network's patch size 4"):
         train(load_config("unet-small", ["patches.sizes=[0.375]", "model.unet.block_out_channels=[16, 32, 32]"]),
               store, tmp_path / "run", device="cpu")
@@ -268,3 +269,25 @@ def test_a_run_with_nothing_left_to_train_says_so(store, tmp_path):
         train(None, store, tmp_path / "run", resume=True, device="cpu")
     with pytest.raises(UserError, match="train.max_steps must be at least 1, got 0"):
         train(tiny(), store, tmp_path / "new", max_steps=0, device="cpu")
+
+
+@pytest.mark.parametrize("std", [0.5, 1.0])
+def test_the_stores_latent_std_reaches_the_preconditioning(tmp_path, std):
+    """edm.sigma_data unset: the run takes the store's measured std, and c_skip, c_out follow it exactly."""
+    from latentpatch.diffusion.edm import precond_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 16, 16, generator=g)
+    images = (images - images.mean()) / images.std(unbiased=False) * std  # latents of std exactly `std`
+    path = make_store(tmp_path / "store", images)
+    result = train(tiny(**{"train.max_steps": 1}), path, tmp_path / "run", progress=False, device="cpu")
+    cfg = load_config(tmp_path / "run" / "config.yaml")
+    assert cfg.edm.sigma_data == pytest.approx(std, abs=1e-4)  # recorded in the run, rounded to 4 decimals
+    precond = load_run(result.run_dir).precond
+    sigma = torch.tensor([0.3, 1.0, 4.0])
+    c_skip, c_out, _, _ = precond_coefficients(sigma, precond.sigma_data)
+    torch.testing.assert_close(c_skip, std**2 / (sigma**2 + std**2), rtol=1e-3, atol=0)
+    torch.testing.assert_close(c_out, sigma * std / (sigma**2 + std**2).sqrt(), rtol=1e-3, atol=0)
+    explicit = train(tiny(**{"train.max_steps": 1, "edm.sigma_data": 0.7}), path, tmp_path / "set", progress=False,
+                     device="cpu")
+    assert load_run(explicit.run_dir).precond.sigma_data == 0.7  # a value the config sets wins

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from latentpatch.autoencoders.info import describe_autoencoder, same_latent_space
 from latentpatch.data.images import SMALLER
 from latentpatch.errors import UserError
@@ -50,6 +52,7 @@ class Item:
     size: int | None = None  # source size and mtime: a rerun skips hashing files whose stat is unchanged
     mtime_ns: int | None = None
     label: int | None = None  # class index into the manifest's class_names (encode --labels folders)
+    moments: list[float] | None = None  # [E z, E z^2] over the item's latent elements, z a posterior draw
 
 
 @dataclass
@@ -73,6 +76,14 @@ class Manifest:
         return len(self.items)
 
     @property
+    def latent_std(self) -> float | None:
+        """The std of the stored latents (posterior draws z = mean + std * eps), from the items' moments; None
+        when an item lacks them (stores written before they were recorded)."""
+        if not self.items or any(i.moments is None for i in self.items):
+            return None
+        return latent_std_of([i.moments for i in self.items])
+
+    @property
     def class_names(self) -> list[str] | None:
         """The classes of `encode --labels folders` (item.label indexes them), or None."""
         return self.extra.get("class_names")
@@ -89,6 +100,7 @@ class Manifest:
             "flip": self.flip,
             "count": self.count,
             "text_encoder": self.text_encoder,
+            "latent_std": self.latent_std,
             **self.extra,
             "shards": [asdict(s) for s in self.shards],
             "skipped": self.skipped,
@@ -104,7 +116,7 @@ class Manifest:
                 raise ValueError("not a JSON object")
             if d.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-            known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"count"}
+            known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"count", "latent_std"}
             m = cls(
                 autoencoder=dict(d["autoencoder"]),
                 resolution=[int(x) for x in d["resolution"]],
@@ -166,6 +178,12 @@ class Manifest:
     def next_shard_index(self) -> int:
         """Shard files are numbered after the highest one named, so a new shard never reuses a live name."""
         return 1 + max((int(s.file[6:-12]) for s in self.shards), default=-1)
+
+
+def latent_std_of(moments: list[list[float]] | Any) -> float:
+    """sqrt(E[z^2] - E[z]^2) over items of equal size, from their [E z, E z^2]."""
+    m = torch.as_tensor(moments, dtype=torch.float64).reshape(-1, 2).mean(0)
+    return float((m[1] - m[0] ** 2).clamp_min(0).sqrt())
 
 
 def manifest_path(store: str | Path) -> Path:

@@ -182,6 +182,19 @@ class LatentStore:
                 result["std"] = torch.empty(0, c, h, w, dtype=dtype, device=device)
         return result
 
+    def latent_std(self) -> float:
+        """The std of the latents training draws (posterior samples): the manifest's, recorded at encode time;
+        for a store written before moments were recorded, computed from its shards."""
+        from latentpatch.data.manifest import latent_std_of
+
+        recorded = self.manifest.latent_std
+        if recorded is not None:
+            return recorded
+        t = self.load()
+        mean = t["mean"].float().flatten(1)
+        second = mean.square().mean(1) + (t["std"].float().flatten(1).square().mean(1) if "std" in t else 0)
+        return latent_std_of(torch.stack([mean.mean(1), second], 1))
+
     def require_latent_space(self, autoencoder: dict[str, Any], latent_shape: Sequence[int] | None, who: str,
                              fix: str) -> None:
         """UserError unless this store's latents are those of `autoencoder` (same_latent_space) and shape.

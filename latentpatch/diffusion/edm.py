@@ -19,14 +19,15 @@ from latentpatch.errors import UserError
 class EDMConfig:
     """Noise-level hyper-parameters; the defaults are the paper's (Table 1, "EDM" column)."""
 
-    sigma_data: float = 0.5  # std of the (normalised) training latents
+    sigma_data: float | None = None  # std of the training latents; None: the latent store's measured std
     P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2) during training
     P_std: float = 1.2
     sigma_min: float = 0.002  # sampling range
     sigma_max: float = 80.0
 
     def check(self) -> None:
-        if not self.sigma_data > 0 or not 0 < self.sigma_min < self.sigma_max or not self.P_std > 0:
+        if (self.sigma_data is not None and not self.sigma_data > 0) or not 0 < self.sigma_min < self.sigma_max \
+                or not self.P_std > 0:
             raise UserError(f"edm: need sigma_data > 0, 0 < sigma_min < sigma_max and P_std > 0, got {self}")
 
 
@@ -55,19 +56,20 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = float(sigma_data)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, coords: Tensor, cond=None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, coords: Tensor, cond=None, **net_kwargs) -> Tensor:
+        """`net_kwargs` reach the network unchanged (a training step's token route)."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         sigma = sigma.expand(x.shape[0], 1, 1, 1)
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         net_in = torch.cat([c_in * x, coords.to(torch.float32)], dim=1)
-        F_x = self.net(net_in, c_noise.flatten(), cond)
+        F_x = self.net(net_in, c_noise.flatten(), cond, **net_kwargs)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 
 def denoising_loss_at(
     precond: nn.Module, x0: Tensor, coords: Tensor, sigmas: Tensor, noise: Tensor, cond=None,
-    *, sigma_data: float = 0.5,
+    *, sigma_data: float, **net_kwargs,
 ) -> Tensor:
     """Per-sample EDM loss lambda(sigma) * mean_{C,h,w} (D(x0 + sigma*n; sigma) - x0)^2 (Table 1) -> [B].
 
@@ -75,7 +77,7 @@ def denoising_loss_at(
     evaluation fixes them.
     """
     sigma = sigmas.to(device=x0.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
-    D_yn = precond(x0 + sigma * noise.to(x0), sigma.flatten(), coords, cond)
+    D_yn = precond(x0 + sigma * noise.to(x0), sigma.flatten(), coords, cond, **net_kwargs)
     per_sample = ((D_yn - x0.to(torch.float32)) ** 2).mean(dim=(1, 2, 3))
     return loss_weight(sigma.flatten(), sigma_data) * per_sample
 

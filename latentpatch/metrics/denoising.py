@@ -2,14 +2,16 @@
 
     L(sigma) = lambda(sigma) E ||D(x0 + sigma n; sigma) - x0||^2 / (C h w),  lambda = (sigma^2 + sd^2) / (sigma sd)^2
 
-(Karras et al. 2022, eq. 2 with the Table 1 weighting.) Three things make it comparable between checkpoints,
+(Karras et al. 2022, eq. 2 with the Table 1 weighting.) Four things make it comparable between checkpoints,
 runs and machines: the noise levels are the fixed mid-quantiles of the training log-normal
 (`edm.heldout_sigma_grid`), image i's noise at every level comes from its own seed (`edm.fixed_noise`, drawn
-on the CPU), and the network sees the whole latent with the full coordinate grid, as sampling does. The mean
-over the grid is then a quadrature of the training loss's expectation over sigma. Needs no pretrained network.
+on the CPU), the network sees the whole latent with the full coordinate grid, as sampling does, and the
+weighting's sd is the held-out latents' own std, not the model's sigma_data, so runs trained with other
+preconditioning are scored on one scale. The mean over the grid is then a quadrature of the training loss's
+expectation over sigma. Needs no pretrained network.
 
-For latents x0 ~ N(0, sd^2 I) the ideal denoiser is D(x) = c_skip x (F = 0) and its expected L(sigma) is
-exactly 1 at every sigma, so 1 is the floor for Gaussian data; any model scores at least that on average.
+For latents x0 ~ N(0, sd^2 I) with sd their std the ideal denoiser has expected L(sigma) exactly 1 at every
+sigma, so 1 is the floor for Gaussian data; structure in real data lets a model score below it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class DenoisingLoss:
     mean: float  # mean over the grid (equal weights: the grid points are equal-probability quantiles)
     n_images: int
     seed: int
+    weight_sigma_data: float  # the sd of the weighting lambda(sigma): the held-out latents' std
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +57,7 @@ class HeldoutSet:
 
     def __init__(
         self, latents: Tensor, *, num_sigmas: int = 8, seed: int = 0, P_mean: float = -1.2, P_std: float = 1.2,
-        cond: Conditioning | None = None,
+        cond: Conditioning | None = None, sigma_data: float | None = None,
     ) -> None:
         if latents.ndim != 4 or len(latents) == 0:
             raise UserError(f"held-out latents must be a non-empty [n, C, h, w] tensor, got {tuple(latents.shape)}")
@@ -64,6 +67,8 @@ class HeldoutSet:
         self.sigmas = heldout_sigma_grid(num_sigmas, P_mean, P_std)
         self.seed = int(seed)
         self.cond = cond
+        # The weighting's sd: given (a store's measured latent std), else these latents' own std.
+        self.sigma_data = float(self.x0.double().std(unbiased=False)) if sigma_data is None else float(sigma_data)
 
     def __len__(self) -> int:
         return len(self.x0)
@@ -85,7 +90,6 @@ def denoising_loss(precond: nn.Module, heldout: HeldoutSet, *, batch_size: int =
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     device = next(precond.parameters()).device
-    sigma_data = float(getattr(precond, "sigma_data", 0.5))
     n, s = len(heldout), len(heldout.sigmas)
     _, h, w = heldout.x0.shape[1:]
     sums = torch.zeros(s, dtype=torch.float64)
@@ -100,7 +104,7 @@ def denoising_loss(precond: nn.Module, heldout: HeldoutSet, *, batch_size: int =
             loss = denoising_loss_at(
                 precond, heldout.x0[rows].to(device), full_coordinates(len(rows), h, w, device=device),
                 heldout.sigmas[levels].to(device), noise.to(device), heldout.cond_of(rows, device),
-                sigma_data=sigma_data,
+                sigma_data=heldout.sigma_data,
             )
             sums.index_add_(0, levels, loss.double().cpu())
     finally:
@@ -109,19 +113,22 @@ def denoising_loss(precond: nn.Module, heldout: HeldoutSet, *, batch_size: int =
     if not all(math.isfinite(v) for v in per_sigma):
         raise UserError(f"the held-out denoising loss is not finite ({per_sigma}): the model's weights are broken")
     return DenoisingLoss(
-        sigmas=heldout.sigmas.tolist(), per_sigma=per_sigma, mean=sum(per_sigma) / s, n_images=n, seed=heldout.seed
+        sigmas=heldout.sigmas.tolist(), per_sigma=per_sigma, mean=sum(per_sigma) / s, n_images=n, seed=heldout.seed,
+        weight_sigma_data=heldout.sigma_data,
     )
 
 
 def store_heldout_set(
     store: LatentStore | str | os.PathLike, spec: ConditioningSpec | None = None, *, num_sigmas: int = 8,
     seed: int = 0, limit: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
+    sigma_data: float | None = None,
 ) -> HeldoutSet:
     """A HeldoutSet of a latent store's first `limit` items (all by default), at their posterior means.
 
     The mean, not a posterior draw, keeps the loss deterministic. A conditional model (`spec`) is scored with
     the items' own conditioning: their labels (the null label where an item has none) and captions (the
-    store's cached embeddings when the run's encoder made them, else embedded once with it).
+    store's cached embeddings when the run's encoder made them, else embedded once with it). The weighting's
+    sd is `sigma_data` (default: this store's measured latent std).
     """
     from latentpatch.conditioning.spec import TextSource
     from latentpatch.conditioning.stored import condition_rows, select_rows
@@ -146,7 +153,8 @@ def store_heldout_set(
                             "held-out images with their captions")
     rows = condition_rows(spec, store, tensors, text, missing_label="null")
     cond = select_rows(spec, rows, torch.arange(count))
-    return HeldoutSet(tensors["mean"][:count], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond)
+    return HeldoutSet(tensors["mean"][:count], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond,
+                      sigma_data=store.latent_std() if sigma_data is None else sigma_data)
 
 
 def _existing_store(path: str | os.PathLike) -> Path:

@@ -1,8 +1,9 @@
 """DiT (Peebles & Xie 2023) for Patch Diffusion: adaLN-Zero blocks, positions from coordinate channels.
 
-Follows facebookresearch/DiT models.py, with three changes: the position embedding is computed from the
+Follows facebookresearch/DiT models.py, with four changes: the position embedding is computed from the
 coordinate channels (so a crop knows where it is on the full grid), optional PixArt-alpha cross-attention
-on text tokens, and an EDM-style call signature `net(x[B, C+2, h, w], c_noise[B], cond) -> [B, C, h, w]`.
+on text tokens, optional TREAD token routing in training (models.routing), and an EDM-style call signature
+`net(x[B, C+2, h, w], c_noise[B], cond) -> [B, C, h, w]`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.models.attention import attention
 from latentpatch.models.embeddings import CoordinatePositionEmbedding, LabelEmbedder, TimestepEmbedder
+from latentpatch.models.routing import TokenRoute, route_in, route_out
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -196,7 +198,9 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], th, tw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, th * p, tw * p)
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning | None = None,
+                route: TokenRoute | None = None) -> Tensor:
+        """`route` (training only): the tokens that go through blocks route.start..route.end (TREAD)."""
         b, channels, h, w = x.shape
         p = self.patch_size
         if channels != self.in_channels + 2:
@@ -209,9 +213,13 @@ class DiT(nn.Module):
         tokens = tokens + self.pos_embedder(coords).to(tokens.dtype)
         c = self.t_embedder(c_noise) + self._condition_vector(cond, b, x.device)
         text, text_mask = self._text(cond)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start:
+                before, tokens = tokens, route_in(tokens, route)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, text, text_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, c, text, text_mask)
+            if route is not None and i == route.end:
+                tokens = route_out(tokens, before, route)
         return self.unpatchify(self.final_layer(tokens, c), h // p, w // p)

@@ -19,11 +19,13 @@ from latentpatch.conditioning.stored import condition_rows, draw_rows
 from latentpatch.data.store import LatentStore
 from latentpatch.diffusion.edm import EDMConfig, training_sigmas
 from latentpatch.errors import UserError
+from latentpatch.models.routing import TokenRoute, kept_tokens
 from latentpatch.patches import PatchStage, random_crops
 from latentpatch.seeding import make_generator
 
 if TYPE_CHECKING:
     from latentpatch.config import RunConfig
+    from latentpatch.training.train_config import RoutingConfig
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,19 @@ class BatchSpec:
     label_dropout: float
     caption_dropout: float
     local_coordinates: bool  # the ablation without location information
+    crop_multiple: int = 1  # crop offsets are multiples of this (the network's token size when aligned)
+    token_size: int = 1  # latent pixels per token side (the DiT patch size), for token routing
+    routing: RoutingConfig | None = None  # TREAD routing (None or share 0: every token in every block)
+    route_blocks: tuple[int, int] = (0, 0)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, conditioning: ConditioningSpec) -> BatchSpec:
+    def from_config(cls, cfg: RunConfig, conditioning: ConditioningSpec, size_multiple: int = 1) -> BatchSpec:
+        """`size_multiple`: the network's token size (DiT patch size) or total downsampling (UNet)."""
+        routing = cfg.routing if cfg.routing.share > 0 else None
         return cls(cfg.train.seed, cfg.edm, conditioning, cfg.train.label_dropout, cfg.text.caption_dropout,
-                   local_coordinates=cfg.patches.coordinates == "local")
+                   local_coordinates=cfg.patches.coordinates == "local",
+                   crop_multiple=size_multiple if cfg.patches.aligned else 1, token_size=size_multiple,
+                   routing=routing, route_blocks=routing.blocks(cfg.model.dit.depth) if routing else (0, 0))
 
 
 @dataclass
@@ -52,6 +62,10 @@ class Batch:
     sigma: Tensor  # [b]
     noise: Tensor  # [b, C, ph, pw]
     cond: Conditioning | None
+    route: TokenRoute | None = None  # the tokens that go through the routed blocks (training with routing)
+
+    def net_kwargs(self) -> dict:
+        return {} if self.route is None else {"route": self.route}
 
 
 def draw_batch(
@@ -70,12 +84,18 @@ def draw_batch(
         std = store_tensors["std"][indices].to(device, torch.float32)
         x = x + std * torch.randn(x.shape, generator=g, device=device)
     cond = draw_rows(spec.conditioning, store_tensors, indices, g, spec.label_dropout, spec.caption_dropout)
-    crops, coords = random_crops(x, stage.height, stage.width, g, local_coordinates=spec.local_coordinates)
+    crops, coords = random_crops(x, stage.height, stage.width, g, local_coordinates=spec.local_coordinates,
+                                 multiple=spec.crop_multiple)
     sigma = training_sigmas(micro_batch, spec.edm, g, device)
     noise = torch.randn(crops.shape, generator=g, device=device)
+    route = None
+    if spec.routing is not None and spec.routing.active(step):  # drawn last: the other draws stay the same
+        tokens = (stage.height // spec.token_size) * (stage.width // spec.token_size)
+        route = TokenRoute(kept_tokens(micro_batch, tokens, spec.routing.share, g), *spec.route_blocks)
     per_rank = micro_batch // world
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    return Batch(crops[sl], coords[sl], sigma[sl], noise[sl], None if cond is None else cond.select(sl))
+    return Batch(crops[sl], coords[sl], sigma[sl], noise[sl], None if cond is None else cond.select(sl),
+                 None if route is None else route.select(sl))
 
 
 def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: TextSource | None) -> dict[str, Tensor]:
@@ -86,3 +106,13 @@ def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: Text
     tensors = store.load()
     tensors.update(condition_rows(spec, store, tensors, text))
     return tensors
+
+
+def training_rows(tensors: dict[str, Tensor], held: Tensor | None) -> dict[str, Tensor]:
+    """The store's tensors without the held-out rows `held` (per-row tensors lose them; null_* stay)."""
+    if held is None:
+        return tensors
+    n = tensors["mean"].shape[0]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return {k: v if k.startswith("null_") or v.shape[0] != n else v[keep] for k, v in tensors.items()}

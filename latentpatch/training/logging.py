@@ -54,26 +54,34 @@ def truncate_log(path: str | os.PathLike, after_step: int) -> None:
 
 
 def plot_loss(log_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
-    """loss (and its running mean) against kimg; False when there is nothing to plot yet."""
-    records = [r for r in read_log(log_path) if "loss" in r and math.isfinite(r["loss"])]
-    if not records:
+    """Training loss (and its running mean) and, when the run evaluates one, the EMA's held-out loss, against
+    kimg; False when there is nothing to plot yet."""
+    records = read_log(log_path)
+    train = [r for r in records if "loss" in r and math.isfinite(r["loss"])]
+    held = [r for r in records if "heldout_loss" in r and math.isfinite(r["heldout_loss"])]
+    if not train and not held:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r.get("kimg", r["step"]) for r in records]
-    y = [r["loss"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(x, y, lw=0.8, alpha=0.5, label="loss")
-    k = max(1, len(y) // 20)
-    smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
-    ax.plot(x, smooth, lw=1.5, label=f"mean of {k}")
+    if train:
+        x = [r.get("kimg", r["step"]) for r in train]
+        y = [r["loss"] for r in train]
+        ax.plot(x, y, lw=0.8, alpha=0.5, label="training loss")
+        k = max(1, len(y) // 20)
+        smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+        ax.plot(x, smooth, lw=1.5, label=f"training loss, mean of {k}")
+    if held:
+        best = min(held, key=lambda r: r["heldout_loss"])
+        ax.plot([r.get("kimg", r["step"]) for r in held], [r["heldout_loss"] for r in held], "o-", ms=2.5, lw=1.2,
+                label=f"held-out loss of the EMA (best {best['heldout_loss']:.4f} at step {best['step']})")
     ax.set_xlabel("kimg (full-size-equivalent images / 1000)")
     ax.set_ylabel("EDM-weighted loss")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -122,24 +130,22 @@ class RunLogger:
 
 
 class LogInterval:
-    """Running sums between two log lines: mean loss, images/s and samples/s of the interval."""
+    """Running sums between two log lines: images/s and samples/s of the interval."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.steps, self.nimg, self.samples, self.t0 = 0.0, 0, 0.0, 0, time.perf_counter()
+        self.nimg, self.samples, self.t0 = 0.0, 0, time.perf_counter()
 
-    def add(self, loss: float, samples: int, nimg: float) -> None:
-        self.loss += loss
-        self.steps += 1
+    def add(self, samples: int, nimg: float) -> None:
         self.nimg += nimg
         self.samples += samples
 
-    def record(self, **extra: Any) -> dict[str, Any]:
-        """The interval's log record (plus `extra`), and a fresh interval."""
+    def record(self, losses: list[float], **extra: Any) -> dict[str, Any]:
+        """The interval's log record: the mean of its steps' `losses`, throughput, `extra`; then a fresh interval."""
         seconds = max(time.perf_counter() - self.t0, 1e-9)
-        record = dict(loss=self.loss / max(self.steps, 1), img_s=self.nimg / seconds, samples_s=self.samples / seconds,
-                      **extra, time=time.time())
+        record = dict(loss=sum(losses) / max(len(losses), 1), img_s=self.nimg / seconds,
+                      samples_s=self.samples / seconds, **extra, time=time.time())
         self.reset()
         return record

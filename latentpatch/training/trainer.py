@@ -9,9 +9,10 @@ run exactly and any number of ranks computes the same global batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from latentpatch import checkpoints as ckpt_io
-from latentpatch.conditioning import ConditioningSpec, derive_spec
+from latentpatch.conditioning import ConditioningSpec, TextSource, derive_spec
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
 from latentpatch.denoiser import build_precond, size_multiple
@@ -30,8 +31,9 @@ from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
 from latentpatch.patches import PatchSchedule, PatchStage
 from latentpatch.seeding import derive_seed
-from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
+from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, training_rows
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
+from latentpatch.training.heldout import HeldoutEval, heldout_rows
 from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
 from latentpatch.training.resume import LOCK_FILE, record_run, saved_config
 
@@ -56,12 +58,16 @@ class StepInfo:
 
     step: int  # steps done
     nimg: float  # full-size-equivalent images seen
-    loss: float  # global mean loss of this step
+    loss_tensor: torch.Tensor  # global mean loss of this step, on the device (read it only when needed: a sync)
     patch: tuple[int, int]  # (height, width) of this step's crops
     batch_size: int  # samples in this step's global batch
     train_seconds: float  # wall time spent in optimisation steps so far (not logging, sampling, saving)
     precond: torch.nn.Module  # the trained EDMPrecond
     ema: torch.nn.Module
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
 
 
 def train(
@@ -87,13 +93,28 @@ def train(
         cleanup(dist_info)
 
 
+def resolve_with_store(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, ConditioningSpec, TextSource | None]:
+    """The config with what the store decides filled in (text widths from its encoder, edm.sigma_data from its
+    measured latent std when unset), the conditioning spec, and where the text embeddings come from."""
+    cfg, spec, text = derive_spec(copy.deepcopy(cfg), store)
+    if cfg.edm.sigma_data is None:
+        std = round(store.latent_std(), 4)
+        if not std > 0:
+            raise UserError(f"the latents of {store.path} have standard deviation {std}, so edm.sigma_data cannot "
+                            "follow them; check the store (are all images the same?) or set edm.sigma_data")
+        cfg.edm.sigma_data = std
+    return cfg, spec, text
+
+
 def _autocast(cfg: RunConfig, device: torch.device):
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    """One reduction and one sync for the whole module (a NaN or inf anywhere makes a norm non-finite)."""
+    norms = torch._foreach_norm([p.detach() for p in module.parameters()])
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 def _check_batches(schedule: PatchSchedule, cfg: RunConfig, world: int) -> None:
@@ -122,64 +143,83 @@ class _Session:
     model: torch.nn.Module  # precond, wrapped in DDP and/or torch.compile
     optimizer: torch.optim.Optimizer
     schedule: PatchSchedule
+    heldout: HeldoutEval | None = None
     step: int = 0
-    nimg: float = 0.0
+    nimg: float = 0.0  # full-size-equivalent images seen
+    nsamples: int = 0  # samples (crops) seen
     last_ckpt: Path | None = None
     autoencoder: object = None  # loaded on the first preview grid
+    unchecked: list = field(default_factory=list)  # (step, loss, grad norm) on the device, not yet read
 
     @classmethod
     def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo,
               init_state=None) -> _Session:
         store = latents if isinstance(latents, LatentStore) else LatentStore(latents)
         spec = text = None
-        if cfg is not None:  # model.text_dim from the encoder, before the config is compared or written
-            cfg, spec, text = derive_spec(cfg, store)
+        if cfg is not None:  # what the store decides, before the config is compared or written
+            cfg, spec, text = resolve_with_store(cfg, store)
         cfg = saved_config(run_dir, cfg, resume)
         if max_steps is not None:
             cfg.train.max_steps = int(max_steps)
         cfg.check()
         if spec is None:
-            cfg, spec, text = derive_spec(cfg, store)
+            cfg, spec, text = resolve_with_store(cfg, store)
         if dist.is_main:
             record_run(run_dir, cfg, store, spec)
         barrier(dist)
         tensors = load_training_tensors(store, spec, text)
+        held = heldout_rows(store, cfg.heldout.share, cfg.train.seed) if cfg.heldout.share > 0 else None
+        heldout = HeldoutEval.build(cfg, store, spec, tensors, held) if cfg.heldout.enabled else None
+        session = cls._build(cfg, spec, run_dir, dist, store, training_rows(tensors, held), init_state)
+        session.heldout = heldout
+        if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
+            session.restore(found)
+        if session.step >= cfg.train.max_steps:
+            raise UserError(f"run {run_dir} is at step {session.step} and train.max_steps is {cfg.train.max_steps}: "
+                            "nothing to train; pass a larger --max-steps to continue it")
+        if dist.distributed:
+            session.model = DistributedDataParallel(session.precond)
+        if cfg.train.compile:
+            session.model = torch.compile(session.model)
+        return session
+
+    @classmethod
+    def _build(cls, cfg: RunConfig, spec, run_dir: Path, dist: DistInfo, store: LatentStore, tensors,
+               init_state) -> _Session:
+        """The denoiser (initial weights a function of the seed alone), EMA, optimiser and schedule."""
         channels, lat_h, lat_w = store.latent_shape
         tc, oc = cfg.train, cfg.optim
-        torch.manual_seed(tc.seed)  # the initial weights are a function of the seed alone
+        torch.manual_seed(tc.seed)
         precond = build_precond(cfg, channels, device=dist.device, init_state=init_state).to(dist.device)
         ema = make_ema(precond)
-        optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas),
-                                      eps=oc.eps, weight_decay=oc.weight_decay)
-        schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=size_multiple(precond.net),
-                                 seed=tc.seed)
+        optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                                      weight_decay=oc.weight_decay, fused=dist.device.type == "cuda" or None)
+        multiple = size_multiple(precond.net)
+        schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=multiple, seed=tc.seed)
         _check_batches(schedule, cfg, dist.world_size)
         if dist.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        session = cls(cfg, spec, BatchSpec.from_config(cfg, spec), run_dir, dist, store, tensors, precond, ema, precond, optimizer,
-                      schedule)
-        if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
-            state = ckpt_io.load_checkpoint(found, precond, ema, optimizer)
-            session.step, session.nimg, session.last_ckpt = int(state["step"]), float(state["nimg"]), found
-            if dist.is_main:
-                truncate_log(run_dir / LOG_FILE, session.step)
-        if session.step >= tc.max_steps:
-            raise UserError(f"run {run_dir} is at step {session.step} and train.max_steps is {tc.max_steps}: nothing "
-                            "to train; pass a larger --max-steps to continue it")
-        if dist.distributed:
-            session.model = DistributedDataParallel(precond)
-        if tc.compile:
-            session.model = torch.compile(session.model)
-        return session
+        return cls(cfg, spec, BatchSpec.from_config(cfg, spec, multiple), run_dir, dist, store, tensors, precond,
+                   ema, precond, optimizer, schedule)
 
-    def optimisation_step(self, autocast) -> tuple[float, float, PatchStage, float, float]:
-        """One step of the schedule: (global mean loss, gradient norm, patch stage, lr, images counted)."""
+    def restore(self, found: Path) -> None:
+        state = ckpt_io.load_checkpoint(found, self.precond, self.ema, self.optimizer)
+        self.step, self.nimg, self.last_ckpt = int(state["step"]), float(state["nimg"]), found
+        self.nsamples = int(state.get("nsamples", 0))
+        if self.heldout is not None:
+            self.heldout.restore(state)
+        if self.dist.is_main:
+            truncate_log(self.run_dir / LOG_FILE, self.step)
+
+    def optimisation_step(self, autocast) -> tuple[torch.Tensor, torch.Tensor, PatchStage, float, float]:
+        """One step of the schedule: (global mean loss and gradient norm, both on the device: reading them is a
+        sync, deferred to log time; patch stage, lr, images counted)."""
         tc, oc, dist = self.cfg.train, self.cfg.optim, self.dist
         _, lat_h, lat_w = self.store.latent_shape
         stage = self.schedule.draw(self.step)
         # Images are counted full-size-equivalent: a b-sample batch of ph x pw patches of an H x W
-        # latent counts b * ph*pw / (H*W) images, for the EMA half-life, kimg and images/s alike.
+        # latent counts b * ph*pw / (H*W) images, for kimg and images/s (and the EMA, by default).
         batch_nimg = stage.batch_size * stage.height * stage.width / (lat_h * lat_w)
         lr = oc.lr * min(1.0, (self.step + 1) / max(oc.warmup_steps, 1))  # linear warm-up
         for group in self.optimizer.param_groups:
@@ -189,21 +229,28 @@ class _Session:
         loss = all_reduce_mean(self._accumulate(stage, autocast), dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
-        loss_value, norm_value = float(loss), float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            raise _diverged(f"the loss became {loss_value} (gradient norm {norm_value})", self.step, self.last_ckpt)
         self.optimizer.step()
-        update_ema(self.ema, self.precond, ema_beta(self.nimg, batch_nimg, tc.ema_halflife_kimg, tc.ema_rampup))
+        if tc.ema_count == "samples":  # each patch counts as an image (the official Patch Diffusion code)
+            beta = ema_beta(self.nsamples, stage.batch_size, tc.ema_halflife_kimg, tc.ema_rampup)
+        else:
+            beta = ema_beta(self.nimg, batch_nimg, tc.ema_halflife_kimg, tc.ema_rampup)
+        update_ema(self.ema, self.precond, beta)
+        self.unchecked.append((self.step, loss.detach(), grad_norm.detach()))
         self.nimg += batch_nimg
+        self.nsamples += stage.batch_size
         self.step += 1
-        return loss_value, norm_value, stage, lr, batch_nimg
+        return loss, grad_norm, stage, lr, batch_nimg
 
     def _accumulate(self, stage: PatchStage, autocast) -> torch.Tensor:
         """Forward/backward over train.grad_accum micro-batches; returns this rank's mean loss (detached).
 
         Each rank's loss is the mean over its slice, so DDP's gradient average over ranks is the global mean.
+        With patches.loss_weighting "area" a step's gradient is scaled by its patch's share of the full area
+        (the official code sums the loss over pixels); the loss it returns is unscaled, so logs compare.
         """
         accum, dist = self.cfg.train.grad_accum, self.dist
+        _, lat_h, lat_w = self.store.latent_shape
+        area = stage.height * stage.width / (lat_h * lat_w) if self.cfg.patches.loss_weighting == "area" else 1.0
         micro_batch = stage.batch_size // accum
         total = torch.zeros((), device=dist.device)
         for micro in range(accum):
@@ -213,10 +260,25 @@ class _Session:
                                dist.world_size, dist.device)
                 with autocast():
                     loss = denoising_loss_at(self.model, b.x0, b.coords, b.sigma, b.noise, b.cond,
-                                             sigma_data=self.cfg.edm.sigma_data).mean()
-                (loss / accum).backward()
+                                             sigma_data=self.cfg.edm.sigma_data, **b.net_kwargs()).mean()
+                (loss * (area / accum)).backward()
             total += loss.detach()
         return total / accum
+
+    def read_losses(self) -> tuple[list[float], float]:
+        """The losses of the steps since the last read (one sync) and the last gradient norm; a step whose
+        loss or gradient norm is not finite stops the run (the last good checkpoint stays)."""
+        if not self.unchecked:
+            return [], float("nan")
+        steps = [s for s, _, _ in self.unchecked]
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in self.unchecked]).cpu()
+        self.unchecked.clear()
+        bad = (~torch.isfinite(values).all(1)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise _diverged(f"the loss became {float(values[i, 0])} (gradient norm {float(values[i, 1])})",
+                            steps[i], self.last_ckpt)
+        return values[:, 0].tolist(), float(values[-1, 1])
 
     def run(self, progress: bool, callback) -> TrainResult:
         tc, dist = self.cfg.train, self.dist
@@ -226,26 +288,34 @@ class _Session:
         interval = LogInterval()
         last_loss, train_seconds, t_start, stop, ok = None, 0.0, time.perf_counter(), False, False
         try:
+            if self.heldout is not None and self.step == 0:
+                self.evaluate(logger, autocast)  # where the curve starts
             while self.step < tc.max_steps and not stop:
                 t0 = time.perf_counter()
-                loss, grad_norm, stage, lr, batch_nimg = self.optimisation_step(autocast)
+                loss, _, stage, lr, batch_nimg = self.optimisation_step(autocast)
                 train_seconds += time.perf_counter() - t0
-                interval.add(loss, stage.batch_size, batch_nimg)
+                interval.add(stage.batch_size, batch_nimg)
                 bar.update(1)
                 if callback is not None:
                     stop = bool(callback(StepInfo(self.step, self.nimg, loss, (stage.height, stage.width),
                                                   stage.batch_size, train_seconds, self.precond, self.ema)))
                 final = self.step == tc.max_steps or stop
                 if self.step % tc.log_every == 0 or final:
-                    record = interval.record(kimg=self.nimg / 1000, lr=lr, patch=stage.height, patch_w=stage.width,
-                                             batch=stage.batch_size, grad_norm=grad_norm, **memory_stats(dist.device))
+                    losses, grad_norm = self.read_losses()
+                    record = interval.record(losses, kimg=self.nimg / 1000, lr=lr, patch=stage.height,
+                                             patch_w=stage.width, batch=stage.batch_size, grad_norm=grad_norm,
+                                             **memory_stats(dist.device))
                     logger.log(self.step, **record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}")
                     last_loss = record["loss"]
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0 and dist.is_main:
                     self.save_preview(autocast)
-                if self.step % tc.ckpt_every == 0 or final:
-                    self.checkpoint(logger)
+                best = False
+                if self.heldout is not None and (self.step % self.cfg.heldout.every == 0 or final):
+                    best = self.evaluate(logger, autocast) and self.cfg.heldout.keep_best
+                if self.step % tc.ckpt_every == 0 or final or best:
+                    self.read_losses()  # a checkpoint is never written past an unseen non-finite step
+                    self.checkpoint(logger, best=best)
             ok = True
         finally:
             bar.close()
@@ -258,6 +328,14 @@ class _Session:
                 logger.close()
         return TrainResult(self.run_dir, self.step, self.nimg / 1000, self.last_ckpt, last_loss,
                            time.perf_counter() - t_start)
+
+    def evaluate(self, logger: RunLogger, autocast) -> bool:
+        """The EMA's held-out loss, logged; True when it is the best so far."""
+        with autocast():
+            loss, better = self.heldout.evaluate(self.ema, self.step)
+        logger.log(self.step, kimg=self.nimg / 1000, heldout_loss=loss.mean, heldout_per_sigma=loss.per_sigma,
+                   time=time.time())
+        return better and self.step > 0
 
     def save_preview(self, autocast) -> None:
         from latentpatch.autoencoders import load_autoencoder_from_info
@@ -274,14 +352,17 @@ class _Session:
                               n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
                               cond=cond)
 
-    def checkpoint(self, logger: RunLogger) -> None:
+    def checkpoint(self, logger: RunLogger, best: bool = False) -> None:
         """Rank 0 writes; weights that are not finite are never written (the last good checkpoint stays)."""
         if not (_all_finite(self.precond) and _all_finite(self.ema)):
             raise _diverged("the weights are no longer finite", self.step, self.last_ckpt)
         if self.dist.is_main:
-            state = {"nimg": self.nimg, "kimg": self.nimg / 1000}
+            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, "nsamples": self.nsamples}
+            if self.heldout is not None:
+                state.update(self.heldout.state())
             self.last_ckpt = ckpt_io.save_checkpoint(self.run_dir, self.step, self.precond, self.ema,
-                                                     self.optimizer, state, self.cfg.train.keep_checkpoints)
+                                                     self.optimizer, state, self.cfg.train.keep_checkpoints,
+                                                     best=best)
             logger.plot()
         barrier(self.dist)
         if not self.dist.is_main:

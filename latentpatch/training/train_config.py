@@ -1,0 +1,118 @@
+"""The training sections of the config: optimiser, loop, held-out evaluation and token routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from latentpatch.errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+EMA_COUNTS = ("images", "samples")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise UserError(f"optim.betas needs two values, got {self.betas}")
+        if not self.lr >= 0:
+            raise UserError(f"optim.lr must be >= 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # per optimisation step at full size, over all ranks
+    grad_accum: int = 1
+    max_steps: int = 100_000
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    compile: bool = False
+    ema_halflife_kimg: float = 500.0
+    ema_rampup: float | None = 0.05
+    label_dropout: float = 0.1
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    sample_n: int = 16
+    sample_steps: int = 18
+    # What the EMA half-life counts: full-size-equivalent "images" (a b-sample batch of patches of area a counts
+    # b * a images), or "samples" (every patch counts as an image, as the official Patch Diffusion code does).
+    ema_count: str = "images"
+
+    def check(self) -> None:
+        """Values no type check catches; each message names the key."""
+        for key in ("batch_size", "grad_accum", "log_every", "ckpt_every", "max_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise UserError(f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.ema_count not in EMA_COUNTS:
+            raise UserError(f"train.ema_count must be one of {EMA_COUNTS}, got {self.ema_count!r}")
+
+
+@dataclass
+class HeldoutConfig:
+    """Held-out evaluation during training: the EMA's EDM-weighted denoising loss on latents it never trains
+    on, at fixed noise levels with fixed noise, every `every` steps; the best checkpoint is kept."""
+
+    latents: str | None = None  # a held-out latent store (the training store's autoencoder and latent shape)
+    share: float = 0.0  # or hold out this share of the training store's source images (a flip goes with it)
+    every: int = 0  # optimisation steps between evaluations (0: no held-out evaluation)
+    sigmas: int = 8  # noise levels: the mid-quantiles of the training log-normal (edm.heldout_sigma_grid)
+    limit: int = 256  # at most this many held-out images
+    seed: int = 0  # the fixed noise
+    keep_best: bool = True  # keep the best checkpoint (what `sample` loads by default)
+
+    def check(self) -> None:
+        if not 0.0 <= self.share < 1.0:
+            raise UserError(f"heldout.share must be in [0, 1), got {self.share}")
+        if self.latents and self.share > 0:
+            raise UserError("give heldout.latents or heldout.share, not both")
+        if self.every < 0 or self.sigmas < 1 or self.limit < 1:
+            raise UserError("heldout.every must be >= 0, heldout.sigmas and heldout.limit >= 1")
+        if self.every > 0 and not self.latents and self.share == 0:
+            raise UserError(f"heldout.every={self.every} needs held-out latents: set heldout.latents (a latent store) "
+                            "or heldout.share (a share of the training store)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+
+@dataclass
+class RoutingConfig:
+    """TREAD token routing (Krause et al. 2025) in the DiT, training only: a random `share` of each sample's
+    tokens skips blocks start..end (inclusive; negative counts from the last block) and rejoins unchanged;
+    no new parameters, and sampling uses every token."""
+
+    share: float = 0.0  # 0: no routing
+    start: int = 1
+    end: int = -2
+    until_step: int = 0  # > 0: from this step on every token goes through every block (a final full stage)
+
+    def check(self) -> None:
+        if not 0.0 <= self.share < 1.0:
+            raise UserError(f"routing.share must be in [0, 1), got {self.share}")
+        if self.until_step < 0:
+            raise UserError(f"routing.until_step must be >= 0, got {self.until_step}")
+
+    def blocks(self, depth: int) -> tuple[int, int]:
+        """The first and last routed block of a `depth`-block DiT."""
+        start, end = self.start % depth, self.end % depth
+        if not (0 <= self.start < depth and -depth <= self.end < depth) or start > end:
+            raise UserError(f"routing.start={self.start} and routing.end={self.end} do not name blocks of a "
+                            f"{depth}-block DiT in order (0..{depth - 1}, or negative from the last)")
+        return start, end
+
+    def active(self, step: int) -> bool:
+        return self.share > 0 and not (self.until_step and step >= self.until_step)
