@@ -186,8 +186,8 @@ def _check_preset_fields(data: dict) -> None:
         return
     for name, value in preset_values(dit["preset"]).items():
         if name in dit and dit[name] != value:
-            raise UserError(f"model.dit.preset {dit['preset']} has {name} {value}, but model.dit.{name} is {dit[name]}; "
-                            "drop one of them (or set model.dit.preset=null to size the DiT by hand)")
+            raise UserError(f"model.dit.preset {dit['preset']} has {name} {value}, but model.dit.{name} is "
+                            f"{dit[name]}; drop one of them (or set model.dit.preset=null to size the DiT by hand)")
 
 
 def config_from_dict(data: dict) -> RunConfig:

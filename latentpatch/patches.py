@@ -55,23 +55,33 @@ def full_coordinates(
     return coordinate_grid(full_h, full_w, device=device, dtype=dtype).expand(batch, 2, full_h, full_w)
 
 
-def random_crops(
-    latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
-    local_coordinates: bool = False, multiple: int = 1,
+def crop_offsets(
+    batch: int, h: int, w: int, ph: int, pw: int, generator: torch.Generator | None = None, multiple: int = 1,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniformly placed crop per sample (vectorised gather) and its coordinate channels.
+    """(tops, lefts) [batch] of uniformly placed ph x pw crops of an h x w latent, multiples of `multiple`.
 
-    Offsets are multiples of `multiple`: with the network's token size (the DiT patch size) a crop's tokens
-    sit exactly where full-size sampling has them, so it trains on the token grid sampling uses.
+    With the network's token size (the DiT patch size) a crop's tokens sit exactly where full-size sampling has
+    them, so it trains on the token grid sampling uses.
+    """
+    if ph > h or pw > w:
+        raise UserError(f"patch {ph}x{pw} is larger than the latent {h}x{w}")
+    gen_dev = generator.device if generator is not None else device
+    tops = torch.randint(0, (h - ph) // multiple + 1, (batch,), generator=generator, device=gen_dev) * multiple
+    lefts = torch.randint(0, (w - pw) // multiple + 1, (batch,), generator=generator, device=gen_dev) * multiple
+    return tops, lefts
+
+
+def gather_crops(
+    latents: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, local_coordinates: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crops at (tops, lefts) of each sample (a vectorised gather) and their coordinate channels.
+
     `local_coordinates` gives every crop the grid of a full image (the ablation without location).
     """
     b, c, h, w = latents.shape
-    if ph > h or pw > w:
-        raise UserError(f"patch {ph}x{pw} is larger than the latent {h}x{w}")
     dev = latents.device
-    gen_dev = generator.device if generator is not None else dev
-    tops = torch.randint(0, (h - ph) // multiple + 1, (b,), generator=generator, device=gen_dev).to(dev) * multiple
-    lefts = torch.randint(0, (w - pw) // multiple + 1, (b,), generator=generator, device=gen_dev).to(dev) * multiple
+    tops, lefts = tops.to(dev), lefts.to(dev)
     rows = tops[:, None] + torch.arange(ph, device=dev)  # [B, ph]
     cols = lefts[:, None] + torch.arange(pw, device=dev)  # [B, pw]
     bidx = torch.arange(b, device=dev)[:, None, None]
@@ -81,6 +91,16 @@ def random_crops(
     else:
         coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype)
     return crops.contiguous(), coords.contiguous()
+
+
+def random_crops(
+    latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
+    local_coordinates: bool = False, multiple: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniformly placed crop per sample (offsets multiples of `multiple`) and its coordinate channels."""
+    b, _, h, w = latents.shape
+    tops, lefts = crop_offsets(b, h, w, ph, pw, generator, multiple, device=latents.device)
+    return gather_crops(latents, tops, lefts, ph, pw, local_coordinates)
 
 
 @dataclass

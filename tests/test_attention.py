@@ -66,6 +66,16 @@ def test_requesting_xformers_that_does_not_run_says_why(monkeypatch):
         resolve_backend("xformers", "cuda")
 
 
+def test_masked_attention_runs_through_sdpa_whatever_the_backend():
+    """A key-padding mask never builds xFormers' dense [B, heads, Lq, Lk] bias: it goes through SDPA (no xFormers
+    import is needed, so this runs on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, True, False, False, False, False, False], [True] * 7])
+    k, v = torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    assert torch.equal(attention(q, k, v, mask=mask, backend="xformers"), attention(q, k, v, mask=mask, backend="sdpa"))
+
+
 def test_xformers_problem_is_reported_not_raised_on_cpu():
     assert attn_module._xformers_problem("cpu") is not None  # not installed, or no CPU kernels
 

@@ -7,6 +7,7 @@ import torch
 
 from latentpatch.conditioning import ConditioningSpec
 from latentpatch.data.manifest import Item, Manifest, read_manifest, write_manifest
+from latentpatch.data.rows import ShardedRows
 from latentpatch.data.store import LatentStore, StoreWriter
 from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.errors import UserError
@@ -148,3 +149,35 @@ def test_writer_refuses_batches_whose_tensor_names_change(tmp_path):
     writer.add({"mean": torch.zeros(1, 2, 4, 4), "std": torch.ones(1, 2, 4, 4)}, items(1))
     with pytest.raises(ValueError, match="tensor names changed"):
         writer.add({"mean": torch.zeros(1, 2, 4, 4)}, items(1))
+
+
+def test_ranks_read_only_their_own_rows_from_the_memory_mapped_shards(tmp_path):
+    """Each of 2 ranks gathers exactly its half of the micro-batch's rows; together they are 1 process's batch."""
+    mean, std = torch.randn(12, 2, 4, 4), torch.rand(12, 2, 4, 4)
+    write_store(tmp_path, mean, std, shard_size=5)  # two shards of 6 rows (a shard closes after its batch)
+    rows = LatentStore(tmp_path).rows()
+    assert isinstance(rows["mean"], ShardedRows) and len(rows["mean"].shards) == 2
+    assert torch.equal(rows["mean"].materialize(), mean) and torch.equal(rows["std"][torch.tensor([7, 1])], std[[7, 1]])
+
+    class Recorder:
+        def __init__(self, inner):
+            self.inner, self.shape, self.device, self.read = inner, inner.shape, torch.device("cpu"), []
+
+        def __getitem__(self, index):
+            self.read += index.tolist()
+            return self.inner[index]
+
+    spec = BatchSpec(seed=0, edm=EDMConfig(), conditioning=ConditioningSpec(), label_dropout=0.0, caption_dropout=0.0,
+                     local_coordinates=False)
+    stage, cpu = PatchStage(2, 2, 1.0, 8), torch.device("cpu")
+    whole = draw_batch(rows, spec, stage, 8, step=3, micro=0, rank=0, world=1, device=cpu)
+    parts, read = [], []
+    for rank in range(2):
+        recorded = {k: Recorder(v) for k, v in rows.items()}
+        parts.append(draw_batch(recorded, spec, stage, 8, step=3, micro=0, rank=rank, world=2, device=cpu))
+        read.append(recorded["mean"].read)
+        assert recorded["std"].read == recorded["mean"].read and len(read[-1]) == 4
+    indices = torch.randint(0, 12, (8,), generator=make_generator("cpu", 0, 3, 0, "indices")).tolist()
+    assert read == [indices[:4], indices[4:]]
+    for name in ("x0", "coords", "sigma", "noise"):
+        assert torch.equal(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name))

@@ -101,3 +101,27 @@ def test_the_ema_can_count_samples_like_the_official_code(store, tmp_path):
     beta_images, beta_samples = ema_beta(0, 4, halflife, None), ema_beta(0, 16, halflife, None)
     assert beta_samples == pytest.approx(beta_images**4)
     assert not all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+
+
+def test_compiled_training_has_one_static_graph_per_patch_stage_and_no_recompiles(store, tmp_path, monkeypatch):
+    """torch.compile(dynamic=False): each of the 3 stages compiles once (dynamo's counters), then never again."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo, not inductor
+    seen = []
+
+    def callback(info):
+        seen.append((info.step, info.patch, counters["stats"]["unique_graphs"], counters["frames"]["total"]))
+
+    over = {"train.compile": "true", "train.max_steps": 16, "patches.sizes": "[0.25, 0.5]"}
+    train(tiny(**over), store, tmp_path / "run", callback=callback, **FAST)
+    stages = {patch for _, patch, _, _ in seen}
+    assert stages == {(4, 4), (8, 8), (16, 16)}
+    warm = max(next(i for i, s in enumerate(seen) if s[1] == patch) for patch in stages)  # every stage seen once
+    assert seen[-1][2] == 3 and seen[-1][3] == 3  # a static graph each, no dynamic-shape graph, no graph break
+    assert all(s[2:] == seen[warm][2:] for s in seen[warm:])  # nothing compiled after warm-up
+    torch._dynamo.reset()

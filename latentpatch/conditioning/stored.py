@@ -82,7 +82,7 @@ def _text_rows(text: TextSource, store: LatentStore, tensors: dict[str, Tensor])
 
 
 def select_rows(spec: ConditioningSpec, rows: dict[str, Tensor], indices: Tensor) -> Conditioning | None:
-    """The conditioning of rows `indices`, nothing dropped (held-out sets, previews)."""
+    """The conditioning of rows `indices`, nothing dropped (held-out sets, previews, one rank's batch rows)."""
     if not spec.conditional:
         return None
     cond = Conditioning()
@@ -96,20 +96,21 @@ def select_rows(spec: ConditioningSpec, rows: dict[str, Tensor], indices: Tensor
 
 def draw_rows(
     spec: ConditioningSpec, rows: dict[str, Tensor], indices: Tensor, generator: torch.Generator,
-    label_dropout: float, caption_dropout: float,
+    label_dropout: float, caption_dropout: float, own: slice = slice(None),
 ) -> Conditioning | None:
-    """The conditioning of a training batch: label dropout (the null label is num_classes), then caption
-    dropout (the empty caption's embedding), drawn from `generator` in that order (Ho & Salimans 2022)."""
-    cond = select_rows(spec, rows, indices)
+    """The conditioning of a training batch `indices`: label dropout (the null label is num_classes), then
+    caption dropout (the empty caption's embedding), drawn from `generator` for the whole batch in that order
+    (Ho & Salimans 2022); only the rows of `own` (this rank's slice) are read and returned."""
+    cond = select_rows(spec, rows, indices[own])
     if cond is None:
         return None
     device = generator.device
     if cond.class_labels is not None:
         labels = cond.class_labels.to(device)
-        drop = torch.rand(labels.shape, generator=generator, device=device) < label_dropout
+        drop = (torch.rand(indices.shape, generator=generator, device=device) < label_dropout)[own]
         cond.class_labels = torch.where(drop, torch.full_like(labels, spec.num_classes), labels)
     if spec.text:
-        drop = torch.rand(indices.shape, generator=generator, device=device) < caption_dropout
+        drop = (torch.rand(indices.shape, generator=generator, device=device) < caption_dropout)[own]
         for key in _text_fields(spec):
             value = getattr(cond, key).to(device)
             null = rows["null_" + key].to(device)

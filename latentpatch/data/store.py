@@ -29,6 +29,7 @@ from latentpatch.data.manifest import (
     shard_name,
     write_manifest,
 )
+from latentpatch.data.rows import ShardedRows
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_write_bytes
 
@@ -153,8 +154,10 @@ class LatentStore:
     def __len__(self) -> int:
         return self.manifest.count
 
-    def load(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Rows `indices` (default: all, in manifest order) of every stored tensor, in the storage dtype."""
+    def load(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
+             names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Rows `indices` (default: all, in manifest order) of the stored tensors `names` (default: all), copied
+        into memory in the storage dtype."""
         items = self.manifest.items
         positions = list(range(len(items))) if indices is None else [int(i) for i in indices]
         if any(not 0 <= p < len(items) for p in positions):
@@ -167,6 +170,8 @@ class LatentStore:
         result: dict[str, torch.Tensor] = {}
         for shard, (outs, rows) in sorted(by_shard.items()):
             tensors = self._read_shard(shard)
+            if names is not None:
+                tensors = {k: v for k, v in tensors.items() if k in names}
             if not result:
                 result = {k: v.new_empty(len(positions), *v.shape[1:], device=device) for k, v in tensors.items()}
             if set(tensors) != set(result):
@@ -181,6 +186,19 @@ class LatentStore:
             if self.stores_std:
                 result["std"] = torch.empty(0, c, h, w, dtype=dtype, device=device)
         return result
+
+    def rows(self, names: Sequence[str] = ("mean", "std")) -> dict[str, ShardedRows]:
+        """The stored tensors `names` (those present) as memory-mapped rows in manifest order: nothing is
+        copied until rows are drawn (data.rows)."""
+        items = self.manifest.items
+        if not items:
+            raise UserError(f"latent store {self.path} is empty; encode some images first")
+        used = sorted({i.shard for i in items})
+        shards = {s: self._read_shard(s) for s in used}
+        position = {s: k for k, s in enumerate(used)}
+        shard_of = torch.tensor([position[i.shard] for i in items])
+        row_of = torch.tensor([i.row for i in items])
+        return {n: ShardedRows([shards[s][n] for s in used], shard_of, row_of) for n in names if n in shards[used[0]]}
 
     def latent_std(self) -> float:
         """The std of the latents training draws (posterior samples): the manifest's, recorded at encode time;

@@ -2,6 +2,10 @@
 
 q, k, v are [B, heads, L, d]; `mask` is a key padding mask [B, Lk] (bool, True = attend). Modules store
 the resolved backend name at construction and pass it here; nothing else branches on the backend.
+
+Masked attention (cross-attention on padded text) always runs through SDPA, which broadcasts the [B, 1, 1, Lk]
+mask inside its kernels: xFormers would need a dense [B, heads, Lq, Lk] bias built on every forward and kept
+for the backward.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ BACKENDS = ("sdpa", "xformers")
 
 
 def _xformers_problem(device: torch.device | str) -> str | None:
-    """None when xFormers imports and runs a tiny masked attention on `device`; else what went wrong.
+    """None when xFormers imports and runs a tiny attention on `device`; else what went wrong.
 
     Importing is not enough: a wheel built for another PyTorch imports but has no CUDA kernels.
     """
@@ -26,7 +30,7 @@ def _xformers_problem(device: torch.device | str) -> str | None:
         import xformers.ops as xops  # optional CUDA extra; imported lazily
 
         q = torch.zeros(1, 8, 1, 8, device=device, dtype=torch.float16)
-        xops.memory_efficient_attention(q, q, q, attn_bias=torch.zeros(1, 1, 8, 8, device=device, dtype=q.dtype))
+        xops.memory_efficient_attention(q, q, q)
     except Exception as error:  # ImportError, or NotImplementedError from a kernel-less build
         return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
     return None
@@ -61,20 +65,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _xformers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is not None:
+        return _sdpa(q, k, v, mask)
     import xformers.ops as xops
 
-    bias = None
-    if mask is not None:
-        # xFormers neither broadcasts a bias nor accepts one whose row stride is not a multiple of 8:
-        # allocate [B, heads, Lq, ceil8(Lk)] and slice, as its error message advises.
-        b, h, lq, _ = q.shape
-        lk = k.shape[2]
-        bias = q.new_zeros(b, h, lq, (lk + 7) // 8 * 8)[..., :lk]
-        bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    out = xops.memory_efficient_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
-    )  # xFormers works in [B, L, heads, d]
-    return out.transpose(1, 2)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # xFormers works in [B, L, heads, d]
 
 
 _IMPLEMENTATIONS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]] = {

@@ -1,9 +1,10 @@
-"""The training data: the latent store in memory, and one training batch drawn from it.
+"""The training data: the latent store's rows (memory-mapped, or on the training device when they fit), and
+one training batch drawn from them.
 
-Every random choice of a step (which images, the latent drawn from the posterior, label and caption
-dropout, crop positions, sigma, noise) comes from generators seeded by (seed, step, micro-step) alone, and
-is drawn for the whole micro-batch of all ranks on every rank before each rank takes its slice. So a
-resumed run repeats the same batches exactly, and 2 processes compute the same batch as 1 process.
+Every random choice of a step (which images, the latent drawn from the posterior, label and caption dropout,
+crop positions, sigma, noise, routed tokens) comes from generators seeded by (seed, step, micro-step) alone and
+is drawn for the whole micro-batch of all ranks on every rank; each rank then reads only its own slice of the
+rows. So a resumed run repeats the same batches exactly, and 2 processes compute the same batch as 1 process.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from torch import Tensor
 
 from latentpatch.conditioning import Conditioning, ConditioningSpec, TextSource
 from latentpatch.conditioning.stored import condition_rows, draw_rows
+from latentpatch.data.rows import ShardedRows
 from latentpatch.data.store import LatentStore
 from latentpatch.diffusion.edm import EDMConfig, training_sigmas
-from latentpatch.errors import UserError
 from latentpatch.models.routing import TokenRoute, kept_tokens
-from latentpatch.patches import PatchStage, random_crops
+from latentpatch.patches import PatchStage, crop_offsets, gather_crops
 from latentpatch.seeding import make_generator
 
 if TYPE_CHECKING:
@@ -69,50 +70,81 @@ class Batch:
 
 
 def draw_batch(
-    store_tensors: dict[str, Tensor], spec: BatchSpec, stage: PatchStage, micro_batch: int, step: int,
+    rows: dict[str, Tensor | ShardedRows], spec: BatchSpec, stage: PatchStage, micro_batch: int, step: int,
     micro: int, rank: int, world: int, device: torch.device,
 ) -> Batch:
     """Draw micro-batch `micro` of optimisation step `step` (`micro_batch` samples over all ranks) and return
-    rank `rank`'s share."""
-    mean = store_tensors["mean"]
-    # Indices with replacement, on the store's device (the CPU); everything else on the training device.
-    g_idx = make_generator(mean.device, spec.seed, step, micro, "indices")
-    indices = torch.randint(0, mean.shape[0], (micro_batch,), generator=g_idx, device=mean.device)
+    rank `rank`'s share, reading only that share's rows."""
+    mean = rows["mean"]
+    g_idx = make_generator("cpu", spec.seed, step, micro, "indices")  # on the CPU wherever the rows are
+    indices = torch.randint(0, mean.shape[0], (micro_batch,), generator=g_idx)
+    per_rank = micro_batch // world
+    sl = slice(rank * per_rank, (rank + 1) * per_rank)
+    own = indices[sl]
     g = make_generator(device, spec.seed, step, micro, "batch")
-    x = mean[indices].to(device, torch.float32)
-    if "std" in store_tensors:  # a fresh latent from the encoder's posterior N(mean, std^2)
-        std = store_tensors["std"][indices].to(device, torch.float32)
-        x = x + std * torch.randn(x.shape, generator=g, device=device)
-    cond = draw_rows(spec.conditioning, store_tensors, indices, g, spec.label_dropout, spec.caption_dropout)
-    crops, coords = random_crops(x, stage.height, stage.width, g, local_coordinates=spec.local_coordinates,
-                                 multiple=spec.crop_multiple)
-    sigma = training_sigmas(micro_batch, spec.edm, g, device)
-    noise = torch.randn(crops.shape, generator=g, device=device)
+    x = to_device(mean[own.to(mean.device)], device).float()
+    c, h, w = mean.shape[1:]
+    if "std" in rows:  # a fresh latent from the encoder's posterior N(mean, std^2)
+        eps = torch.randn((micro_batch, c, h, w), generator=g, device=device)[sl]
+        x = x + to_device(rows["std"][own.to(mean.device)], device).float() * eps
+    cond = draw_rows(spec.conditioning, rows, indices, g, spec.label_dropout, spec.caption_dropout, own=sl)
+    tops, lefts = crop_offsets(micro_batch, h, w, stage.height, stage.width, g, spec.crop_multiple)
+    crops, coords = gather_crops(x, tops[sl], lefts[sl], stage.height, stage.width, spec.local_coordinates)
+    sigma = training_sigmas(micro_batch, spec.edm, g, device)[sl]
+    noise = torch.randn((micro_batch, c, stage.height, stage.width), generator=g, device=device)[sl]
     route = None
     if spec.routing is not None and spec.routing.active(step):  # drawn last: the other draws stay the same
         tokens = (stage.height // spec.token_size) * (stage.width // spec.token_size)
-        route = TokenRoute(kept_tokens(micro_batch, tokens, spec.routing.share, g), *spec.route_blocks)
-    per_rank = micro_batch // world
-    sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    return Batch(crops[sl], coords[sl], sigma[sl], noise[sl], None if cond is None else cond.select(sl),
-                 None if route is None else route.select(sl))
+        route = TokenRoute(kept_tokens(micro_batch, tokens, spec.routing.share, g)[sl], *spec.route_blocks)
+    return Batch(crops, coords, sigma, noise, cond, route)
 
 
-def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: TextSource | None) -> dict[str, Tensor]:
-    """All rows of the store in memory (mean, std) plus the conditioning rows the spec needs (labels, text
-    embeddings from the store's cache or embedded once here, the empty caption's null_*)."""
-    if len(store) == 0:
-        raise UserError(f"latent store {store.path} is empty; encode some images first")
-    tensors = store.load()
-    tensors.update(condition_rows(spec, store, tensors, text))
-    return tensors
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host rows to the training device: through pinned memory, asynchronously, on CUDA."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
-def training_rows(tensors: dict[str, Tensor], held: Tensor | None) -> dict[str, Tensor]:
-    """The store's tensors without the held-out rows `held` (per-row tensors lose them; null_* stay)."""
+def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: TextSource | None) -> dict:
+    """The store's latent rows, memory-mapped (posterior mean, std), and the conditioning rows the spec needs
+    (labels; text embeddings from the store's cache or embedded once here; the empty caption's null_*)."""
+    from latentpatch.conditioning.stored import TEXT_FIELDS
+    from latentpatch.data.text_cache import HASH_KEY
+
+    rows: dict = store.rows()
+    cached = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if spec.text and text is not None and text.cached else {}
+    rows.update(condition_rows(spec, store, cached, text))
+    return rows
+
+
+def training_rows(rows: dict, held: Tensor | None) -> dict:
+    """The rows without the held-out ones `held` (per-row tensors lose them; null_* stay)."""
     if held is None:
-        return tensors
-    n = tensors["mean"].shape[0]
+        return rows
+    n = rows["mean"].shape[0]
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
-    return {k: v if k.startswith("null_") or v.shape[0] != n else v[keep] for k, v in tensors.items()}
+    return {k: v if k.startswith("null_") or v.shape[0] != n else _subset(v, keep) for k, v in rows.items()}
+
+
+def _subset(v, keep: Tensor):
+    return v.subset(keep) if isinstance(v, ShardedRows) else v[keep]
+
+
+def place_rows(rows: dict, device: torch.device, share: float) -> dict:
+    """All rows on the training device when they fit in `share` of its free memory (CUDA), else on the host,
+    where each draw copies its rows over; the CPU reads them where they lie."""
+    if device.type != "cuda":
+        return rows
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(_nbytes(v) for v in rows.values())
+    if size > share * free:
+        return rows
+    return {k: (v.materialize() if isinstance(v, ShardedRows) else v).to(device) for k, v in rows.items()}
+
+
+def _nbytes(v) -> int:
+    return v.nbytes if isinstance(v, ShardedRows) else v.numel() * v.element_size()

@@ -50,7 +50,8 @@ class HeldoutEval:
         sigma_data = store.latent_std()
         if h.latents:
             other = LatentStore(_existing(h.latents))
-            other.require_latent_space(store.info.to_dict(), store.latent_shape, f"the training store {store.path} holds",
+            other.require_latent_space(store.info.to_dict(), store.latent_shape,
+                                       f"the training store {store.path} holds",
                                        "encode the held-out images like the training images")
             heldout = store_heldout_set(other, spec, num_sigmas=h.sigmas, seed=h.seed, limit=h.limit,
                                         P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=sigma_data)

@@ -21,6 +21,7 @@ from latentpatch.io import atomic_write_bytes, atomic_write_text
 
 LOG_FILE = "log.jsonl"
 LOSS_PNG = "loss.png"
+PLOT_EVERY_S = 120.0
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -96,6 +97,7 @@ class RunLogger:
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
+        self._plotted = -float("inf")
         self._tb = None
         if enabled and tensorboard:
             try:  # optional dependency: skip silently when absent
@@ -120,9 +122,12 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
-    def plot(self) -> None:
-        if self.enabled:
+    def plot(self, force: bool = True) -> None:
+        """Redraw loss.png; unless `force`, at most every PLOT_EVERY_S (drawing takes a fraction of a second,
+        which a checkpoint every few seconds of a small run would otherwise pay each time)."""
+        if self.enabled and (force or time.monotonic() - self._plotted >= PLOT_EVERY_S):
             plot_loss(self.log_path, self.run_dir / LOSS_PNG)
+            self._plotted = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:

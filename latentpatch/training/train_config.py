@@ -46,6 +46,9 @@ class TrainConfig:
     # What the EMA half-life counts: full-size-equivalent "images" (a b-sample batch of patches of area a counts
     # b * a images), or "samples" (every patch counts as an image, as the official Patch Diffusion code does).
     ema_count: str = "images"
+    # On CUDA the store's rows move to the GPU when they fit in this share of its free memory; else they stay
+    # memory-mapped on the host and each step copies its rows over (pinned, asynchronous).
+    data_device_share: float = 0.25
 
     def check(self) -> None:
         """Values no type check catches; each message names the key."""

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
 from latentpatch.patches import PatchSchedule, PatchStage
 from latentpatch.seeding import derive_seed
-from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, training_rows
+from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, place_rows, training_rows
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
 from latentpatch.training.heldout import HeldoutEval, heldout_rows
 from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
@@ -50,6 +51,7 @@ class TrainResult:
     checkpoint: Path | None  # the newest checkpoint (what `sample` loads)
     loss: float | None  # mean loss over the last log interval
     seconds: float
+    trained: int = 0  # steps this call trained (0: the run was already at train.max_steps)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class StepInfo:
 
     step: int  # steps done
     nimg: float  # full-size-equivalent images seen
-    loss_tensor: torch.Tensor  # global mean loss of this step, on the device (read it only when needed: a sync)
+    loss_tensor: torch.Tensor  # this rank's mean loss of the step, on the device (reading it is a sync)
     patch: tuple[int, int]  # (height, width) of this step's crops
     batch_size: int  # samples in this step's global batch
     train_seconds: float  # wall time spent in optimisation steps so far (not logging, sampling, saving)
@@ -170,17 +172,18 @@ class _Session:
         tensors = load_training_tensors(store, spec, text)
         held = heldout_rows(store, cfg.heldout.share, cfg.train.seed) if cfg.heldout.share > 0 else None
         heldout = HeldoutEval.build(cfg, store, spec, tensors, held) if cfg.heldout.enabled else None
-        session = cls._build(cfg, spec, run_dir, dist, store, training_rows(tensors, held), init_state)
+        rows = place_rows(training_rows(tensors, held), dist.device, cfg.train.data_device_share)
+        session = cls._build(cfg, spec, run_dir, dist, store, rows, init_state)
         session.heldout = heldout
         if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
             session.restore(found)
         if session.step >= cfg.train.max_steps:
-            raise UserError(f"run {run_dir} is at step {session.step} and train.max_steps is {cfg.train.max_steps}: "
-                            "nothing to train; pass a larger --max-steps to continue it")
+            warnings.warn(f"run {run_dir} is at step {session.step} and train.max_steps is {cfg.train.max_steps}: "
+                          "nothing to train; pass a larger --max-steps to continue it", stacklevel=3)
         if dist.distributed:
             session.model = DistributedDataParallel(session.precond)
-        if cfg.train.compile:
-            session.model = torch.compile(session.model)
+        if cfg.train.compile:  # one static graph per patch stage (each stage has its own shapes), none after
+            session.model = torch.compile(session.model, dynamic=False)
         return session
 
     @classmethod
@@ -192,8 +195,9 @@ class _Session:
         torch.manual_seed(tc.seed)
         precond = build_precond(cfg, channels, device=dist.device, init_state=init_state).to(dist.device)
         ema = make_ema(precond)
+        # The fused kernel (CUDA and CPU): on a CPU thread it steps DiT-S's 33M parameters in 35 ms, not 160.
         optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
-                                      weight_decay=oc.weight_decay, fused=dist.device.type == "cuda" or None)
+                                      weight_decay=oc.weight_decay, fused=True)
         multiple = size_multiple(precond.net)
         schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=multiple, seed=tc.seed)
         _check_batches(schedule, cfg, dist.world_size)
@@ -213,8 +217,8 @@ class _Session:
             truncate_log(self.run_dir / LOG_FILE, self.step)
 
     def optimisation_step(self, autocast) -> tuple[torch.Tensor, torch.Tensor, PatchStage, float, float]:
-        """One step of the schedule: (global mean loss and gradient norm, both on the device: reading them is a
-        sync, deferred to log time; patch stage, lr, images counted)."""
+        """One step of the schedule: (this rank's mean loss and the gradient norm, both on the device: reading
+        them is a sync, deferred to log time; patch stage, lr, images counted)."""
         tc, oc, dist = self.cfg.train, self.cfg.optim, self.dist
         _, lat_h, lat_w = self.store.latent_shape
         stage = self.schedule.draw(self.step)
@@ -226,7 +230,7 @@ class _Session:
             group["lr"] = lr
         torch.manual_seed(derive_seed(tc.seed, self.step, dist.rank, "global"))  # anything inside the model
         self.optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce_mean(self._accumulate(stage, autocast), dist)
+        loss = self._accumulate(stage, autocast)  # this rank's; averaged over ranks when read (read_losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
         self.optimizer.step()
@@ -271,7 +275,10 @@ class _Session:
         if not self.unchecked:
             return [], float("nan")
         steps = [s for s, _, _ in self.unchecked]
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in self.unchecked]).cpu()
+        # One all-reduce for the interval: the global mean loss of each step (the gradient norm is the same on
+        # every rank, so its mean is itself); every rank sees a non-finite step of any rank.
+        values = all_reduce_mean(torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in self.unchecked]),
+                                 self.dist).cpu()
         self.unchecked.clear()
         bad = (~torch.isfinite(values).all(1)).nonzero()
         if len(bad):
@@ -287,6 +294,7 @@ class _Session:
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
         interval = LogInterval()
         last_loss, train_seconds, t_start, stop, ok = None, 0.0, time.perf_counter(), False, False
+        first_step = self.step
         try:
             if self.heldout is not None and self.step == 0:
                 self.evaluate(logger, autocast)  # where the curve starts
@@ -327,7 +335,7 @@ class _Session:
             finally:
                 logger.close()
         return TrainResult(self.run_dir, self.step, self.nimg / 1000, self.last_ckpt, last_loss,
-                           time.perf_counter() - t_start)
+                           time.perf_counter() - t_start, self.step - first_step)
 
     def evaluate(self, logger: RunLogger, autocast) -> bool:
         """The EMA's held-out loss, logged; True when it is the best so far."""
@@ -363,7 +371,7 @@ class _Session:
             self.last_ckpt = ckpt_io.save_checkpoint(self.run_dir, self.step, self.precond, self.ema,
                                                      self.optimizer, state, self.cfg.train.keep_checkpoints,
                                                      best=best)
-            logger.plot()
+            logger.plot(force=False)
         barrier(self.dist)
         if not self.dist.is_main:
             self.last_ckpt = ckpt_io.latest_checkpoint(self.run_dir)

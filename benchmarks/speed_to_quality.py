@@ -1,0 +1,302 @@
+"""Speed to quality: patch training against full-size training on real faces, in training seconds.
+
+Data: scikit-image's lfw_subset() holds 100 faces (images 0-99; 100-199 are not faces): 25x25 grayscale,
+Lanczos-resized to 64x64 and replicated to RGB, encoded with the shipped VAE (builtin; 16x16x4 latents).
+Faces 0-79 with their flips train in the "faces80" regime, faces 0-19 with flips in the small-data "faces20"
+regime; faces 80-99 are held out in both; all 100 are the FID/KID/SWD reference.
+
+Every arm runs the real code: `latentpatch.train` (its own held-out evaluation of the EMA on a fixed sigma grid
+with fixed noise, every --eval-every steps; the best checkpoint kept), `latentpatch.sample` and
+`latentpatch.evaluate`. Same model (the demo's DiT size), optimiser, data and seeds for every arm; an arm is a
+list of config overrides (ARMS).
+
+Time, measured so that a shared machine cannot decide the comparison:
+  1. step times: each arm's step, per kind (patch size, batch, routed or not), timed as process CPU time with
+     one torch thread, in interleaved rounds of short real training runs in this one process; medians;
+  2. training: each (arm, seed) trains, in its own process, for the steps its --budget-s holds (from 1. and
+     the schedule's own draws); steps and losses do not depend on the machine's load;
+  3. time axis: the cumulative measured time of the steps taken; curves, best loss, and the time to reach
+     the baseline arm's best loss (same seed).
+
+    python benchmarks/speed_to_quality.py --out stq80 --regime faces80 --budget-s 1200 --seeds 0,1 --jobs 2
+    python benchmarks/speed_to_quality.py --out stq20 --regime faces20 --budget-s 600 --seeds 0,1 --jobs 2
+    python benchmarks/speed_to_quality.py --out /tmp/stq --quick      # the wiring only, a few minutes
+
+A rerun into the same --out resumes: finished runs and measurements are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import stq_report as report
+import torch
+from PIL import Image
+
+from latentpatch.checkpoints import latest_checkpoint, read_state
+from latentpatch.config import config_to_dict, load_config
+from latentpatch.encoding import encode
+from latentpatch.evaluate import evaluate_folders
+from latentpatch.generate import sample
+from latentpatch.io import atomic_write_text, write_json_atomic
+from latentpatch.patches import PatchSchedule
+from latentpatch.training.logging import read_log
+from latentpatch.training.trainer import StepInfo, train
+
+SIDE, N_FACES, N_HELD = 64, 100, 20
+REGIMES = {"faces80": 80, "faces20": 20}
+COMMON = [  # the demo's DiT size and optimiser; every knob an arm studies pinned to its default here
+    "model.dit.preset=null", "model.dit.hidden_size=128", "model.dit.depth=4", "model.dit.num_heads=4",
+    "model.dit.patch_size=2", "model.attention=sdpa", "optim.lr=0.001", "optim.warmup_steps=50",
+    "train.batch_size=16", "train.precision=fp32", "train.ema_halflife_kimg=2.0", "train.ema_rampup=0.1",
+    "train.log_every=100", "train.keep_checkpoints=1", "heldout.sigmas=8", "heldout.keep_best=true",
+    "patches.real_p=0.5", "patches.sizes=[0.5]", "patches.aligned=true", "patches.loss_weighting=mean",
+    "train.ema_count=images", "edm.sigma_data=null", "routing.share=0",
+]
+FULL = ["patches.real_p=1", "patches.sizes=[]"]
+PAPER = ["patches.aligned=false", "edm.sigma_data=0.5"]  # the latent schedule as it was: any offset, EDM's 0.5
+ROUTING = ["routing.share=0.5", "routing.start=1", "routing.end=2"]  # the middle two of the four blocks
+ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is COMMON itself
+    "full-size": FULL,
+    "full-size/sd0.5": FULL + ["edm.sigma_data=0.5"],
+    "paper": PAPER,
+    "paper+aligned": ["edm.sigma_data=0.5"],
+    "paper+sigma": ["patches.aligned=false"],
+    "corrected": [],
+    "corrected+area": ["patches.loss_weighting=area"],
+    "corrected+ema-samples": ["train.ema_count=samples"],
+    "corrected/real_p0.25": ["patches.real_p=0.25"],
+    "corrected/quarter": ["patches.sizes=[0.25, 0.5]", "patches.size_weights=[2, 3]"],
+    "corrected/progressive": ["patches.progressive_steps=PROGRESSIVE"],  # smallest patches first, 1/3 of the run
+    "corrected/no-location": ["patches.coordinates=local"],  # every crop gets a whole image's grid
+    "corrected+routing": ROUTING,
+    "routing": FULL + ROUTING,
+}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def write_faces(folder: Path, indices: range) -> Path:
+    """LFW faces as 64x64 RGB PNGs (Lanczos upsampling of the 25x25 grayscale, replicated to 3 channels)."""
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in indices:
+        gray = Image.fromarray(np.round(faces[i] * 255).astype(np.uint8)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+        gray.convert("RGB").save(folder / f"face{i:03d}.png")
+    return folder
+
+
+def prepare_data(root: Path, regime: str) -> dict[str, Path]:
+    """Image folders and latent stores, through the real encoder and the shipped VAE (rerun: up to date)."""
+    n_train = REGIMES[regime]
+    held = range(N_FACES - N_HELD, N_FACES)
+    paths = {"reference": write_faces(root / "images-all", range(N_FACES)),
+             "train": root / f"store-{regime}", "heldout": root / "store-heldout"}
+    for name, indices, flip in (("train", range(n_train), True), ("heldout", held, False)):
+        images = write_faces(root / f"images-{name}-{regime if name == 'train' else 'held'}", indices)
+        encode(images, paths[name], "builtin", SIDE, device="cpu", flip=flip, workers=0)
+    return paths
+
+
+def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, steps: int = 0):
+    """The arm's config; `steps` (the planned run length) sizes a progressive schedule's stages."""
+    over = [o.replace("PROGRESSIVE", str(max(1, steps // 3))) for o in ARMS[arm]]
+    return load_config(None, COMMON + over + [
+        f"train.seed={seed}", f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
+
+
+def step_kinds(cfg, steps: int, latent: int = SIDE // 4) -> list[report.StepKind]:
+    """What each of the first `steps` steps is: the schedule's own draws, and whether routing is on."""
+    schedule = PatchSchedule(cfg.patches, latent, latent, cfg.train.batch_size, multiple_of=2, seed=cfg.train.seed)
+    kinds = []
+    for i in range(steps):
+        stage = schedule.draw(i)
+        kinds.append((stage.height, stage.width, stage.batch_size, cfg.routing.active(i)))
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------- 1. step times
+
+
+def measure_step_times(arms: list[str], data: dict, rounds: int, steps: int) -> dict[str, dict]:
+    """Median process CPU seconds per step kind of each arm: interleaved rounds of short real runs, 1 thread."""
+    torch.set_num_threads(1)
+    times: dict[str, dict[report.StepKind, list[float]]] = {arm: {} for arm in arms}
+    for r in range(rounds):
+        for arm in arms:
+            cfg = arm_config(arm, seed=100 + r, data=data, eval_every=0)
+            cfg.heldout.every, cfg.train.max_steps, cfg.train.log_every = 0, steps, 10**9
+            last: list[float] = []
+
+            def callback(info: StepInfo, cfg=cfg, last=last, arm=arm) -> None:
+                now = time.process_time()
+                if last and info.step > 3:  # the first steps pay one-time costs
+                    h, w = info.patch
+                    key = (h, w, info.batch_size, cfg.routing.active(info.step - 1))
+                    times[arm].setdefault(key, []).append(now - last[0])
+                last[:] = [time.process_time()]
+
+            with tempfile.TemporaryDirectory() as tmp:
+                train(cfg, data["train"], Path(tmp) / "run", device="cpu", progress=False, callback=callback)
+        print(f"  step times: round {r + 1}/{rounds} done", flush=True)
+    return {arm: {k: statistics.median(v) for k, v in by_kind.items()} for arm, by_kind in times.items()}
+
+
+def _keyed(seconds: dict[str, dict]) -> dict:
+    return {arm: [[list(k), v] for k, v in by_kind.items()] for arm, by_kind in seconds.items()}
+
+
+def _unkeyed(saved: dict) -> dict[str, dict]:
+    return {arm: {tuple(k): v for k, v in rows} for arm, rows in saved.items()}
+
+
+# ---------------------------------------------------------------------------------------------- 2. training
+
+
+def plan_run(arm: str, seed: int, data: dict, eval_every: int, seconds: dict, budget_s: float):
+    """(config, steps, cumulative seconds): the steps the budget holds under the arm's own schedule draws. A
+    progressive schedule's first third depends on the run's length, so the two are settled together."""
+    steps = 0
+    for _ in range(3):
+        cfg = arm_config(arm, seed, data, eval_every, steps)
+        kinds = step_kinds(cfg, 10**6)
+        steps = report.steps_within(kinds, seconds, budget_s)
+    cfg = arm_config(arm, seed, data, eval_every, steps)
+    kinds = step_kinds(cfg, steps)
+    return cfg, steps, report.cumulative_seconds(kinds, seconds)
+
+
+def run_training(arm: str, seed: int, cfg, steps: int, data: dict, out: Path) -> Path:
+    """One (arm, seed) in its own process with one thread; resumes a killed run, skips a finished one."""
+    run = out / "runs" / arm.replace("/", "_") / f"seed{seed}"
+    found = latest_checkpoint(run)
+    if found is not None and int(read_state(found)["step"]) >= steps:
+        return run
+    cfg.train.ckpt_every = 1000
+    config = out / "configs" / f"{arm.replace('/', '_')}-seed{seed}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    cmd = [sys.executable, "-m", "latentpatch.cli", "train", "--latents", str(data["train"]), "--out", str(run),
+           "--device", "cpu", "--no-progress", "--max-steps", str(steps)]
+    cmd += ["--resume"] if found is not None else ["--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    print(f"  trained {arm} seed {seed}: {steps} steps in {time.perf_counter() - t0:.0f} s wall", flush=True)
+    return run
+
+
+def heldout_curve(run: Path, times: list[float]) -> list[tuple[float, float]]:
+    return [(times[r["step"]], r["heldout_loss"]) for r in read_log(run / "log.jsonl") if "heldout_loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------- 4. samples
+
+
+def sample_metrics(runs: dict[str, Path], data: dict, out: Path, n: int, sample_steps: int) -> dict[str, dict]:
+    """n samples of each arm's best checkpoint (what `sample` loads); FID, KID and SWD against all 100 faces."""
+    from latentpatch.metrics.inception import load_inception
+
+    extractor, metrics, grids = None, {}, {}
+    for arm, run in runs.items():
+        folder = out / "samples" / arm.replace("/", "_")
+        sample(run, n=n, steps=sample_steps, seed=1, batch_size=64, device="cpu", out=folder, output="none")
+        if extractor is None:
+            extractor = load_inception()
+        r = evaluate_folders(folder, data["reference"], metrics="fid,kid,swd", extractor=extractor,
+                             report=folder / "eval.json", device="cpu")["metrics"]
+        metrics[arm] = {"fid": r["fid"], "kid": r["kid"], "kid_std": r["kid_std"], "swd": r["swd"]["mean"],
+                        "checkpoint_step": json.loads((folder / "job.json").read_text())["settings"]["step"]}
+        grids[arm] = folder / "grid.png"
+        print(f"  samples {arm}: FID {r['fid']:.1f}, SWD {r['swd']['mean']:.1f}", flush=True)
+    return metrics, grids
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="faces80")
+    ap.add_argument("--budget-s", type=float, default=1200.0, help="training seconds per arm (measured step times)")
+    ap.add_argument("--arms", default="full-size,paper,corrected,corrected+routing,routing")
+    ap.add_argument("--baseline", default="full-size", help="the arm whose best loss the others race to")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+    ap.add_argument("--timing-rounds", type=int, default=3)
+    ap.add_argument("--timing-steps", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=256, help="samples per arm for FID/KID/SWD (0: none)")
+    ap.add_argument("--sample-steps", type=int, default=18)
+    ap.add_argument("--quick", action="store_true", help="tiny budget: checks the wiring only")
+    args = ap.parse_args()
+    if args.quick:
+        args.budget_s, args.eval_every, args.timing_rounds, args.timing_steps, args.samples = 20, 20, 1, 12, 16
+    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or args.baseline not in arms:
+        sys.exit(f"unknown arms {unknown} (choose from {', '.join(ARMS)}); the baseline must be among --arms")
+    out, start = args.out, time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}", flush=True)
+    data = prepare_data(out / "data", args.regime)
+
+    timing_file = out / "step_times.json"
+    saved = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    missing = [a for a in arms if a not in saved]
+    if missing:
+        saved |= _keyed(measure_step_times(missing, data, args.timing_rounds, args.timing_steps))
+        write_json_atomic(timing_file, saved)
+    seconds = _unkeyed(saved)
+
+    plan = {(arm, seed): plan_run(arm, seed, data, args.eval_every, seconds[arm], args.budget_s)
+            for arm in arms for seed in seeds}  # (arm, seed) -> (config, steps, cumulative seconds)
+    print("plan: " + ", ".join(f"{a} s{s}: {n} steps" for (a, s), (_, n, _) in plan.items()), flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = dict(zip(plan, pool.map(lambda k: run_training(*k, *plan[k][:2], data, out), plan)))
+
+    curves = {arm: {seed: heldout_curve(runs[arm, seed], plan[arm, seed][2]) for seed in seeds} for arm in arms}
+    summary = {arm: {seed: report.summarise_run(c) for seed, c in by.items()} for arm, by in curves.items()}
+    ups = report.speedups(curves, args.baseline)
+    metrics, grids = ({}, {})
+    if args.samples:
+        metrics, grids = sample_metrics({arm: runs[arm, seeds[0]] for arm in arms}, data, out, args.samples,
+                                        args.sample_steps)
+    steps = {arm: {seed: plan[arm, seed][1] for seed in seeds} for arm in arms}
+    title = (f"{args.regime}: {REGIMES[args.regime]} faces + flips, 20 held out; {args.budget_s:.0f} training-s "
+             f"per arm; seeds {args.seeds}")
+    report.plot_curves(curves, out / "curves.png", title)
+    if grids:
+        report.grid_figure(grids, out / "grids.png", f"{args.samples} samples of each arm's best checkpoint "
+                                                      f"(seed {seeds[0]}), first 64")
+    md = f"{title}\n\n" + report.table(summary, ups, metrics, args.baseline, steps)
+    atomic_write_text(out / "table.md", md)
+    write_json_atomic(out / "results.json", {
+        "args": {k: str(v) for k, v in vars(args).items()}, "step_seconds": saved, "curves": {
+            a: {str(s): c for s, c in by.items()} for a, by in curves.items()}, "summary": {
+            a: {str(s): r for s, r in by.items()} for a, by in summary.items()}, "speedups": {
+            a: {str(s): r for s, r in by.items()} for a, by in ups.items()}, "metrics": metrics, "steps": steps,
+        "wall_s": time.perf_counter() - start})
+    print("\n" + md, flush=True)
+
+
+if __name__ == "__main__":
+    main()

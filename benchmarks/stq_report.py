@@ -1,0 +1,151 @@
+"""The analysis half of speed_to_quality.py: time axes from measured step times, curves, crossings, tables, plots.
+
+Training is deterministic given its steps, so a run's held-out loss is recorded against steps (the same on any
+machine) and its time axis is built from the step times measured separately: the cumulative sum, over the
+steps the schedule drew, of the median time of each step's kind (patch size, batch, routed or not).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+StepKind = tuple[int, int, int, bool]  # (patch height, patch width, batch, routed)
+
+
+def cumulative_seconds(kinds: list[StepKind], seconds: dict[StepKind, float]) -> list[float]:
+    """t[s] = training seconds after s steps (t[0] = 0)."""
+    out = [0.0]
+    for kind in kinds:
+        out.append(out[-1] + seconds[kind])
+    return out
+
+
+def steps_within(kinds: list[StepKind], seconds: dict[StepKind, float], budget_s: float) -> int:
+    """The number of steps whose cumulative time first reaches `budget_s`."""
+    t = 0.0
+    for n, kind in enumerate(kinds, start=1):
+        t += seconds[kind]
+        if t >= budget_s:
+            return n
+    return len(kinds)
+
+
+def crossing(curve: list[tuple[float, float]], target: float) -> float:
+    """First time a (time, loss) curve is at or below `target`, linear between evaluations; inf if never."""
+    previous = None
+    for t, loss in curve:
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return t
+            t0, l0 = previous
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+        previous = (t, loss)
+    return math.inf
+
+
+def summarise_run(curve: list[tuple[float, float]]) -> dict:
+    best_t, best = min(curve, key=lambda p: p[1])
+    return {"best": best, "best_s": best_t, "final": curve[-1][1], "end_s": curve[-1][0],
+            "at_half": _loss_at(curve, curve[-1][0] / 2)}
+
+
+def _loss_at(curve: list[tuple[float, float]], t: float) -> float:
+    """The last evaluated loss at or before time t."""
+    return [loss for s, loss in curve if s <= t][-1]
+
+
+def speedups(curves: dict[str, dict[int, list[tuple[float, float]]]], baseline: str) -> dict[str, dict]:
+    """Per arm and seed: the time to reach the baseline arm's (same seed) best loss, and the ratio
+    t_baseline_best / t_arm (> 1: sooner)."""
+    out: dict[str, dict] = {}
+    for arm, by_seed in curves.items():
+        rows = {}
+        for seed, curve in by_seed.items():
+            base = curves[baseline].get(seed)
+            if base is None:
+                continue
+            target_t, target = min(base, key=lambda p: p[1])
+            t = crossing(curve, target)
+            rows[seed] = {"target": target, "baseline_s": target_t, "arm_s": t,
+                          "ratio": target_t / t if 0 < t < math.inf else (math.inf if t == 0 else math.nan)}
+        out[arm] = rows
+    return out
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    """mean (min-max) over seeds; seeds that never got there (inf, nan) are counted, not averaged."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "never"
+    mean = statistics.fmean(finite)
+    text = f"{mean:.{digits}f}"
+    if len(finite) > 1:
+        text += f" ({min(finite):.{digits}f}-{max(finite):.{digits}f})"
+    return text if len(finite) == len(values) else f"{text}, {len(values) - len(finite)} of {len(values)} never"
+
+
+def table(summary: dict[str, dict[int, dict]], ups: dict[str, dict], metrics: dict[str, dict], baseline: str,
+          steps: dict[str, dict[int, int]]) -> str:
+    """The markdown table: per arm mean (min-max over seeds)."""
+    lines = [f"| arm | steps | best held-out loss | at s | final loss | s to {baseline}'s best | x sooner "
+             "| FID | KID x1e3 | SWD x1e3 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arm, by_seed in summary.items():
+        rows = list(by_seed.values())
+        up = list(ups.get(arm, {}).values())
+        m = metrics.get(arm, {})
+        fid = f"{m['fid']:.1f}" if "fid" in m else "-"
+        kid = f"{1e3 * m['kid']:.1f} ± {1e3 * m['kid_std']:.1f}" if "kid" in m else "-"
+        swd = f"{m['swd']:.1f}" if "swd" in m else "-"
+        lines.append(
+            f"| {arm} | {round(statistics.fmean(steps[arm].values()))} | {spread([r['best'] for r in rows], 4)} | "
+            f"{spread([r['best_s'] for r in rows], 0)} | {spread([r['final'] for r in rows], 4)} | "
+            f"{spread([u['arm_s'] for u in up], 0)} | {spread([u['ratio'] for u in up], 2)} | {fid} | {kid} | {swd} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict[str, dict[int, list[tuple[float, float]]]], path: Path, title: str) -> None:
+    """All arms on one plot: held-out loss against training seconds, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (arm, by_seed) in enumerate(curves.items()):
+        for j, (seed, curve) in enumerate(sorted(by_seed.items())):
+            ax.plot([t for t, _ in curve], [loss for _, loss in curve], color=colours[k % len(colours)],
+                    lw=1.4 if j == 0 else 0.9, alpha=1.0 if j == 0 else 0.6, label=arm if j == 0 else None)
+    ax.set_xlabel("training seconds (measured step times, 1 CPU thread)")
+    ax.set_ylabel("held-out EDM-weighted loss of the EMA")
+    ax.set_title(title, fontsize=9)
+    losses = [loss for by_seed in curves.values() for c in by_seed.values() for _, loss in c]
+    low = min(losses)
+    ax.set_ylim(low - 0.02 * abs(low), min(max(losses), low + 4 * (statistics.median(losses) - low) + 1e-3))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def grid_figure(grids: dict[str, Path], path: Path, title: str) -> None:
+    """The arms' sample grids side by side, each under its name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), dpi=110, squeeze=False)
+    for ax, (arm, grid) in zip(axes[0], grids.items()):
+        with Image.open(grid) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(arm, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

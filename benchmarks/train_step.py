@@ -1,0 +1,220 @@
+"""Training-step throughput, side by side: the real trainer, a plain loop over the same model, diffusers' DiT.
+
+  trainer   latentpatch.training.train: batch draw from the in-memory store, EDM loss, backward, gradient
+            clipping, AdamW, EMA, loss bookkeeping (timed step to step through its callback)
+  plain     the same preconditioned DiT (latentpatch.denoiser.build_precond), tensors already on the device:
+            only forward, backward and AdamW.step
+  diffusers diffusers.DiTTransformer2DModel of the same width, depth, heads and patch size (class-conditional
+            with adaLN-Zero, as DiT is; its class embedding adds parameters), the same plain loop
+
+Per patch stage of the latent schedule (full size at batch B, half side at batch 2B) and for the schedule as a
+whole (real_p 0.5). Every arm runs in this one process, interleaved in rounds, timed with the same clock
+(process CPU time on the CPU, CUDA-synchronised wall time on a GPU); medians. Achieved FLOP/s
+(torch.utils.flop_counter on one forward + backward) over the measured matmul peak of this device
+(fp32 on the CPU, bf16 on CUDA).
+
+    python benchmarks/train_step.py --device cpu --threads 2 --size S --batch 16 --rounds 3
+    python benchmarks/train_step.py --device cpu --threads 2 --size B --batch 8 --rounds 3
+    python benchmarks/train_step.py --device cuda --size B --batch 256 --rounds 5      # and --size XL
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from latentpatch.config import load_config
+from latentpatch.denoiser import build_precond
+from latentpatch.diffusion.edm import denoising_loss_at
+from latentpatch.models.presets import DIT_SIZES
+from latentpatch.patches import random_crops
+from latentpatch.training.trainer import StepInfo, train
+
+C = 4  # latent channels
+
+
+class Clock:
+    """Process CPU time on the CPU (a shared machine's load does not count); synchronised wall time on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
+
+def matmul_peak(device: torch.device, clock: Clock) -> float:
+    """FLOP/s of a large square matmul in the dtype training's matmuls use (fp32 CPU, bf16 CUDA)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1536, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, start = 0, clock()
+    while clock() - start < 3.0:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (clock() - start)
+
+
+def make_store(root: Path, side: int, n: int = 64) -> Path:
+    """A latent store of n random 4-channel latents (the step's cost does not depend on their values)."""
+    from latentpatch.autoencoders import AutoencoderInfo
+    from latentpatch.data.manifest import Item, Manifest
+    from latentpatch.data.store import StoreWriter
+
+    info = AutoencoderInfo("kl", "synthetic", None, C, 8, 1.0, 0.0)
+    manifest = Manifest(autoencoder=info.to_dict(), resolution=[side * 8] * 2, latent_shape=[C, side, side],
+                        dtype="float16", stores_std=True)
+    writer = StoreWriter(root, manifest, shard_size=n, background=False)
+    items = [Item(file=f"{i}.png", sha256=f"{i:064x}", caption=None, flip=False, shard=0, row=0) for i in range(n)]
+    writer.add({"mean": torch.randn(n, C, side, side).half(), "std": torch.full((n, C, side, side), 0.1).half()},
+               items)
+    writer.close()
+    return root
+
+
+def config(size: str, batch: int, stage: str, device: torch.device):
+    depth, hidden, heads = DIT_SIZES[size]
+    patches = {"full": ["patches.real_p=1", "patches.sizes=[]"], "half": ["patches.real_p=0", "patches.sizes=[0.5]"],
+               "schedule": ["patches.real_p=0.5", "patches.sizes=[0.5]"]}[stage]
+    return load_config(None, [f"model.dit.preset=DiT-{size}/2", "model.attention=sdpa", f"train.batch_size={batch}",
+                              "edm.sigma_data=1.0", "optim.warmup_steps=1", "train.log_every=100000",
+                              "train.ckpt_every=100000", "train.keep_checkpoints=1",
+                              f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}"] + patches)
+
+
+def time_trainer(cfg, store: Path, steps: int, clock: Clock, device: torch.device) -> dict[tuple, list[float]]:
+    """Step-to-step times of the real trainer, by (patch side, batch); the first 2 steps are warm-up."""
+    times: dict[tuple, list[float]] = {}
+    last: list[float] = []
+
+    def callback(info: StepInfo) -> None:
+        now = clock()
+        if last and info.step > 2:
+            times.setdefault((info.patch[0], info.batch_size), []).append(now - last[0])
+        last[:] = [clock()]
+
+    cfg.train.max_steps = steps + 2
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg, store, Path(tmp) / "run", device=device, progress=False, callback=callback)
+    return times
+
+
+def plain_inputs(side: int, batch: int, full: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, C, full, full, generator=g)
+    x0, coords = random_crops(latents, side, side, g, multiple=2)
+    sigma = (torch.randn(batch, generator=g) * 1.2 - 1.2).exp()
+    return [t.to(device) for t in (x0, coords, sigma, torch.randn(x0.shape, generator=g))]
+
+
+def time_plain(model, loss_fn, steps: int, clock: Clock, autocast) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's optimiser
+    out = []
+    for i in range(steps + 2):
+        t0 = clock()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        if i >= 2:
+            out.append(clock() - t0)
+    return out
+
+
+def ours(cfg, device):
+    torch.manual_seed(0)
+    return build_precond(cfg, C, device=device).to(device).train()
+
+
+def diffusers_dit(size: str, full: int, device):
+    from diffusers import DiTTransformer2DModel
+
+    depth, hidden, heads = DIT_SIZES[size]
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=C,
+                                 out_channels=C, num_layers=depth, sample_size=full, patch_size=2).to(device).train()
+
+
+def step_flops(loss_fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        loss_fn().backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--size", default="S", choices=sorted(DIT_SIZES))
+    ap.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px through an f8 VAE)")
+    ap.add_argument("--batch", type=int, default=16, help="full-size batch; half-side steps use twice it")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per arm and stage in each round")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = Clock(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    full, half = args.latent, args.latent // 2
+    stages = {"full": (full, args.batch), "half": (half, 2 * args.batch)}
+    results = {arm: {s: [] for s in stages} for arm in ("trainer", "plain", "diffusers")}
+    flops = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(Path(tmp) / "store", full)
+        cfg = config(args.size, args.batch, "full", device)
+        net_ours, net_theirs = ours(cfg, device), diffusers_dit(args.size, full, device)
+        print(f"DiT-{args.size}/2 at {full}x{full}: ours {sum(p.numel() for p in net_ours.parameters()) / 1e6:.1f}M "
+              f"parameters, diffusers' {sum(p.numel() for p in net_theirs.parameters()) / 1e6:.1f}M; "
+              f"{torch.get_num_threads()} threads, {device}", flush=True)
+        for r in range(args.rounds):
+            for stage, (side, batch) in stages.items():
+                x0, coords, sigma, noise = plain_inputs(side, batch, full, device, seed=r)
+                labels = torch.zeros(batch, dtype=torch.long, device=device)
+
+                def loss_ours():
+                    return denoising_loss_at(net_ours, x0, coords, sigma, noise, sigma_data=1.0).mean()
+
+                def loss_theirs():
+                    out = net_theirs(x0 + noise, sigma * 100, labels, return_dict=False)[0]
+                    return (out - noise).square().mean()
+
+                if stage not in flops:
+                    flops[stage] = {"ours": step_flops(loss_ours), "diffusers": step_flops(loss_theirs)}
+                results["plain"][stage] += time_plain(net_ours, loss_ours, args.steps, clock, autocast)
+                results["diffusers"][stage] += time_plain(net_theirs, loss_theirs, args.steps, clock, autocast)
+                trainer = time_trainer(config(args.size, args.batch, stage, device), store, args.steps, clock,
+                                       device)
+                results["trainer"][stage] += trainer[(side, batch)]
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        peak = matmul_peak(device, clock)
+    med = {arm: {s: statistics.median(v) for s, v in by.items()} for arm, by in results.items()}
+    print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; medians of {args.rounds * args.steps} steps per cell")
+    print(f"{'stage':10s} {'trainer s':>10s} {'plain s':>9s} {'diffusers s':>12s} {'trainer/plain':>14s} "
+          f"{'diffusers/ours':>15s} {'ours of peak':>13s} {'diffusers of peak':>18s}")
+    for stage, (side, batch) in stages.items():
+        t, p, d = med["trainer"][stage], med["plain"][stage], med["diffusers"][stage]
+        print(f"{stage + f' {side}px x{batch}':10s} {t:10.3f} {p:9.3f} {d:12.3f} {t / p:14.3f} {d / p:15.3f} "
+              f"{flops[stage]['ours'] / p / peak:13.1%} {flops[stage]['diffusers'] / d / peak:18.1%}")
+    # The schedule (real_p 0.5): half the steps at each stage; full-size-equivalent images per second.
+    img = {arm: (args.batch + 2 * args.batch / 4) / (med[arm]["full"] + med[arm]["half"]) for arm in med}
+    img_full = {arm: args.batch / med[arm]["full"] for arm in med}
+    print(f"schedule (real_p 0.5): full-size-equivalent images/s trainer {img['trainer']:.2f}, plain "
+          f"{img['plain']:.2f}, diffusers {img['diffusers']:.2f}; vs full-size only: trainer x"
+          f"{img['trainer'] / img_full['trainer']:.2f}, plain x{img['plain'] / img_full['plain']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
