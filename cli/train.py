@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,17 +35,22 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with loss and images/s (rank 0 only)."),
         base: Optional[str] = typer.Option(
             None, "--base", help="Fine-tune instead of starting from random weights: a latentpatch run folder, or a "
-            "diffusers UNet2DModel/UNet2DConditionModel (folder or hub id) whose input layer gains zero-initialised "
-            "coordinate channels. --max-steps is the number of fine-tuning steps (default 1000)."),
+            "pretrained diffusers model: a pipeline folder or hub id (Stable Diffusion 1.x/2.x, DiT-XL/2: unet/ or "
+            "transformer/, scheduler/, vae/, text_encoder/) or a bare UNet2DModel/UNet2DConditionModel/"
+            "DiTTransformer2DModel folder. Its input gains zero-initialised coordinate channels and a pipeline keeps "
+            "its own preconditioning (its scheduler's schedule and prediction type), so the first step starts "
+            "exactly from the pretrained denoiser. --max-steps is the number of fine-tuning steps (default 1000)."),
         data: Optional[Path] = typer.Option(
             None, "--data", help="With --base: an image folder (captions in NAME.txt or metadata.jsonl; encoded into "
             "OUT/latents with the base's autoencoder) or a latent store."),
         base_weights: str = typer.Option("ema", "--base-weights", help="With a run as --base: start from its ema or raw weights."),
         text_encoder: Optional[str] = typer.Option(
-            None, "--text-encoder", help="With --base: the open_clip MODEL[:PRETRAINED] for captions (default: the "
-            "base run's). A pretrained UNet2DConditionModel needs one of its cross_attention_dim width."),
-        vae: Optional[str] = typer.Option(None, "--vae", help="With --base and an image folder: the autoencoder (default: the base run's)."),
-        resolution: Optional[int] = typer.Option(None, "--resolution", help="With --base and an image folder: pixel size to encode at (default: the base run's)."),
+            None, "--text-encoder", help="With --base: the open_clip MODEL[:PRETRAINED], or transformers:PIPELINE, for "
+            "captions (default: the base run's; for a pipeline its own text encoder with the transformers extra, else "
+            "the open_clip tower SD used: ViT-L-14-quickgelu:openai for 1.x, ViT-H-14:laion2b_s32b_b79k penultimate "
+            "for 2.x). A pretrained UNet2DConditionModel needs one of its cross_attention_dim width."),
+        vae: Optional[str] = typer.Option(None, "--vae", help="With --base and an image folder: the autoencoder (default: the base run's, or the pipeline's vae/)."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", help="With --base and an image folder: pixel size to encode at (default: the base run's, or the pipeline network's own size)."),
         lora_rank: int = typer.Option(0, "--lora-rank", help="With --base: train rank-r LoRA adapters on the attention projections only (0 = all weights)."),
         overrides: Optional[List[str]] = typer.Argument(
             None, help="Config overrides as section.key=value, e.g. train.batch_size=32 patches.real_p=0.25 (values are YAML)."
@@ -77,8 +83,14 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config, overrides or []) if config is not None else None
         if cfg is None and not resume:
             raise UserError("--config is needed to start a new run (a preset name such as tiny, or a YAML file)")
-        result = run_train(cfg, latents, out, resume=resume, max_steps=max_steps, device=device, progress=progress)
-        if os.environ.get("RANK", "0") == "0":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nothing to train")  # said below, in the CLI's words
+            result = run_train(cfg, latents, out, resume=resume, max_steps=max_steps, device=device,
+                               progress=progress)
+        if os.environ.get("RANK", "0") == "0" and result.trained == 0:
+            typer.echo(f"nothing to train: run {out} is already at step {result.step} (train.max_steps); pass a "
+                       "larger --max-steps to continue it")
+        elif os.environ.get("RANK", "0") == "0":
             loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
             typer.echo(f"trained to step {result.step} ({result.kimg:.1f} kimg, loss {loss}) in {result.seconds:.0f} s; "
                        f"latest checkpoint {result.checkpoint}")

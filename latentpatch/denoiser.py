@@ -8,6 +8,7 @@ from torch import nn
 
 from latentpatch.config import RunConfig
 from latentpatch.diffusion.edm import EDMPrecond
+from latentpatch.diffusion.vp import VPPrecond
 from latentpatch.errors import UserError
 from latentpatch.models import build_network
 
@@ -15,8 +16,9 @@ from latentpatch.models import build_network
 def build_precond(
     cfg: RunConfig, latent_channels: int, *, device: torch.device | str | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
-) -> EDMPrecond:
-    """build_network + EDMPrecond; `device` only picks the attention backend, the module stays on the CPU.
+) -> nn.Module:
+    """build_network + its preconditioning (edm.precond: EDMPrecond, or a pretrained DDPM model's own
+    VPPrecond); `device` only picks the attention backend, the module stays on the CPU.
 
     `init_state` (a fine-tune's starting weights, plain keys) is loaded before model.lora_rank adapters are
     added, so the adapters start from it.
@@ -24,7 +26,11 @@ def build_precond(
     if cfg.edm.sigma_data is None:
         raise UserError("edm.sigma_data is not set: training takes it from the latent store (its measured latent "
                         "std); outside training give it in the config")
-    precond = EDMPrecond(build_network(cfg.model, latent_channels, device=device), sigma_data=cfg.edm.sigma_data)
+    net = build_network(cfg.model, latent_channels, device=device)
+    if cfg.edm.precond == "vp":
+        precond = VPPrecond(net, cfg.edm.scheduler)
+    else:
+        precond = EDMPrecond(net, sigma_data=cfg.edm.sigma_data)
     if init_state is not None:
         try:
             precond.load_state_dict(init_state, strict=True)

@@ -5,16 +5,17 @@
     images = lp.sample(run, prompts=["a red brick wall"], n=4, guidance=4.0)
 
 `base` is a latentpatch run folder (its EMA or raw weights, same architecture; an unconditional DiT gains
-zero-initialised cross-attention when the data has captions) or a pretrained diffusers UNet2DModel /
-UNet2DConditionModel (a folder or a hub id) whose conv_in is widened with zero-initialised coordinate
-channels, so before training it computes exactly what it computed before. `data` is an image folder
+zero-initialised cross-attention when the data has captions) or a pretrained diffusers model: a pipeline
+folder or hub id (Stable Diffusion 1.x/2.x, DiT-XL/2) or a bare UNet2DModel / UNet2DConditionModel /
+DiTTransformer2DModel folder (latentpatch.bases). Its input gains zero-initialised coordinate channels and a
+pipeline keeps its own preconditioning (the scheduler's DDPM schedule and prediction type, edm.precond "vp"),
+so before the first step the fine-tune computes exactly the pretrained denoiser. `data` is an image folder
 (encoded into OUT/latents with the base's autoencoder, captions embedded) or an existing latent store.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
+from latentpatch.finetune_bases import FinetuneBase, diffusers_base, load_choice, run_base
 from latentpatch.io import write_json_atomic
 from latentpatch.runs import is_run_folder
 
@@ -48,16 +50,6 @@ class FinetuneResult:
 
     def __fspath__(self) -> str:
         return str(self.run_dir)
-
-
-@dataclass
-class _Base:
-    cfg: RunConfig
-    state: dict[str, torch.Tensor]  # plain EDMPrecond keys
-    autoencoder: dict[str, Any] | None  # AutoencoderInfo dict (None: a diffusers UNet, take the store's)
-    resolution: list[int] | None
-    text_record: dict[str, Any] | None  # the text encoder the base was trained with
-    describe: dict[str, Any]  # provenance, written to OUT/finetune.json
 
 
 def finetune(
@@ -82,9 +74,11 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `base` on `data` into the new run folder `out` for `steps` optimisation steps.
 
-    text_encoder: "MODEL[:PRETRAINED]" of open_clip; default the base run's (a pretrained UNet2DConditionModel
-    needs one whose token width is its cross_attention_dim, e.g. ViT-L-14:openai for Stable Diffusion 1.x).
-    vae / resolution: how an image folder is encoded (default: the base run's); a diffusers base needs `vae`.
+    text_encoder: "MODEL[:PRETRAINED]" of open_clip or "transformers:PIPELINE"; default the base run's, or for a
+    pipeline its own text encoder (with transformers installed) else the open_clip tower whose features match
+    (Stable Diffusion 1.x: ViT-L-14-quickgelu:openai, 2.x: ViT-H-14:laion2b_s32b_b79k, penultimate layer).
+    vae / resolution: how an image folder is encoded (default: the base run's, or the pipeline's vae/ at the
+    network's own size).
     lora_rank > 0: train rank-r LoRA adapters on the attention projections instead of all weights (the
     checkpoints still hold whole weights, merged when loaded, so sampling needs nothing new).
     lr, batch_size, config (a preset or YAML, for a diffusers base) and `overrides` ("section.key=value")
@@ -101,10 +95,10 @@ def finetune(
         if config is not None:
             raise UserError("config= (--config) is for a diffusers base; a run base keeps its own config "
                             "(change settings with overrides)")
-        found = _run_base(Path(base), weights)
+        found = run_base(Path(base), weights)
+        _check_text_choice(found, text_encoder)
     else:
-        found = _diffusers_base(str(base), config)
-    _check_text_choice(found, text_encoder)
+        found = diffusers_base(str(base), config, text_encoder)
     store = _prepare_data(found, Path(data), out, text_encoder, vae, resolution, flip, device, progress)
     saved = out / "config.yaml"
     if resume and saved.is_file():  # the run's own config; only the number of steps may change
@@ -123,38 +117,8 @@ def finetune(
     return FinetuneResult(out, store.path, result.step, result.loss, result.checkpoint, result.seconds)
 
 
-def _run_base(base: Path, weights: str) -> _Base:
-    from latentpatch.models.lora import plain_state_dict
-    from latentpatch.runs import load_run
-
-    loaded = load_run(base, weights=weights, device="cpu")
-    cfg = copy.deepcopy(loaded.cfg)
-    cfg.model.lora_rank = 0  # a LoRA base is merged: the fine-tune starts from its whole weights
-    return _Base(
-        cfg=cfg, state=plain_state_dict(loaded.precond), autoencoder=loaded.info["autoencoder"],
-        resolution=list(loaded.info["resolution"]), text_record=loaded.spec.text_encoder,
-        describe={"base": str(base.resolve()), "kind": "latentpatch run", "weights": weights,
-                  "checkpoint": str(loaded.checkpoint), "checkpoint_id": loaded.checkpoint_id, "step": loaded.step},
-    )
-
-
-def _diffusers_base(base: str, config: str | os.PathLike | None) -> _Base:
-    from latentpatch.models import PretrainedConfig
-    from latentpatch.models.widen import json_config, load_pretrained_unet, widen_unet
-
-    unet = load_pretrained_unet(base)
-    widen_unet(unet, unet.conv_in.in_channels)
-    cfg = load_config(config) if config is not None else RunConfig()
-    cfg.model = dataclasses.replace(cfg.model, arch="pretrained", num_classes=0, text_dim=0, pooled_text_dim=0,
-                                    pretrained=PretrainedConfig(type(unet).__name__, json_config(unet)))
-    cfg.text.pooled = False  # a pretrained UNet's time embedding has no input for it
-    state = {f"net.unet.{k}": v for k, v in unet.state_dict().items()}
-    return _Base(cfg=cfg, state=state, autoencoder=None, resolution=None, text_record=None,
-                 describe={"base": base, "kind": type(unet).__name__})
-
-
 def _prepare_data(
-    found: _Base, data: Path, out: Path, text_encoder, vae, resolution, flip, device, progress
+    found: FinetuneBase, data: Path, out: Path, text_encoder, vae, resolution, flip, device, progress
 ) -> LatentStore:
     """The store to train on: `data` itself, or `data` encoded into OUT/latents with the base's autoencoder."""
     from latentpatch.encoding import encode
@@ -163,29 +127,36 @@ def _prepare_data(
         store = LatentStore(data)
     elif data.is_dir():
         text = text_encoder
-        if text is None and found.text_record is not None:
+        if found.text_choice is not None:
+            text = load_choice(found.text_choice, device)
+        elif text is None and found.text_record is not None:
             from latentpatch.text import load_text_encoder_from_record
 
             text = load_text_encoder_from_record(found.text_record, device=device)
-        if vae is None and found.autoencoder is None:
-            raise UserError("a diffusers base needs vae= (--vae): the autoencoder whose latents the UNet was "
-                            "trained on, e.g. the pipeline folder's vae/ or stabilityai/sd-vae-ft-mse")
-        autoencoder = vae if vae is not None else _load_vae(found.autoencoder, device)
+        if vae is None and found.autoencoder is None and found.vae is None:
+            raise UserError(f"the base {found.describe['base']} has no vae/ beside the network: give vae= (--vae), "
+                            "the autoencoder whose latents it was trained on (e.g. stabilityai/sd-vae-ft-mse)")
+        autoencoder = vae or found.vae or _load_vae(found.autoencoder, device)
         size = resolution or (tuple(found.resolution) if found.resolution else None)
         if size is None:
             raise UserError("give resolution= (--resolution): the pixel size to encode the images at")
+        labels = "folders" if found.cfg.model.num_classes > 0 else None  # a class per top-level subfolder
         encode(data, out / LATENTS_DIR, autoencoder, size, device=device, flip=flip, text_encoder=text,
-               progress=progress)
+               progress=progress, labels=labels)
         store = LatentStore(out / LATENTS_DIR)
     else:
         raise UserError(f"data {data} is neither an image folder nor a latent store")
     if found.autoencoder is not None:
         store.require_latent_space(found.autoencoder, None, f"the base run {found.describe['base']} was trained on",
                                    "encode the images with the base's autoencoder")
-    unet_cfg = _pretrained_config(found.cfg)
-    if unet_cfg is not None and store.latent_shape[0] != unet_cfg["in_channels"] - 2:
-        raise UserError(f"the base UNet takes {unet_cfg['in_channels'] - 2}-channel latents but {store.path} holds "
-                        f"{store.latent_shape[0]}-channel ones; encode with the autoencoder the UNet was trained with")
+    net_cfg = _pretrained_config(found.cfg)
+    if net_cfg is not None and store.latent_shape[0] != net_cfg["in_channels"] - 2:
+        raise UserError(f"the base network takes {net_cfg['in_channels'] - 2}-channel latents but {store.path} holds "
+                        f"{store.latent_shape[0]}-channel ones; encode with the autoencoder it was trained with")
+    if found.cfg.model.num_classes > 0 and any(item.label is None for item in store.items):
+        raise UserError(f"the base is class-conditional ({found.cfg.model.num_classes} classes) but {store.path} has "
+                        "no class labels; put each image in a subfolder per class (encode --labels folders: the store's class k "
+                        "trains the base's label k)")
     return store
 
 
@@ -195,7 +166,7 @@ def _load_vae(info: dict[str, Any], device: str | None) -> Any:
     return load_autoencoder_from_info(info, device=resolve_device(device))
 
 
-def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora_rank, lr, batch_size,
+def _finetune_config(found: FinetuneBase, store: LatentStore, text_encoder, steps, lora_rank, lr, batch_size,
                      overrides) -> RunConfig:
     from latentpatch.training.trainer import resolve_with_store
 
@@ -217,7 +188,7 @@ def _finetune_config(found: _Base, store: LatentStore, text_encoder, steps, lora
         raise UserError(
             f"the text encoder {cfg.text.model}:{cfg.text.pretrained} gives tokens of width {cfg.model.text_dim} but "
             f"the UNet's cross_attention_dim is {unet_cfg['cross_attention_dim']}; choose an encoder of that width "
-            "(Stable Diffusion 1.x: ViT-L-14:openai, 768)"
+            "(Stable Diffusion 1.x: ViT-L-14-quickgelu:openai, 768; 2.x: ViT-H-14:laion2b_s32b_b79k, 1024)"
         )
     if cfg.model.arch == "unet" and found.cfg.model.text_dim != cfg.model.text_dim:
         raise UserError("a UNet run cannot gain (or lose) text conditioning by fine-tuning; set text.model=none "
@@ -229,8 +200,8 @@ def _pretrained_config(cfg: RunConfig) -> dict[str, Any] | None:
     return cfg.model.pretrained.config if cfg.model.arch == "pretrained" else None
 
 
-def _check_text_choice(found: _Base, text_encoder: str | None) -> None:
-    """A base trained with text keeps its encoder; a UNet2DModel has nothing to condition on text."""
+def _check_text_choice(found: FinetuneBase, text_encoder: str | None) -> None:
+    """A run base trained with text keeps its encoder; a UNet2DModel has nothing to condition on text."""
     from latentpatch.text import parse_text_encoder
 
     tc, unet_cfg = found.cfg.text, _pretrained_config(found.cfg)
@@ -244,8 +215,9 @@ def _check_text_choice(found: _Base, text_encoder: str | None) -> None:
                         "drop --text-encoder (or start from a UNet2DConditionModel)")
 
 
-def _choose_text(cfg: RunConfig, found: _Base, store: LatentStore, text_encoder: str | None) -> None:
-    """Which encoder conditions the fine-tune: the base's own, else the one asked for, else the store's."""
+def _choose_text(cfg: RunConfig, found: FinetuneBase, store: LatentStore, text_encoder: str | None) -> None:
+    """Which encoder conditions the fine-tune: the base run's own; else the one asked for; else the store's
+    cached one; else a pipeline's default (its own encoder, or the matching open_clip tower)."""
     from latentpatch.text import parse_text_encoder
 
     if cfg.text.model:
@@ -254,15 +226,22 @@ def _choose_text(cfg: RunConfig, found: _Base, store: LatentStore, text_encoder:
     if unet_cfg is not None and unet_cfg.get("_class_name") == "UNet2DModel":
         cfg.text.model = "none"
         return
-    if text_encoder is not None:
+    choice, recorded = found.text_choice, store.manifest.text_encoder
+    if text_encoder is None and recorded is not None and (choice is None or recorded["model"] != choice.model):
+        return  # a store encoded with another encoder: derive_spec adopts it, its layer and padding
+    if choice is not None:  # written out, so overrides (text.padding=...) change it
+        tc = cfg.text
+        tc.model, tc.pretrained, tc.layer, tc.padding = choice.model, choice.pretrained, choice.layer, choice.padding
+        tc.max_length = (store.manifest.text_encoder or {}).get("max_length", tc.max_length)
+    elif text_encoder is not None:
         cfg.text.model, cfg.text.pretrained = parse_text_encoder(text_encoder)
         cfg.text.max_length = (store.manifest.text_encoder or {}).get("max_length", cfg.text.max_length)
-    elif store.manifest.text_encoder is None and unet_cfg is not None:
+    elif unet_cfg is not None:
         raise UserError("the base UNet2DConditionModel needs a text encoder whose width is its cross_attention_dim "
                         f"({unet_cfg.get('cross_attention_dim')}): pass text_encoder= (--text-encoder)")
 
 
-def _initial_state(found: _Base, cfg: RunConfig, store: LatentStore) -> dict[str, torch.Tensor]:
+def _initial_state(found: FinetuneBase, cfg: RunConfig, store: LatentStore) -> dict[str, torch.Tensor]:
     """The base's weights in the fine-tune's architecture; a DiT that gains text gets its new layers zeroed
     where that keeps its output unchanged (cross-attention's output projection, the pooled-text map)."""
     from latentpatch.denoiser import build_precond

@@ -1,4 +1,5 @@
-"""Loading pretrained diffusers models the same way everywhere (autoencoders, UNets, transformers)."""
+"""Loading pretrained diffusers and transformers models the same way everywhere (autoencoders, UNets, DiTs,
+text encoders)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,13 @@ def load_kwargs() -> dict[str, Any]:
     from diffusers.models import modeling_utils
 
     return {"low_cpu_mem_usage": bool(modeling_utils.is_accelerate_available())}
+
+
+def transformers_load_kwargs() -> dict[str, Any]:
+    """`from_pretrained` keywords for every transformers model we load: float32 weights, as the rest of the model
+    runs (transformers 5 otherwise keeps the checkpoint's dtype, often float16)."""
+    import torch
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}

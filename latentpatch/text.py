@@ -27,6 +27,9 @@ from latentpatch.errors import UserError
 LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
 LIST_TAGS_HINT = "python -c \"import open_clip; print(open_clip.list_pretrained())\""
 RANDOM_WEIGHTS_SEED = 0  # pretrained=None: random weights, the same in every process (tests, smoke runs)
+TRANSFORMERS_PREFIX = "transformers:"  # text.model "transformers:PIPELINE": a diffusers pipeline's own encoder
+LAYERS = ("last", "penultimate")
+PADDINGS = ("masked", "eot", "zero")
 
 
 @dataclass
@@ -39,10 +42,24 @@ class TextConfig:
     caption_dropout: float = 0.1    # P(caption -> ""), which trains the unconditional model for guidance
     max_length: int = 77            # tokens kept for cross-attention (at most the model's context length)
     pooled: bool = True             # also feed the pooled embedding (adaLN / the UNet's time embedding)
+    # Which features, as the pretrained model was trained on them (Stable Diffusion 1.x: last/eot, 2.x:
+    # penultimate/zero). layer "last": tokens after the final layer norm; "penultimate": the second-to-last
+    # block's output, then the final norm. padding "masked": padding is masked out of cross-attention;
+    # "eot" / "zero": padded with the end-of-text token / id 0 and every position attended.
+    layer: str = "last"
+    padding: str = "masked"
 
     def check(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise UserError(f"text.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        check_features(self.layer, self.padding)
+
+
+def check_features(layer: str, padding: str) -> None:
+    if layer not in LAYERS:
+        raise UserError(f"text.layer must be one of {', '.join(LAYERS)}, got {layer!r}")
+    if padding not in PADDINGS:
+        raise UserError(f"text.padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
 
 
 def parse_text_encoder(spec: str) -> tuple[str, str | None]:
@@ -50,7 +67,7 @@ def parse_text_encoder(spec: str) -> tuple[str, str | None]:
     spec = spec.strip()
     if not spec:
         raise UserError("--text-encoder is empty; give an open_clip model such as ViT-B-32:laion2b_s34b_b79k")
-    if spec.startswith(("hf-hub:", "local-dir:")):
+    if spec.startswith(("hf-hub:", "local-dir:", TRANSFORMERS_PREFIX)):
         return spec, None
     model, _, pretrained = spec.partition(":")
     return model, pretrained or None
@@ -86,6 +103,8 @@ class TextEncoder:
         self.max_length: int = record["max_length"]
         self.width: int = record["width"]  # token embedding size (model.text_dim)
         self.pooled_dim: int = record["pooled_dim"]  # pooled embedding size (model.pooled_text_dim)
+        self.layer: str = record.get("layer", "last")
+        self.padding: str = record.get("padding", "masked")
 
     def to(self, device: torch.device | str) -> TextEncoder:
         """Move the tower to `device` (in place); embeddings still come back on the CPU."""
@@ -128,13 +147,19 @@ class TextEncoder:
         parts = []
         for start in range(0, len(texts), batch_size):
             ids = self.tokenize(texts[start : start + batch_size])
-            tokens, pooled = _text_forward(self.model, ids.to(self.device))
-            mask = _real_tokens(ids, self.tokenizer)[:, : self.max_length]
-            parts.append((tokens[:, : self.max_length].float().cpu(), mask, pooled.float().cpu()))
+            real = _real_tokens(ids, self.tokenizer)
+            ids = pad_ids(ids, real, self.padding, getattr(self.tokenizer, "eot_token_id", None))
+            tokens, pooled = self._forward(ids.to(self.device))
+            mask = real if self.padding == "masked" else torch.ones_like(real)
+            parts.append((tokens[:, : self.max_length].float().cpu(), mask[:, : self.max_length],
+                          pooled.float().cpu()))
         if not parts:
             return TextEmbeddings(torch.empty(0, self.max_length, self.width), torch.empty(0, self.max_length,
                                   dtype=torch.bool), torch.empty(0, self.pooled_dim))
         return TextEmbeddings(*(torch.cat(p) for p in zip(*parts)))
+
+    def _forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        return _text_forward(self.model, ids, self.layer)
 
     def item_tensors(self, captions: Sequence[str | None], dtype: torch.dtype) -> dict[str, Tensor]:
         """Store rows for items with these captions (none -> the empty caption), with each caption's hash."""
@@ -143,6 +168,18 @@ class TextEncoder:
             "text_tokens": emb.tokens.to(dtype), "text_mask": emb.mask, "text_pooled": emb.pooled.to(dtype),
             "text_caption_hash": torch.tensor([caption_hash(c) for c in captions], dtype=torch.int64),
         }
+
+
+def pad_ids(ids: Tensor, real: Tensor, padding: str, eot: int | None) -> Tensor:
+    """The ids with every position after the text (`real` False) set as `padding` says: "eot" the end-of-text
+    id (CLIPTokenizer's padding, Stable Diffusion 1.x), "zero" id 0 (open_clip's, SD 2.x); "masked" keeps them."""
+    if padding == "eot":
+        if eot is None:
+            raise UserError("text.padding=eot needs a tokenizer with an end-of-text token")
+        return torch.where(real.to(ids.device), ids, torch.full_like(ids, eot))
+    if padding == "zero":
+        return torch.where(real.to(ids.device), ids, torch.zeros_like(ids))
+    return ids
 
 
 def _real_tokens(ids: Tensor, tokenizer: Any) -> Tensor:
@@ -155,25 +192,48 @@ def _real_tokens(ids: Tensor, tokenizer: Any) -> Tensor:
     return torch.arange(ids.shape[1])[None] <= first[:, None].cpu()
 
 
-def _text_forward(model: Any, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(tokens [N, L, D], pooled [N, P]): open_clip's CLIP.encode_text step by step, keeping the tokens."""
+def _text_forward(model: Any, ids: Tensor, layer: str = "last") -> tuple[Tensor, Tensor]:
+    """(tokens [N, L, D], pooled [N, P]): open_clip's CLIP.encode_text step by step, keeping the tokens.
+
+    layer "penultimate" stops one block early and then applies ln_final, as Stable Diffusion 2.x's
+    FrozenOpenCLIPEmbedder(layer="penultimate") does.
+    """
     from open_clip.transformer import TextTransformer, text_global_pool
 
     text = getattr(model, "text", None)
     if isinstance(text, TextTransformer):  # CustomTextCLIP: the tower returns both when asked
-        text.output_tokens = True
-        pooled, tokens = text(ids)
-        return tokens, pooled
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(ids).to(cast_dtype)
-    x = x + model.positional_embedding.to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    tokens = model.ln_final(x)
-    pooled = text_global_pool(tokens, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        proj = model.text_projection
+        if layer == "last":
+            text.output_tokens = True
+            pooled, tokens = text(ids)
+            return tokens, pooled
+        if text.cls_emb is not None:
+            raise UserError("text.layer=penultimate is not available for open_clip towers with a CLS token (CoCa)")
+        x, attn_mask = text._embeds(ids)
+        tower, ln_final, pool_type, eos_id, proj = (text.transformer, text.ln_final, text.pool_type,
+                                                    getattr(text, "eos_id", None), text.text_projection)
+    else:
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast_dtype)
+        x = x + model.positional_embedding.to(cast_dtype)
+        attn_mask, tower, ln_final, pool_type, eos_id, proj = (model.attn_mask, model.transformer, model.ln_final,
+                                                               model.text_pool_type, getattr(model, "text_eos_id",
+                                                                                             None),
+                                                               model.text_projection)
+    x = tower(x, attn_mask=attn_mask) if layer == "last" else _all_blocks_but_last(tower, x, attn_mask)
+    tokens = ln_final(x)
+    pooled = text_global_pool(tokens, ids, pool_type, eos_token_id=eos_id)
+    if proj is not None:
         pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
     return tokens, pooled
+
+
+def _all_blocks_but_last(tower: Any, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """open_clip Transformer.forward over resblocks[:-1]."""
+    if not tower.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    for block in tower.resblocks[:-1]:
+        x = block(x, attn_mask=attn_mask)
+    return x if tower.batch_first else x.transpose(0, 1)
 
 
 def _register_config_file(model: str) -> tuple[str, str | None]:
@@ -227,16 +287,22 @@ def _pretrained_identity(name: str, pretrained: str | None) -> dict[str, Any]:
 
 def load_text_encoder(
     model: str, pretrained: str | None = None, *, max_length: int | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, layer: str = "last", padding: str = "masked",
 ) -> TextEncoder:
     """An open_clip model's frozen text tower. `model` is an open_clip name (or a model config `.json`
     file), `pretrained` a tag, a checkpoint file, or None for random weights (seeded, for tests);
-    `max_length` tokens are kept (default: the model's context length, 77 for CLIP)."""
+    `max_length` tokens are kept (default: the model's context length, 77 for CLIP). `layer` and `padding`:
+    TextConfig's. "transformers:PIPELINE" is a diffusers pipeline's own encoder (latentpatch.text_transformers)."""
     import open_clip
 
     if not model:
         raise UserError("no text encoder given (text.model is empty)")
+    check_features(layer, padding)
     device = resolve_device(device)
+    if model.startswith(TRANSFORMERS_PREFIX):
+        from latentpatch.text_transformers import load_pipeline_text_encoder
+
+        return load_pipeline_text_encoder(model, max_length=max_length, device=device, layer=layer, padding=padding)
     name, config_sha = _register_config_file(model)
     _check_model_name(name)
     identity = _pretrained_identity(name, pretrained)
@@ -266,7 +332,7 @@ def load_text_encoder(
         raise UserError(f"text.max_length={max_length} must be between 1 and the model's context length "
                         f"{context_length}")
     ids = tokenizer([""], context_length=context_length)
-    tokens, pooled = _text_forward(clip, ids.to(device))
+    tokens, pooled = _text_forward(clip, ids.to(device), layer)
     record = {
         "library": "open_clip",
         "model": str(Path(model).resolve()) if config_sha else model,
@@ -277,6 +343,8 @@ def load_text_encoder(
         "width": int(tokens.shape[-1]),
         "pooled_dim": int(pooled.shape[-1]),
         "tokenizer": type(tokenizer).__name__,
+        "layer": layer,
+        "padding": padding,
     }
     return TextEncoder(clip, tokenizer, record, device)
 
@@ -284,8 +352,9 @@ def load_text_encoder(
 def load_text_encoder_from_record(record: dict[str, Any], device: torch.device | str | None = None) -> TextEncoder:
     """The encoder a store manifest or run.json names; refuses one whose weights or config file changed."""
     encoder = load_text_encoder(record["model"], record.get("pretrained"), max_length=int(record["max_length"]),
-                                device=device)
-    for key in ("weights_sha256", "config_sha256"):
+                                device=device, layer=record.get("layer", "last"),
+                                padding=record.get("padding", "masked"))
+    for key in ("weights_sha256", "config_sha256", "files_sha256"):
         if record.get(key) != encoder.record.get(key):
             raise UserError(
                 f"the text encoder file for {record['model']!r} ({record.get('pretrained') or 'config'}) changed "
@@ -295,7 +364,8 @@ def load_text_encoder_from_record(record: dict[str, Any], device: torch.device |
     return encoder
 
 
-IDENTITY_KEYS = ("model", "pretrained", "weights_sha256", "config_sha256", "max_length")
+IDENTITY_KEYS = ("model", "pretrained", "weights_sha256", "config_sha256", "max_length", "layer", "padding")
+FEATURE_DEFAULTS = {"layer": "last", "padding": "masked"}  # what records written before these keys mean
 
 
 def same_text_encoder(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -307,9 +377,13 @@ def same_text_encoder(a: dict[str, Any] | None, b: dict[str, Any] | None) -> boo
         keys.remove("pretrained")  # the same file wherever it now lives
     if a.get("config_sha256") and b.get("config_sha256"):
         keys.remove("model")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k, FEATURE_DEFAULTS.get(k)) == b.get(k, FEATURE_DEFAULTS.get(k)) for k in keys)
 
 
 def describe(record: dict[str, Any]) -> str:
-    weights = record.get("pretrained") or "random weights"
-    return f"{os.path.basename(str(record['model']))}:{weights} (max_length {record['max_length']})"
+    if str(record["model"]).startswith(TRANSFORMERS_PREFIX):
+        name, weights = record["model"], "its own weights"
+    else:
+        name, weights = os.path.basename(str(record["model"])), record.get("pretrained") or "random weights"
+    features = [f"{k} {record[k]}" for k in FEATURE_DEFAULTS if record.get(k, FEATURE_DEFAULTS[k]) != FEATURE_DEFAULTS[k]]
+    return f"{name}:{weights} (max_length {record['max_length']}{''.join(', ' + f for f in features)})"

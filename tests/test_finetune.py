@@ -1,4 +1,6 @@
-"""Fine-tuning: from a run or a widened pretrained UNet, exactly where the base was, with or without LoRA."""
+"""Fine-tuning: from a run or a widened bare pretrained UNet, exactly where the base was, with or without LoRA.
+
+Pipelines, their own preconditioning, DiTs and text features: tests/test_pretrained.py."""
 
 import json
 
@@ -94,7 +96,7 @@ def test_finetune_a_pretrained_text_unet_then_sample_with_prompts(tmp_path, imag
     with pytest.raises(UserError, match="width 48 but the UNet's cross_attention_dim is 32"):
         lp.finetune(tmp_path / "unet", images, tmp_path / "bad", vae="pixel", resolution=8, text_encoder=str(wide),
                     steps=2, **FAST)
-    with pytest.raises(UserError, match="needs vae="):
+    with pytest.raises(UserError, match="has no vae/ beside the network: give vae="):
         lp.finetune(tmp_path / "unet", images, tmp_path / "bad2", steps=2, text_encoder=str(clip_json), **FAST)
     run = lp.finetune(tmp_path / "unet", images, tmp_path / "ft", vae="pixel", resolution=8,
                       text_encoder=str(clip_json), steps=3, batch_size=4, **FAST)
@@ -147,11 +149,12 @@ def test_lora_finetune_trains_adapters_only_and_loads_merged(base_run, images, t
     assert torch.isfinite(out).all()
 
 
-def test_a_diffusers_dit_is_refused_with_the_reason(tmp_path, images):
-    (tmp_path / "dit").mkdir()
-    (tmp_path / "dit" / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel"}))
-    with pytest.raises(UserError, match="cannot be widened into latentpatch's DiT"):
-        lp.finetune(tmp_path / "dit", images, tmp_path / "ft", steps=1, **FAST)
+def test_a_pixart_transformer_is_refused_with_the_reason(tmp_path, images):
+    for name, extra in [("PixArtTransformer2DModel", {}), ("Transformer2DModel", {"norm_type": "ada_norm_single"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"_class_name": name, **extra}))
+        with pytest.raises(UserError, match="PixArt-style transformer.*T5-XXL features through transformers"):
+            lp.finetune(tmp_path / name, images, tmp_path / "ft", steps=1, **FAST)
     with pytest.raises(UserError, match="has no cross-attention"):
         tiny_unet(UNet2DModel, in_channels=3).save_pretrained(tmp_path / "unet")
         lp.finetune(tmp_path / "unet", images, tmp_path / "ft", steps=1, text_encoder="RN50", **FAST)

@@ -101,11 +101,14 @@ def derive_spec(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, Conditio
     tc = cfg.text
     if not tc.model:
         tc.model, tc.pretrained, tc.max_length = recorded["model"], recorded["pretrained"], recorded["max_length"]
+        tc.layer, tc.padding = recorded.get("layer", "last"), recorded.get("padding", "masked")
     _check_captions(store, tc.model)
-    if recorded is not None and same_text_encoder(recorded, text_identity(tc.model, tc.pretrained, tc.max_length)):
+    identity = {**text_identity(tc.model, tc.pretrained, tc.max_length), "layer": tc.layer, "padding": tc.padding}
+    if recorded is not None and same_text_encoder(recorded, identity):
         source = TextSource(recorded, cached=True)
     else:
-        encoder = load_text_encoder(tc.model, tc.pretrained, max_length=tc.max_length)
+        encoder = load_text_encoder(tc.model, tc.pretrained, max_length=tc.max_length, layer=tc.layer,
+                                    padding=tc.padding)
         source = TextSource(encoder.record, cached=False, encoder=encoder)
     apply_text_dims(cfg, source.record)
     spec = ConditioningSpec(classes, _names(names, classes), source.record, cfg.model.pooled_text_dim > 0)
@@ -113,7 +116,11 @@ def derive_spec(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, Conditio
 
 
 def _names(names: list[str] | None, classes: int) -> tuple[str, ...] | None:
-    return tuple(names) if names is not None and classes > 0 else None
+    """The store's class names, one per class; a pretrained model with more classes than the store names
+    (DiT-XL/2's 1000) keeps its label numbers as the names of the rest."""
+    if names is None or classes == 0:
+        return None
+    return tuple(names) + tuple(str(k) for k in range(len(names), classes))
 
 
 def _check_captions(store: LatentStore, model: str) -> None:

@@ -7,7 +7,9 @@ left unscaled (they are positions, not signal).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,13 +24,34 @@ class EDMConfig:
     sigma_data: float | None = None  # std of the training latents; None: the latent store's measured std
     P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2) during training
     P_std: float = 1.2
-    sigma_min: float = 0.002  # sampling range
+    sigma_min: float = 0.002  # sampling range (with precond "vp" also the range training sigmas are drawn in)
     sigma_max: float = 80.0
+    # "edm": Karras et al.'s preconditioning, for models trained here. "vp": a pretrained DDPM network's own
+    # (latentpatch.diffusion.vp), read from `scheduler`; fine-tuning a diffusers pipeline writes it.
+    precond: str = "edm"
+    scheduler: Any = None  # dict: the base's diffusers scheduler_config.json (betas, timesteps, prediction_type)
 
     def check(self) -> None:
         if (self.sigma_data is not None and not self.sigma_data > 0) or not 0 < self.sigma_min < self.sigma_max \
                 or not self.P_std > 0:
             raise UserError(f"edm: need sigma_data > 0, 0 < sigma_min < sigma_max and P_std > 0, got {self}")
+        if self.precond not in ("edm", "vp"):
+            raise UserError(f"edm.precond must be 'edm' or 'vp', got {self.precond!r}")
+        if self.precond == "vp":
+            self._check_vp()
+
+    def _check_vp(self) -> None:
+        """The scheduler is one diffusers can build, and sampling stays inside its noise levels."""
+        from latentpatch.diffusion.vp import prediction_type, sigma_range
+
+        if not isinstance(self.scheduler, dict) or "num_train_timesteps" not in self.scheduler:
+            raise UserError("edm.precond=vp needs edm.scheduler: the base's diffusers scheduler config (written by "
+                            "fine-tuning a diffusers pipeline)")
+        prediction_type(self.scheduler)
+        low, high = sigma_range(self.scheduler)
+        if not low <= self.sigma_min < self.sigma_max <= high:
+            raise UserError(f"edm.sigma_min={self.sigma_min} / edm.sigma_max={self.sigma_max} leave the pretrained "
+                            f"schedule's noise levels [{low}, {high}]; set them inside it")
 
 
 def precond_coefficients(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -83,9 +106,24 @@ def denoising_loss_at(
 
 
 def training_sigmas(n: int, cfg: EDMConfig, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """n training noise levels, ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1) -> [n] float32."""
+    """n training noise levels, ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1) -> [n] float32.
+
+    With precond "vp" the normal is truncated to [sigma_min, sigma_max], a pretrained schedule's range: the same
+    draws are mapped through its CDF, z -> Phi^-1(Phi(a) + (Phi(b) - Phi(a)) Phi(z)), so it costs no extra draws.
+    """
     rnd_normal = torch.randn([n], generator=generator, device=device)
+    if cfg.precond == "vp":
+        rnd_normal = _truncated(rnd_normal, cfg)
     return (rnd_normal * cfg.P_std + cfg.P_mean).exp()
+
+
+def _truncated(z: Tensor, cfg: EDMConfig) -> Tensor:
+    """N(0, 1) draws mapped to N(0, 1) truncated so that exp(z P_std + P_mean) lies in [sigma_min, sigma_max]."""
+    ends = torch.tensor([math.log(cfg.sigma_min), math.log(cfg.sigma_max)], dtype=torch.float64, device=z.device)
+    lo, hi = torch.special.ndtr((ends - cfg.P_mean) / cfg.P_std)
+    u = lo + (hi - lo) * torch.special.ndtr(z.to(torch.float64))
+    bounds = ((ends - cfg.P_mean) / cfg.P_std).to(z.dtype)
+    return torch.special.ndtri(u).to(z.dtype).clamp(bounds[0], bounds[1])  # clamp: float rounding at the ends
 
 
 def heldout_sigma_grid(n: int = 8, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:

@@ -35,6 +35,10 @@ def build_network(
             attention_backend=backend,
             grad_checkpointing=cfg.grad_checkpointing,
         )
+    if cfg.arch == "pretrained" and cfg.pretrained.class_name == "DiTTransformer2DModel":
+        from latentpatch.models.pretrained_dit import PretrainedDiT
+
+        return PretrainedDiT(cfg, latent_channels, backend)
     from latentpatch.models.unet import UNetDenoiser
 
     return UNetDenoiser(cfg, latent_channels, backend)

@@ -2,7 +2,8 @@
 
 W x becomes W x + (alpha / r) B A x with A [r, in], B [out, r] and B = 0 at the start, so a model with
 fresh adapters computes what it computed before. Layers that a fine-tune adds or widens (the UNet's
-conv_in with its coordinate channels, the DiT's text embedders) stay fully trainable.
+conv_in and a pretrained DiT's patch embedding with their coordinate channels, the DiT's text embedders)
+stay fully trainable.
 """
 
 from __future__ import annotations
@@ -15,12 +16,23 @@ from torch import nn
 from latentpatch.errors import UserError
 
 DIT_TARGETS = ["qkv", "proj", "q", "kv"]  # self- and cross-attention projections (models/dit.py)
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers Attention
-TRAINABLE_PREFIXES = ("conv_in.", "text_embedder.", "pooled_embedder.")
+DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers Attention: UNets and pretrained DiTs
+UNET_TARGETS = DIFFUSERS_TARGETS
+# Layers a fine-tune adds or widens: the UNet's conv_in, a pretrained DiT's patch embedding, the DiT's text maps.
+TRAINABLE_PREFIXES = ("conv_in.", "pos_embed.proj.", "text_embedder.", "pooled_embedder.")
+DIFFUSERS_WRAPPED = ("unet.", "transformer.")  # where UNetDenoiser / PretrainedDiT keep the diffusers model
 
 
 def _targets(net: nn.Module) -> list[str]:
-    return UNET_TARGETS if hasattr(net, "unet") else DIT_TARGETS
+    return DIFFUSERS_TARGETS if hasattr(net, "unet") or hasattr(net, "transformer") else DIT_TARGETS
+
+
+def _leaf(name: str) -> str:
+    """A parameter's name inside the diffusers model (or the DiT)."""
+    for prefix in DIFFUSERS_WRAPPED:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def add_lora(net: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
@@ -37,8 +49,7 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None = None) -> nn.Module
     except ValueError as e:
         raise UserError(f"could not add LoRA adapters to the {type(net).__name__}: {e}") from e
     for name, p in net.named_parameters():
-        leaf = name.split("unet.", 1)[-1]
-        p.requires_grad_("lora_" in name or leaf.startswith(TRAINABLE_PREFIXES))
+        p.requires_grad_("lora_" in name or _leaf(name).startswith(TRAINABLE_PREFIXES))
     return net
 
 

@@ -64,12 +64,16 @@ class UNetConfig:
                             f"model.unet.attention_head_dim={self.attention_head_dim} at attention levels")
 
 
+# The pretrained diffusers networks fine-tuning can drive (latentpatch.models.widen / pretrained_dit).
+PRETRAINED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
 @dataclass
 class PretrainedConfig:
     """A pretrained diffusers network widened by the coordinate channels (written by fine-tuning): its
     class and diffusers config; the weights are in the run's checkpoints."""
 
-    class_name: str = ""
+    class_name: str = ""  # one of PRETRAINED_CLASSES
     config: Any = None  # dict: the diffusers config.json of the widened network
 
 
@@ -77,7 +81,7 @@ class PretrainedConfig:
 class ModelConfig:
     """Which denoiser to build and how big; conditioning widths are shared by every architecture."""
 
-    arch: str = "dit"                      # "dit" | "unet" | "pretrained" (a widened diffusers network)
+    arch: str = "dit"                      # "dit" | "unet" | "pretrained" (a widened diffusers UNet or DiT)
     dit: DiTConfig = field(default_factory=DiTConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
@@ -105,6 +109,9 @@ class ModelConfig:
         elif not isinstance(self.pretrained.config, dict) or not self.pretrained.class_name:
             raise UserError("model.arch=pretrained needs model.pretrained.class_name and .config (written by "
                             "fine-tuning a diffusers base)")
+        elif self.pretrained.class_name not in PRETRAINED_CLASSES:
+            raise UserError(f"model.pretrained.class_name is {self.pretrained.class_name!r}; expected one of "
+                            f"{', '.join(PRETRAINED_CLASSES)}")
 
 
 # Keys of the flat model section written before the per-architecture sections (runs of latentpatch 0.1).

@@ -17,7 +17,7 @@ from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import ModelConfig
 
-_PROCESSORS = {"sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor}
+PROCESSORS = {"sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor}  # diffusers attention backends
 
 
 def _new_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
@@ -73,19 +73,21 @@ def _pretrained_unet(cfg: ModelConfig, latent_channels: int) -> nn.Module:
 
 
 class UNetDenoiser(nn.Module):
-    """A diffusers UNet; c_noise goes in as the (float) timestep, labels as class labels (null = num_classes)."""
+    """A diffusers UNet; the preconditioning's noise input (EDM's c_noise, or a pretrained model's own DDPM
+    timestep under edm.precond "vp") goes in as the (float) timestep, labels as class labels (null = num_classes)."""
 
     def __init__(self, cfg: ModelConfig, latent_channels: int, attention_backend: str) -> None:
         super().__init__()
         self.latent_channels, self.num_classes = latent_channels, cfg.num_classes
         self.text_conditioned = cfg.text_dim > 0
         self.attention_backend = attention_backend
+        self.pretrained = cfg.arch == "pretrained"
         if cfg.arch == "pretrained":  # a widened pretrained UNet (latentpatch.models.widen), rebuilt by config
             self.unet = _pretrained_unet(cfg, latent_channels)
         else:
             self.unet = _new_unet(cfg, latent_channels)
         self.size_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)  # one downsampling per level
-        processor = _PROCESSORS[attention_backend]()
+        processor = PROCESSORS[attention_backend]()
         for module in self.unet.modules():  # UNet2DModel has no set_attn_processor; set each layer's
             if isinstance(module, Attention):
                 module.set_processor(processor)
@@ -112,7 +114,10 @@ class UNetDenoiser(nn.Module):
                 raise UserError("this model was built with model.pooled_text_dim > 0; pass cond.text_pooled")
             dtype = self.unet.dtype
             kwargs["encoder_hidden_states"] = cond.text_tokens.to(dtype)
-            kwargs["encoder_attention_mask"] = cond.text_mask
+            mask = cond.text_mask
+            if self.pretrained and mask is not None and bool(mask.all()):
+                mask = None  # every position attended, as Stable Diffusion's pipelines call the UNet: exactly that
+            kwargs["encoder_attention_mask"] = mask
             pooled = cond.text_pooled if self.unet.config.time_cond_proj_dim else None  # only with cond_proj
             kwargs["timestep_cond"] = None if pooled is None else pooled.to(dtype)
         return self.unet(x, c_noise, return_dict=False, **kwargs)[0]

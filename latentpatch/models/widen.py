@@ -1,4 +1,5 @@
-"""Pretrained diffusers UNets as Patch Diffusion denoisers: the input layer gains zero-initialised coordinate channels.
+"""Pretrained diffusers networks as Patch Diffusion denoisers: the input layer gains zero-initialised coordinate
+channels (the UNet's conv_in here; a DiT's patch embedding in pretrained_dit.py).
 
 Widening conv_in from C to C+2 input channels with zero weights on the two new ones leaves the network's
 function unchanged (Patch Diffusion, Wang et al. 2023, Sec. 3.2 adds coordinates as input channels), so
@@ -8,7 +9,6 @@ fine-tuning starts exactly from the pretrained model and learns to use the coord
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentpatch.errors import UserError
-from latentpatch.pretrained import load_kwargs
 
 COORD_CHANNELS = 2
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -69,60 +68,14 @@ class CoordinateConv2d(nn.Conv2d):
         return main + coords
 
 
-def _config_path(source: Path) -> tuple[Path, str | None]:
-    """A UNet folder (config.json), or a pipeline folder whose UNet is in unet/."""
-    if (source / "config.json").is_file():
-        return source, None
-    if (source / "unet" / "config.json").is_file():
-        return source, "unet"
-    raise UserError(f"{source} is not a diffusers UNet folder: it has no config.json (nor unet/config.json)")
-
-
 def load_pretrained_unet(source: str, *, revision: str | None = None) -> nn.Module:
     """A diffusers UNet2DModel / UNet2DConditionModel from a folder (a UNet's or a pipeline's) or a hub id."""
-    import diffusers
+    from latentpatch.bases import resolve_base
 
-    path = Path(source)
-    subfolder = None
-    if path.exists():
-        path, subfolder = _config_path(path)
-        cfg = json.loads(((path / subfolder) if subfolder else path).joinpath("config.json").read_text())
-    else:
-        cfg, subfolder = _hub_config(source, revision)
-    name = cfg.get("_class_name")
-    if name == "DiTTransformer2DModel" or name == "Transformer2DModel":
-        raise UserError(
-            f"{source} is a diffusers DiT ({name}); its architecture (learned positions over a fixed patch grid) "
-            "cannot be widened into latentpatch's DiT, whose positions come from the coordinate channels. "
-            "Fine-tune a latentpatch run, or a diffusers UNet2DModel / UNet2DConditionModel"
-        )
-    if name not in SUPPORTED_CLASSES:
-        raise UserError(f"{source} holds a {name}; fine-tuning supports {' and '.join(SUPPORTED_CLASSES)}")
-    try:
-        unet = getattr(diffusers, name).from_pretrained(str(path) if path.exists() else source, subfolder=subfolder,
-                                                        revision=revision, **load_kwargs())
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the UNet {source}: {e}") from e
-    with torch.no_grad():  # own, aligned memory: tensors read from the file may sit at unaligned offsets,
-        for p in unet.parameters():  # which changes the CPU kernels' rounding
-            p.data = p.data.clone()
-    return unet
-
-
-def _hub_config(source: str, revision: str | None) -> tuple[dict, str | None]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import HfHubHTTPError
-
-    for subfolder in (None, "unet"):
-        try:
-            file = hf_hub_download(source, "config.json", subfolder=subfolder, revision=revision)
-            return json.loads(Path(file).read_text()), subfolder
-        except (OSError, ValueError, HfHubHTTPError):
-            continue
-    raise UserError(
-        f"base {source!r} is neither a latentpatch run folder, a local diffusers folder, nor a hub id that could "
-        "be fetched (offline? HF_HUB_OFFLINE=1 needs it in the cache)"
-    )
+    base = resolve_base(source, revision)
+    if base.class_name not in SUPPORTED_CLASSES:
+        raise UserError(f"{source} holds a {base.class_name}, not a UNet ({' or '.join(SUPPORTED_CLASSES)})")
+    return base.load_network(revision)
 
 
 def check_unet_config(config: dict[str, Any], latent_channels: int) -> None:
