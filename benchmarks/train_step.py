@@ -8,10 +8,11 @@
             with adaLN-Zero, as DiT is; its class embedding adds parameters), the same plain loop
 
 Per patch stage of the latent schedule (full size at batch B, half side at batch 2B) and for the schedule as a
-whole (real_p 0.5). Every arm runs in this one process, interleaved in rounds, timed with the same clock
-(process CPU time on the CPU, CUDA-synchronised wall time on a GPU); medians. Achieved FLOP/s
-(torch.utils.flop_counter on one forward + backward) over the measured matmul peak of this device
-(fp32 on the CPU, bf16 on CUDA).
+whole (real_p 0.5). Every arm runs in this one process, interleaved step by step (the trainer's callback runs
+one plain step and one diffusers step between two trainer steps, so a shared machine's load drifts over all
+three alike), timed with the same clock (process CPU time on the CPU, CUDA-synchronised wall time on a GPU);
+medians. Achieved FLOP/s (torch.utils.flop_counter on one forward + backward) over the measured matmul peak of
+this device (fp32 on the CPU, bf16 on CUDA).
 
     python benchmarks/train_step.py --device cpu --threads 2 --size S --batch 16 --rounds 3
     python benchmarks/train_step.py --device cpu --threads 2 --size B --batch 8 --rounds 3
@@ -92,15 +93,38 @@ def config(size: str, batch: int, stage: str, device: torch.device):
                               f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}"] + patches)
 
 
-def time_trainer(cfg, store: Path, steps: int, clock: Clock, device: torch.device) -> dict[tuple, list[float]]:
-    """Step-to-step times of the real trainer, by (patch side, batch); the first 2 steps are warm-up."""
-    times: dict[tuple, list[float]] = {}
+class PlainLoop:
+    """forward, backward, AdamW.step of one model on fixed tensors; `step()` returns its time."""
+
+    def __init__(self, model, loss_fn, clock: Clock, autocast) -> None:
+        self.model, self.loss_fn, self.clock, self.autocast = model, loss_fn, clock, autocast
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's optimiser
+
+    def step(self) -> float:
+        t0 = self.clock()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.loss_fn()
+        loss.backward()
+        self.optimizer.step()
+        return self.clock() - t0
+
+
+def time_interleaved(cfg, store: Path, steps: int, clock: Clock, device: torch.device,
+                     loops: dict[str, PlainLoop]) -> dict[str, list[float]]:
+    """The real trainer's step-to-step times, with one step of each plain loop run between two of its steps
+    (inside its callback, not counted as its time); the first 2 steps of each are warm-up."""
+    times: dict[str, list[float]] = {"trainer": [], **{name: [] for name in loops}}
     last: list[float] = []
 
     def callback(info: StepInfo) -> None:
         now = clock()
         if last and info.step > 2:
-            times.setdefault((info.patch[0], info.batch_size), []).append(now - last[0])
+            times["trainer"].append(now - last[0])
+        for name, loop in loops.items():
+            t = loop.step()
+            if info.step > 2:
+                times[name].append(t)
         last[:] = [clock()]
 
     cfg.train.max_steps = steps + 2
@@ -115,21 +139,6 @@ def plain_inputs(side: int, batch: int, full: int, device: torch.device, seed: i
     x0, coords = random_crops(latents, side, side, g, multiple=2)
     sigma = (torch.randn(batch, generator=g) * 1.2 - 1.2).exp()
     return [t.to(device) for t in (x0, coords, sigma, torch.randn(x0.shape, generator=g))]
-
-
-def time_plain(model, loss_fn, steps: int, clock: Clock, autocast) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's optimiser
-    out = []
-    for i in range(steps + 2):
-        t0 = clock()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        if i >= 2:
-            out.append(clock() - t0)
-    return out
 
 
 def ours(cfg, device):
@@ -193,11 +202,11 @@ def main() -> None:
 
                 if stage not in flops:
                     flops[stage] = {"ours": step_flops(loss_ours), "diffusers": step_flops(loss_theirs)}
-                results["plain"][stage] += time_plain(net_ours, loss_ours, args.steps, clock, autocast)
-                results["diffusers"][stage] += time_plain(net_theirs, loss_theirs, args.steps, clock, autocast)
-                trainer = time_trainer(config(args.size, args.batch, stage, device), store, args.steps, clock,
-                                       device)
-                results["trainer"][stage] += trainer[(side, batch)]
+                loops = {"plain": PlainLoop(net_ours, loss_ours, clock, autocast),
+                         "diffusers": PlainLoop(net_theirs, loss_theirs, clock, autocast)}
+                for arm, times in time_interleaved(config(args.size, args.batch, stage, device), store, args.steps,
+                                                   clock, device, loops).items():
+                    results[arm][stage] += times
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         peak = matmul_peak(device, clock)
     med = {arm: {s: statistics.median(v) for s, v in by.items()} for arm, by in results.items()}
