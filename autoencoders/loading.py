@@ -19,7 +19,7 @@ from .base import Autoencoder, resolve_dtype
 from .info import AutoencoderInfo
 from .pixel import PixelAutoencoder
 
-BUILTIN_NAME = "latentpatch-vae-f4"
+BUILTIN_NAME = "latentpatch-vae-f4-v2"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # Hub repo ids are "owner/name" made of letters, digits, "-", "_" and ".".
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

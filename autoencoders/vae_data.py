@@ -1,5 +1,6 @@
 """Images for training a VAE: the photographs scikit-image ships (offline) or a user's folder, split by image
-into training and held-out sets, and random crops drawn from them."""
+into training and held-out sets, random crops drawn from them with colour augmentation, and the reference
+photographs scikit-learn ships, kept for held-out checks only."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,10 @@ SKIMAGE_IMAGES = (
 SKIMAGE_HOLDOUT_ORDER = ("coffee", "camera", "gravel", "rocket", "coins", "grass")
 # Pyramid levels a crop may come from, so one crop sees objects at more than one scale.
 SCALES = (1.0, 1 / math.sqrt(2), 0.5)
+# scikit-learn's two sample photographs (china.jpg, flower.jpg, 427 x 640): never trained on, the reference set.
+REFERENCE_IMAGES = ("china", "flower")
+VAE_EXTRA = "pip install 'latentpatch[vae]'"
+GREY_SPREAD = 0.02  # a crop whose channels never differ by more than this (on [-1, 1]) counts as greyscale
 
 
 def load_skimage_image(name: str) -> Tensor:
@@ -39,6 +45,19 @@ def load_skimage_image(name: str) -> Tensor:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(array[:, :, :3])).permute(2, 0, 1).contiguous()
+
+
+def load_reference_images() -> dict[str, Tensor]:
+    """scikit-learn's sample photographs as uint8 [3, H, W] RGB, by name (china, flower)."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as e:
+        raise UserError(f"the held-out reference photographs come from scikit-learn, which is not installed; "
+                        f"{VAE_EXTRA} (or turn the check off with --no-reference-check)") from e
+    found = load_sample_images()
+    names = [Path(f).stem for f in found.filenames]
+    return {n: torch.from_numpy(np.array(a[:, :, :3])).permute(2, 0, 1).contiguous()
+            for n, a in zip(names, found.images)}
 
 
 def load_folder_images(folder: str | os.PathLike, min_side: int, max_side: int) -> dict[str, Tensor]:
@@ -136,6 +155,58 @@ def fixed_crops(images: list[Tensor], n: int, crop: int, seed: int) -> Tensor:
         top, left = _randint(x.shape[1] - crop + 1, g), _randint(x.shape[2] - crop + 1, g)
         out[i] = to_unit_range(x[:, top:top + crop, left:left + crop])
     return out
+
+
+def jitter_colours(x: Tensor, generator: torch.Generator, p: float, saturation: tuple[float, float]) -> Tensor:
+    """Recolour a fraction p of the crops: a colour crop is turned by a hue angle uniform over the whole circle and
+    its saturation scaled by a log-uniform factor in `saturation` (kornia.enhance); a greyscale crop, which a hue
+    turn leaves grey, is painted through a gradient map between two random colours."""
+    b = x.shape[0]
+    chosen = torch.rand(b, generator=generator) < p
+    hue = (torch.rand(b, generator=generator) * 2 - 1) * math.pi
+    lo, hi = math.log(saturation[0]), math.log(saturation[1])
+    sat = torch.exp(lo + (hi - lo) * torch.rand(b, generator=generator))
+    dark, light = random_colours(b, generator), random_colours(b, generator)
+    grey = (x.amax(1) - x.amin(1)).flatten(1).amax(1) < GREY_SPREAD
+    x = x.clone()
+    turn, paint = chosen & ~grey, chosen & grey
+    if turn.any():
+        u = kornia.enhance.adjust_hue((x[turn] + 1) / 2, hue[turn])
+        x[turn] = kornia.enhance.adjust_saturation(u, sat[turn]).clamp(0, 1) * 2 - 1
+    if paint.any():
+        t = (x[paint].mean(1, keepdim=True) + 1) / 2
+        x[paint] = torch.lerp(dark[paint][:, :, None, None], light[paint][:, :, None, None], t)
+    return x
+
+
+def random_colours(n: int, generator: torch.Generator) -> Tensor:
+    """[n, 3] in [-1, 1]: hue uniform, saturation and value skewed towards 1 (sqrt of uniform), where photographs
+    are thinnest."""
+    h, s, v = torch.rand(3, n, generator=generator)
+    hsv = torch.stack([h * 2 * math.pi, s.sqrt(), v.sqrt()], 1)[:, :, None, None]
+    return kornia.color.hsv_to_rgb(hsv)[:, :, 0, 0] * 2 - 1
+
+
+def colour_fields(n: int, side: int, generator: torch.Generator) -> Tensor:
+    """[n, 3, side, side]: half flat colours, half smooth ones (a 2x2 to 4x4 grid of random colours, bilinearly
+    upsampled), the kinds of areas skies, walls and grass make and photographs of textures lack."""
+    out = random_colours(n, generator)[:, :, None, None].repeat(1, 1, side, side)
+    for i in range(n):
+        if _randint(2, generator):
+            k = 2 + _randint(3, generator)
+            grid = random_colours(k * k, generator).T.reshape(1, 3, k, k)
+            out[i] = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=True)[0]
+    return out
+
+
+def mix_colour_fields(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
+    """A fraction p of the crops replaced by colour_fields."""
+    chosen = torch.rand(x.shape[0], generator=generator) < p
+    if not chosen.any():
+        return x
+    x = x.clone()
+    x[chosen] = colour_fields(int(chosen.sum()), x.shape[-1], generator)
+    return x
 
 
 def _randint(n: int, generator: torch.Generator) -> int:

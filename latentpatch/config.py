@@ -210,6 +210,22 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def differences(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys of two (nested) settings dicts whose values differ, as 'key: a -> b' (a resume's check)."""
+    fa, fb = _flatten(a), _flatten(b)
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)]
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """A checked copy of `cfg` with `section.key=value` overrides applied."""
     return config_from_dict(_deep_merge(config_to_dict(cfg), parse_overrides(overrides)))

@@ -15,7 +15,7 @@ from PIL import Image
 # caption -> (skimage.data function, RGB tint for grayscale textures or None, downscale before cropping)
 DEMO_SOURCES: dict[str, tuple[str, tuple[float, float, float] | None, int]] = {
     "red brick wall": ("brick", (1.0, 0.35, 0.25), 2),
-    "yellow grass": ("grass", (1.0, 0.85, 0.3), 2),  # not green: the shipped VAE decodes saturated green grey
+    "green grass": ("grass", (0.45, 1.0, 0.3), 2),
     "blue gravel": ("gravel", (0.3, 0.45, 1.0), 2),
     "starry night sky": ("hubble_deep_field", None, 2),
 }

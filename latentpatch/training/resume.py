@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from latentpatch.checkpoints import CKPT_DIR, latest_checkpoint
 from latentpatch.conditioning import ConditioningSpec
-from latentpatch.config import RunConfig, config_to_dict, load_config, save_config
+from latentpatch.config import RunConfig, config_to_dict, differences, load_config, save_config
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
@@ -24,20 +23,9 @@ RESUMABLE_KEYS = ("train.max_steps",)  # may change between a run and its resume
 LOCK_FILE = ".train.lock"
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
 def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ, as 'key: a -> b'."""
-    fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
-    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
-            if k not in ignore and fa.get(k) != fb.get(k)]
+    return differences(config_to_dict(a), config_to_dict(b), ignore)
 
 
 def _check_same_latents(run_dir: Path, store: LatentStore) -> None:
