@@ -209,7 +209,9 @@ class DiT(nn.Module):
             raise UserError(f"latent size {h}x{w} is not divisible by the DiT patch size {p}; "
                             f"use patch/crop sizes that are multiples of {p}")
         latents, coords = x[:, : self.in_channels], x[:, self.in_channels :]
-        tokens = self.x_embedder(latents).flatten(2).transpose(1, 2)  # [B, T, D], row-major tokens
+        # [B, T, D], row-major tokens. The conv's output is [B, D, T] in memory: made contiguous once here, or
+        # every residual add would keep that layout and every LayerNorm copy its input, forward and backward.
+        tokens = self.x_embedder(latents).flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + self.pos_embedder(coords).to(tokens.dtype)
         c = self.t_embedder(c_noise) + self._condition_vector(cond, b, x.device)
         text, text_mask = self._text(cond)
