@@ -21,8 +21,11 @@ Time, measured so that a shared machine cannot decide the comparison:
     python benchmarks/speed_to_quality.py --out stq80 --regime faces80 --budget-s 1200 --seeds 0,1 --jobs 2
     python benchmarks/speed_to_quality.py --out stq20 --regime faces20 --budget-s 600 --seeds 0,1 --jobs 2
     python benchmarks/speed_to_quality.py --out /tmp/stq --quick      # the wiring only, a few minutes
+    python benchmarks/speed_to_quality.py --out stq80 --arms A,B,... --budget-s 0    # step times of arms only
 
-A rerun into the same --out resumes: finished runs and measurements are kept.
+Writes NAME-table.md, NAME-results.json, NAME-curves.png and NAME-grids.png into --out. A rerun into the same
+--out resumes: finished runs and step times are kept, and a run trained for a longer budget serves a shorter
+one (training is deterministic, so its first steps are the shorter run; sample metrics need --samples 0 then).
 """
 
 from __future__ import annotations
@@ -204,7 +207,10 @@ def run_training(arm: str, seed: int, cfg, steps: int, data: dict, out: Path) ->
 
 
 def heldout_curve(run: Path, times: list[float]) -> list[tuple[float, float]]:
-    return [(times[r["step"]], r["heldout_loss"]) for r in read_log(run / "log.jsonl") if "heldout_loss" in r]
+    """(training seconds, held-out loss) of the run's evaluations within its planned steps (a run trained for a
+    longer budget in the same --out serves a shorter one: training is deterministic, so it is a prefix)."""
+    return [(times[r["step"]], r["heldout_loss"]) for r in read_log(run / "log.jsonl")
+            if "heldout_loss" in r and r["step"] < len(times)]
 
 
 # ---------------------------------------------------------------------------------------------- 4. samples
@@ -236,7 +242,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--regime", choices=sorted(REGIMES), default="faces80")
-    ap.add_argument("--budget-s", type=float, default=1200.0, help="training seconds per arm (measured step times)")
+    ap.add_argument("--budget-s", type=float, default=1200.0,
+                    help="training seconds per arm (measured step times); 0: measure the step times only")
     ap.add_argument("--arms", default="full-size,paper,corrected,corrected+routing,routing")
     ap.add_argument("--baseline", default="full-size", help="the arm whose best loss the others race to")
     ap.add_argument("--seeds", default="0,1")
@@ -247,6 +254,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="samples per arm for FID/KID/SWD (0: none)")
     ap.add_argument("--sample-steps", type=int, default=18)
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the wiring only")
+    ap.add_argument("--name", default=None, help="prefix of the result files (default: REGIME-BUDGETs)")
     args = ap.parse_args()
     if args.quick:
         args.budget_s, args.eval_every, args.timing_rounds, args.timing_steps, args.samples = 20, 20, 1, 12, 16
@@ -265,6 +273,8 @@ def main() -> None:
     if missing:
         saved |= _keyed(measure_step_times(missing, data, args.timing_rounds, args.timing_steps))
         write_json_atomic(timing_file, saved)
+    if args.budget_s == 0:  # step times only: measure every arm of a study under the same conditions first
+        return
     seconds = _unkeyed(saved)
 
     plan = {(arm, seed): plan_run(arm, seed, data, args.eval_every, seconds[arm], args.budget_s)
@@ -283,13 +293,14 @@ def main() -> None:
     steps = {arm: {seed: plan[arm, seed][1] for seed in seeds} for arm in arms}
     title = (f"{args.regime}: {REGIMES[args.regime]} faces + flips, 20 held out; {args.budget_s:.0f} training-s "
              f"per arm; seeds {args.seeds}")
-    report.plot_curves(curves, out / "curves.png", title)
+    name = args.name or f"{args.regime}-{args.budget_s:.0f}s"
+    report.plot_curves(curves, out / f"{name}-curves.png", title)
     if grids:
-        report.grid_figure(grids, out / "grids.png", f"{args.samples} samples of each arm's best checkpoint "
-                                                      f"(seed {seeds[0]}), first 64")
+        report.grid_figure(grids, out / f"{name}-grids.png", f"{args.samples} samples of each arm's best checkpoint "
+                                                             f"(seed {seeds[0]}), first 64")
     md = f"{title}\n\n" + report.table(summary, ups, metrics, args.baseline, steps)
-    atomic_write_text(out / "table.md", md)
-    write_json_atomic(out / "results.json", {
+    atomic_write_text(out / f"{name}-table.md", md)
+    write_json_atomic(out / f"{name}-results.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "step_seconds": saved, "curves": {
             a: {str(s): c for s, c in by.items()} for a, by in curves.items()}, "summary": {
             a: {str(s): r for s, r in by.items()} for a, by in summary.items()}, "speedups": {
