@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         guidance: float = typer.Option(1.0, "--guidance", help="Sampling: classifier-free guidance scale (1 = none)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the samples (image i from (seed, i)), the KID subsets and the SWD projections."),
         weights: str = typer.Option("ema", "--weights", help="ema (averaged) or raw (trained) weights of RUN."),
-        checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint of RUN: folder, name or step number; default: the latest."),
+        checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint of RUN: best (the default; the latest when RUN had no held-out evaluation), latest, a folder, a name or a step number."),
         batch_size: int = typer.Option(16, "--batch-size", help="Sampling batch size (does not change the images)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
         loss_sigmas: int = typer.Option(8, "--loss-sigmas", help="Denoising loss: noise levels on the fixed grid (mid-quantiles of the training log-normal)."),

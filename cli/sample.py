@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         churn: float = typer.Option(0.0, "--churn", help="EDM stochastic churn S_churn (0 = deterministic ODE; heun/euler only)."),
         weights: str = typer.Option("ema", "--weights", help="ema (the averaged weights) or raw (the trained weights)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun each rank's GPU)."),
-        checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint folder, name (step-00001000) or step number; default: the latest."),
+        checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best (the lowest held-out loss; the default, or the latest when the run had no held-out evaluation), latest, a checkpoint folder, a name (step-00001000) or a step number."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with images/s."),
     ) -> None:
         """Sample images from a run at full size (EDM Heun by default), decode them and write PNGs + settings."""
