@@ -215,3 +215,17 @@ def test_default_dtype_is_bf16_on_cuda_and_float32_on_cpu_and_outputs_are_float3
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp16", torch.device("cuda")) == torch.float16
+
+
+def test_a_moved_vae_folder_with_the_same_weights_is_the_same_latent_space_and_other_weights_are_not(vaes, tmp_path):
+    """One answer for every stage (fine-tuning, resume, eval): identity is the weights' sha256, not the path."""
+    from latentpatch.autoencoders import same_latent_space
+
+    here = load_autoencoder(vaes["kl"]).info.to_dict()
+    shutil.copytree(vaes["kl"], tmp_path / "moved")
+    moved = load_autoencoder(tmp_path / "moved").info.to_dict()
+    assert moved["source"] != here["source"] and same_latent_space(here, moved)
+    tiny_kl(scaling_factor=0.18215).to(torch.float64).save_pretrained(tmp_path / "moved")  # other weights
+    other = load_autoencoder(tmp_path / "moved").info.to_dict()
+    assert other["scaling_factor"] == here["scaling_factor"] and not same_latent_space(here, other)
+    assert not same_latent_space(here, {**here, "scaling_factor": 0.5})
