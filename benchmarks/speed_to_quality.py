@@ -12,7 +12,8 @@ list of config overrides (ARMS).
 
 Time, measured so that a shared machine cannot decide the comparison:
   1. step times: each arm's step, per kind (patch size, batch, routed or not), timed as process CPU time with
-     one torch thread, in interleaved rounds of short real training runs in this one process; medians;
+     one torch thread, in interleaved rounds of short real training runs in this one process; medians, then
+     one cost per kind: the median over the arms (a kind costs the same in every arm);
   2. training: each (arm, seed) trains, in its own process, for the steps its --budget-s holds (from 1. and
      the schedule's own draws); steps and losses do not depend on the machine's load;
   3. time axis: the cumulative measured time of the steps taken; curves, best loss, and the time to reach
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,14 +123,13 @@ def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, step
         f"train.seed={seed}", f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
 
 
-def step_kinds(cfg, steps: int, latent: int = SIDE // 4) -> list[report.StepKind]:
-    """What each of the first `steps` steps is: the schedule's own draws, and whether routing is on."""
+def step_kinds(cfg, steps: int, latent: int = SIDE // 4) -> Iterator[report.StepKind]:
+    """What each of the first `steps` steps is: the schedule's own draws, and whether routing is on (lazily:
+    a plan reads only as many as its budget holds)."""
     schedule = PatchSchedule(cfg.patches, latent, latent, cfg.train.batch_size, multiple_of=2, seed=cfg.train.seed)
-    kinds = []
     for i in range(steps):
         stage = schedule.draw(i)
-        kinds.append((stage.height, stage.width, stage.batch_size, cfg.routing.active(i)))
-    return kinds
+        yield stage.height, stage.width, stage.batch_size, cfg.routing.active(i)
 
 
 # ---------------------------------------------------------------------------------------------- 1. step times
@@ -166,6 +167,17 @@ def _unkeyed(saved: dict) -> dict[str, dict]:
     return {arm: {tuple(k): v for k, v in rows} for arm, rows in saved.items()}
 
 
+def pooled(seconds: dict[str, dict]) -> dict[report.StepKind, float]:
+    """One cost per step kind: the median over the arms that took it. Arms differ in which kinds of step they
+    take, not in what a kind costs (sigma_data, crop alignment, loss and EMA weighting change no FLOPs), so
+    pooling keeps the drift of a shared machine between one arm's timing rounds out of the comparison."""
+    by_kind: dict[report.StepKind, list[float]] = {}
+    for per_arm in seconds.values():
+        for kind, v in per_arm.items():
+            by_kind.setdefault(kind, []).append(v)
+    return {kind: statistics.median(v) for kind, v in by_kind.items()}
+
+
 # ---------------------------------------------------------------------------------------------- 2. training
 
 
@@ -178,7 +190,7 @@ def plan_run(arm: str, seed: int, data: dict, eval_every: int, seconds: dict, bu
         kinds = step_kinds(cfg, 10**6)
         steps = report.steps_within(kinds, seconds, budget_s)
     cfg = arm_config(arm, seed, data, eval_every, steps)
-    kinds = step_kinds(cfg, steps)
+    kinds = list(step_kinds(cfg, steps))
     return cfg, steps, report.cumulative_seconds(kinds, seconds)
 
 
@@ -275,9 +287,11 @@ def main() -> None:
         write_json_atomic(timing_file, saved)
     if args.budget_s == 0:  # step times only: measure every arm of a study under the same conditions first
         return
-    seconds = _unkeyed(saved)
+    seconds = pooled(_unkeyed(saved))
+    print("step seconds: " + ", ".join(f"{h}x{w} b{b}{' routed' if r else ''} {v:.4f}"
+                                       for (h, w, b, r), v in sorted(seconds.items())), flush=True)
 
-    plan = {(arm, seed): plan_run(arm, seed, data, args.eval_every, seconds[arm], args.budget_s)
+    plan = {(arm, seed): plan_run(arm, seed, data, args.eval_every, seconds, args.budget_s)
             for arm in arms for seed in seeds}  # (arm, seed) -> (config, steps, cumulative seconds)
     print("plan: " + ", ".join(f"{a} s{s}: {n} steps" for (a, s), (_, n, _) in plan.items()), flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 StepKind = tuple[int, int, int, bool]  # (patch height, patch width, batch, routed)
@@ -22,14 +23,14 @@ def cumulative_seconds(kinds: list[StepKind], seconds: dict[StepKind, float]) ->
     return out
 
 
-def steps_within(kinds: list[StepKind], seconds: dict[StepKind, float], budget_s: float) -> int:
-    """The number of steps whose cumulative time first reaches `budget_s`."""
-    t = 0.0
+def steps_within(kinds: Iterable[StepKind], seconds: dict[StepKind, float], budget_s: float) -> int:
+    """The number of steps whose cumulative time first reaches `budget_s` (all of them if it never does)."""
+    t, n = 0.0, 0
     for n, kind in enumerate(kinds, start=1):
         t += seconds[kind]
         if t >= budget_s:
-            return n
-    return len(kinds)
+            break
+    return n
 
 
 def crossing(curve: list[tuple[float, float]], target: float) -> float:

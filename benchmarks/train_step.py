@@ -14,8 +14,11 @@ three alike), timed with the same clock (process CPU time on the CPU, CUDA-synch
 medians. Achieved FLOP/s (torch.utils.flop_counter on one forward + backward) over the measured matmul peak of
 this device (fp32 on the CPU, bf16 on CUDA).
 
-    python benchmarks/train_step.py --device cpu --threads 2 --size S --batch 16 --rounds 3
-    python benchmarks/train_step.py --device cpu --threads 2 --size B --batch 8 --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --device cpu --threads 1 --size S --batch 16 --steps 4 --rounds 2
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --device cpu --threads 1 --size B --batch 8 --steps 3 --rounds 2
+
+(One thread on a shared CPU: with two, OpenMP's spinning threads make the process time of every arm vary by
+tens of percent with the machine's load.)
     python benchmarks/train_step.py --device cuda --size B --batch 256 --rounds 5      # and --size XL
 """
 
