@@ -60,7 +60,7 @@ from latentpatch.training.trainer import StepInfo, train
 
 SIDE, N_FACES, N_HELD = 64, 100, 20
 REGIMES = {"faces80": 80, "faces20": 20}
-COMMON = [  # the demo's DiT size and optimiser; every knob an arm studies pinned to its default here
+COMMON = [  # the demo's DiT size and optimiser; every knob an arm studies pinned here, not left to the defaults
     "model.dit.preset=null", "model.dit.hidden_size=128", "model.dit.depth=4", "model.dit.num_heads=4",
     "model.dit.patch_size=2", "model.attention=sdpa", "optim.lr=0.001", "optim.warmup_steps=50",
     "train.batch_size=16", "train.precision=fp32", "train.ema_halflife_kimg=2.0", "train.ema_rampup=0.1",
@@ -76,7 +76,7 @@ ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is CO
     "full-size/sd0.5": FULL + ["edm.sigma_data=0.5"],
     "paper": PAPER,
     "paper+aligned": ["edm.sigma_data=0.5"],
-    "paper+sigma": ["patches.aligned=false"],
+    "paper+sigma": ["patches.aligned=false"],  # the library's defaults (patch-latent) since this measurement
     "corrected": [],
     "corrected+area": ["patches.loss_weighting=area"],
     "corrected+ema-samples": ["train.ema_count=samples"],
@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--regime", choices=sorted(REGIMES), default="faces80")
     ap.add_argument("--budget-s", type=float, default=1200.0,
                     help="training seconds per arm (measured step times); 0: measure the step times only")
-    ap.add_argument("--arms", default="full-size,paper,corrected,corrected+routing,routing")
+    ap.add_argument("--arms", default="full-size,paper,paper+sigma,corrected,corrected+routing,routing")
     ap.add_argument("--baseline", default="full-size", help="the arm whose best loss the others race to")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")

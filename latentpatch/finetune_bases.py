@@ -79,6 +79,8 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
     cfg.model = dataclasses.replace(cfg.model, arch="pretrained", num_classes=classes, text_dim=0, pooled_text_dim=0,
                                     pretrained=PretrainedConfig(name, json_config(net)))
     cfg.text.pooled = False  # a pretrained UNet's time embedding has no input for it
+    if name == "DiTTransformer2DModel":
+        cfg.patches.aligned = True  # crops on its token grid: the positions of the table it was trained with
     if name != "UNet2DConditionModel":
         cfg.text.model = "none"
     describe: dict[str, Any] = {"base": source, "kind": name, "pipeline": found.root if found.is_pipeline else None}

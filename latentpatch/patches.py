@@ -113,7 +113,9 @@ class PatchConfig:
     batch_growth: float = 2.0
     progressive_steps: int = 0
     coordinates: str = "absolute"  # "absolute" (the paper) | "local" (ablation: no location information)
-    aligned: bool = True  # crop offsets on the network's token grid (DiT patch size, UNet downsampling)
+    # Crop offsets on the network's token grid (DiT patch size, UNet downsampling). Off by default: crops at any
+    # offset are more distinct crops, which measured better on small data (docs/benchmarks.md, speed to quality).
+    aligned: bool = False
     loss_weighting: str = "mean"  # "mean": every step weighs the same | "area": a step's loss x its patch area
 
     def __post_init__(self) -> None:

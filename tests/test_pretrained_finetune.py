@@ -103,6 +103,7 @@ def test_a_dit_fine_tune_learns_its_labels_and_samples(pixel_dit, labelled, tmp_
     loaded = load_run(run)
     assert loaded.spec.num_classes == 10 and loaded.spec.class_names[:4] == ("blue", "green", "red", "3")
     assert loaded.cfg.edm.scheduler["prediction_type"] == "epsilon"  # DiT-XL/2's own: learned sigma, eps
+    assert loaded.cfg.patches.aligned  # crops on its token grid, where its position table was trained
     out = lp.sample(run, n=6, class_labels=[0, 1, 2], guidance=4.0, steps=12, output="tensor", device="cpu")
     dominant = out.mean((2, 3)).argmax(1)  # folders sorted: blue=0, green=1, red=2 -> channels 2, 1, 0
     assert int((dominant == torch.tensor([2, 1, 0]).repeat_interleave(6)).sum()) >= 16  # of 18

@@ -125,3 +125,13 @@ def test_compiled_training_has_one_static_graph_per_patch_stage_and_no_recompile
     assert seen[-1][2] == 3 and seen[-1][3] == 3  # a static graph each, no dynamic-shape graph, no graph break
     assert all(s[2:] == seen[warm][2:] for s in seen[warm:])  # nothing compiled after warm-up
     torch._dynamo.reset()
+
+
+def test_crops_go_anywhere_by_default_and_on_the_token_grid_when_aligned():
+    """The default follows the speed-to-quality measurement (any offset); `patches.aligned` puts offsets on the
+    network's token grid, and a pretrained DiT base turns it on."""
+    spec = ConditioningSpec()
+    assert BatchSpec.from_config(load_config("tiny"), spec, size_multiple=2).crop_multiple == 1
+    aligned = load_config("tiny", ["patches.aligned=true"])
+    assert BatchSpec.from_config(aligned, spec, size_multiple=2).crop_multiple == 2
+    assert BatchSpec.from_config(load_config("patch-latent"), spec, size_multiple=2).crop_multiple == 1
