@@ -119,15 +119,8 @@ class TextEncoder:
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         """Token ids [N, context_length]; text past max_length tokens is cut, with a warning saying how much."""
         texts = list(texts)
-        lengths = [self._token_count(t) for t in texts]
-        for text, n in zip(texts, lengths):
-            if n > self.max_length:
-                short = text if len(text) <= 60 else text[:57] + "..."
-                warnings.warn(
-                    f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}; "
-                    f"{n - self.max_length} tokens were dropped from its end",
-                    stacklevel=3,
-                )
+        for text in texts:
+            self._warn_if_cut(text, self._token_count(text))
         ids = self.tokenizer(texts, context_length=self.max_length)
         if ids.shape[1] < self.context_length:  # pad to the tower's length; padding never changes real tokens
             ids = torch.nn.functional.pad(ids, (0, self.context_length - ids.shape[1]))
@@ -138,7 +131,21 @@ class TextEncoder:
         if encode is not None and hasattr(self.tokenizer, "sot_token_id"):  # open_clip's SimpleTokenizer
             return len(encode(text)) + 2  # + start and end of text
         ids = self.tokenizer([text], context_length=max(4 * self.max_length, 512))
-        return int(_real_tokens(ids, self.tokenizer).sum())
+        return int(self._real(ids).sum())
+
+    def _warn_if_cut(self, text: str, n: int) -> None:
+        """Warn, saying how much, when `text` (n tokens) is longer than max_length and so loses its end."""
+        if n > self.max_length:
+            short = text if len(text) <= 60 else text[:57] + "..."
+            warnings.warn(f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}; "
+                          f"{n - self.max_length} tokens were dropped from its end", stacklevel=4)
+
+    def _end_of_text(self) -> int | None:
+        """The tokenizer's end-of-text id (None: a tokenizer without one)."""
+        return getattr(self.tokenizer, "eot_token_id", None)
+
+    def _real(self, ids: Tensor) -> Tensor:
+        return _real_tokens(ids, self._end_of_text())
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> TextEmbeddings:
@@ -147,8 +154,8 @@ class TextEncoder:
         parts = []
         for start in range(0, len(texts), batch_size):
             ids = self.tokenize(texts[start : start + batch_size])
-            real = _real_tokens(ids, self.tokenizer)
-            ids = pad_ids(ids, real, self.padding, getattr(self.tokenizer, "eot_token_id", None))
+            real = self._real(ids)
+            ids = pad_ids(ids, real, self.padding, self._end_of_text())
             tokens, pooled = self._forward(ids.to(self.device))
             mask = real if self.padding == "masked" else torch.ones_like(real)
             parts.append((tokens[:, : self.max_length].float().cpu(), mask[:, : self.max_length],
@@ -182,9 +189,8 @@ def pad_ids(ids: Tensor, real: Tensor, padding: str, eot: int | None) -> Tensor:
     return ids
 
 
-def _real_tokens(ids: Tensor, tokenizer: Any) -> Tensor:
-    """True up to and including the first end-of-text token (or every non-zero id for other tokenizers)."""
-    eot = getattr(tokenizer, "eot_token_id", None)
+def _real_tokens(ids: Tensor, eot: int | None) -> Tensor:
+    """True up to and including the first end-of-text token `eot` (or every non-zero id without one)."""
     if eot is None:
         return ids != 0
     is_eot = ids == eot
@@ -385,5 +391,5 @@ def describe(record: dict[str, Any]) -> str:
         name, weights = record["model"], "its own weights"
     else:
         name, weights = os.path.basename(str(record["model"])), record.get("pretrained") or "random weights"
-    features = [f"{k} {record[k]}" for k in FEATURE_DEFAULTS if record.get(k, FEATURE_DEFAULTS[k]) != FEATURE_DEFAULTS[k]]
+    features = [f"{k} {record[k]}" for k, default in FEATURE_DEFAULTS.items() if record.get(k, default) != default]
     return f"{name}:{weights} (max_length {record['max_length']}{''.join(', ' + f for f in features)})"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from latentpatch.errors import UserError
-from latentpatch.text import TRANSFORMERS_PREFIX, TextEncoder, pad_ids
+from latentpatch.text import TRANSFORMERS_PREFIX, TextEncoder
 
 SUPPORTED = ("CLIPTextModel",)
 
@@ -73,33 +73,12 @@ class PipelineTextEncoder(TextEncoder):
         """Token ids [N, max_length] (the tokenizer's own padding); longer text is cut with a warning."""
         texts = list(texts)
         for text in texts:
-            n = len(self.tokenizer(text, truncation=False).input_ids)
-            if n > self.max_length:
-                import warnings
-
-                short = text if len(text) <= 60 else text[:57] + "..."
-                warnings.warn(f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}; "
-                              f"{n - self.max_length} tokens were dropped from its end", stacklevel=3)
+            self._warn_if_cut(text, len(self.tokenizer(text, truncation=False).input_ids))
         return self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt").input_ids
 
-    @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 64):
-        from latentpatch.text import TextEmbeddings
-
-        texts = list(texts)
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            ids = self.tokenize(texts[start : start + batch_size])
-            real = _real(ids, self.tokenizer.eos_token_id)
-            ids = pad_ids(ids, real, self.padding, self.tokenizer.eos_token_id)
-            tokens, pooled = self._forward(ids.to(self.device))
-            mask = real if self.padding == "masked" else torch.ones_like(real)
-            parts.append((tokens.float().cpu(), mask, pooled.float().cpu()))
-        if not parts:
-            return TextEmbeddings(torch.empty(0, self.max_length, self.width),
-                                  torch.empty(0, self.max_length, dtype=torch.bool), torch.empty(0, self.pooled_dim))
-        return TextEmbeddings(*(torch.cat(p) for p in zip(*parts)))
+    def _end_of_text(self) -> int:
+        return self.tokenizer.eos_token_id  # also its padding for SD 1.x (see padding_of)
 
     def _forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """last_hidden_state (after final_layer_norm), or the penultimate hidden state through it (clip_skip 1)."""
@@ -108,13 +87,6 @@ class PipelineTextEncoder(TextEncoder):
             return out.last_hidden_state, out.pooler_output
         final_norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 4 nests it
         return final_norm(out.hidden_states[-2]), out.pooler_output
-
-
-def _real(ids: Tensor, eos: int) -> Tensor:
-    """True up to and including the first end-of-text token."""
-    is_eos = ids == eos
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-    return torch.arange(ids.shape[1])[None] <= first[:, None]
 
 
 def load_pipeline_text_encoder(

@@ -80,13 +80,13 @@ def draw_batch(
     indices = torch.randint(0, mean.shape[0], (micro_batch,), generator=g_idx)
     per_rank = micro_batch // world
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    own = indices[sl]
+    own = indices[sl].to(mean.device)  # this rank's rows, indexed where the rows are
     g = make_generator(device, spec.seed, step, micro, "batch")
-    x = to_device(mean[own.to(mean.device)], device).float()
+    x = to_device(mean[own], device).float()
     c, h, w = mean.shape[1:]
     if "std" in rows:  # a fresh latent from the encoder's posterior N(mean, std^2)
         eps = torch.randn((micro_batch, c, h, w), generator=g, device=device)[sl]
-        x = x + to_device(rows["std"][own.to(mean.device)], device).float() * eps
+        x = x + to_device(rows["std"][own], device).float() * eps
     cond = draw_rows(spec.conditioning, rows, indices, g, spec.label_dropout, spec.caption_dropout, own=sl)
     tops, lefts = crop_offsets(micro_batch, h, w, stage.height, stage.width, g, spec.crop_multiple)
     crops, coords = gather_crops(x, tops[sl], lefts[sl], stage.height, stage.width, spec.local_coordinates)
