@@ -18,7 +18,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch import Tensor
 
 from latentpatch.errors import UserError
-from latentpatch.pretrained import load_kwargs
+from latentpatch.hub import load_kwargs
 
 from .base import Autoencoder
 from .info import AutoencoderInfo

@@ -27,7 +27,7 @@ from latentpatch.autoencoders import load_autoencoder
 from latentpatch.data.images import decode_file, scan_images
 from latentpatch.data.transforms import resize_center_crop
 from latentpatch.device import resolve_device
-from latentpatch.encoding import encode
+from latentpatch.encoding.encode import encode
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 

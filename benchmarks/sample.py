@@ -1,4 +1,4 @@
-"""Sampling throughput: the whole job pipeline (latentpatch.generate.sample into a folder) against a plain loop.
+"""Sampling throughput: the whole job pipeline (latentpatch.sampling.generate.sample into a folder) against a plain loop.
 
 The plain loop makes the same network calls: the same Heun sampler over the same EDMPrecond with the
 full coordinate grid, one batch-wide torch.randn, then the same autoencoder decode, and writes nothing. So
@@ -29,7 +29,7 @@ from latentpatch.checkpoints import save_checkpoint
 from latentpatch.config import load_config, save_config
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.samplers import karras_sigmas, sample_heun
-from latentpatch.generate import load_autoencoder_for, sample
+from latentpatch.sampling.generate import load_autoencoder_for, sample
 from latentpatch.patches import full_coordinates
 from latentpatch.runs import load_run
 

@@ -7,7 +7,7 @@ regime; faces 80-99 are held out in both; all 100 are the FID/KID/SWD reference.
 
 Every arm runs the real code: `latentpatch.train` (its own held-out evaluation of the EMA on a fixed sigma grid
 with fixed noise, every --eval-every steps; the best checkpoint kept), `latentpatch.sample` and
-`latentpatch.evaluate`. Same model (the demo's DiT size), optimiser, data and seeds for every arm; an arm is a
+`latentpatch.metrics.evaluate`. Same model (the demo's DiT size), optimiser, data and seeds for every arm; an arm is a
 list of config overrides (ARMS).
 
 Time, measured so that a shared machine cannot decide the comparison:
@@ -50,9 +50,9 @@ from PIL import Image
 
 from latentpatch.checkpoints import latest_checkpoint, read_state
 from latentpatch.config import config_to_dict, load_config
-from latentpatch.encoding import encode
-from latentpatch.evaluate import evaluate_folders
-from latentpatch.generate import sample
+from latentpatch.encoding.encode import encode
+from latentpatch.metrics.evaluate import evaluate_folders
+from latentpatch.sampling.generate import sample
 from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.patches import PatchSchedule
 from latentpatch.training.logging import read_log

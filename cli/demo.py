@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
             "(nothing is downloaded), which is enough to tell the demo's four captions apart.",
         ),
     ) -> None:
-        from latentpatch.demo import DemoOptions, run_demo
+        from latentpatch.demo.run import DemoOptions, run_demo
 
         opts = DemoOptions(out=out, steps=steps, per_caption=per_caption, samples_per_prompt=samples,
                            device=device, seed=seed, progress=progress,

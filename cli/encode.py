@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with images/s."),
     ) -> None:
         """Encode an image folder into a latent store; rerun to resume or to add new images."""
-        from latentpatch.encoding import encode as run_encode
+        from latentpatch.encoding.encode import encode as run_encode
 
         summary = run_encode(
             src, out, vae, resolution, batch_size=batch_size, device=device, vae_dtype=vae_dtype, dtype=dtype,

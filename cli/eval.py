@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         FID, KID and precision/recall use the offline FID Inception; SWD and the held-out full-size denoising loss
         need no pretrained network.
         """
-        from latentpatch.evaluate import evaluate_folders, evaluate_run, save_reference_stats
+        from latentpatch.metrics.evaluate import evaluate_folders, evaluate_run, save_reference_stats
 
         if run is None:
             if n is not None or latents is not None:

@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with images/s."),
     ) -> None:
         """Sample images from a run at full size (EDM Heun by default), decode them and write PNGs + settings."""
-        from latentpatch.generate import sample as run_sample
-        from latentpatch.prompts import read_prompts
+        from latentpatch.sampling.generate import sample as run_sample
+        from latentpatch.sampling.prompts import read_prompts
 
         if prompt is not None and prompts is not None:
             raise UserError("give --prompt or --prompts, not both")

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from latentpatch.training.trainer import train as run_train
 
         if base is not None:
-            from latentpatch.finetuning import finetune
+            from latentpatch.finetuning.finetune import finetune
 
             source = data or latents
             if source is None:

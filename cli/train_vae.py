@@ -81,8 +81,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a KL autoencoder on random crops (L1 + MSE + edge + KL losses) and save a diffusers VAE folder
         whose scaling_factor is measured on the data; prints held-out PSNR and SSIM."""
-        from latentpatch.autoencoders.train_vae import REPORT_NAME, VAETrainConfig
-        from latentpatch.autoencoders.train_vae import train_vae as run_train_vae
+        from latentpatch.autoencoders.vae_training.train import REPORT_NAME, VAETrainConfig
+        from latentpatch.autoencoders.vae_training.train import train_vae as run_train_vae
         from latentpatch.errors import UserError
 
         try:

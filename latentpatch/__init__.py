@@ -14,13 +14,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "encode": "latentpatch.encoding",
+    "encode": "latentpatch.encoding.encode",
     "train": "latentpatch.training.trainer",
-    "sample": "latentpatch.generate",
-    "finetune": "latentpatch.finetuning",
+    "sample": "latentpatch.sampling.generate",
+    "finetune": "latentpatch.finetuning.finetune",
     "load_config": "latentpatch.config",
     "load_run": "latentpatch.runs",
-    "evaluate_run": "latentpatch.evaluate",
+    "evaluate_run": "latentpatch.metrics.evaluate",
     "load_autoencoder": "latentpatch.autoencoders",
     "LatentStore": "latentpatch.data.store",
     "UserError": "latentpatch.errors",

@@ -20,7 +20,7 @@ from latentpatch.errors import UserError
 from latentpatch.models.model_config import DiTConfig, ModelConfig, UNetConfig, migrate_legacy  # noqa: F401
 from latentpatch.models.presets import preset_values
 from latentpatch.patches import PatchConfig
-from latentpatch.text import TextConfig
+from latentpatch.text.config import TextConfig
 from latentpatch.training.train_config import HeldoutConfig, OptimConfig, RoutingConfig, TrainConfig
 
 

@@ -28,7 +28,7 @@ from latentpatch.errors import UserError
 if TYPE_CHECKING:
     from latentpatch.config import RunConfig
     from latentpatch.data.store import LatentStore
-    from latentpatch.text import TextEncoder
+    from latentpatch.text.open_clip_encoder import TextEncoder
 
 RUN_FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
@@ -87,7 +87,7 @@ class LoadedRun:
         if not self.spec.text:
             return None
         if self._text_encoder is None:
-            from latentpatch.text import load_text_encoder_from_record
+            from latentpatch.text.loader import load_text_encoder_from_record
 
             self._text_encoder = load_text_encoder_from_record(self.spec.text_encoder, device=self.device)
         return self._text_encoder

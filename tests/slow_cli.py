@@ -4,7 +4,7 @@ test can SIGKILL a real encode mid-run (the library itself carries no test hooks
 import sys
 import time
 
-from latentpatch import encoding
+from latentpatch.encoding import encode as encoding
 from latentpatch.cli.app import main
 
 _encode_batch = encoding._encode_batch

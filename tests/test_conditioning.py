@@ -53,8 +53,8 @@ def test_a_run_json_written_before_the_spec_existed_is_read_from_its_keys_and_th
 def test_text_model_none_on_a_store_with_text_trains_and_records_no_text(tmp_path):
     """Before the spec, run.json copied the store's text encoder: `sample` then demanded prompts and ignored them."""
     from latentpatch.data.store import LatentStore
-    from latentpatch.encoding import encode
-    from latentpatch.generate import sample
+    from latentpatch.encoding.encode import encode
+    from latentpatch.sampling.generate import sample
     from latentpatch.training.trainer import train
 
     clip = write_clip_config(tmp_path / "tiny-clip.json")

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from text_helpers import write_clip_config
 
-from latentpatch.demo_data import DEMO_SOURCES, make_demo_images
+from latentpatch.demo.images import DEMO_SOURCES, make_demo_images
 
 
 def test_demo_images_are_captioned_crops_whose_colour_follows_the_caption(tmp_path):

@@ -14,7 +14,7 @@ from latentpatch.autoencoders import load_autoencoder, load_autoencoder_from_inf
 from latentpatch.data.images import decode_file
 from latentpatch.data.store import LatentStore
 from latentpatch.data.transforms import resize_center_crop
-from latentpatch.encoding import encode
+from latentpatch.encoding.encode import encode
 from latentpatch.errors import UserError
 from latentpatch.io import sha256_file
 

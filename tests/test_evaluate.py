@@ -16,11 +16,11 @@ from torch import nn
 from trainer_helpers import make_store
 from typer.testing import CliRunner
 
-from latentpatch import evaluate as evaluate_module
+from latentpatch.metrics import evaluate as evaluate_module
 from latentpatch.cli.app import app, main
 from latentpatch.diffusion.edm import EDMPrecond, loss_weight, precond_coefficients
 from latentpatch.errors import UserError
-from latentpatch.evaluate import REPORT_NAME, ImageFiles, evaluate_folders, evaluate_run, parse_metrics
+from latentpatch.metrics.evaluate import REPORT_NAME, ImageFiles, evaluate_folders, evaluate_run, parse_metrics
 from latentpatch.metrics import inception
 from latentpatch.metrics.denoising import HeldoutSet, denoising_loss, store_heldout_set
 from latentpatch.metrics.fid import FeatureStats

@@ -31,12 +31,12 @@ from trainer_helpers import make_store, photo_crops, tiny_overrides
 
 import latentpatch.checkpoints as ckpt_module
 import latentpatch.io as lp_io
-from latentpatch import job_folder
+from latentpatch.sampling import job_folder
 from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.cli.app import main
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
-from latentpatch.generate import sample
+from latentpatch.sampling.generate import sample
 from latentpatch.runs import load_run
 from latentpatch.training.trainer import train
 

@@ -17,9 +17,9 @@ from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
 from filelock import FileLock
 from PIL import Image
 
-from latentpatch import job_folder
+from latentpatch.sampling import job_folder
 from latentpatch.errors import UserError
-from latentpatch.generate import sample
+from latentpatch.sampling.generate import sample
 
 FAST = dict(steps=4, batch_size=4, device="cpu")
 
@@ -145,7 +145,7 @@ def test_start_removes_temp_files_and_repairs_a_torn_index(tiny_run, tmp_path):
 RESUME_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from latentpatch.generate import sample
+from latentpatch.sampling.generate import sample
 sample(sys.argv[1], n=12, out=sys.argv[2], output="none", steps=24, batch_size=1, device="cpu", seed=5)
 """
 
@@ -183,7 +183,7 @@ def test_a_job_killed_with_sigkill_resumes_and_writes_each_image_exactly_once(ti
 TORCHRUN_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from latentpatch.generate import sample
+from latentpatch.sampling.generate import sample
 r = sample(sys.argv[1], n=5, out=sys.argv[2], output="none", steps=4, batch_size=1, device="cpu", seed=2)
 print("written", r.written)
 """
@@ -288,7 +288,7 @@ def test_a_missing_autoencoder_names_the_one_the_run_needs(tiny_run):
 
 
 def test_prompts_file_reading(tmp_path):
-    from latentpatch.prompts import PromptEntry, read_prompts
+    from latentpatch.sampling.prompts import PromptEntry, read_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_text("a cat\n\n  a dog  \n")

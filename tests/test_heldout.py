@@ -10,7 +10,7 @@ from latentpatch.checkpoints import best_checkpoint, latest_checkpoint, list_che
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
-from latentpatch.generate import sample
+from latentpatch.sampling.generate import sample
 from latentpatch.metrics.denoising import denoising_loss, store_heldout_set
 from latentpatch.runs import load_run
 from latentpatch.training.heldout import heldout_rows

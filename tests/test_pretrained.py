@@ -16,7 +16,7 @@ from pretrained_helpers import make_dit_pipeline, make_sd_pipeline, with_predict
 from latentpatch.conditioning import Conditioning
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.vp import schedule_sigmas
-from latentpatch.finetune_bases import diffusers_base, load_choice
+from latentpatch.finetuning.starting_points import diffusers_base, load_choice
 from latentpatch.patches import crop_coordinates, full_coordinates
 
 ULPS = 1e-6  # relative tolerance of float32 reorderings (see the module docstring)
@@ -132,7 +132,7 @@ def test_dit_positions_are_the_pretrained_table_at_full_size_and_its_slice_for_a
 def test_euler_sampling_matches_the_stable_diffusion_pipeline(kind, sd, sd_v):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from latentpatch.sampling import generate_latents
+    from latentpatch.sampling.latents import generate_latents
 
     root = sd if kind == "epsilon" else sd_v
     precond, found = wrapped(root)
@@ -207,7 +207,7 @@ def reference_features(clip, tokenizer, texts, layer, padding):
 
 @pytest.mark.parametrize("layer,padding,quick_gelu", SD_FEATURES)
 def test_text_features_are_the_layer_norm_and_padding_stable_diffusion_uses(layer, padding, quick_gelu, tmp_path):
-    from latentpatch.text import load_text_encoder
+    from latentpatch.text.loader import load_text_encoder
 
     encoder = load_text_encoder(str(tiny_tower(tmp_path, quick_gelu)), None, layer=layer, padding=padding)
     texts = ["a red brick wall", ""]
@@ -228,7 +228,7 @@ def test_the_open_clip_tower_gives_what_the_pipelines_converted_text_encoder_giv
     pytest.importorskip("transformers")
     from pretrained_helpers import clip_text_model_from_open_clip, write_clip_tokenizer
 
-    from latentpatch.text import load_text_encoder
+    from latentpatch.text.loader import load_text_encoder
 
     clip_json = tiny_tower(tmp_path, quick_gelu)
     ours = load_text_encoder(str(clip_json), None, layer=layer, padding=padding)

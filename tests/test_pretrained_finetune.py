@@ -128,7 +128,7 @@ def test_lora_trains_adapters_and_the_widened_input_only_and_samples_merged(kind
 
 
 def test_the_default_text_encoder_is_the_pipelines_own_else_the_matching_open_clip_tower(sd, monkeypatch):
-    from latentpatch import bases
+    from latentpatch.finetuning import diffusers_bases as bases
 
     found = bases.resolve_base(str(sd))
     assert found.default_text().model == f"transformers:{sd}"
@@ -143,7 +143,7 @@ def test_the_default_text_encoder_is_the_pipelines_own_else_the_matching_open_cl
 
 
 def test_a_unet_folder_inside_a_pipeline_is_the_pipeline_and_a_bare_one_keeps_edm(sd, tmp_path):
-    from latentpatch.finetune_bases import diffusers_base
+    from latentpatch.finetuning.starting_points import diffusers_base
 
     inside = diffusers_base(str(sd / "unet"), None, None)
     assert inside.cfg.edm.precond == "vp" and inside.vae == str(sd)
@@ -182,7 +182,7 @@ def test_a_config_without_the_new_keys_loads_as_before_and_vp_stays_in_its_sched
 def test_a_hub_id_in_the_hugging_face_cache_is_a_base_like_its_folder(sd, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from latentpatch.finetune_bases import diffusers_base
+    from latentpatch.finetuning.starting_points import diffusers_base
 
     repo, commit = "latentpatch-test/tiny-sd", "0123456789abcdef0123456789abcdef01234567"
     entry = tmp_path / "hub" / "models--latentpatch-test--tiny-sd"

@@ -1,4 +1,4 @@
-"""`latentpatch sample`: a thin face over latentpatch.generate.sample; bad input is `error: ...` and exit 2."""
+"""`latentpatch sample`: a thin face over latentpatch.sampling.generate.sample; bad input is `error: ...` and exit 2."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.patches import full_coordinates, random_crops
-from latentpatch.sampling import check_settings, generate_latents
+from latentpatch.sampling.latents import check_settings, generate_latents
 from latentpatch.seeding import image_seed
 
 SHAPE = (2, 2, 3)  # C, h, w: 12 dimensions

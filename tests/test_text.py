@@ -18,10 +18,11 @@ from latentpatch.conditioning.requested import request_conditioning
 from latentpatch.conditioning.stored import condition_rows, draw_rows
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
-from latentpatch.data.text_cache import NULL_FILE, read_null
+from latentpatch.text.cache import NULL_FILE, read_null
 from latentpatch.errors import UserError
 from latentpatch.seeding import make_generator
-from latentpatch.text import caption_hash, load_text_encoder, load_text_encoder_from_record
+from latentpatch.text.identity import caption_hash
+from latentpatch.text.loader import load_text_encoder, load_text_encoder_from_record
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from latentpatch.autoencoders import BUILTIN_NAME, builtin_folder, load_autoencoder, vae_data
-from latentpatch.autoencoders import train_vae as train_vae_module
-from latentpatch.autoencoders.colour_check import colour_check, flat_colours
-from latentpatch.autoencoders.train_vae import (
+from latentpatch.autoencoders import BUILTIN_NAME, builtin_folder, load_autoencoder
+from latentpatch.autoencoders.vae_training import data as vae_data
+from latentpatch.autoencoders.vae_training import train as train_vae_module
+from latentpatch.autoencoders.vae_training.colour_check import colour_check, flat_colours
+from latentpatch.autoencoders.vae_training.train import (
     EVAL_SEED,
     REPORT_NAME,
     VAETrainConfig,
@@ -30,7 +31,7 @@ from latentpatch.autoencoders.train_vae import (
     round_trip,
     train_vae,
 )
-from latentpatch.autoencoders.vae_export import save_state
+from latentpatch.autoencoders.vae_training.export import save_state
 from latentpatch.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`:UserWarning")

@@ -8,7 +8,7 @@ from trainer_helpers import make_store, photo_crops, tiny_overrides
 from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
-from latentpatch.generate import sample
+from latentpatch.sampling.generate import sample
 from latentpatch.patches import PatchSchedule
 from latentpatch.training.batches import BatchSpec, draw_batch
 from latentpatch.training.trainer import train

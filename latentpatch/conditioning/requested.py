@@ -12,7 +12,7 @@ from latentpatch.conditioning.tensors import Conditioning
 from latentpatch.errors import UserError
 
 if TYPE_CHECKING:
-    from latentpatch.text import TextEncoder
+    from latentpatch.text.open_clip_encoder import TextEncoder
 
 
 def check_request(spec: ConditioningSpec, prompts: Sequence[str] | None, class_labels: Sequence[int] | None) -> None:
@@ -58,7 +58,7 @@ def _prompt_conditioning(
     spec: ConditioningSpec, encoder: TextEncoder, prompts: Sequence[str], device: torch.device | str
 ) -> tuple[Conditioning, Conditioning]:
     """Prompts and as many empty captions through the encoder, cut to one common length."""
-    from latentpatch.text import trim_to_longest
+    from latentpatch.text.open_clip_encoder import trim_to_longest
 
     prompts = [str(p) for p in prompts]
     emb = encoder.encode(prompts + [""])

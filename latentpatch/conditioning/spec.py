@@ -15,7 +15,7 @@ from latentpatch.errors import UserError
 if TYPE_CHECKING:
     from latentpatch.config import RunConfig
     from latentpatch.data.store import LatentStore
-    from latentpatch.text import TextEncoder
+    from latentpatch.text.open_clip_encoder import TextEncoder
 
 NO_TEXT = "none"  # text.model value that trains without text even on a store with cached embeddings
 
@@ -73,7 +73,7 @@ class TextSource:
 
     def get_encoder(self) -> TextEncoder:
         if self.encoder is None:
-            from latentpatch.text import load_text_encoder_from_record
+            from latentpatch.text.loader import load_text_encoder_from_record
 
             self.encoder = load_text_encoder_from_record(self.record)
         return self.encoder
@@ -85,8 +85,9 @@ def derive_spec(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, Conditio
     An empty text.model adopts the store's cached encoder, so `encode --text-encoder` then `train` just
     works; text.model=none trains without text on any store.
     """
-    from latentpatch.data.text_cache import text_identity
-    from latentpatch.text import load_text_encoder, same_text_encoder
+    from latentpatch.text.identity import text_identity
+    from latentpatch.text.identity import same_text_encoder
+    from latentpatch.text.loader import load_text_encoder
 
     names = store.manifest.class_names
     classes = cfg.model.num_classes
@@ -136,7 +137,7 @@ def _check_captions(store: LatentStore, model: str) -> None:
 
 def apply_text_dims(cfg: RunConfig, record: dict[str, Any]) -> None:
     """model.text_dim = the token width and pooled_text_dim = the pooled width (if text.pooled); 0 means auto."""
-    from latentpatch.text import describe
+    from latentpatch.text.identity import describe
 
     model, width = cfg.model, int(record["width"])
     pooled = int(record["pooled_dim"]) if cfg.text.pooled else 0

@@ -53,8 +53,8 @@ def _labels(store: LatentStore, num_classes: int, missing: str) -> Tensor:
 
 def _text_rows(text: TextSource, store: LatentStore, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     from latentpatch.data.store import TORCH_DTYPES
-    from latentpatch.data.text_cache import cached_rows, read_null
-    from latentpatch.text import TextEmbeddings
+    from latentpatch.text.cache import cached_rows, read_null
+    from latentpatch.text.open_clip_encoder import TextEmbeddings
 
     captions = store.captions
     dtype = TORCH_DTYPES[store.manifest.dtype]

@@ -132,8 +132,8 @@ def store_heldout_set(
     """
     from latentpatch.conditioning.spec import TextSource
     from latentpatch.conditioning.stored import condition_rows, select_rows
-    from latentpatch.data.text_cache import text_identity
-    from latentpatch.text import same_text_encoder
+    from latentpatch.text.identity import text_identity
+    from latentpatch.text.identity import same_text_encoder
 
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
     spec = spec or ConditioningSpec()

@@ -70,7 +70,7 @@ class CoordinateConv2d(nn.Conv2d):
 
 def load_pretrained_unet(source: str, *, revision: str | None = None) -> nn.Module:
     """A diffusers UNet2DModel / UNet2DConditionModel from a folder (a UNet's or a pipeline's) or a hub id."""
-    from latentpatch.bases import resolve_base
+    from latentpatch.finetuning.diffusers_bases import resolve_base
 
     base = resolve_base(source, revision)
     if base.class_name not in SUPPORTED_CLASSES:

@@ -112,7 +112,7 @@ def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: Text
     """The store's latent rows, memory-mapped (posterior mean, std), and the conditioning rows the spec needs
     (labels; text embeddings from the store's cache or embedded once here; the empty caption's null_*)."""
     from latentpatch.conditioning.stored import TEXT_FIELDS
-    from latentpatch.data.text_cache import HASH_KEY
+    from latentpatch.text.cache import HASH_KEY
 
     rows: dict = store.rows()
     cached = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if spec.text and text is not None and text.cached else {}

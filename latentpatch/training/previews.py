@@ -11,7 +11,7 @@ import torch
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.io import atomic_write_bytes
-from latentpatch.sampling import generate_latents
+from latentpatch.sampling.latents import generate_latents
 from latentpatch.seeding import image_seed
 
 

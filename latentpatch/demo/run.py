@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentpatch.demo_data import DEMO_SOURCES, make_demo_images
+from latentpatch.demo.images import DEMO_SOURCES, make_demo_images
 
 
 @dataclass
@@ -50,8 +50,8 @@ def run_demo(opts: DemoOptions, log=print) -> DemoResult:
 
     from latentpatch.checkpoints import latest_checkpoint, read_state
     from latentpatch.config import load_config
-    from latentpatch.encoding import encode
-    from latentpatch.generate import sample
+    from latentpatch.encoding.encode import encode
+    from latentpatch.sampling.generate import sample
     from latentpatch.training.trainer import train
 
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Full-size sampling over a denoiser and tensors: per-image seeded noise, the full coordinate grid, guidance
-and a sampler -> latents. (Jobs, runs and decoding are latentpatch.generate's.)
+and a sampler -> latents. (Jobs, runs and decoding are latentpatch.sampling.generate's.)
 
 Patch Diffusion samples like any diffusion model: the network sees the whole latent with the full
 coordinate grid (Wang et al. 2023, Sec. 3.3), i.e. exactly what a training step with a full-size crop sees.

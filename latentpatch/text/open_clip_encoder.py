@@ -23,61 +23,12 @@ from torch import Tensor
 
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
+from latentpatch.text.config import check_features
+from latentpatch.text.identity import caption_hash
 
 LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
 LIST_TAGS_HINT = "python -c \"import open_clip; print(open_clip.list_pretrained())\""
 RANDOM_WEIGHTS_SEED = 0  # pretrained=None: random weights, the same in every process (tests, smoke runs)
-TRANSFORMERS_PREFIX = "transformers:"  # text.model "transformers:PIPELINE": a diffusers pipeline's own encoder
-LAYERS = ("last", "penultimate")
-PADDINGS = ("masked", "eot", "zero")
-
-
-@dataclass
-class TextConfig:
-    """Frozen open-clip text encoder (latentpatch.text); empty model means no text conditioning, unless the
-    latent store holds cached text embeddings, whose encoder is then used ("none" trains without text)."""
-
-    model: str = ""                 # open_clip name (ViT-B-32) or a model config .json file
-    pretrained: str | None = None   # tag (laion2b_s34b_b79k), checkpoint file, or None: random weights
-    caption_dropout: float = 0.1    # P(caption -> ""), which trains the unconditional model for guidance
-    max_length: int = 77            # tokens kept for cross-attention (at most the model's context length)
-    pooled: bool = True             # also feed the pooled embedding (adaLN / the UNet's time embedding)
-    # Which features, as the pretrained model was trained on them (Stable Diffusion 1.x: last/eot, 2.x:
-    # penultimate/zero). layer "last": tokens after the final layer norm; "penultimate": the second-to-last
-    # block's output, then the final norm. padding "masked": padding is masked out of cross-attention;
-    # "eot" / "zero": padded with the end-of-text token / id 0 and every position attended.
-    layer: str = "last"
-    padding: str = "masked"
-
-    def check(self) -> None:
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise UserError(f"text.caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        check_features(self.layer, self.padding)
-
-
-def check_features(layer: str, padding: str) -> None:
-    if layer not in LAYERS:
-        raise UserError(f"text.layer must be one of {', '.join(LAYERS)}, got {layer!r}")
-    if padding not in PADDINGS:
-        raise UserError(f"text.padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-
-
-def parse_text_encoder(spec: str) -> tuple[str, str | None]:
-    """`MODEL[:PRETRAINED]` -> (model, pretrained); an `hf-hub:`/`local-dir:` model keeps its whole name."""
-    spec = spec.strip()
-    if not spec:
-        raise UserError("--text-encoder is empty; give an open_clip model such as ViT-B-32:laion2b_s34b_b79k")
-    if spec.startswith(("hf-hub:", "local-dir:", TRANSFORMERS_PREFIX)):
-        return spec, None
-    model, _, pretrained = spec.partition(":")
-    return model, pretrained or None
-
-
-def caption_hash(caption: str | None) -> int:
-    """A 63-bit fingerprint of a caption (0 for none), stored beside each cached embedding row."""
-    if caption is None:
-        return 0
-    return 1 + (int.from_bytes(hashlib.sha256(caption.encode()).digest()[:8], "little") & (2**62 - 1))
 
 
 @dataclass
@@ -291,24 +242,12 @@ def _pretrained_identity(name: str, pretrained: str | None) -> dict[str, Any]:
     )
 
 
-def load_text_encoder(
-    model: str, pretrained: str | None = None, *, max_length: int | None = None,
-    device: torch.device | str | None = None, layer: str = "last", padding: str = "masked",
+def load_open_clip_encoder(
+    model: str, pretrained: str | None, *, max_length: int | None, device: torch.device, layer: str, padding: str,
 ) -> TextEncoder:
-    """An open_clip model's frozen text tower. `model` is an open_clip name (or a model config `.json`
-    file), `pretrained` a tag, a checkpoint file, or None for random weights (seeded, for tests);
-    `max_length` tokens are kept (default: the model's context length, 77 for CLIP). `layer` and `padding`:
-    TextConfig's. "transformers:PIPELINE" is a diffusers pipeline's own encoder (latentpatch.text_transformers)."""
+    """An open_clip model's frozen text tower (see `latentpatch.text.loader.load_text_encoder`)."""
     import open_clip
 
-    if not model:
-        raise UserError("no text encoder given (text.model is empty)")
-    check_features(layer, padding)
-    device = resolve_device(device)
-    if model.startswith(TRANSFORMERS_PREFIX):
-        from latentpatch.text_transformers import load_pipeline_text_encoder
-
-        return load_pipeline_text_encoder(model, max_length=max_length, device=device, layer=layer, padding=padding)
     name, config_sha = _register_config_file(model)
     _check_model_name(name)
     identity = _pretrained_identity(name, pretrained)
@@ -353,43 +292,3 @@ def load_text_encoder(
         "padding": padding,
     }
     return TextEncoder(clip, tokenizer, record, device)
-
-
-def load_text_encoder_from_record(record: dict[str, Any], device: torch.device | str | None = None) -> TextEncoder:
-    """The encoder a store manifest or run.json names; refuses one whose weights or config file changed."""
-    encoder = load_text_encoder(record["model"], record.get("pretrained"), max_length=int(record["max_length"]),
-                                device=device, layer=record.get("layer", "last"),
-                                padding=record.get("padding", "masked"))
-    for key in ("weights_sha256", "config_sha256", "files_sha256"):
-        if record.get(key) != encoder.record.get(key):
-            raise UserError(
-                f"the text encoder file for {record['model']!r} ({record.get('pretrained') or 'config'}) changed "
-                f"since it was recorded ({key} {str(record.get(key))[:12]} -> {str(encoder.record.get(key))[:12]}); "
-                "restore it or re-encode"
-            )
-    return encoder
-
-
-IDENTITY_KEYS = ("model", "pretrained", "weights_sha256", "config_sha256", "max_length", "layer", "padding")
-FEATURE_DEFAULTS = {"layer": "last", "padding": "masked"}  # what records written before these keys mean
-
-
-def same_text_encoder(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Whether two records name the same encoder: by weights hash when both are files, else by name and tag."""
-    if a is None or b is None:
-        return a is b
-    keys = list(IDENTITY_KEYS)
-    if a.get("weights_sha256") and b.get("weights_sha256"):
-        keys.remove("pretrained")  # the same file wherever it now lives
-    if a.get("config_sha256") and b.get("config_sha256"):
-        keys.remove("model")
-    return all(a.get(k, FEATURE_DEFAULTS.get(k)) == b.get(k, FEATURE_DEFAULTS.get(k)) for k in keys)
-
-
-def describe(record: dict[str, Any]) -> str:
-    if str(record["model"]).startswith(TRANSFORMERS_PREFIX):
-        name, weights = record["model"], "its own weights"
-    else:
-        name, weights = os.path.basename(str(record["model"])), record.get("pretrained") or "random weights"
-    features = [f"{k} {record[k]}" for k, default in FEATURE_DEFAULTS.items() if record.get(k, default) != default]
-    return f"{name}:{weights} (max_length {record['max_length']}{''.join(', ' + f for f in features)})"

@@ -19,15 +19,9 @@ from safetensors.torch import load_file
 from latentpatch.data.manifest import Item, Manifest
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_save_safetensors
-from latentpatch.text import (
-    TextEmbeddings,
-    TextEncoder,
-    describe,
-    load_text_encoder,
-    load_text_encoder_from_record,
-    parse_text_encoder,
-    same_text_encoder,
-)
+from latentpatch.text.identity import caption_hash, describe, parse_text_encoder, same_text_encoder
+from latentpatch.text.loader import load_text_encoder, load_text_encoder_from_record
+from latentpatch.text.open_clip_encoder import TextEmbeddings, TextEncoder
 
 NULL_FILE = "text_null.safetensors"
 TEXT_KEYS = ("text_tokens", "text_mask", "text_pooled")
@@ -91,24 +85,7 @@ def read_null(store_path: str | os.PathLike) -> TextEmbeddings:
 
 def cached_rows(tensors: dict[str, torch.Tensor], captions: list[str | None]) -> tuple[TextEmbeddings, list[int]]:
     """The store's per-row embeddings and the rows whose caption changed since they were computed."""
-    from latentpatch.text import caption_hash
-
     emb = TextEmbeddings(tensors["text_tokens"], tensors["text_mask"].bool(), tensors["text_pooled"])
     stored = tensors[HASH_KEY].tolist() if HASH_KEY in tensors else [None] * len(captions)
     stale = [i for i, (h, c) in enumerate(zip(stored, captions)) if h != caption_hash(c)]
     return emb, stale
-
-
-def text_identity(model: str, pretrained: str | None, max_length: int) -> dict[str, Any]:
-    """The record keys that identify an encoder, computed from a config without loading the model."""
-    from latentpatch.io import sha256_file
-
-    config_sha = None
-    if model.endswith(".json") and Path(model).is_file():
-        config_sha = sha256_file(model)
-        model = str(Path(model).resolve())
-    weights_sha = None
-    if pretrained is not None and Path(pretrained).is_file():
-        weights_sha, pretrained = sha256_file(pretrained), str(Path(pretrained).resolve())
-    return {"model": model, "pretrained": pretrained, "weights_sha256": weights_sha, "config_sha256": config_sha,
-            "max_length": int(max_length)}

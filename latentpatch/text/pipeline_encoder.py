@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from latentpatch.errors import UserError
-from latentpatch.text import TRANSFORMERS_PREFIX, TextEncoder
+from latentpatch.text.identity import TRANSFORMERS_PREFIX
+from latentpatch.text.open_clip_encoder import TextEncoder
 
 SUPPORTED = ("CLIPTextModel",)
 
@@ -93,7 +94,7 @@ def load_pipeline_text_encoder(
     model: str, *, max_length: int | None, device: torch.device, layer: str, padding: str,
 ) -> PipelineTextEncoder:
     """The text_encoder/ and tokenizer/ of the pipeline `model` names ("transformers:SOURCE")."""
-    from latentpatch.pretrained import transformers_load_kwargs
+    from latentpatch.hub import transformers_load_kwargs
 
     transformers = _need_transformers()
     source = split_source(model)

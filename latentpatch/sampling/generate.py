@@ -24,14 +24,14 @@ from torch import Tensor
 
 import latentpatch
 from latentpatch import distributed as dist
-from latentpatch import job_folder as folder
+from latentpatch.sampling import job_folder as folder
 from latentpatch.conditioning.requested import check_request, request_conditioning
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
-from latentpatch.prompts import PromptEntry
+from latentpatch.sampling.prompts import PromptEntry
 from latentpatch.runs import LoadedRun, load_run
-from latentpatch.sampling import check_settings, generate_latents
+from latentpatch.sampling.latents import check_settings, generate_latents
 from latentpatch.seeding import image_seed
 
 JOB_FORMAT = 1
@@ -286,7 +286,7 @@ def sample(
     output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]) or, with `out`,
     "none" (a JobResult, nothing read back).
 
-        >>> images = latentpatch.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
+        >>> images = latentpatch.sampling.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
     """
     if output not in ("pil", "tensor", "none") or (output == "none" and out is None):
         raise UserError(f"output must be 'pil' or 'tensor' ('none' only with out=), got {output!r}")

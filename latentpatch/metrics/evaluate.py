@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import latentpatch
-from latentpatch import job_folder
+from latentpatch.sampling import job_folder
 from latentpatch.data.images import list_image_files, read_image
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
@@ -275,10 +275,10 @@ def evaluate_run(
     heldout_limit: int | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder's checkpoint: generate `n` samples (into `samples`, default RUN/eval/...) through
-    latentpatch.generate, or read `samples` when n is None; image metrics against `ref`; the held-out
+    latentpatch.sampling.generate, or read `samples` when n is None; image metrics against `ref`; the held-out
     denoising loss on the latent store `latents`. Writes the report (default SAMPLES/eval-report.json, or
     RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
-    from latentpatch.generate import sample
+    from latentpatch.sampling.generate import sample
     from latentpatch.metrics.denoising import run_denoising_loss
     from latentpatch.runs import load_run
 

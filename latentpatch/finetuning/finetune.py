@@ -7,7 +7,7 @@
 `base` is a latentpatch run folder (its EMA or raw weights, same architecture; an unconditional DiT gains
 zero-initialised cross-attention when the data has captions) or a pretrained diffusers model: a pipeline
 folder or hub id (Stable Diffusion 1.x/2.x, DiT-XL/2) or a bare UNet2DModel / UNet2DConditionModel /
-DiTTransformer2DModel folder (latentpatch.bases). Its input gains zero-initialised coordinate channels and a
+DiTTransformer2DModel folder (latentpatch.finetuning.diffusers_bases). Its input gains zero-initialised coordinate channels and a
 pipeline keeps its own preconditioning (the scheduler's DDPM schedule and prediction type, edm.precond "vp"),
 so before the first step the fine-tune computes exactly the pretrained denoiser. `data` is an image folder
 (encoded into OUT/latents with the base's autoencoder, captions embedded) or an existing latent store.
@@ -28,7 +28,7 @@ from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
-from latentpatch.finetune_bases import FinetuneBase, diffusers_base, load_choice, run_base
+from latentpatch.finetuning.starting_points import FinetuneBase, diffusers_base, load_choice, run_base
 from latentpatch.io import write_json_atomic
 from latentpatch.runs import is_run_folder
 
@@ -121,7 +121,7 @@ def _prepare_data(
     found: FinetuneBase, data: Path, out: Path, text_encoder, vae, resolution, flip, device, progress
 ) -> LatentStore:
     """The store to train on: `data` itself, or `data` encoded into OUT/latents with the base's autoencoder."""
-    from latentpatch.encoding import encode
+    from latentpatch.encoding.encode import encode
 
     if (data / MANIFEST_NAME).is_file():
         store = LatentStore(data)
@@ -130,7 +130,7 @@ def _prepare_data(
         if found.text_choice is not None:
             text = load_choice(found.text_choice, device)
         elif text is None and found.text_record is not None:
-            from latentpatch.text import load_text_encoder_from_record
+            from latentpatch.text.loader import load_text_encoder_from_record
 
             text = load_text_encoder_from_record(found.text_record, device=device)
         if vae is None and found.autoencoder is None and found.vae is None:
@@ -202,7 +202,7 @@ def _pretrained_config(cfg: RunConfig) -> dict[str, Any] | None:
 
 def _check_text_choice(found: FinetuneBase, text_encoder: str | None) -> None:
     """A run base trained with text keeps its encoder; a UNet2DModel has nothing to condition on text."""
-    from latentpatch.text import parse_text_encoder
+    from latentpatch.text.identity import parse_text_encoder
 
     tc, unet_cfg = found.cfg.text, _pretrained_config(found.cfg)
     if text_encoder is None:
@@ -218,7 +218,7 @@ def _check_text_choice(found: FinetuneBase, text_encoder: str | None) -> None:
 def _choose_text(cfg: RunConfig, found: FinetuneBase, store: LatentStore, text_encoder: str | None) -> None:
     """Which encoder conditions the fine-tune: the base run's own; else the one asked for; else the store's
     cached one; else a pipeline's default (its own encoder, or the matching open_clip tower)."""
-    from latentpatch.text import parse_text_encoder
+    from latentpatch.text.identity import parse_text_encoder
 
     if cfg.text.model:
         return

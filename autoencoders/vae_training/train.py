@@ -20,11 +20,11 @@ from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_write_text, write_json_atomic
 
-from . import vae_data
+from . import data as vae_data
 from .colour_check import QUICK_SET, colour_check, flat_colours
-from .loading import BUILTIN_NAME, WEIGHTS_DIR, load_autoencoder
-from .vae_export import export_vae, load_state, model_card, save_state
-from .vae_losses import kl_per_element, psnr, reconstruction_loss, ssim
+from ..loading import BUILTIN_NAME, WEIGHTS_DIR, load_autoencoder
+from .export import export_vae, load_state, model_card, save_state
+from .losses import kl_per_element, psnr, reconstruction_loss, ssim
 
 REPORT_NAME = "train_vae_report.json"
 EVAL_SEED = 1234  # held-out crop positions: the same for every run, so figures compare

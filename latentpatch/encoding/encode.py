@@ -38,10 +38,10 @@ from latentpatch.data.manifest import (
     write_manifest,
 )
 from latentpatch.data.store import TORCH_DTYPES, StoreWriter, remove_orphan_shards
-from latentpatch.data.text_cache import open_store_text, with_text_rows
+from latentpatch.text.cache import open_store_text, with_text_rows
 from latentpatch.data.transforms import as_size, check_resolution, covers, resize_center_crop
 from latentpatch.device import resolve_device
-from latentpatch.encode_options import REPORT_NAME, EncodeOptions, EncodeSummary, ExtraTensors, default_workers
+from latentpatch.encoding.options import REPORT_NAME, EncodeOptions, EncodeSummary, ExtraTensors, default_workers
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder, write_json_atomic
 from latentpatch.seeding import derive_seed

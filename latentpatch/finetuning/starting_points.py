@@ -1,4 +1,4 @@
-"""The starting point of a fine-tune: a latentpatch run, or a pretrained diffusers base (latentpatch.bases) made
+"""The starting point of a fine-tune: a latentpatch run, or a pretrained diffusers base (latentpatch.finetuning.diffusers_bases) made
 into a config and weights that compute exactly what the base computed.
 
 A diffusers network gains zero-initialised coordinate channels (models/widen.py, models/pretrained_dit.py);
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from latentpatch.bases import SD_TEXT, DiffusersBase, TextChoice
+from latentpatch.finetuning.diffusers_bases import SD_TEXT, DiffusersBase, TextChoice
 from latentpatch.config import RunConfig, load_config
 from latentpatch.errors import UserError
 
@@ -57,7 +57,7 @@ def run_base(base: Path, weights: str) -> FinetuneBase:
 
 def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: str | None) -> FinetuneBase:
     """The widened network, its own preconditioning and noise levels, and the pipeline's defaults."""
-    from latentpatch.bases import resolve_base
+    from latentpatch.finetuning.diffusers_bases import resolve_base
     from latentpatch.diffusion.vp import prediction_type, sigma_range
     from latentpatch.models import PretrainedConfig
     from latentpatch.models.widen import json_config
@@ -107,7 +107,7 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
 def text_choice(found: DiffusersBase, text_encoder: str | None) -> TextChoice | None:
     """The text encoder of a UNet2DConditionModel fine-tune: the one asked for, with the features its UNet was
     trained on (Stable Diffusion's layer and padding, by cross_attention_dim), else the pipeline's default."""
-    from latentpatch.text import TRANSFORMERS_PREFIX, parse_text_encoder
+    from latentpatch.text.identity import TRANSFORMERS_PREFIX, parse_text_encoder
 
     if found.class_name != "UNet2DConditionModel":
         if text_encoder is not None:
@@ -119,7 +119,7 @@ def text_choice(found: DiffusersBase, text_encoder: str | None) -> TextChoice | 
         return found.default_text()
     model, pretrained = parse_text_encoder(text_encoder)
     if model.startswith(TRANSFORMERS_PREFIX):
-        from latentpatch.text_transformers import pipeline_padding
+        from latentpatch.text.pipeline_encoder import pipeline_padding
 
         return TextChoice(model, None, "last", pipeline_padding(model), "asked for (text_encoder=)")
     recipe = SD_TEXT.get(found.config.get("cross_attention_dim"))
@@ -128,7 +128,7 @@ def text_choice(found: DiffusersBase, text_encoder: str | None) -> TextChoice | 
 
 
 def load_choice(choice: TextChoice, device: str | None) -> Any:
-    from latentpatch.text import load_text_encoder
+    from latentpatch.text.loader import load_text_encoder
 
     return load_text_encoder(choice.model, choice.pretrained, device=device, layer=choice.layer,
                              padding=choice.padding)

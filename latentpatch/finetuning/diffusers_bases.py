@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from latentpatch.errors import UserError
-from latentpatch.pretrained import load_kwargs
+from latentpatch.hub import load_kwargs
 
 NETWORK_FOLDERS = ("unet", "transformer")
 SUPPORTED = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
@@ -107,7 +107,7 @@ class DiffusersBase:
         if self.class_name != "UNet2DConditionModel":
             return None
         if self.text_encoder is not None and self.has_tokenizer and _has_transformers():
-            from latentpatch.text import TRANSFORMERS_PREFIX
+            from latentpatch.text.identity import TRANSFORMERS_PREFIX
 
             return TextChoice(TRANSFORMERS_PREFIX + self.root, None, "last", self.tokenizer_padding(),
                               "the pipeline's own text encoder (transformers)")
@@ -118,8 +118,8 @@ class DiffusersBase:
         return SD_TEXT[width]
 
     def tokenizer_padding(self) -> str:
-        from latentpatch.text import TRANSFORMERS_PREFIX
-        from latentpatch.text_transformers import pipeline_padding
+        from latentpatch.text.identity import TRANSFORMERS_PREFIX
+        from latentpatch.text.pipeline_encoder import pipeline_padding
 
         return pipeline_padding(TRANSFORMERS_PREFIX + self.root)
 

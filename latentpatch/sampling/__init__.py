@@ -1,0 +1,2 @@
+"""The sample stage: `latents` (a denoiser's full-size latents on the coordinate grid), `generate` (jobs of
+images from a run: `lp.sample`), `job_folder` (the resumable folder a job writes) and `prompts` (prompt files)."""
