@@ -22,14 +22,3 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
-
-
-def same_device(a: str | torch.device, b: str | torch.device) -> bool:
-    """Whether two device names mean the same device ("cuda" is the current CUDA device, "cuda:0" by default)."""
-    return _canonical(torch.device(a)) == _canonical(torch.device(b))
-
-
-def _canonical(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return device

@@ -11,7 +11,6 @@ from text_helpers import colour_folder, write_clip_config
 from latentpatch.conditioning import ConditioningSpec, derive_spec, spec_from_run
 from latentpatch.conditioning.requested import request_conditioning
 from latentpatch.config import load_config
-from latentpatch.device import same_device
 from latentpatch.errors import UserError
 
 TEXT_RECORD = {"model": "m", "pretrained": None, "max_length": 8, "width": 4, "pooled_dim": 4}
@@ -70,8 +69,3 @@ def test_text_model_none_on_a_store_with_text_trains_and_records_no_text(tmp_pat
     assert images.shape == (2, 3, 16, 16)
     with pytest.raises(UserError, match="not text-conditioned"):
         sample(tmp_path / "run", n=1, steps=2, prompts=["red"])
-
-
-def test_cuda_and_cuda_0_name_the_same_device():
-    assert same_device("cuda", "cuda:0") and same_device(torch.device("cpu"), "cpu")
-    assert not same_device("cuda:1", "cuda:0") and not same_device("cpu", "cuda")

@@ -19,7 +19,8 @@ from latentpatch.config import load_config
 from latentpatch.denoiser import build_precond
 from latentpatch.errors import UserError
 from latentpatch.models import PretrainedConfig
-from latentpatch.models.widen import json_config, load_pretrained_unet, widen_unet
+from latentpatch.finetuning.diffusers_bases import resolve_base
+from latentpatch.models.widen import json_config, widen_unet
 from latentpatch.patches import full_coordinates
 from latentpatch.runs import load_run
 
@@ -57,7 +58,7 @@ def base_run(tmp_path):
 def test_widened_unet_computes_exactly_what_the_original_did(cls, tmp_path):
     unet = tiny_unet(cls).eval()
     unet.save_pretrained(tmp_path / "pipeline" / "unet")  # a pipeline folder: the UNet is in unet/
-    widened = widen_unet(load_pretrained_unet(str(tmp_path / "pipeline")), 4).eval()
+    widened = widen_unet(resolve_base(str(tmp_path / "pipeline")).load_network(), 4).eval()
     assert widened.conv_in.weight.shape[1] == 6 and widened.config.in_channels == 6
     g = torch.Generator().manual_seed(0)
     for shape in [(2, 4, 8, 8), (1, 4, 64, 64), (3, 4, 16, 24)]:

@@ -83,8 +83,3 @@ def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key.replace(".base_layer.", ".")] = value.detach().clone()
     return out
-
-
-def trainable_fraction(module: nn.Module) -> float:
-    total = sum(p.numel() for p in module.parameters())
-    return sum(p.numel() for p in module.parameters() if p.requires_grad) / max(total, 1)

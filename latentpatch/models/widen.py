@@ -68,16 +68,6 @@ class CoordinateConv2d(nn.Conv2d):
         return main + coords
 
 
-def load_pretrained_unet(source: str, *, revision: str | None = None) -> nn.Module:
-    """A diffusers UNet2DModel / UNet2DConditionModel from a folder (a UNet's or a pipeline's) or a hub id."""
-    from latentpatch.finetuning.diffusers_bases import resolve_base
-
-    base = resolve_base(source, revision)
-    if base.class_name not in SUPPORTED_CLASSES:
-        raise UserError(f"{source} holds a {base.class_name}, not a UNet ({' or '.join(SUPPORTED_CLASSES)})")
-    return base.load_network(revision)
-
-
 def check_unet_config(config: dict[str, Any], latent_channels: int) -> None:
     """UserError for a pretrained UNet this toolkit cannot drive (what extra inputs it wants, or channels)."""
     unsupported = {k: config.get(k) for k in ("class_embed_type", "num_class_embeds", "addition_embed_type",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
-from latentpatch.text.config import check_features
 from latentpatch.text.identity import caption_hash
 
 LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
