@@ -16,10 +16,15 @@ def test_beta_halves_the_old_weight_after_one_halflife_of_images():
     assert ema_beta(10**9, 250_000, 500, None) ** 2 == pytest.approx(0.5)
 
 
-def test_beta_matches_edm_formula_exactly():
-    cur, batch, hl, ramp = 123_456, 512, 500.0, 0.05
-    halflife = min(hl * 1000, cur * ramp)
-    assert ema_beta(cur, batch, hl, ramp) == 0.5 ** (batch / max(halflife, 1e-8))
+@pytest.mark.parametrize("cur,batch,ramp,beta", [
+    (10_000, 500, 0.05, 0.5),          # ramp-up: the half-life is 5% of 10,000 images = 500, one batch of it
+    (10_000, 1_000, 0.05, 0.25),       # two half-lives in one batch
+    (10_000, 250, 0.05, 2 ** -0.5),    # half a half-life
+    (10**9, 1_000_000, None, 0.25),    # no ramp-up: the configured 500 kimg, two of them in one batch
+    (10**9, 1_000_000, 0.05, 0.25),    # late in training the configured half-life is the smaller one
+])
+def test_beta_is_one_half_per_halflife_of_images(cur, batch, ramp, beta):
+    assert ema_beta(cur, batch, 500, ramp) == pytest.approx(beta, rel=1e-12)
 
 
 def test_rampup_caps_the_halflife_at_a_fraction_of_images_seen():

@@ -54,10 +54,21 @@ TEXT = Conditioning(text_tokens=torch.randn(2, 5, 12), text_mask=torch.tensor([[
     ],
     ids=["dit", "dit-text", "unet", "unet-class", "unet-text"],
 )
-def test_output_has_latent_shape_for_square_and_non_square_inputs(cfg, cond, hw):
-    out = build(cfg)(net_input(2, *hw), torch.randn(2), cond)
+def test_each_image_is_denoised_alone_at_latent_shape_for_square_and_non_square_inputs(cfg, cond, hw):
+    net, x, sigma = build(cfg, perturb=True), net_input(2, *hw), torch.tensor([0.3, 2.0])
+    out = net(x, sigma, cond)
     assert out.shape == (2, C, *hw)
-    assert torch.isfinite(out).all()
+    # A batch is a batch of independent problems: each row equals that image denoised on its own, and the
+    # second image's output differs from the first's (noise level, input and conditioning all reach it).
+    for i in range(2):
+        alone = net(x[i : i + 1], sigma[i : i + 1], None if cond is None else _row(cond, i))
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+
+
+def _row(cond: Conditioning, i: int) -> Conditioning:
+    return Conditioning(**{f.name: None if getattr(cond, f.name) is None else getattr(cond, f.name)[i : i + 1]
+                           for f in dataclasses.fields(cond)})
 
 
 def test_dit_output_is_exactly_zero_at_init():

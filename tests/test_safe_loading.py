@@ -87,7 +87,8 @@ def test_sample_refuses_a_damaged_checkpoint_with_a_clear_message(run, tmp_path,
     weights.write_bytes(changed)
     code, err = _sample(monkeypatch, capsys, run, tmp_path / "out")
     _user_error(code, err, str(weights), "truncated or changed")
-    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+    assert not list(tmp_path.glob("out/**/*.png"))  # refused before any image was made
+    assert weights.read_bytes() == changed  # and the damaged file is left as it was, for the user to look at
 
 
 def test_a_pickle_in_place_of_weights_is_refused_without_running_it(run, tmp_path, monkeypatch, capsys):
