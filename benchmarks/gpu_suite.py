@@ -1,0 +1,157 @@
+"""Every GPU figure in one prepared command: each check of benchmarks/gpu_checks beside its aim.
+
+    python benchmarks/gpu_suite.py --out DIR            # on one H200, at most --deadline seconds (480)
+    python benchmarks/gpu_suite.py --smoke --out DIR    # on the CPU at toy sizes, in under 3 minutes
+
+Writes DIR/results.json and DIR/results.md (check, figure, aim, met?) after every check, so a kill still leaves
+what was measured. Each check runs under its own time budget (an alarm ends it) and its own try/except: a
+failure or an overrun is a row that says so, and the checks after it still run. A check whose budget no longer
+fits before the deadline is skipped with that reason. On the device: benchmarks/gpu_suite.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_checks and the benchmarks it reuses
+
+from gpu_checks import attention_check, encode_check, pretrained_check, sample_check, stq_check, training  # noqa: E402
+from gpu_checks.common import GPU, SMOKE, Context, Row, free_memory  # noqa: E402
+
+
+@dataclass
+class Check:
+    name: str
+    rows: list[str]  # the row names it writes (an error or a skip writes one row for each)
+    budget: float  # seconds on the GPU
+    smoke_budget: float
+    run: Callable[[Context], list[Row]]
+    optional: bool = False  # skipped unless --stq
+
+
+CHECKS = [
+    Check("matmul", ["0 matmul rate"], 20, 10, training.run_matmul),
+    Check("trainer DiT-B/2", ["1 trainer/plain step, full", "1 trainer/plain step, half",
+                              "2 DiT-B/2 training, share of matmul rate", "2 schedule images/s vs full-size steps",
+                              "3 compiled graphs per stage", "3 recompiles after warm-up"], 170, 40, training.run_b),
+    Check("sample", ["5 sample/plain Heun"], 45, 15, sample_check.run),
+    Check("pretrained", ["7 pretrained x0 vs diffusers, fp32", "7 pretrained x0 vs diffusers, bf16"], 45, 20,
+          pretrained_check.run),
+    Check("attention", ["6 xformers/SDPA step, DiT", "6 xformers/SDPA step, UNet"], 30, 15, attention_check.run),
+    Check("encode", ["4 encode/plain vae.encode"], 60, 20, encode_check.run),
+    Check("trainer DiT-XL/2", ["2 DiT-XL/2 training, share of matmul rate"], 100, 20, training.run_xl),
+    Check("speed to quality", ["8 speed to quality"], 110, 30, stq_check.run, optional=True),
+]
+
+
+class CheckTimeout(BaseException):
+    """Raised by the alarm; a BaseException so that no `except Exception` inside a check swallows it."""
+
+
+def _alarm(signum, frame):
+    raise CheckTimeout()
+
+
+def failed_rows(check: Check, why: str) -> list[Row]:
+    return [Row(name, None, "", "", None, why) for name in check.rows]
+
+
+def run_check(check: Check, ctx: Context, budget: float) -> list[Row]:
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, budget)
+    start = time.perf_counter()
+    try:
+        return check.run(ctx)
+    except CheckTimeout:
+        return failed_rows(check, f"timed out: over its budget of {budget:.0f} s")
+    except Exception as e:  # noqa: BLE001 (one check's failure is a row; the others still run)
+        traceback.print_exc()
+        return failed_rows(check, f"error: {type(e).__name__}: {' '.join(str(e).split())[:240]}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print(f"[{check.name}] {time.perf_counter() - start:.1f} s", flush=True)
+        try:
+            free_memory()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_tables(out: Path, header: dict, rows: list[Row]) -> None:
+    """results.json and results.md, each written whole and renamed into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r.check.split()[0])  # by check number; stable within a check
+    data = {**header, "rows": [r.to_dict() for r in rows]}
+    lines = [f"# GPU suite: {header['device_name']}", "",
+             f"{header['mode']}; torch {header['torch']}; {header['elapsed_s']:.0f} s of {header['deadline_s']:.0f}",
+             "", "| check | figure | aim | met? | note |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        met = {True: "yes", False: "NO", None: "-"}[r.met]
+        figure = f"{fmt(r.figure)} {r.unit}".strip() if r.figure is not None else "-"
+        lines.append(f"| {r.check} | {figure} | {r.aim or '-'} | {met} | {r.note.replace('|', '/')} |")
+    for name, text in (("results.json", json.dumps(data, indent=1)), ("results.md", "\n".join(lines) + "\n")):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="every check at toy sizes on the CPU")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole suite (480; smoke 170)")
+    ap.add_argument("--stq", action=argparse.BooleanOptionalAction, default=True,
+                    help="run check 8 (speed to quality) when its budget still fits")
+    ap.add_argument("--only", default=None, help="comma-separated check names to run (default: all)")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        torch.set_num_threads(1)  # a shared CPU: with two, OpenMP's spinning threads stall on the other's load
+    elif not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on the GPU machine, or pass --smoke")
+    deadline = args.deadline or (170.0 if args.smoke else 480.0)
+    ctx = Context(device, SMOKE if args.smoke else GPU, args.smoke)
+    header = {"mode": "smoke (CPU, toy sizes)" if args.smoke else "GPU", "torch": torch.__version__,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or "cpu", "deadline_s": deadline, "elapsed_s": 0.0}
+    only = set(args.only.split(",")) if args.only else None
+    rows: list[Row] = []
+    for check in CHECKS:
+        left = deadline - (time.perf_counter() - start)
+        budget = check.smoke_budget if args.smoke else check.budget
+        if only is not None and check.name not in only:
+            rows += failed_rows(check, "skipped: not in --only")
+        elif check.optional and not args.stq:
+            rows += failed_rows(check, "skipped: --no-stq")
+        elif left < budget and (check.optional or left < 0.25 * budget):
+            rows += failed_rows(check, f"skipped: {left:.0f} s left before the deadline, its budget is {budget:.0f} s")
+        else:
+            rows += run_check(check, ctx, min(budget, left))
+        header["elapsed_s"] = time.perf_counter() - start
+        write_tables(args.out, header, rows)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
