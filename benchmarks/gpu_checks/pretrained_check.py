@@ -18,7 +18,7 @@ import torch
 from latentpatch.conditioning import Conditioning
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.vp import schedule_sigmas
-from latentpatch.finetune_bases import diffusers_base  # what lp.finetune starts a diffusers base from
+from latentpatch.finetuning.starting_points import diffusers_base  # what lp.finetune starts a diffusers base from
 from latentpatch.patches import full_coordinates
 
 from .common import C, Context, Row

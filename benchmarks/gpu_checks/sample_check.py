@@ -1,4 +1,4 @@
-"""Check 5: the project's sampler (latentpatch.sampling.generate_latents: per-image seeded noise, the full
+"""Check 5: the project's sampler (latentpatch.sampling.latents.generate_latents: per-image seeded noise, the full
 coordinate grid, guidance wrapper, Heun) against a hand-written Heun loop over the same denoiser and steps.
 
 Both integrate in float64 with the network under bf16 autocast on CUDA (what generate_latents does), draw the
@@ -13,7 +13,7 @@ import latentpatch as lp
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.samplers import karras_sigmas
 from latentpatch.patches import full_coordinates
-from latentpatch.sampling import generate_latents  # moves to the latentpatch/sampling/ package; same name
+from latentpatch.sampling.latents import generate_latents
 
 from .common import C, Context, Row, clock, ratio_row
 
