@@ -7,7 +7,7 @@ exactly its slice of the full grid (Wang et al. 2023, Sec. 3: pixel-level coordi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,6 +16,7 @@ from latentpatch.seeding import make_generator
 
 COORDINATE_MODES = ("absolute", "local")
 LOSS_WEIGHTINGS = ("mean", "area")
+SIGMA_ORDERS = ("crops-low", "crops-high")
 
 
 def _axis(full: int, start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -117,6 +118,11 @@ class PatchConfig:
     # offset are more distinct crops, which measured better on small data (docs/benchmarks.md, speed to quality).
     aligned: bool = False
     loss_weighting: str = "mean"  # "mean": every step weighs the same | "area": a step's loss x its patch area
+    # Noise-level coupling: each stage draws its sigmas from its own slice of EDM's log-normal (as wide as the
+    # stage's probability, so the marginal is unchanged) with probability 1 - sigma_overlap, else from the whole.
+    # 1: independent draws (the paper). sigma_order "crops-low": smaller crops take lower noise levels.
+    sigma_overlap: float = 1.0
+    sigma_order: str = "crops-low"
 
     def __post_init__(self) -> None:
         if self.real_p == 1.0 and self.sizes == [0.5]:
@@ -143,18 +149,25 @@ class PatchConfig:
             raise UserError(f"patches.coordinates must be one of {COORDINATE_MODES}, got {self.coordinates!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise UserError(f"patches.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if not 0.0 <= self.sigma_overlap <= 1.0:
+            raise UserError(f"patches.sigma_overlap must be in [0, 1] (1: independent draws), got {self.sigma_overlap}")
+        if self.sigma_order not in SIGMA_ORDERS:
+            raise UserError(f"patches.sigma_order must be one of {SIGMA_ORDERS}, got {self.sigma_order!r}")
         if self.batch_growth <= 0 or self.progressive_steps < 0:
             raise UserError("patches.batch_growth must be > 0 and patches.progressive_steps >= 0")
 
 
 @dataclass(frozen=True)
 class PatchStage:
-    """One entry of the schedule: patch side (latent pixels), its probability and batch size."""
+    """One entry of the schedule: patch side (latent pixels), its probability and batch size, and the slice of
+    the noise-level distribution it is coupled to (PatchConfig.sigma_overlap; (0, 1) and 1: not coupled)."""
 
     height: int
     width: int
     prob: float
     batch_size: int
+    sigma_slice: tuple[float, float] = (0.0, 1.0)
+    sigma_overlap: float = 1.0
 
 
 class PatchSchedule:
@@ -184,7 +197,7 @@ class PatchSchedule:
                     f"patch size {s.height}x{s.width} (of latent {latent_h}x{latent_w}) is not divisible by "
                     f"the network's patch size {multiple_of}; change patches.sizes or the resolution"
                 )
-        self.stages = sorted(stages, key=lambda s: s.height * s.width)
+        self.stages = _coupled(sorted(stages, key=lambda s: s.height * s.width), cfg)
         self.progressive_steps = cfg.progressive_steps
         self.seed = seed
         self._probs = torch.tensor([s.prob for s in self.stages], dtype=torch.float64)
@@ -196,3 +209,17 @@ class PatchSchedule:
             return self.stages[min(step // per_stage, len(self.stages) - 1)]
         g = make_generator("cpu", self.seed, step, "patch-size")
         return self.stages[int(torch.multinomial(self._probs, 1, generator=g))]
+
+
+def _coupled(stages: list[PatchStage], cfg: PatchConfig) -> list[PatchStage]:
+    """The stages (smallest first) with their noise-level slices: consecutive quantile intervals as wide as each
+    stage's probability, the smallest crops lowest ("crops-low") or highest ("crops-high")."""
+    if cfg.sigma_overlap >= 1.0 or len(stages) < 2:
+        return stages
+    order = stages if cfg.sigma_order == "crops-low" else stages[::-1]
+    out, q = {}, 0.0
+    for s in order:
+        end = 1.0 if s is order[-1] else q + s.prob
+        out[id(s)] = replace(s, sigma_slice=(q, end), sigma_overlap=cfg.sigma_overlap)
+        q = end
+    return [out[id(s)] for s in stages]

@@ -49,6 +49,19 @@ def test_a_routed_run_resumes_exactly_and_samples_at_full_size_with_every_token(
     assert images.shape == (2, 3, 16, 16) and set(seen) == {64}  # all 8 x 8 tokens of a 16 x 16 latent
 
 
+@pytest.mark.parametrize("lever", [{"patches.sigma_overlap": 0.3}, {"edm.snr_cap": 2.0}], ids=["coupled", "capped"])
+def test_a_noise_level_lever_changes_training_and_resumes_exactly(store, tmp_path, lever):
+    over = {**lever, "train.max_steps": 6, "train.ckpt_every": 3}
+    train(tiny(**over), store, tmp_path / "whole", **FAST)
+    train(tiny(**over), store, tmp_path / "split", max_steps=3, **FAST)
+    train(None, store, tmp_path / "split", resume=True, max_steps=6, **FAST)
+    a, b = _weights(tmp_path / "whole", 6), _weights(tmp_path / "split", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = train(tiny(**{"train.max_steps": 6, "train.ckpt_every": 3}), store, tmp_path / "plain", **FAST)
+    c = load_file(plain.checkpoint / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_routing_share_zero_trains_exactly_the_plain_dit(store, tmp_path):
     over = {"train.max_steps": 3, "train.ckpt_every": 3}
     a = train(tiny(**over, **{"routing.share": 0.0, "routing.start": 0, "routing.end": 0}), store, tmp_path / "a",

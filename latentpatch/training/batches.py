@@ -90,7 +90,8 @@ def draw_batch(
     cond = draw_rows(spec.conditioning, rows, indices, g, spec.label_dropout, spec.caption_dropout, own=sl)
     tops, lefts = crop_offsets(micro_batch, h, w, stage.height, stage.width, g, spec.crop_multiple)
     crops, coords = gather_crops(x, tops[sl], lefts[sl], stage.height, stage.width, spec.local_coordinates)
-    sigma = training_sigmas(micro_batch, spec.edm, g, device)[sl]
+    sigma = training_sigmas(micro_batch, spec.edm, g, device, quantiles=stage.sigma_slice,
+                            overlap=stage.sigma_overlap)[sl]
     noise = torch.randn((micro_batch, c, stage.height, stage.width), generator=g, device=device)[sl]
     route = None
     if spec.routing is not None and spec.routing.active(step):  # drawn last: the other draws stay the same

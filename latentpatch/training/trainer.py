@@ -264,7 +264,8 @@ class _Session:
                                dist.world_size, dist.device)
                 with autocast():
                     loss = denoising_loss_at(self.model, b.x0, b.coords, b.sigma, b.noise, b.cond,
-                                             sigma_data=self.cfg.edm.sigma_data, **b.net_kwargs()).mean()
+                                             sigma_data=self.cfg.edm.sigma_data, snr_cap=self.cfg.edm.snr_cap,
+                                             **b.net_kwargs()).mean()
                 (loss * (area / accum)).backward()
             total += loss.detach()
         return total / accum
