@@ -108,7 +108,7 @@ class PatchConfig:
     """Patch schedule (Wang et al. 2023): the full size gets real_p; smaller sides are fractions of it."""
 
     real_p: float = 0.5
-    sizes: list[float] = field(default_factory=lambda: [0.5])
+    sizes: list[float] | None = None  # None (not given): [0.5], or [] when real_p=1 (full size only)
     size_weights: list[float] | None = None  # one relative weight per entry of sizes (None: equal)
     batch_growth: float = 2.0
     progressive_steps: int = 0
@@ -119,8 +119,9 @@ class PatchConfig:
     loss_weighting: str = "mean"  # "mean": every step weighs the same | "area": a step's loss x its patch area
 
     def __post_init__(self) -> None:
-        if self.real_p == 1.0 and self.sizes == [0.5]:
-            self.sizes = []  # full-size only: the default sides are not in use (ones given are refused by check)
+        # Only fills what was not given, so `check` can refuse given sides beside real_p=1.
+        if self.sizes is None:
+            self.sizes = [] if self.real_p == 1.0 else [0.5]
 
     def check(self) -> None:
         if not 0.0 <= self.real_p <= 1.0:
