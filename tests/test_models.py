@@ -188,7 +188,7 @@ def test_a_field_that_disagrees_with_the_preset_is_refused_not_silently_overridd
 
 
 def test_a_dit_given_neither_preset_nor_fields_is_dit_s2_and_fields_alone_keep_the_rest():
-    assert DiTConfig() == DiTConfig(preset="DiT-S/2").__class__(hidden_size=384, depth=12, num_heads=6, patch_size=2)
+    assert DiTConfig() == DiTConfig(hidden_size=384, depth=12, num_heads=6, patch_size=2)
     cfg = DiTConfig(hidden_size=32, depth=2, num_heads=2)
     assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size) == (32, 2, 2, 2)
 
