@@ -75,7 +75,8 @@ def test_tensor_output_is_the_8_bit_pixels_of_the_pngs_with_or_without_out(tiny_
     assert torch.equal(in_memory, from_job)
     assert torch.equal(in_memory * 255, (in_memory * 255).round()) and 0 <= in_memory.min() and in_memory.max() <= 1
     pil = sample(tiny_run, n=3, seed=4, **FAST)
-    assert torch.equal(in_memory, torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in pil]).permute(0, 3, 1, 2) / 255)
+    pil_pixels = torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in pil]).permute(0, 3, 1, 2)
+    assert torch.equal(in_memory, pil_pixels / 255)
 
 
 def test_the_cli_the_api_the_job_file_and_eval_take_their_defaults_from_sample_options():

@@ -16,7 +16,7 @@ from torch import Tensor
 from latentpatch.conditioning import Conditioning
 from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.diffusion.guidance import guided_denoiser
-from latentpatch.diffusion.samplers import get_sampler, karras_sigmas, per_image_noise_fn
+from latentpatch.diffusion.samplers import KARRAS_RHO, get_sampler, karras_sigmas, per_image_noise_fn
 from latentpatch.patches import full_coordinates
 from latentpatch.sampling.options import DEFAULTS
 
@@ -35,7 +35,7 @@ def generate_latents(
     churn: float = DEFAULTS.churn,
     sigma_min: float = EDMConfig.sigma_min,
     sigma_max: float = EDMConfig.sigma_max,
-    rho: float = 7.0,
+    rho: float = KARRAS_RHO,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
     autocast: bool | None = None,
