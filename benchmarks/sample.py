@@ -30,6 +30,7 @@ from latentpatch.config import load_config, save_config
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.samplers import karras_sigmas, sample_heun
 from latentpatch.sampling.generate import load_autoencoder_for, sample
+from latentpatch.sampling.options import DEFAULTS
 from latentpatch.patches import full_coordinates
 from latentpatch.runs import load_run
 
@@ -105,8 +106,8 @@ def pipeline(loaded, out: Path, args) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=64, help="images per timed run")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=18, help="Heun steps (2*steps-1 network calls)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="Heun steps (2*steps-1 network calls)")
     p.add_argument("--latent", type=int, default=16, help="latent side")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)

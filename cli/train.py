@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -58,6 +57,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a denoiser on a latent store with the Patch Diffusion schedule, EDM loss, AdamW and EMA (or fine-tune one: --base)."""
         from latentpatch.config import load_config
+        from latentpatch.distributed import is_main_process
         from latentpatch.errors import UserError
         from latentpatch.training.trainer import train as run_train
 
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
                               text_encoder=text_encoder, vae=vae, resolution=resolution, lora_rank=lora_rank,
                               config=config, overrides=overrides or [], resume=resume, device=device,
                               progress=progress)
-            if os.environ.get("RANK", "0") == "0":
+            if is_main_process():
                 loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
                 typer.echo(f"fine-tuned to step {result.step} (loss {loss}) in {result.seconds:.0f} s; "
                            f"latest checkpoint {result.checkpoint}")
@@ -87,10 +87,10 @@ def register(app: typer.Typer) -> None:
             warnings.filterwarnings("ignore", message=".*nothing to train")  # said below, in the CLI's words
             result = run_train(cfg, latents, out, resume=resume, max_steps=max_steps, device=device,
                                progress=progress)
-        if os.environ.get("RANK", "0") == "0" and result.trained == 0:
+        if is_main_process() and result.trained == 0:
             typer.echo(f"nothing to train: run {out} is already at step {result.step} (train.max_steps); pass a "
                        "larger --max-steps to continue it")
-        elif os.environ.get("RANK", "0") == "0":
+        elif is_main_process():
             loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
             typer.echo(f"trained to step {result.step} ({result.kimg:.1f} kimg, loss {loss}) in {result.seconds:.0f} s; "
                        f"latest checkpoint {result.checkpoint}")

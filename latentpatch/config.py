@@ -18,7 +18,6 @@ import yaml
 from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import DiTConfig, ModelConfig, UNetConfig, migrate_legacy  # noqa: F401
-from latentpatch.models.presets import preset_values
 from latentpatch.patches import PatchConfig
 from latentpatch.text.config import TextConfig
 from latentpatch.training.train_config import HeldoutConfig, OptimConfig, RoutingConfig, TrainConfig
@@ -171,31 +170,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _check_patch_sizes(data: dict) -> None:
-    """Patch sides given beside real_p 1 would never be used: a typo, refused (the default sides are dropped)."""
-    patches = data.get("patches") or {}
-    if isinstance(patches, dict) and patches.get("real_p") == 1 and patches.get("sizes"):
-        raise UserError(f"patches.real_p=1 trains on full-size latents only, so patches.sizes {patches['sizes']} would "
-                        "never be used; set patches.sizes=[] too (as the full-size preset does), or real_p < 1")
-
-
-def _check_preset_fields(data: dict) -> None:
-    """A DiT field set beside model.dit.preset must agree with it (the preset fills the rest)."""
-    dit = (data.get("model") or {}).get("dit") or {}
-    if not isinstance(dit, dict) or not dit.get("preset"):
-        return
-    for name, value in preset_values(dit["preset"]).items():
-        if name in dit and dit[name] != value:
-            raise UserError(f"model.dit.preset {dit['preset']} has {name} {value}, but model.dit.{name} is "
-                            f"{dit[name]}; drop one of them (or set model.dit.preset=null to size the DiT by hand)")
-
-
 def config_from_dict(data: dict) -> RunConfig:
     """A checked RunConfig from a nested dict (a flat model section of older runs is read too)."""
     if isinstance(data.get("model"), dict):
         data = {**data, "model": migrate_legacy(data["model"])}
-    _check_preset_fields(data)
-    _check_patch_sizes(data)
     return _build(RunConfig, data, "").check()
 
 

@@ -42,13 +42,24 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(0, 1, 0, resolve_device(device), owns_group=False)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = _launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     dist.init_process_group(
         backend, timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None
     )
     return DistInfo(rank, world, local, dev, owns_group=True)
+
+
+def _launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """`DistInfo.is_main` of this process, also before or after its group exists (the CLI's report lines)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _launched_rank() == 0
 
 
 def cleanup(info: DistInfo) -> None:

@@ -7,7 +7,7 @@ exactly its slice of the full grid (Wang et al. 2023, Sec. 3: pixel-level coordi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -109,7 +109,7 @@ class PatchConfig:
     """Patch schedule (Wang et al. 2023): the full size gets real_p; smaller sides are fractions of it."""
 
     real_p: float = 0.5
-    sizes: list[float] = field(default_factory=lambda: [0.5])
+    sizes: list[float] | None = None  # None (not given): [0.5], or [] when real_p=1 (full size only)
     size_weights: list[float] | None = None  # one relative weight per entry of sizes (None: equal)
     batch_growth: float = 2.0
     progressive_steps: int = 0
@@ -125,8 +125,9 @@ class PatchConfig:
     sigma_order: str = "crops-low"
 
     def __post_init__(self) -> None:
-        if self.real_p == 1.0 and self.sizes == [0.5]:
-            self.sizes = []  # full-size only: the default sides are not in use (ones given are refused by check)
+        # Only fills what was not given, so `check` can refuse given sides beside real_p=1.
+        if self.sizes is None:
+            self.sizes = [] if self.real_p == 1.0 else [0.5]
 
     def check(self) -> None:
         if not 0.0 <= self.real_p <= 1.0:

@@ -251,6 +251,8 @@ def test_cli_writes_a_report(folders, tmp_path, monkeypatch, capsys):
     (["--samples", "{samples}"], "nothing to evaluate"),
     (["--samples", "{samples}", "--n", "4"], "--n needs a RUN folder"),
     (["{tmp}/norun", "--n", "4", "--ref", "{ref}"], "{tmp}/norun is not a latentpatch run folder"),
+    (["{tmp}/norun", "--n", "4", "--ref", "{ref}", "--steps", "0"], "--steps must be a whole number >= 1"),
+    (["{tmp}/norun", "--n", "4", "--ref", "{ref}", "--sampler", "ddim"], "unknown sampler 'ddim'"),
     (["--ref", "{ref}", "--save-stats", "{tmp}/s.txt"], "must end in .npz"),
     (["--samples", "{samples}", "--ref", "{ref}", "--metrics", "fid", "--inception", "{tmp}/no.pt"],
      "Inception weights file {tmp}/no.pt does not exist"),

@@ -68,6 +68,46 @@ def test_a_loaded_run_can_be_passed_and_records_the_weights_it_holds(tiny_run, t
     assert torch.equal(sample(loaded, n=1, output="tensor", **FAST), direct)
 
 
+def test_tensor_output_is_the_8_bit_pixels_of_the_pngs_with_or_without_out(tiny_run, tmp_path):
+    kw = dict(n=3, seed=4, output="tensor", **FAST)
+    in_memory = sample(tiny_run, **kw)
+    from_job = sample(tiny_run, out=tmp_path / "out", **kw)
+    assert torch.equal(in_memory, from_job)
+    assert torch.equal(in_memory * 255, (in_memory * 255).round()) and 0 <= in_memory.min() and in_memory.max() <= 1
+    pil = sample(tiny_run, n=3, seed=4, **FAST)
+    pil_pixels = torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in pil]).permute(0, 3, 1, 2)
+    assert torch.equal(in_memory, pil_pixels / 255)
+
+
+def test_the_cli_the_api_the_job_file_and_eval_take_their_defaults_from_sample_options():
+    import inspect
+
+    from latentpatch.metrics.evaluate import evaluate_run
+    from latentpatch.sampling.options import DEFAULTS, SampleOptions
+
+    assert DEFAULTS == SampleOptions(steps=18, sampler="heun", guidance=1.0, churn=0.0, seed=0, batch_size=16)
+    for function in (sample, evaluate_run):
+        params = inspect.signature(function).parameters
+        for name in ("steps", "sampler", "guidance", "seed", "batch_size"):
+            assert params[name].default == getattr(DEFAULTS, name), (function.__name__, name)
+    settings = DEFAULTS.job_settings()
+    assert settings == {"sampler": "heun", "steps": 18, "guidance": 1.0, "churn": 0.0, "seed": 0}
+    assert SampleOptions.from_job_settings(settings) == DEFAULTS
+
+
+def test_a_job_folder_written_before_sample_options_resumes(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    sample(tiny_run, n=2, out=out, output="none", seed=1, **FAST)
+    job = json.loads((out / "job.json").read_text())
+    # job.json as the release before SampleOptions wrote it: these keys, in this order.
+    assert list(job["settings"]) == ["run", "checkpoint", "weights", "checkpoint_id", "step", "sampler", "steps",
+                                     "guidance", "churn", "seed", "sigma_min", "sigma_max", "latent_shape",
+                                     "autoencoder"]
+    (out / "00000001.png").unlink()
+    again = sample(tiny_run, n=2, out=out, output="none", seed=1, **FAST)
+    assert (again.written, again.skipped) == (1, 1)
+
+
 def test_job_writes_pngs_with_settings_an_index_a_grid_and_the_job_spec(tiny_run, tmp_path):
     out = tmp_path / "out"
     result = sample(tiny_run, n=5, out=out, output="none", seed=3, guidance=1.0, churn=0.5, **FAST)

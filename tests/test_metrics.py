@@ -266,6 +266,16 @@ def test_evaluate_accepts_folders_tensors_and_stats_files(tmp_path, real_tiles):
     assert evaluate(gen, tmp_path / "lean.npz", extractor=fake, with_kid=False)["fid"] == direct["fid"]
 
 
+def test_a_stats_file_is_known_by_its_suffix_in_any_case_by_fid_and_by_eval(tmp_path, real_tiles):
+    from latentpatch.metrics.evaluate import parse_metrics
+
+    fake = InceptionFeatures(_pooled_colours, convention="pytorch-fid", identity="fake", device="cpu", dim=24)
+    ref, gen = real_tiles[:20], _signed(real_tiles[20:40])
+    feature_stats(ref, extractor=fake).save(tmp_path / "REF.NPZ")
+    assert evaluate(gen, tmp_path / "REF.NPZ", extractor=fake) == evaluate(gen, ref, extractor=fake)
+    assert parse_metrics(None, ref=tmp_path / "REF.NPZ", latents=False) == ["fid", "kid"]
+
+
 # ---------------------------------------------------------------------------------------------- Inception
 
 

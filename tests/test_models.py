@@ -189,11 +189,19 @@ def test_presets_follow_the_dit_paper():
 
 def test_a_field_that_disagrees_with_the_preset_is_refused_not_silently_overridden():
     with pytest.raises(UserError, match="preset DiT-XL/2 has hidden_size 1152, but model.dit.hidden_size is 32"):
-        DiTConfig(preset="DiT-XL/2", hidden_size=32)
+        DiTConfig(preset="DiT-XL/2", hidden_size=32).check()
+    with pytest.raises(UserError, match="preset DiT-B/2 has hidden_size 768, but model.dit.hidden_size is 384"):
+        DiTConfig(preset="DiT-B/2", hidden_size=384).check()  # built in Python too, where it equals the default
     with pytest.raises(UserError, match="preset DiT-B/2 has hidden_size 768, but model.dit.hidden_size is 384"):
         load_config("dit-b2", ["model.dit.hidden_size=384"])  # explicit, even where it equals the default
     assert load_config("dit-b2", ["model.dit.hidden_size=768"]).model.dit.hidden_size == 768  # agreeing is fine
     assert load_config("dit-b2", ["model.dit.preset=null", "model.dit.hidden_size=480"]).model.dit.hidden_size == 480
+
+
+def test_a_dit_given_neither_preset_nor_fields_is_dit_s2_and_fields_alone_keep_the_rest():
+    assert DiTConfig() == DiTConfig(hidden_size=384, depth=12, num_heads=6, patch_size=2)
+    cfg = DiTConfig(hidden_size=32, depth=2, num_heads=2)
+    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size) == (32, 2, 2, 2)
 
 
 def test_dit_s2_parameter_count_is_near_the_papers_33m():

@@ -146,3 +146,10 @@ def test_an_aligned_crop_gets_exactly_its_slice_of_the_full_grid_position_embedd
     top, left = 4, 6  # latent pixels: tokens (2, 3)
     crop = embed(crop_coordinates(torch.tensor([top]), torch.tensor([left]), 8, 8, 16, 16)).reshape(4, 4, 32)
     torch.testing.assert_close(crop, full[2:6, 3:7], rtol=0, atol=1e-6)
+
+
+def test_sides_given_beside_real_p_1_are_refused_also_when_built_in_python():
+    with pytest.raises(UserError, match="patches.real_p=1 trains on full-size latents only"):
+        PatchConfig(real_p=1.0, sizes=[0.5]).check()  # the default side, given: a typo, not silently dropped
+    assert PatchConfig(real_p=1.0).sizes == [] and PatchConfig().sizes == [0.5]
+    PatchConfig(real_p=1.0).check()

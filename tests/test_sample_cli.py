@@ -102,3 +102,22 @@ def test_the_console_command_exits_2_with_a_message(tiny_run, tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.startswith("error: --guidance must be >= 0") and "Traceback" not in done.stderr
+
+
+def test_the_command_builds_one_sample_options_with_its_defaults_and_calls_generate(tmp_path, monkeypatch, capsys):
+    from latentpatch.sampling import generate as generate_module
+    from latentpatch.sampling.generate import JobResult
+    from latentpatch.sampling.options import DEFAULTS, SampleOptions
+
+    seen = []
+
+    def fake_generate(run, n, options, **kw):
+        seen.append(options)
+        return JobResult(kw["out"], n, n, 0, 1.0)
+
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    code, out, _ = _main(monkeypatch, capsys, tmp_path / "run", "--n", 2, "--out", tmp_path / "a")
+    assert code == 0 and "2 images in" in out
+    _main(monkeypatch, capsys, tmp_path / "run", "--n", 2, "--out", tmp_path / "b", "--steps", 5, "--churn", 0.5,
+          "--batch-size", 3)
+    assert seen == [DEFAULTS, SampleOptions(steps=5, churn=0.5, batch_size=3)]

@@ -10,7 +10,8 @@ import torch
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.patches import full_coordinates, random_crops
-from latentpatch.sampling.latents import check_settings, generate_latents
+from latentpatch.sampling.latents import generate_latents
+from latentpatch.sampling.options import SampleOptions
 from latentpatch.seeding import image_seed
 
 SHAPE = (2, 2, 3)  # C, h, w: 12 dimensions
@@ -149,12 +150,13 @@ def test_classifier_free_guidance_mixes_conditional_and_null_label(scale):
         (dict(sampler="ddim"), "unknown sampler 'ddim'"),
         (dict(churn=-1.0), "--churn must be >= 0"),
         (dict(sampler="dpmpp_2m", churn=1.0), "dpmpp_2m sampler is deterministic"),
+        (dict(batch_size=0), "--batch-size must be a whole number >= 1"),
+        (dict(seed=1.5), "--seed must be a whole number"),
     ],
 )
 def test_bad_settings_are_user_errors(kw, message):
-    settings = dict(sampler="heun", steps=4, guidance=1.0, churn=0.0) | kw
     with pytest.raises(UserError, match=message):
-        check_settings(**settings)
+        SampleOptions(**(dict(steps=4) | kw)).check()
 
 
 def test_guidance_on_an_unconditional_model_is_refused():

@@ -85,8 +85,7 @@ def derive_spec(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, Conditio
     An empty text.model adopts the store's cached encoder, so `encode --text-encoder` then `train` just
     works; text.model=none trains without text on any store.
     """
-    from latentpatch.text.identity import text_identity
-    from latentpatch.text.identity import same_text_encoder
+    from latentpatch.text.identity import cache_serves, record_features
     from latentpatch.text.loader import load_text_encoder
 
     names = store.manifest.class_names
@@ -102,10 +101,9 @@ def derive_spec(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, Conditio
     tc = cfg.text
     if not tc.model:
         tc.model, tc.pretrained, tc.max_length = recorded["model"], recorded["pretrained"], recorded["max_length"]
-        tc.layer, tc.padding = recorded.get("layer", "last"), recorded.get("padding", "masked")
+        tc.layer, tc.padding = record_features(recorded)
     _check_captions(store, tc.model)
-    identity = {**text_identity(tc.model, tc.pretrained, tc.max_length), "layer": tc.layer, "padding": tc.padding}
-    if recorded is not None and same_text_encoder(recorded, identity):
+    if cache_serves(recorded, tc.model, tc.pretrained, tc.max_length, tc.layer, tc.padding):
         source = TextSource(recorded, cached=True)
     else:
         encoder = load_text_encoder(tc.model, tc.pretrained, max_length=tc.max_length, layer=tc.layer,

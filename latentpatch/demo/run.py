@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentpatch.demo.images import DEMO_SOURCES, make_demo_images
+from latentpatch.sampling.options import DEFAULTS
 
 
 @dataclass
@@ -22,7 +23,7 @@ class DemoOptions:
     per_caption: int = 64
     resolution: int = 64
     samples_per_prompt: int = 8
-    sample_steps: int = 18
+    sample_steps: int = DEFAULTS.steps
     guidance: float = 3.0
     seed: int = 0
     device: str | None = None

@@ -24,14 +24,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.errors import UserError
 
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and Table 1
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[Tensor], Tensor]
 
 
 def karras_sigmas(
-    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, *, device=None
+    n: int, sigma_min: float = EDMConfig.sigma_min, sigma_max: float = EDMConfig.sigma_max,
+    rho: float = KARRAS_RHO, *, device=None
 ) -> Tensor:
     """n noise levels of Karras et al. 2022 eq. 5 (sigma_max first, sigma_min last) with 0 appended -> [n+1] float64."""
     if n < 1:

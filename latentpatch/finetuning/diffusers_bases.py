@@ -22,9 +22,10 @@ from torch import nn
 
 from latentpatch.errors import UserError
 from latentpatch.hub import load_kwargs
+from latentpatch.models.model_config import PRETRAINED_CLASSES
 
 NETWORK_FOLDERS = ("unet", "transformer")
-SUPPORTED = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+SUPPORTED = PRETRAINED_CLASSES  # the classes a run can hold (model.arch=pretrained), named once
 PIXART = ("PixArtTransformer2DModel",)
 TRANSFORMER2D_REMAP = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from latentpatch.config import RunConfig, apply_overrides, load_config
+from latentpatch.conditioning.spec import NO_TEXT
 from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
 from latentpatch.device import resolve_device
@@ -207,7 +208,7 @@ def _check_text_choice(found: FinetuneBase, text_encoder: str | None) -> None:
     tc, unet_cfg = found.cfg.text, _pretrained_config(found.cfg)
     if text_encoder is None:
         return
-    if tc.model and tc.model != "none" and parse_text_encoder(text_encoder) != (tc.model, tc.pretrained):
+    if tc.model and tc.model != NO_TEXT and parse_text_encoder(text_encoder) != (tc.model, tc.pretrained):
         raise UserError(f"the base was trained with text encoder {tc.model}:{tc.pretrained}; a fine-tune keeps "
                         "it (drop --text-encoder)")
     if unet_cfg is not None and unet_cfg.get("_class_name") == "UNet2DModel":
@@ -224,7 +225,7 @@ def _choose_text(cfg: RunConfig, found: FinetuneBase, store: LatentStore, text_e
         return
     unet_cfg = _pretrained_config(cfg)
     if unet_cfg is not None and unet_cfg.get("_class_name") == "UNet2DModel":
-        cfg.text.model = "none"
+        cfg.text.model = NO_TEXT
         return
     choice, recorded = found.text_choice, store.manifest.text_encoder
     if text_encoder is None and recorded is not None and (choice is None or recorded["model"] != choice.model):

@@ -20,6 +20,7 @@ import torch
 
 from latentpatch.finetuning.diffusers_bases import SD_TEXT, DiffusersBase, TextChoice
 from latentpatch.config import RunConfig, load_config
+from latentpatch.conditioning.spec import NO_TEXT
 from latentpatch.errors import UserError
 
 
@@ -82,7 +83,7 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
     if name == "DiTTransformer2DModel":
         cfg.patches.aligned = True  # crops on its token grid: the positions of the table it was trained with
     if name != "UNet2DConditionModel":
-        cfg.text.model = "none"
+        cfg.text.model = NO_TEXT
     describe: dict[str, Any] = {"base": source, "kind": name, "pipeline": found.root if found.is_pipeline else None}
     if found.scheduler is not None:
         scheduler = {k: v for k, v in found.scheduler.items() if k != "_diffusers_version"}

@@ -132,8 +132,7 @@ def store_heldout_set(
     """
     from latentpatch.conditioning.spec import TextSource
     from latentpatch.conditioning.stored import condition_rows, select_rows
-    from latentpatch.text.identity import text_identity
-    from latentpatch.text.identity import same_text_encoder
+    from latentpatch.text.identity import cache_serves, record_features
 
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
     spec = spec or ConditioningSpec()
@@ -145,9 +144,9 @@ def store_heldout_set(
     tensors = store.load()
     text = None
     if spec.text:
-        rec, cached = spec.text_encoder, store.manifest.text_encoder
-        text = TextSource(rec, cached=cached is not None and same_text_encoder(
-            cached, text_identity(rec["model"], rec.get("pretrained"), rec["max_length"])))
+        rec = spec.text_encoder
+        text = TextSource(rec, cached=cache_serves(store.manifest.text_encoder, rec["model"], rec.get("pretrained"),
+                                                   rec["max_length"], *record_features(rec)))
         if any(item.caption is None for item in store.items[:count]):
             raise UserError(f"the model is text-conditioned but items of {store.path} have no caption; encode the "
                             "held-out images with their captions")

@@ -24,11 +24,12 @@ import torch
 
 import latentpatch
 from latentpatch.sampling import job_folder
+from latentpatch.sampling.options import DEFAULTS, SampleOptions
 from latentpatch.data.images import list_image_files, read_image
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
-from latentpatch.metrics.fid import FeatureStats, feature_stats
+from latentpatch.metrics.fid import FeatureStats, feature_stats, is_stats_file
 from latentpatch.metrics.fid import evaluate as fid_evaluate
 from latentpatch.metrics.inception import InceptionFeatures, load_inception
 from latentpatch.metrics.swd import swd
@@ -84,7 +85,7 @@ def parse_metrics(metrics: str | Sequence[str] | None, *, ref: str | os.PathLike
     if metrics is None:
         chosen = []
         if ref is not None:
-            chosen = ["fid", "kid"] if _is_stats_file(ref) else ["fid", "kid", "swd"]
+            chosen = ["fid", "kid"] if is_stats_file(ref) else ["fid", "kid", "swd"]
         if latents:
             chosen.append("loss")
         if not chosen:
@@ -101,7 +102,7 @@ def parse_metrics(metrics: str | Sequence[str] | None, *, ref: str | os.PathLike
     needs_ref = [m for m in names if m in IMAGE_METRICS]
     if needs_ref and ref is None:
         raise UserError(f"--metrics {needs_ref[0]} compares against real images: give --ref FOLDER or --ref stats.npz")
-    if "swd" in names and _is_stats_file(ref):
+    if "swd" in names and is_stats_file(ref):
         raise UserError(f"swd compares images, but --ref {ref} is a statistics file: give --ref an image folder, "
                         "or drop swd from --metrics")
     if "loss" in names and not latents:
@@ -109,12 +110,8 @@ def parse_metrics(metrics: str | Sequence[str] | None, *, ref: str | os.PathLike
     return list(dict.fromkeys(names))
 
 
-def _is_stats_file(ref: str | os.PathLike | None) -> bool:
-    return ref is not None and Path(ref).suffix.lower() == ".npz"
-
-
 def _reference(ref: str | os.PathLike) -> ImageFiles | FeatureStats:
-    if _is_stats_file(ref):
+    if is_stats_file(ref):
         return FeatureStats.load(ref)
     if Path(ref).is_file():
         raise UserError(f"--ref {ref} is neither an image folder nor a .npz statistics file")
@@ -156,7 +153,7 @@ def save_reference_stats(
 def _check_save_stats(save_stats: str | os.PathLike, ref: str | os.PathLike | None) -> None:
     if Path(save_stats).suffix.lower() != ".npz":
         raise UserError(f"--save-stats {save_stats}: the statistics file must end in .npz")
-    if ref is None or _is_stats_file(ref):
+    if ref is None or is_stats_file(ref):
         raise UserError(f"--save-stats saves the statistics of an image folder: give --ref FOLDER (got {ref})")
 
 
@@ -236,25 +233,27 @@ def evaluate_folders(
     return _write_report(out, Path(report) if report is not None else images.folder / REPORT_NAME)
 
 
-def default_samples_folder(run: str | os.PathLike, loaded: Any, n: int, seed: int, sampler: str, steps: int,
-                           guidance: float, weights: str) -> Path:
+def default_samples_folder(run: str | os.PathLike, loaded: Any, n: int, options: SampleOptions,
+                           weights: str) -> Path:
     """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>]: one folder per job, so a
     rerun resumes and other settings never collide with it."""
-    name = f"{loaded.checkpoint.name}-{weights}-n{n}-seed{seed}-{sampler}{steps}"
-    if guidance != 1.0:
-        name += f"-g{guidance:g}"
+    name = f"{loaded.checkpoint.name}-{weights}-n{n}-seed{options.seed}-{options.sampler}{options.steps}"
+    if options.guidance != 1.0:
+        name += f"-g{options.guidance:g}"
     return Path(run) / "eval" / name
 
 
-def _check_run_inputs(chosen: list[str], n, samples, ref, latents, save_stats) -> None:
+def _check_run_inputs(chosen: list[str], n, samples, ref, latents, save_stats, options: SampleOptions) -> None:
     """Every mistake in the inputs, before the run is loaded or a sample generated."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
         raise UserError(f"--n must be a whole number >= 2 (FID and KID need at least 2 samples), got {n}")
+    if n is not None:
+        options.check()
     image_metrics = [m for m in chosen if m in IMAGE_METRICS]
     if image_metrics and n is None and samples is None:
         raise UserError(f"--metrics {','.join(image_metrics)} needs samples: give --n N to generate them from the "
                         "run, or --samples FOLDER")
-    if ref is not None and not _is_stats_file(ref) and not Path(ref).is_dir():
+    if ref is not None and not is_stats_file(ref) and not Path(ref).is_dir():
         raise UserError(f"reference folder {ref} does not exist")
     if latents is not None and not Path(latents).is_dir():
         raise UserError(f"held-out latent store {latents} does not exist (make one with `latentpatch encode`)")
@@ -269,8 +268,9 @@ def evaluate_run(
     ref: str | os.PathLike | None = None, latents: str | os.PathLike | None = None,
     metrics: str | Sequence[str] | None = None, report: str | os.PathLike | None = None,
     save_stats: str | os.PathLike | None = None, inception: str | os.PathLike | None = None,
-    extractor: InceptionFeatures | None = None, steps: int = 18, sampler: str = "heun", guidance: float = 1.0,
-    seed: int = 0, weights: str = "ema", checkpoint: str | int | None = None, batch_size: int = 16,
+    extractor: InceptionFeatures | None = None, steps: int = DEFAULTS.steps, sampler: str = DEFAULTS.sampler,
+    guidance: float = DEFAULTS.guidance, seed: int = DEFAULTS.seed, weights: str = "ema",
+    checkpoint: str | int | None = None, batch_size: int = DEFAULTS.batch_size,
     device: str | torch.device | None = None, loss_sigmas: int = 8, loss_seed: int = 0,
     heldout_limit: int | None = None, progress: bool = False,
 ) -> dict[str, Any]:
@@ -278,13 +278,14 @@ def evaluate_run(
     latentpatch.sampling.generate, or read `samples` when n is None; image metrics against `ref`; the held-out
     denoising loss on the latent store `latents`. Writes the report (default SAMPLES/eval-report.json, or
     RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
-    from latentpatch.sampling.generate import sample
+    from latentpatch.sampling.generate import generate
     from latentpatch.metrics.denoising import run_denoising_loss
     from latentpatch.runs import load_run
 
     start = time.perf_counter()
     chosen = parse_metrics(metrics, ref=ref, latents=latents is not None)
-    _check_run_inputs(chosen, n, samples, ref, latents, save_stats)
+    options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=batch_size)
+    _check_run_inputs(chosen, n, samples, ref, latents, save_stats, options)
     run_dir, device = Path(run), resolve_device(device)
     loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=device)
     inputs: dict[str, Any] = {
@@ -296,10 +297,9 @@ def evaluate_run(
     folder = None if samples is None else Path(samples)
     if any(m in IMAGE_METRICS for m in chosen):
         if n is not None:
-            folder = folder or default_samples_folder(run_dir, loaded, n, seed, sampler, steps, guidance, weights)
+            folder = folder or default_samples_folder(run_dir, loaded, n, options, weights)
             t0 = time.perf_counter()
-            job = sample(loaded, n, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
-                         batch_size=batch_size, out=folder, output="none", progress=progress)
+            job = generate(loaded, n, options, out=folder, output="none", progress=progress)
             timing["generate_s"] = time.perf_counter() - t0
             inputs["generation"] = {"n": n, "written": job.written, "already_there": job.skipped, "steps": steps,
                                     "sampler": sampler, "guidance": guidance, "seed": seed}

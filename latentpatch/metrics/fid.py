@@ -164,8 +164,9 @@ def precision_recall(real, fake, *, k: int = 3, chunk: int = 1024) -> tuple[floa
     return float(precision), float(recall)
 
 
-def _is_stats_file(source) -> bool:
-    return isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".npz"
+def is_stats_file(source) -> bool:
+    """Whether `source` names a statistics file (.npz, any case) rather than images."""
+    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz"
 
 
 class _LazyExtractor:
@@ -183,7 +184,7 @@ class _LazyExtractor:
 def _stats(source, lazy: _LazyExtractor, batch_size: int, progress: bool) -> FeatureStats:
     if isinstance(source, FeatureStats):
         return source
-    if _is_stats_file(source):
+    if is_stats_file(source):
         return FeatureStats.load(source)
     extractor = lazy.get()
     feats = extract_features(source, extractor, batch_size=batch_size, progress=progress)

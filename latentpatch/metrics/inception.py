@@ -193,7 +193,7 @@ def load_inception(
 # ---------------------------------------------------------------------------------------------- images
 
 
-def to_unit_range(images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+def to_zero_one(images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     """uint8 [0,255] or float [-1,1] -> float32 [0,1]; floats are rounded to 8 bits (as if saved as PNG)."""
     if images.dtype == torch.uint8:
         return images.float() / 255.0
@@ -220,7 +220,7 @@ def image_batches(source: ImageSource, batch_size: int = 32, quantize: bool = Tr
         if source.ndim != 4 or source.shape[1] != 3:
             raise UserError(f"expected an image tensor [N,3,H,W], got shape {tuple(source.shape)}")
         for i in range(0, len(source), batch_size):
-            yield to_unit_range(source[i : i + batch_size], quantize)
+            yield to_zero_one(source[i : i + batch_size], quantize)
         return
     items = map(read_image, list_image_files(source)) if isinstance(source, (str, os.PathLike)) else iter(source)
     pending: list[torch.Tensor] = []
@@ -228,11 +228,11 @@ def image_batches(source: ImageSource, batch_size: int = 32, quantize: bool = Tr
         if image.ndim != 3 or image.shape[0] != 3:
             raise UserError(f"expected each image as [3,H,W], got shape {tuple(image.shape)}")
         if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
-            yield to_unit_range(torch.stack(pending), quantize)
+            yield to_zero_one(torch.stack(pending), quantize)
             pending = []
         pending.append(image)
     if pending:
-        yield to_unit_range(torch.stack(pending), quantize)
+        yield to_zero_one(torch.stack(pending), quantize)
 
 
 def extract_features(

@@ -3,7 +3,6 @@ architecture, each checked once when the config is loaded."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,29 +13,34 @@ ARCHS = ("dit", "unet", "pretrained")
 ATTENTION = ("auto", "sdpa", "xformers")
 
 
+DEFAULT_DIT = "DiT-S/2"  # the size of a DiT given neither a preset nor its fields
+
+
 @dataclass
 class DiTConfig:
     """DiT size (Peebles & Xie 2023). A `preset` ("DiT-S/2" ... "DiT-XL/8") fills depth, hidden_size,
-    num_heads and patch_size; a value given beside it must agree with it."""
+    num_heads and patch_size; a value given beside it must agree with it. Fields given neither way: DiT-S/2's."""
 
     preset: str | None = None
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    patch_size: int = 2
+    hidden_size: int | None = None  # None (not given): the preset's, else DEFAULT_DIT's (384)
+    depth: int | None = None  # 12
+    num_heads: int | None = None  # 6
+    patch_size: int | None = None  # 2
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.preset is None:
-            return
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, value in preset_values(self.preset).items():
-            if getattr(self, name) not in (defaults[name], value):
-                raise UserError(f"model.dit.preset {self.preset} has {name} {value}, but model.dit.{name} is "
-                                f"{getattr(self, name)}; drop one of them (or set model.dit.preset=null)")
-            setattr(self, name, value)
+        # Only fills what was not given, so `check` sees a given value that disagrees with the preset.
+        for name, value in preset_values(self.preset or DEFAULT_DIT).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def check(self) -> None:
+        if self.preset is not None:
+            for name, value in preset_values(self.preset).items():
+                if getattr(self, name) != value:
+                    raise UserError(f"model.dit.preset {self.preset} has {name} {value}, but model.dit.{name} is "
+                                    f"{getattr(self, name)}; drop one of them (or set model.dit.preset=null to size "
+                                    "the DiT by hand)")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
             raise UserError(f"model.dit.hidden_size={self.hidden_size} must be divisible by model.dit.num_heads="
                             f"{self.num_heads} and by 4")

@@ -31,7 +31,8 @@ from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
 from latentpatch.sampling.prompts import PromptEntry
 from latentpatch.runs import LoadedRun, load_run
-from latentpatch.sampling.latents import check_settings, generate_latents
+from latentpatch.sampling.latents import generate_latents
+from latentpatch.sampling.options import DEFAULTS, SampleOptions
 from latentpatch.seeding import image_seed
 
 JOB_FORMAT = 1
@@ -52,8 +53,12 @@ class ImageSpec:
 
 @dataclass
 class Job:
-    settings: dict[str, Any]  # everything that decides the pixels, JSON-ready
+    settings: dict[str, Any]  # everything that decides the pixels, JSON-ready (the run's, then the options')
     images: list[ImageSpec] = field(default_factory=list)
+
+    @property
+    def options(self) -> SampleOptions:
+        return SampleOptions.from_job_settings(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": JOB_FORMAT, "settings": self.settings, "images": [i.to_dict() for i in self.images]}
@@ -100,14 +105,14 @@ def plan_images(
 
 
 def make_job(
-    loaded: LoadedRun, n: int, *, prompts: Sequence[PromptEntry] | None = None,
-    class_labels: Sequence[int] | None = None, steps: int = 18, guidance: float = 1.0, churn: float = 0.0,
-    seed: int = 0, sampler: str = "heun",
+    loaded: LoadedRun, n: int, options: SampleOptions = DEFAULTS, *, prompts: Sequence[PromptEntry] | None = None,
+    class_labels: Sequence[int] | None = None,
 ) -> Job:
-    """The job spec: settings + one ImageSpec per image; nothing is generated or written."""
-    check_settings(sampler, steps, guidance, churn)
-    if guidance != 1 and not loaded.spec.conditional:
-        raise UserError(f"--guidance {guidance} needs a class- or text-conditioned model; this one is unconditional")
+    """The job spec: settings + one ImageSpec per image; nothing is generated or written. `options` are
+    checked already (`SampleOptions.check`); here only against the run."""
+    if options.guidance != 1 and not loaded.spec.conditional:
+        raise UserError(f"--guidance {options.guidance} needs a class- or text-conditioned model; this one is "
+                        "unconditional")
     cfg = loaded.cfg.edm
     settings = {
         "run": str(loaded.run_dir.resolve()),
@@ -115,17 +120,13 @@ def make_job(
         "weights": loaded.weights,
         "checkpoint_id": loaded.checkpoint_id,  # sha256 of the weights file used
         "step": loaded.step,
-        "sampler": sampler,
-        "steps": int(steps),
-        "guidance": float(guidance),
-        "churn": float(churn),
-        "seed": int(seed),
+        **options.job_settings(),  # sampler, steps, guidance, churn, seed
         "sigma_min": float(cfg.sigma_min),
         "sigma_max": float(cfg.sigma_max),
         "latent_shape": [int(s) for s in loaded.info["latent_shape"]],
         "autoencoder": loaded.info["autoencoder"],
     }
-    return Job(json.loads(json.dumps(settings)), plan_images(loaded, n, int(seed), prompts, class_labels))
+    return Job(json.loads(json.dumps(settings)), plan_images(loaded, n, int(options.seed), prompts, class_labels))
 
 
 def load_autoencoder_for(loaded: LoadedRun, device: torch.device | str) -> Any:
@@ -147,13 +148,13 @@ def load_autoencoder_for(loaded: LoadedRun, device: torch.device | str) -> Any:
 def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[ImageSpec], device: torch.device,
                  progress: bool = False) -> Tensor:
     """Sample the latents of `specs` and decode them: [B, 3, H, W] float32 in [-1, 1]."""
-    s = job.settings
+    s, options = job.settings, job.options
     prompts = [x.prompt for x in specs] if specs[0].prompt is not None else None
     classes = [x.class_label for x in specs] if specs[0].class_label is not None else None
     cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), prompts, classes, device)
     latents = generate_latents(
         loaded.precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
-        sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], churn=s["churn"],
+        sampler=options.sampler, steps=options.steps, guidance=options.guidance, churn=options.churn,
         sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], device=device, progress=progress,
     )
     return autoencoder.decode(latents)
@@ -190,18 +191,17 @@ def _batched(items: list, size: int):
 
 
 def run_job(
-    loaded: LoadedRun, job: Job, out: str | os.PathLike, *, batch_size: int = 16, progress: bool = True,
-    dist_info: dist.DistInfo | None = None,
+    loaded: LoadedRun, job: Job, out: str | os.PathLike, *, batch_size: int = DEFAULTS.batch_size,
+    progress: bool = True, dist_info: dist.DistInfo | None = None,
 ) -> JobResult:
     """Write the job's missing images into `out` (resumable; one job per folder, held by a lock file).
 
     Under torchrun each rank makes indices rank::world; rank 0 owns the folder (lock, job.json, index, grid).
-    `dist_info` is `distributed.init_distributed()`'s result (joined here when None).
+    `dist_info` is `distributed.init_distributed()`'s result (joined here when None); `batch_size` a checked
+    `SampleOptions.batch_size`.
     """
     from tqdm.auto import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size}")
     out = Path(out)
     device = loaded.device
     d = dist_info if dist_info is not None else dist.init_distributed(device)
@@ -264,13 +264,13 @@ def sample(
     *,
     prompts: str | Sequence[str | PromptEntry] | None = None,
     class_labels: int | Sequence[int] | None = None,
-    steps: int = 18,
-    guidance: float = 1.0,
-    churn: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 16,
+    steps: int = DEFAULTS.steps,
+    guidance: float = DEFAULTS.guidance,
+    churn: float = DEFAULTS.churn,
+    seed: int = DEFAULTS.seed,
+    batch_size: int = DEFAULTS.batch_size,
     weights: str = "ema",
-    sampler: str = "heun",
+    sampler: str = DEFAULTS.sampler,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     out: str | os.PathLike | None = None,
@@ -283,16 +283,27 @@ def sample(
     comes from a generator seeded with image_seed(seed, i), so it is the same whatever batch_size or number of
     processes. With `out` the images are written as a
     resumable job (PNG + images.jsonl + grid.png, split over torchrun ranks) and read back from the PNGs.
-    output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]) or, with `out`,
-    "none" (a JobResult, nothing read back).
+    output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]: the 8-bit pixels of the
+    PNGs, /255, with or without `out`) or, with `out`, "none" (a JobResult, nothing read back).
 
         >>> images = latentpatch.sampling.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
     """
+    options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, churn=churn, seed=seed,
+                            batch_size=batch_size)
+    return generate(run, n, options, prompts=prompts, class_labels=class_labels, weights=weights,
+                    checkpoint=checkpoint, device=device, out=out, output=output, progress=progress)
+
+
+def generate(
+    run: str | os.PathLike | LoadedRun, n: int, options: SampleOptions = DEFAULTS, *,
+    prompts: str | Sequence[str | PromptEntry] | None = None, class_labels: int | Sequence[int] | None = None,
+    weights: str = "ema", checkpoint: str | os.PathLike | None = None, device: str | torch.device | None = None,
+    out: str | os.PathLike | None = None, output: str = "pil", progress: bool = False,
+) -> list | Tensor | JobResult:
+    """`sample` with its sampling settings as one SampleOptions (checked here, once): the CLI's and eval's call."""
     if output not in ("pil", "tensor", "none") or (output == "none" and out is None):
         raise UserError(f"output must be 'pil' or 'tensor' ('none' only with out=), got {output!r}")
-    check_settings(sampler, steps, guidance, churn)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    options.check()
     if isinstance(class_labels, int):
         class_labels = [class_labels]
     # Join torchrun's group first: each rank loads the model onto its own GPU.
@@ -303,10 +314,9 @@ def sample(
         else:
             dev = d.device if d is not None else resolve_device(device)
             loaded = load_run(Path(run), weights=weights, checkpoint=checkpoint, device=dev)
-        job = make_job(loaded, n, prompts=_as_entries(prompts, n), class_labels=class_labels, steps=steps,
-                       guidance=guidance, churn=churn, seed=seed, sampler=sampler)
+        job = make_job(loaded, n, options, prompts=_as_entries(prompts, n), class_labels=class_labels)
         if out is not None:
-            result = run_job(loaded, job, out, batch_size=batch_size, progress=progress, dist_info=d)
+            result = run_job(loaded, job, out, batch_size=options.batch_size, progress=progress, dist_info=d)
             if output == "none":
                 return result
             return folder.read_images(Path(out), len(job.images), as_tensor=output == "tensor")
@@ -317,12 +327,13 @@ def sample(
 
     dev = loaded.device
     autoencoder = load_autoencoder_for(loaded, dev)
-    batches = list(_batched(job.images, batch_size))
+    batches = list(_batched(job.images, options.batch_size))
     images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev).cpu()
                         for specs in tqdm(batches, unit="batch", disable=not progress, desc="sampling")])
+    pixels = folder.to_uint8(images)  # what a job's PNGs hold, so `out` never changes the values
     if output == "tensor":
-        return (images + 1) / 2
-    return [folder.to_pil(img) for img in folder.to_uint8(images)]
+        return pixels.float() / 255
+    return [folder.to_pil(img) for img in pixels]
 
 
-__all__ = ["ImageSpec", "Job", "JobResult", "sample_batch", "make_job", "plan_images", "run_job", "sample"]
+__all__ = ["ImageSpec", "Job", "JobResult", "sample_batch", "make_job", "plan_images", "run_job", "sample", "generate"]

@@ -14,23 +14,11 @@ import torch
 from torch import Tensor
 
 from latentpatch.conditioning import Conditioning
+from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.diffusion.guidance import guided_denoiser
-from latentpatch.diffusion.samplers import get_sampler, karras_sigmas, per_image_noise_fn
-from latentpatch.errors import UserError
+from latentpatch.diffusion.samplers import KARRAS_RHO, get_sampler, karras_sigmas, per_image_noise_fn
 from latentpatch.patches import full_coordinates
-
-
-def check_settings(sampler: str, steps: int, guidance: float, churn: float) -> None:
-    """UserError for settings no sampler can run, before anything is loaded."""
-    get_sampler(sampler)
-    if not isinstance(steps, int) or steps < 1:
-        raise UserError(f"--steps must be a whole number >= 1, got {steps}")
-    if not guidance >= 0:
-        raise UserError(f"--guidance must be >= 0 (1 = no guidance, 0 = unconditional), got {guidance}")
-    if not churn >= 0:
-        raise UserError(f"--churn must be >= 0, got {churn}")
-    if churn > 0 and sampler == "dpmpp_2m":
-        raise UserError("the dpmpp_2m sampler is deterministic; use --churn with the heun or euler sampler")
+from latentpatch.sampling.options import DEFAULTS
 
 
 @torch.no_grad()
@@ -41,13 +29,13 @@ def generate_latents(
     cond: Conditioning | None = None,
     uncond: Conditioning | None = None,
     *,
-    sampler: str = "heun",
-    steps: int = 18,
-    guidance: float = 1.0,
-    churn: float = 0.0,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    sampler: str = DEFAULTS.sampler,
+    steps: int = DEFAULTS.steps,
+    guidance: float = DEFAULTS.guidance,
+    churn: float = DEFAULTS.churn,
+    sigma_min: float = EDMConfig.sigma_min,
+    sigma_max: float = EDMConfig.sigma_max,
+    rho: float = KARRAS_RHO,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
     autocast: bool | None = None,
@@ -58,8 +46,8 @@ def generate_latents(
     `precond(x, sigma[B], coords[B, 2, h, w], cond) -> D(x)` (EDMPrecond). Noise is drawn on the CPU from
     one generator per seed, so an image does not depend on its batch, and matches across devices up to
     the network's arithmetic. The sampler integrates in `dtype` (float64 like EDM); bf16 autocast on CUDA.
+    The settings are the caller's to check (`SampleOptions.check`, or the training config's).
     """
-    check_settings(sampler, steps, guidance, churn)
     device = torch.device(device)
     c, h, w = (int(s) for s in shape)
     coords = full_coordinates(len(seeds), h, w, device=device, dtype=torch.float32)

@@ -59,8 +59,9 @@ def caption_hash(caption: str | None) -> int:
     return 1 + (int.from_bytes(hashlib.sha256(caption.encode()).digest()[:8], "little") & (2**62 - 1))
 
 
-def text_identity(model: str, pretrained: str | None, max_length: int) -> dict[str, Any]:
-    """The record keys that identify an encoder, computed from a config without loading the model."""
+def text_identity(model: str, pretrained: str | None, max_length: int, layer: str = FEATURE_DEFAULTS["layer"],
+                  padding: str = FEATURE_DEFAULTS["padding"]) -> dict[str, Any]:
+    """The record keys that identify an encoder and its features, computed from a config without loading it."""
     from latentpatch.io import sha256_file
 
     config_sha = None
@@ -71,4 +72,17 @@ def text_identity(model: str, pretrained: str | None, max_length: int) -> dict[s
     if pretrained is not None and Path(pretrained).is_file():
         weights_sha, pretrained = sha256_file(pretrained), str(Path(pretrained).resolve())
     return {"model": model, "pretrained": pretrained, "weights_sha256": weights_sha, "config_sha256": config_sha,
-            "max_length": int(max_length)}
+            "max_length": int(max_length), "layer": layer, "padding": padding}
+
+
+def cache_serves(cached: dict[str, Any] | None, model: str, pretrained: str | None, max_length: int,
+                 layer: str = FEATURE_DEFAULTS["layer"], padding: str = FEATURE_DEFAULTS["padding"]) -> bool:
+    """Whether a store's cached embeddings (its manifest's record `cached`) are the features this encoder makes:
+    the one question training (`derive_spec`) and `eval`'s held-out set ask before reading the cache."""
+    return cached is not None and same_text_encoder(cached, text_identity(model, pretrained, max_length, layer,
+                                                                          padding))
+
+
+def record_features(record: dict[str, Any]) -> tuple[str, str]:
+    """(layer, padding) of a record; records written before these keys mean FEATURE_DEFAULTS."""
+    return record.get("layer", FEATURE_DEFAULTS["layer"]), record.get("padding", FEATURE_DEFAULTS["padding"])

@@ -10,13 +10,14 @@ import torch
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.text.config import check_features
-from latentpatch.text.identity import TRANSFORMERS_PREFIX
+from latentpatch.text.identity import FEATURE_DEFAULTS, TRANSFORMERS_PREFIX, record_features
 from latentpatch.text.open_clip_encoder import TextEncoder, load_open_clip_encoder
 
 
 def load_text_encoder(
     model: str, pretrained: str | None = None, *, max_length: int | None = None,
-    device: torch.device | str | None = None, layer: str = "last", padding: str = "masked",
+    device: torch.device | str | None = None, layer: str = FEATURE_DEFAULTS["layer"],
+    padding: str = FEATURE_DEFAULTS["padding"],
 ) -> TextEncoder:
     """A frozen text tower. `model` is an open_clip name (or a model config `.json`
     file), `pretrained` a tag, a checkpoint file, or None for random weights (seeded, for tests);
@@ -37,9 +38,9 @@ def load_text_encoder(
 
 def load_text_encoder_from_record(record: dict[str, Any], device: torch.device | str | None = None) -> TextEncoder:
     """The encoder a store manifest or run.json names; refuses one whose weights or config file changed."""
+    layer, padding = record_features(record)
     encoder = load_text_encoder(record["model"], record.get("pretrained"), max_length=int(record["max_length"]),
-                                device=device, layer=record.get("layer", "last"),
-                                padding=record.get("padding", "masked"))
+                                device=device, layer=layer, padding=padding)
     for key in ("weights_sha256", "config_sha256", "files_sha256"):
         if record.get(key) != encoder.record.get(key):
             raise UserError(

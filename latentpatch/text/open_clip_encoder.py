@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from latentpatch.errors import UserError
-from latentpatch.text.identity import caption_hash
+from latentpatch.text.identity import caption_hash, record_features
 
 LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
 LIST_TAGS_HINT = "python -c \"import open_clip; print(open_clip.list_pretrained())\""
@@ -51,8 +51,7 @@ class TextEncoder:
         self.max_length: int = record["max_length"]
         self.width: int = record["width"]  # token embedding size (model.text_dim)
         self.pooled_dim: int = record["pooled_dim"]  # pooled embedding size (model.pooled_text_dim)
-        self.layer: str = record.get("layer", "last")
-        self.padding: str = record.get("padding", "masked")
+        self.layer, self.padding = record_features(record)
 
     def to(self, device: torch.device | str) -> TextEncoder:
         """Move the tower to `device` (in place); embeddings still come back on the CPU."""

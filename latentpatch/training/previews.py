@@ -12,6 +12,7 @@ import torch
 from latentpatch.conditioning import Conditioning
 from latentpatch.io import atomic_write_bytes
 from latentpatch.sampling.latents import generate_latents
+from latentpatch.sampling.options import DEFAULTS
 from latentpatch.seeding import image_seed
 
 
@@ -27,7 +28,7 @@ def save_preview_grid(
 
     # autocast stays the caller's (the trainer's precision); float32 integration is plenty for a preview
     x = generate_latents(precond, [image_seed(0, i) for i in range(n)], latent_shape,
-                         None if cond is None else cond.to(device), sampler="heun", steps=steps,
+                         None if cond is None else cond.to(device), sampler=DEFAULTS.sampler, steps=steps,
                          sigma_min=sigma_min, sigma_max=sigma_max, device=device, dtype=torch.float32, autocast=False)
     images = autoencoder.decode(x).float().clamp(-1, 1)
     buf = io.BytesIO()
