@@ -30,16 +30,22 @@ def _weights(run, step, name="model.safetensors"):
     return load_file(run / "checkpoints" / f"step-{step:08d}" / name)
 
 
-def test_a_routed_run_resumes_exactly_and_samples_at_full_size_with_every_token(store, tmp_path):
-    over = {**ROUTED, "train.max_steps": 8, "train.ckpt_every": 4}
+def _resumes_exactly_and_changes_training(recipe: dict, store, tmp_path, steps: int) -> None:
+    """A run with `recipe` stopped halfway and resumed equals the uninterrupted one, which differs from plain."""
+    over = {**recipe, "train.max_steps": steps, "train.ckpt_every": steps // 2}
     train(tiny(**over), store, tmp_path / "whole", **FAST)
-    train(tiny(**over), store, tmp_path / "split", max_steps=4, **FAST)
-    train(None, store, tmp_path / "split", resume=True, max_steps=8, **FAST)
-    a, b = _weights(tmp_path / "whole", 8), _weights(tmp_path / "split", 8)
+    train(tiny(**over), store, tmp_path / "split", max_steps=steps // 2, **FAST)
+    train(None, store, tmp_path / "split", resume=True, max_steps=steps, **FAST)
+    a, b = _weights(tmp_path / "whole", steps), _weights(tmp_path / "split", steps)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    plain = train(tiny(**{"train.max_steps": 8, "train.ckpt_every": 4}), store, tmp_path / "plain", **FAST)
+    plain = train(tiny(**{"train.max_steps": steps, "train.ckpt_every": steps // 2}), store, tmp_path / "plain",
+                  **FAST)
     c = load_file(plain.checkpoint / "model.safetensors")
-    assert not all(torch.equal(a[k], c[k]) for k in a)  # routing really changed training
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the recipe really changed training
+
+
+def test_a_routed_run_resumes_exactly_and_samples_at_full_size_with_every_token(store, tmp_path):
+    _resumes_exactly_and_changes_training(ROUTED, store, tmp_path, steps=8)
     seen = []
     from latentpatch.runs import load_run
 
@@ -51,15 +57,7 @@ def test_a_routed_run_resumes_exactly_and_samples_at_full_size_with_every_token(
 
 @pytest.mark.parametrize("lever", [{"patches.sigma_overlap": 0.3}, {"edm.snr_cap": 2.0}], ids=["coupled", "capped"])
 def test_a_noise_level_lever_changes_training_and_resumes_exactly(store, tmp_path, lever):
-    over = {**lever, "train.max_steps": 6, "train.ckpt_every": 3}
-    train(tiny(**over), store, tmp_path / "whole", **FAST)
-    train(tiny(**over), store, tmp_path / "split", max_steps=3, **FAST)
-    train(None, store, tmp_path / "split", resume=True, max_steps=6, **FAST)
-    a, b = _weights(tmp_path / "whole", 6), _weights(tmp_path / "split", 6)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    plain = train(tiny(**{"train.max_steps": 6, "train.ckpt_every": 3}), store, tmp_path / "plain", **FAST)
-    c = load_file(plain.checkpoint / "model.safetensors")
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    _resumes_exactly_and_changes_training(lever, store, tmp_path, steps=6)
 
 
 def test_routing_share_zero_trains_exactly_the_plain_dit(store, tmp_path):
