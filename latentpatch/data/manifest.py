@@ -259,8 +259,12 @@ def plan_update(
     for f in files:
         try:
             st = (src / f).stat()
-        except OSError:
-            plan.todo.append(f)  # decoding will report it as unreadable
+        except OSError:  # a broken link, a symlink loop, no permission
+            skip = skips.get(f)
+            if skip is not None and skip["size"] is None and skip["mtime_ns"] is None:
+                plan.remembered_skips.append(skip)  # could not be read last time either: nothing to redo
+            else:
+                plan.todo.append(f)  # decoding will report it as unreadable
             continue
         stat = (st.st_size, st.st_mtime_ns)
         if f in stored:
