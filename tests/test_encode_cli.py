@@ -143,3 +143,22 @@ def test_a_rerun_over_a_file_that_cannot_be_read_changes_no_file(tmp_path):
     assert second.exit_code == 0, second.output
     assert second.output.splitlines()[0] == f"store is up to date: 2 images in {out}"
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in files] == before
+
+
+def test_every_encode_option_is_one_field_read_by_the_command_and_the_api():
+    import dataclasses
+    import inspect
+
+    import latentpatch as lp
+    from latentpatch.encoding.options import EncodeOptions
+
+    fields = {f.name: f for f in dataclasses.fields(EncodeOptions)}
+    api = inspect.signature(lp.encode).parameters
+    assert list(api)[:4] == ["src", "out", "vae", "resolution"]
+    assert {k: p.default for k, p in list(api.items())[4:]} == {k: f.default for k, f in fields.items()}
+    command = next(c for c in app.registered_commands if c.name == "encode")
+    cli = {p.name: p.default for p in inspect.signature(command.callback).parameters.values()}
+    assert set(cli) == {"src", "vae", "resolution", "out"} | {k for k, f in fields.items() if f.metadata["cli"]}
+    assert cli["batch_size"].help == fields["batch_size"].metadata["help"] and cli["progress"].default is True
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):
+        lp.encode("images", "store", "pixel", 32, batchsize=4)
