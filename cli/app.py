@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import typer
 
-from latentpatch.errors import UserError
+from latentpatch.errors import Notice, UserError
 
 app = typer.Typer(
     name="latentpatch",
@@ -24,8 +25,17 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"latentpatch.cli.{_name}").register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """The library's notices as one `warning: ...` line in the tool's words; other warnings as Python shows them."""
+    if issubclass(category, Notice):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, never a traceback."""
+    warnings.showwarning = _show_warning
     try:
         app()
     except UserError as e:

@@ -1,20 +1,20 @@
-"""`latentpatch encode`: an image folder through an autoencoder into a latent store (resumable, incremental)."""
+"""`latentpatch encode`: an image folder through an autoencoder into a latent store (resumable, incremental).
+
+The options are not spelled here: each is a field of `EncodeOptions` (name, default, help, check), and the
+command's signature is built from them."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        "encode",
-        context_settings={"help_option_names": ["-h", "--help"]},
-        epilog="Example: latentpatch encode photos/ --vae stabilityai/sd-vae-ft-mse --resolution 256 --out store/ "
-        "--flip.  Run it again to resume after a kill or to add new images; only new or changed files are encoded.",
-    )
+    from latentpatch.encoding.options import cli_parameters
+
     def encode(
         src: Path = typer.Argument(
             ..., help="Image folder, read recursively (jpg, png, webp, bmp, tiff). Captions: metadata.jsonl or "
@@ -28,59 +28,29 @@ def register(app: typer.Typer) -> None:
             "side resized to R with antialiasing, then centre-cropped to R x R."
         ),
         out: Path = typer.Option(..., "--out", help="Latent store folder (manifest.json + shards/); created if needed."),
-        batch_size: int = typer.Option(32, "--batch-size", help="Images per autoencoder call (a flipped view counts)."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
-        vae_dtype: Optional[str] = typer.Option(
-            None, "--vae-dtype", help="Autoencoder compute dtype: float32, bfloat16 or float16 (default: bfloat16 on "
-            "CUDA, float32 on CPU)."
-        ),
-        dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the latents: float16, bfloat16 or float32."),
-        flip: bool = typer.Option(False, "--flip/--no-flip", help="Also store each image mirrored left-right, as a second item."),
-        workers: Optional[int] = typer.Option(
-            None, "--workers", help="Background processes decoding files (0: decode in this process; default: up to "
-            "4, no more than the CPUs available)."
-        ),
-        store: str = typer.Option(
-            "mean-std", "--store", help="mean-std: keep the posterior mean and std so training draws a fresh latent "
-            "per read; sample: keep one drawn latent (half the size). Autoencoders without a posterior keep the latent."
-        ),
-        seed: int = typer.Option(0, "--seed", help="Seed for --store sample; each image's draw depends only on it and the file."),
-        upscale_small: bool = typer.Option(
-            False, "--upscale-small", help="Upscale images smaller than R instead of skipping them."
-        ),
-        shard_size: Optional[int] = typer.Option(
-            None, "--shard-size", help="Items per shard file (default: 4096, fewer if a shard would pass 256 MiB); "
-            "a kill loses at most the shard being filled."
-        ),
-        rehash: bool = typer.Option(
-            False, "--rehash", help="Hash every file again instead of trusting an unchanged size and modification time."
-        ),
-        text_encoder: Optional[str] = typer.Option(
-            None, "--text-encoder", help="Cache caption embeddings for text-conditioned training: an open_clip "
-            "MODEL[:PRETRAINED], e.g. ViT-B-32:laion2b_s34b_b79k (a tag or a checkpoint file; MODEL may be a model "
-            "config .json). Recorded in the manifest; a rerun keeps the store's encoder. Uncaptioned images get the "
-            "empty caption."
-        ),
-        labels: Optional[str] = typer.Option(
-            None, "--labels", help="'folders': store a class label per image, its top-level subfolder (sorted "
-            "names -> 0..K-1, recorded as class_names), for class-conditional training (model.num_classes=K)."
-        ),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with images/s."),
+        **options: Any,
     ) -> None:
         """Encode an image folder into a latent store; rerun to resume or to add new images."""
-        from latentpatch.encoding.encode import encode as run_encode
+        from latentpatch.encoding.encode import encode_store
+        from latentpatch.encoding.options import EncodeOptions
 
-        summary = run_encode(
-            src, out, vae, resolution, batch_size=batch_size, device=device, vae_dtype=vae_dtype, dtype=dtype,
-            flip=flip, workers=workers, store=store, seed=seed, upscale_small=upscale_small, shard_size=shard_size,
-            rehash=rehash, progress=progress, text_encoder=text_encoder, labels=labels,
-        )
+        opts = EncodeOptions(**options)
+        summary = encode_store(src, out, vae, resolution, opts)
         for line in summary.lines():
             typer.echo(line)
-        if text_encoder is not None:
+        if opts.text_encoder is not None:
             from latentpatch.data.store import LatentStore
 
             missing = sum(c is None for c in LatentStore(out).captions)
             if missing:
                 typer.echo(f"note: {missing} stored images have no caption; text-conditioned training needs one "
                            "for every image (NAME.txt beside it, or metadata.jsonl)")
+
+    named = [p for p in inspect.signature(encode).parameters.values() if p.kind != p.VAR_KEYWORD]
+    encode.__signature__ = inspect.Signature([*named, *cli_parameters()])
+    app.command(
+        "encode",
+        context_settings={"help_option_names": ["-h", "--help"]},
+        epilog="Example: latentpatch encode photos/ --vae stabilityai/sd-vae-ft-mse --resolution 256 --out store/ "
+        "--flip.  Run it again to resume after a kill or to add new images; only new or changed files are encoded.",
+    )(encode)

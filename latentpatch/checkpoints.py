@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from latentpatch.errors import UserError
+from latentpatch.errors import Notice, UserError
 from latentpatch.io import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
@@ -55,22 +56,31 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def _named(run_dir: str | os.PathLike, pointer: str) -> Path | None:
-    """The complete checkpoint folder a pointer file (LATEST, BEST) names, or None."""
+def _pointed(run_dir: str | os.PathLike, pointer: str) -> tuple[str | None, Path | None]:
+    """What a pointer file (LATEST, BEST) says, and the complete checkpoint folder it names (None if it is gone)."""
     root = Path(run_dir) / CKPT_DIR
     try:
         name = (root / pointer).read_text().strip()
     except OSError:
-        return None
-    return root / name if _NAME.match(name) and (root / name / STATE_FILE).is_file() else None
+        return None, None
+    return name, root / name if _NAME.match(name) and (root / name / STATE_FILE).is_file() else None
+
+
+def _named(run_dir: str | os.PathLike, pointer: str) -> Path | None:
+    """The complete checkpoint folder a pointer file (LATEST, BEST) names, or None."""
+    return _pointed(run_dir, pointer)[1]
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The folder LATEST names; the newest complete one if LATEST is missing (a kill between rename and LATEST)."""
-    named = _named(run_dir, LATEST)
+    """The folder LATEST names; the newest complete one if LATEST is missing (a kill between rename and LATEST)
+    or names a checkpoint that is gone, which is said (a Notice) since it is not the one the run last wrote."""
+    name, named = _pointed(run_dir, LATEST)
     if named is not None:
         return named
     found = list_checkpoints(run_dir)
+    if name is not None and found:
+        warnings.warn(f"{Path(run_dir) / CKPT_DIR / LATEST} names {name}, which is missing or incomplete (deleted?); "
+                      f"using {found[-1].name}, the newest complete checkpoint", Notice, stacklevel=1)
     return found[-1] if found else None
 
 
@@ -223,10 +233,28 @@ def verified_file(ckpt: Path, fname: str, state: dict[str, Any]) -> Path:
 
 def load_weights(module: nn.Module, path: Path) -> None:
     tensors, _ = _read_safetensors(path)
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit the model built from the run's config: {e}") from e
+    misfit = _misfit(module.state_dict(), tensors)
+    if misfit:
+        raise UserError(f"{path} does not fit the model built from the run's config: {misfit}; was the run's "
+                        "config.yaml edited after this checkpoint was written?")
+    module.load_state_dict(tensors, strict=True)
+
+
+def _misfit(want: dict[str, torch.Tensor], have: dict[str, torch.Tensor]) -> str:
+    """The first tensor a checkpoint gets wrong, in one line (torch's own message lists every one)."""
+    shape = [k for k in want if k in have and have[k].shape != want[k].shape]
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    more = lambda keys: f" ({len(keys) - 1} more like it)" if len(keys) > 1 else ""  # noqa: E731
+    if shape:
+        k = shape[0]
+        return (f"tensor {k} is {list(have[k].shape)} in the checkpoint and {list(want[k].shape)} in the model"
+                + more(shape))
+    if missing:
+        return f"the checkpoint has no tensor {missing[0]}{more(missing)}"
+    if extra:
+        return f"the checkpoint has a tensor {extra[0]} the model lacks{more(extra)}"
+    return ""
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -242,11 +270,17 @@ def load_checkpoint(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: tor
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None) -> Path:
     """None or "best": the best held-out checkpoint, else the latest; "latest": the latest; an int or "100": that
     step; a name or a path: that folder."""
-    if checkpoint == "best" and best_checkpoint(run_dir) is None:
+    best_name, best = _pointed(run_dir, BEST)
+    if checkpoint in (None, "best") and best_name is not None and best is None:
+        what = f"{run_dir / CKPT_DIR / BEST} names {best_name}, which is missing or incomplete (deleted?)"
+        if checkpoint == "best":
+            raise UserError(f"{what}; pass --checkpoint latest or a step")
+        warnings.warn(f"{what}; using the latest checkpoint instead", Notice, stacklevel=2)
+    if checkpoint == "best" and best is None:
         raise UserError(f"run {run_dir} has no best checkpoint: it was trained without held-out evaluation "
                         "(heldout.every); use --checkpoint latest")
     if checkpoint in (None, "best", "latest"):
-        found = (best_checkpoint(run_dir) if checkpoint != "latest" else None) or latest_checkpoint(run_dir)
+        found = (best if checkpoint != "latest" else None) or latest_checkpoint(run_dir)
         if found is None:
             raise UserError(f"run folder {run_dir} has no checkpoint yet (nothing in {run_dir / CKPT_DIR})")
         return found

@@ -66,9 +66,12 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, str]:
             )
         text, where = res.read_text(), f"built-in preset {name_or_path}"
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e  # one line
+    if data is None or data == {}:  # else it would train the library defaults without a word
+        raise UserError(f"config {where} is empty; write the settings in it (or `base: PRESET` to start from a "
+                        f"preset: {', '.join(builtin_config_names())}), or pass a preset name to --config")
     if not isinstance(data, dict):
         raise UserError(f"{where} must hold a mapping of sections (model, patches, train, ...)")
     return data, where

@@ -47,6 +47,7 @@ def run_info(store: LatentStore, spec: ConditioningSpec) -> dict[str, Any]:
         "autoencoder": store.info.to_dict(),
         "latent_shape": list(store.latent_shape),
         "resolution": list(store.resolution),
+        "store": {"identity": store.manifest.identity, "images": store.manifest.image_count},
         "conditioning": spec.to_dict(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "latentpatch_version": latentpatch.__version__,

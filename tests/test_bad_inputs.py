@@ -35,12 +35,13 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "file.txt").write_text("a file, not a folder")
     (root / "bad.yaml").write_text("model: [unclosed\n")
     (root / "unknown.yaml").write_text("model:\n  depth_of_field: 3\n")
+    (root / "empty.yaml").write_text("# settings to come\n")
     make_store(root / "store", photo_crops(4, 16))
     run = make_tiny_run(root / "run")
     garbled = make_tiny_run(root / "garbled_run")
     (garbled / "config.yaml").write_text("model: {hidden_size: [\n")
     return {"root": root, "images": root / "images", "junk": junk, "file": root / "file.txt",
-            "bad_yaml": root / "bad.yaml", "unknown_yaml": root / "unknown.yaml", "store": root / "store",
+            "bad_yaml": root / "bad.yaml", "unknown_yaml": root / "unknown.yaml", "empty_yaml": root / "empty.yaml", "store": root / "store",
             "run": run, "garbled_run": garbled}
 
 
@@ -74,6 +75,8 @@ BAD_INPUTS = [
     ("train-config-name-unknown", lambda w: _train(w, "--config", "no-such-preset"), "no-such-preset"),
     ("train-config-bad-yaml", lambda w: _train(w, "--config", w["bad_yaml"]), "bad.yaml"),
     ("train-config-unknown-key-in-file", lambda w: _train(w, "--config", w["unknown_yaml"]), "depth_of_field"),
+    ("train-config-empty-file", lambda w: _train(w, "--config", w["empty_yaml"], "--max-steps", 1, out="t3"),
+     "empty.yaml is empty"),
     ("train-override-without-equals", lambda w: _train(w, "--config", "tiny", "train.max_steps"), "train.max_steps"),
     ("train-override-wrong-type", lambda w: _train(w, "--config", "tiny", "train.max_steps=many"), "train.max_steps"),
     ("train-device-unknown", lambda w: _train(w, "--config", "tiny", "--device", "quantum"), "quantum"),
@@ -141,3 +144,46 @@ def test_a_second_train_into_the_same_run_folder_is_refused_while_the_first_runs
     code, stdout, err = _main(monkeypatch, capsys, ["train", "--latents", world["store"], "--out", run, "--resume",
                                                     "--device", "cpu", "--no-progress", "--max-steps", 2])
     assert code == 0, err
+
+
+def test_resume_after_an_edit_of_the_model_size_names_the_first_tensor_that_does_not_fit(world, tmp_path,
+                                                                                        monkeypatch, capsys):
+    run = make_tiny_run(tmp_path / "run", side=16)  # on the world's 3 x 16 x 16 store
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("hidden_size: 32", "hidden_size: 64"))
+    code, _, err = _main(monkeypatch, capsys, ["train", "--latents", world["store"], "--out", run, "--resume",
+                                               "--device", "cpu", "--no-progress", "--max-steps", 2])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {run}/checkpoints/step-00000001/model.safetensors does not fit the model built "
+                          "from the run's config: tensor "), err
+    assert "in the checkpoint and [" in err and "config.yaml edited" in err, err
+
+
+def test_sample_latest_when_latest_names_a_deleted_checkpoint_says_which_it_took(tmp_path, monkeypatch, capsys):
+    run = make_tiny_run(tmp_path / "run")
+    (run / "checkpoints" / "LATEST").write_text("step-00000009\n")  # step 9 was deleted by hand
+    code, out, err = _main(monkeypatch, capsys, ["sample", run, "--n", 1, "--out", tmp_path / "s", "--steps", 2,
+                                                 "--device", "cpu", "--no-progress", "--checkpoint", "latest"])
+    assert code == 0, err
+    assert err.strip() == (f"warning: {run}/checkpoints/LATEST names step-00000009, which is missing or incomplete "
+                           "(deleted?); using step-00000001, the newest complete checkpoint"), err
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said_once_in_one_line(tmp_path, monkeypatch, capsys):
+    from text_helpers import colour_folder, write_clip_config
+
+    import latentpatch as lp
+    from latentpatch.config import load_config
+
+    clip = write_clip_config(tmp_path / "tiny-clip.json")
+    lp.encode(colour_folder(tmp_path / "images", n=3), tmp_path / "store", "pixel", 8, workers=0,
+              text_encoder=str(clip))
+    cfg = load_config("tiny", ["train.max_steps=1", "train.ckpt_every=1", "model.attention=sdpa"])
+    lp.train(cfg, tmp_path / "store", tmp_path / "run", progress=False, device="cpu")
+    prompt = "red " * 2500  # 10,000 characters
+    code, out, err = _main(monkeypatch, capsys, ["sample", tmp_path / "run", "--prompt", prompt, "--n", 2,
+                                                 "--batch-size", 1, "--out", tmp_path / "s", "--steps", 2,
+                                                 "--device", "cpu", "--no-progress"])
+    assert code == 0, err
+    assert err.strip() == ("warning: text 'red red red red red red red red red red red red red red r...' is 2502 "
+                           "tokens, longer than the text encoder's 77: its last 2425 tokens were dropped"), err

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors round trips, atomic writes, the retention rule and load_run's checks."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from latentpatch import checkpoints as ck
 from latentpatch.config import load_config, save_config
 from latentpatch.denoiser import build_precond
-from latentpatch.errors import UserError
+from latentpatch.errors import Notice, UserError
 from latentpatch.runs import load_run
 from latentpatch.training.ema import make_ema
 
@@ -163,3 +164,39 @@ def test_load_run_refuses_folders_that_are_not_runs(tmp_path):
         load_run(tmp_path)
     with pytest.raises(UserError, match="'ema' or 'raw'"):
         load_run(tmp_path, weights="best")
+
+
+def test_latest_naming_a_deleted_checkpoint_says_which_one_it_takes_instead(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    _save(tmp_path, 3)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000003")  # LATEST still names it
+    with pytest.warns(Notice, match=r"LATEST names step-00000003, which is missing or incomplete \(deleted\?\); "
+                                    r"using step-00000002, the newest complete checkpoint"):
+        assert ck.resolve_checkpoint(tmp_path, "latest").name == "step-00000002"
+
+
+def test_best_naming_a_deleted_checkpoint_is_refused_or_said(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / "checkpoints" / "BEST").write_text("step-00000001\n")
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000001")
+    with pytest.raises(UserError, match="BEST names step-00000001, which is missing or incomplete"):
+        ck.resolve_checkpoint(tmp_path, "best")
+    with pytest.warns(Notice, match="BEST names step-00000001.*; using the latest checkpoint instead"):
+        assert ck.resolve_checkpoint(tmp_path, None).name == "step-00000002"
+
+
+def test_weights_of_another_model_size_are_refused_naming_the_first_tensor_and_both_shapes(tmp_path):
+    model, ema, opt = _trained_modules()
+    path = ck.save_checkpoint(tmp_path, 1, model, ema, opt, {"nimg": 1.0}, keep=0)
+    wider = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 2))
+    with pytest.raises(UserError) as refused:
+        ck.load_weights(wider, path / "model.safetensors")
+    assert str(refused.value) == (
+        f"{path / 'model.safetensors'} does not fit the model built from the run's config: tensor 0.weight is "
+        "[8, 4] in the checkpoint and [16, 4] in the model (2 more like it); was the run's config.yaml edited after "
+        "this checkpoint was written?")
+    deeper = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2), nn.Linear(2, 2))
+    with pytest.raises(UserError, match="the checkpoint has no tensor 3.weight \\(1 more like it\\)"):
+        ck.load_weights(deeper, path / "model.safetensors")

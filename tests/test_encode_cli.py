@@ -122,3 +122,43 @@ def test_bad_options_raise_user_errors(tmp_path, change, message):
     result = invoke(*[x for k, v in opts.items() for x in ([v] if k == "src" else [k] if v is None else [k, v])])
     assert isinstance(result.exception, UserError), result.output
     assert message in str(result.exception)
+
+
+def test_a_rerun_over_a_file_that_cannot_be_read_changes_no_file(tmp_path):
+    """A symlink loop cannot even be stat'ed: it is skipped once, remembered, and a rerun with nothing new
+    leaves the manifest and the first run's report as they were, byte for byte."""
+    src, out = tmp_path / "images", tmp_path / "store"
+    make_image_folder(src, n=2, size=32, formats=("png",))
+    (src / "loop.png").symlink_to("loop.png")
+    save_image(photo(1, 16), src / "tiny.png")  # a second, ordinary skip
+    args = [src, "--vae", "pixel", "--resolution", 32, "--out", out, "--workers", 0, "--no-progress"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    report = json.loads((out / "encode_report.json").read_text())
+    assert report["encoded"] == 2 and {s["file"] for s in report["skipped_files"]} == {"loop.png", "tiny.png"}
+    files = [out / "manifest.json", out / "encode_report.json"]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in files]
+
+    second = invoke(*args)
+    assert second.exit_code == 0, second.output
+    assert second.output.splitlines()[0] == f"store is up to date: 2 images in {out}"
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in files] == before
+
+
+def test_every_encode_option_is_one_field_read_by_the_command_and_the_api():
+    import dataclasses
+    import inspect
+
+    import latentpatch as lp
+    from latentpatch.encoding.options import EncodeOptions
+
+    fields = {f.name: f for f in dataclasses.fields(EncodeOptions)}
+    api = inspect.signature(lp.encode).parameters
+    assert list(api)[:4] == ["src", "out", "vae", "resolution"]
+    assert {k: p.default for k, p in list(api.items())[4:]} == {k: f.default for k, f in fields.items()}
+    command = next(c for c in app.registered_commands if c.name == "encode")
+    cli = {p.name: p.default for p in inspect.signature(command.callback).parameters.values()}
+    assert set(cli) == {"src", "vae", "resolution", "out"} | {k for k, f in fields.items() if f.metadata["cli"]}
+    assert cli["batch_size"].help == fields["batch_size"].metadata["help"] and cli["progress"].default is True
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):
+        lp.encode("images", "store", "pixel", 32, batchsize=4)

@@ -9,6 +9,7 @@ image folder with it: what is new, changed, unchanged or known to be unreadable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from latentpatch.autoencoders.info import describe_autoencoder, same_latent_space
+from latentpatch.autoencoders.info import LATENT_SPACE_KEYS, describe_autoencoder, same_latent_space
 from latentpatch.data.images import SMALLER
 from latentpatch.errors import UserError
 from latentpatch.io import sha256_file, write_json_atomic
@@ -84,6 +85,23 @@ class Manifest:
         return latent_std_of([i.moments for i in self.items])
 
     @property
+    def identity(self) -> str:
+        """The store's content as one sha256: which images (source sha256, flip, label), through which
+        autoencoder and at what resolution; independent of shard layout, item order, paths and captions. Runs
+        record it (run.json `store`), and a resume onto a store with another identity is refused."""
+        ae = self.autoencoder
+        space = {k: ae.get(k) for k in LATENT_SPACE_KEYS}  # as same_latent_space: weights by revision, else source
+        space["weights"] = ae.get("revision") or ae.get("source")
+        views = sorted(f"{i.sha256}:{int(i.flip)}:{i.label}" for i in self.items)
+        record = json.dumps({"autoencoder": space, "resolution": list(self.resolution), "items": views})
+        return hashlib.sha256(record.encode()).hexdigest()
+
+    @property
+    def image_count(self) -> int:
+        """Distinct source images (a flipped view is an item, not an image)."""
+        return len({i.sha256 for i in self.items})
+
+    @property
     def class_names(self) -> list[str] | None:
         """The classes of `encode --labels folders` (item.label indexes them), or None."""
         return self.extra.get("class_names")
@@ -101,6 +119,7 @@ class Manifest:
             "count": self.count,
             "text_encoder": self.text_encoder,
             "latent_std": self.latent_std,
+            "identity": self.identity,
             **self.extra,
             "shards": [asdict(s) for s in self.shards],
             "skipped": self.skipped,
@@ -116,7 +135,7 @@ class Manifest:
                 raise ValueError("not a JSON object")
             if d.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-            known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"count", "latent_std"}
+            known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"count", "latent_std", "identity"}
             m = cls(
                 autoencoder=dict(d["autoencoder"]),
                 resolution=[int(x) for x in d["resolution"]],
@@ -240,8 +259,12 @@ def plan_update(
     for f in files:
         try:
             st = (src / f).stat()
-        except OSError:
-            plan.todo.append(f)  # decoding will report it as unreadable
+        except OSError:  # a broken link, a symlink loop, no permission
+            skip = skips.get(f)
+            if skip is not None and skip["size"] is None and skip["mtime_ns"] is None:
+                plan.remembered_skips.append(skip)  # could not be read last time either: nothing to redo
+            else:
+                plan.todo.append(f)  # decoding will report it as unreadable
             continue
         stat = (st.st_size, st.st_mtime_ns)
         if f in stored:

@@ -7,11 +7,12 @@ compares the folder with the manifest (relative path + sha256) and encodes only 
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from latentpatch.data.store import TORCH_DTYPES, StoreWriter, remove_orphan_shar
 from latentpatch.text.cache import open_store_text, with_text_rows
 from latentpatch.data.transforms import as_size, check_resolution, covers, resize_center_crop
 from latentpatch.device import resolve_device
-from latentpatch.encoding.options import REPORT_NAME, EncodeOptions, EncodeSummary, ExtraTensors, default_workers
+from latentpatch.encoding.options import REPORT_NAME, EncodeOptions, EncodeSummary, api_parameters
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder, write_json_atomic
 from latentpatch.seeding import derive_seed
@@ -87,42 +88,30 @@ class _Pending:
         return self.tensors, self.items
 
 
-def encode(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    vae: str | os.PathLike | Autoencoder,
-    resolution: int | tuple[int, int],
-    *,
-    batch_size: int = 32,
-    device: str | None = None,
-    vae_dtype: str | None = None,
-    dtype: str = "float16",
-    flip: bool = False,
-    workers: int | None = None,
-    store: str = "mean-std",
-    seed: int = 0,
-    upscale_small: bool = False,
-    shard_size: int | None = None,
-    rehash: bool = False,
-    extra_tensors: ExtraTensors | None = None,
-    progress: bool = False,
-    text_encoder: str | Any | None = None,
-    labels: str | None = None,
-) -> EncodeSummary:
+def encode(src: str | os.PathLike, out: str | os.PathLike, vae: str | os.PathLike | Autoencoder,
+           resolution: int | tuple[int, int], **options: Any) -> EncodeSummary:
     """Encode every image under `src` into the latent store `out`; rerun to resume or to add new images.
 
     `vae` is a spec for `load_autoencoder` ("pixel", "builtin", a diffusers folder, a hub id), loaded on
     `device` in `vae_dtype`, or a ready `Autoencoder`. `text_encoder` ("MODEL[:PRETRAINED]" of open_clip, or
     a `latentpatch.text.TextEncoder`) caches each caption's embedding in the store (a rerun keeps the
-    store's encoder). The other options are described on `EncodeOptions`.
+    store's encoder). The options (keyword only) are the fields of `EncodeOptions`, described there.
     """
+    unknown = sorted(set(options) - {f.name for f in fields(EncodeOptions)})
+    if unknown:  # said as a function with these keywords would say it
+        raise TypeError(f"encode() got an unexpected keyword argument {unknown[0]!r}")
+    return encode_store(src, out, vae, resolution, EncodeOptions(**options))
+
+
+encode.__signature__ = inspect.signature(encode).replace(  # what help() and IDEs show: one keyword per option
+    parameters=[*list(inspect.signature(encode).parameters.values())[:4], *api_parameters()])
+
+
+def encode_store(src: str | os.PathLike, out: str | os.PathLike, vae: str | os.PathLike | Autoencoder,
+                 resolution: int | tuple[int, int], opts: EncodeOptions) -> EncodeSummary:
+    """`encode` with its options as one checked `EncodeOptions` (what the CLI builds)."""
     start = time.perf_counter()
     src, out, size = Path(src), Path(out), as_size(resolution)
-    opts = EncodeOptions(
-        batch_size=batch_size, dtype=dtype, flip=flip, workers=default_workers() if workers is None else workers,
-        store=store, seed=seed, upscale_small=upscale_small, shard_size=shard_size, rehash=rehash,
-        extra_tensors=extra_tensors, progress=progress, labels=labels,
-    )
     opts.check()
     if not src.exists():
         raise UserError(f"image folder {src} does not exist")
@@ -132,16 +121,16 @@ def encode(
     if not any(is_image_name(f) for f in files):
         raise UserError(f"no images found in {src} (looked for {', '.join(IMAGE_EXTENSIONS)}, in subfolders too)")
     captions = read_captions(src, files)
-    autoencoder = _load(vae, device, vae_dtype)
+    autoencoder = _load(vae, opts.device, opts.vae_dtype)
     check_resolution(size, autoencoder.info.factor)
     lock = lock_folder(out, LOCK_NAME, "encode")
     try:
         manifest = _open_store(out, autoencoder, size, opts)
         if opts.labels == "folders":
             _set_class_names(manifest, files, src)
-        text = open_store_text(out, manifest, text_encoder, autoencoder.device)
+        text = open_store_text(out, manifest, opts.text_encoder, autoencoder.device)
         if text is not None:
-            opts.extra_tensors = with_text_rows(opts.extra_tensors, text, TORCH_DTYPES[opts.dtype])
+            opts = replace(opts, extra_tensors=with_text_rows(opts.extra_tensors, text, TORCH_DTYPES[opts.dtype]))
         return _update_store(src, out, files, captions, autoencoder, manifest, size, opts, start)
     finally:
         lock.release()
@@ -167,8 +156,6 @@ def _set_class_names(manifest: Manifest, files: list[str], src: Path) -> None:
 def _load(vae: Any, device: str | None, vae_dtype: str | None) -> Autoencoder:
     if not isinstance(vae, (str, os.PathLike)):
         return vae  # already an Autoencoder
-    if vae_dtype is not None and vae_dtype not in TORCH_DTYPES:
-        raise UserError(f"--vae-dtype must be one of {', '.join(TORCH_DTYPES)}, got {vae_dtype!r}")
     return load_autoencoder(str(vae), device=resolve_device(device), dtype=vae_dtype)
 
 
@@ -235,7 +222,7 @@ def _encode_files(
     classes = {name: i for i, name in enumerate(manifest.class_names or [])}
     loader = DataLoader(
         _SourceFiles(src, todo), batch_size=math.ceil(opts.batch_size / len(views)), shuffle=False,
-        num_workers=opts.workers, collate_fn=list, prefetch_factor=4 if opts.workers else None,
+        num_workers=opts.decode_workers, collate_fn=list, prefetch_factor=4 if opts.decode_workers else None,
         pin_memory=torch.device(autoencoder.device).type == "cuda",
     )
     converted: Counter[str] = Counter()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,27 +25,57 @@ def default_workers() -> int:
     return min(4, cpus)
 
 
+def _option(default: Any, help: str, *, negatable: bool = False, cli: bool = True, cli_default: Any = MISSING,
+            cli_type: Any = None) -> Any:
+    """A field with what the CLI shows for it: `--name` (with `--no-name` when negatable), its help and, where the
+    command differs from the API, its default (`cli_default`) or type (`cli_type`); `cli=False`: API only."""
+    meta = {"help": help, "negatable": negatable, "cli": cli, "cli_default": cli_default, "cli_type": cli_type}
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EncodeOptions:
-    """Everything `encode` takes besides the folders, the autoencoder and the resolution (see the CLI's --help)."""
+    """Everything `encode` takes besides the folders, the autoencoder and the resolution: the one home of each
+    option's name, default, help and check, read by `encode(**options)` and the CLI's `latentpatch encode`."""
 
-    batch_size: int = 32  # images per autoencoder call; with flip each file gives two
-    dtype: str = "float16"  # storage dtype
-    flip: bool = False
-    workers: int = field(default_factory=default_workers)
-    store: str = "mean-std"
-    seed: int = 0
-    upscale_small: bool = False
-    shard_size: int | None = None  # None: 4096 items, fewer if a shard would pass SHARD_BYTES
-    rehash: bool = False
-    extra_tensors: ExtraTensors | None = None  # items -> {name: tensor with one row per item}, stored alongside
-    progress: bool = False
-    labels: str | None = None  # "folders": the class of an image is its top-level subfolder
+    batch_size: int = _option(32, "Images per autoencoder call (a flipped view counts).")
+    device: Optional[str] = _option(None, "cpu, cuda or cuda:N (default: cuda when available).")
+    vae_dtype: Optional[str] = _option(
+        None, "Autoencoder compute dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).")
+    dtype: str = _option("float16", "Storage dtype of the latents: float16, bfloat16 or float32.")
+    flip: bool = _option(False, "Also store each image mirrored left-right, as a second item.", negatable=True)
+    workers: Optional[int] = _option(
+        None, "Background processes decoding files (0: decode in this process; default: up to 4, no more than the "
+        "CPUs available).")
+    store: str = _option(
+        "mean-std", "mean-std: keep the posterior mean and std so training draws a fresh latent per read; sample: "
+        "keep one drawn latent (half the size). Autoencoders without a posterior keep the latent.")
+    seed: int = _option(0, "Seed for --store sample; each image's draw depends only on it and the file.")
+    upscale_small: bool = _option(False, "Upscale images smaller than R instead of skipping them.")
+    shard_size: Optional[int] = _option(
+        None, "Items per shard file (default: 4096, fewer if a shard would pass 256 MiB); a kill loses at most the "
+        "shard being filled.")
+    rehash: bool = _option(False, "Hash every file again instead of trusting an unchanged size and modification time.")
+    extra_tensors: Optional[ExtraTensors] = _option(
+        None, "items -> {name: tensor with one row per item}, stored alongside the latents.", cli=False)
+    text_encoder: Any = _option(
+        None, "Cache caption embeddings for text-conditioned training: an open_clip MODEL[:PRETRAINED], e.g. "
+        "ViT-B-32:laion2b_s34b_b79k (a tag or a checkpoint file; MODEL may be a model config .json). Recorded in "
+        "the manifest; a rerun keeps the store's encoder. Uncaptioned images get the empty caption.",
+        cli_type=Optional[str])  # in Python also a ready latentpatch.text.TextEncoder
+    labels: Optional[str] = _option(
+        None, "'folders': store a class label per image, its top-level subfolder (sorted names -> 0..K-1, recorded "
+        "as class_names), for class-conditional training (model.num_classes=K).")
+    progress: bool = _option(False, "Show a progress bar with images/s.", negatable=True, cli_default=True)
+
+    @property
+    def decode_workers(self) -> int:
+        return default_workers() if self.workers is None else self.workers
 
     def check(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
         if self.shard_size is not None and self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
@@ -51,8 +83,36 @@ class EncodeOptions:
             raise UserError(f"--store must be one of {', '.join(STORE_MODES)}, got {self.store!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.vae_dtype is not None and self.vae_dtype not in STORAGE_DTYPES:
+            raise UserError(f"--vae-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.vae_dtype!r}")
         if self.labels not in (None, "folders"):
             raise UserError(f"--labels must be 'folders' (class = top-level subfolder), got {self.labels!r}")
+
+
+def cli_parameters() -> list[inspect.Parameter]:
+    """The options of `latentpatch encode`, as Typer reads them from a command's signature: one per field."""
+    import typer
+
+    hints = typing.get_type_hints(EncodeOptions)
+    params = []
+    for f in fields(EncodeOptions):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        decl = f"{flag}/--no-{flag[2:]}" if meta["negatable"] else flag
+        default = f.default if meta["cli_default"] is MISSING else meta["cli_default"]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=typer.Option(default, decl, help=meta["help"]),
+                                        annotation=meta["cli_type"] or hints[f.name]))
+    return params
+
+
+def api_parameters() -> list[inspect.Parameter]:
+    """The keyword parameters of `encode(...)`, with the API's defaults: one per field."""
+    hints = typing.get_type_hints(EncodeOptions)
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+            for f in fields(EncodeOptions)]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from latentpatch.errors import UserError
+from latentpatch.errors import Notice, UserError
 from latentpatch.text.identity import caption_hash, record_features
 
 LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
@@ -84,8 +84,9 @@ class TextEncoder:
         """Warn, saying how much, when `text` (n tokens) is longer than max_length and so loses its end."""
         if n > self.max_length:
             short = text if len(text) <= 60 else text[:57] + "..."
-            warnings.warn(f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}; "
-                          f"{n - self.max_length} tokens were dropped from its end", stacklevel=4)
+            # A Notice, attributed here: the CLI says it once per text, as one line without a source location.
+            warnings.warn(f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}: its "
+                          f"last {n - self.max_length} tokens were dropped", Notice, stacklevel=1)
 
     def _end_of_text(self) -> int | None:
         """The tokenizer's end-of-text id (None: a tokenizer without one)."""

@@ -36,6 +36,27 @@ def _check_same_latents(run_dir: Path, store: LatentStore) -> None:
     store.require_latent_space(old.get("autoencoder") or {}, old.get("latent_shape"),
                                f"--resume: run {run_dir} was trained on",
                                f"resume with the run's own store ({old.get('latents')})")
+    _check_same_images(run_dir, old, store)
+
+
+def _check_same_images(run_dir: Path, old: dict, store: LatentStore) -> None:
+    """A resume continues on the images the run started with: a store of another identity is refused. A run
+    written before identities were recorded has none to compare; record_run records it from now on."""
+    recorded = old.get("store") or {}
+    if "identity" not in recorded or recorded["identity"] == store.manifest.identity:
+        return
+    then, now = recorded.get("images"), store.manifest.image_count
+    fix = (f"a resume continues on the images the run started with; to train on these, fine-tune from the run: "
+           f"latentpatch train --base {run_dir} --latents {store.path} --out NEW")
+    same_folder = old.get("latents") == str(store.path.resolve())
+    if same_folder and then is not None:
+        change = (f"{now - then} images added" if now > then else f"{then - now} images removed" if now < then
+                  else "as many images, but not the same ones")
+        raise UserError(f"--resume: store {store.path} has changed since run {run_dir} started on it ({change}: "
+                        f"{then} then, {now} now); {fix}")
+    held = f"{then} images" if then is not None else "other images"
+    raise UserError(f"--resume: run {run_dir} was trained on store {old.get('latents')} ({held}), but store "
+                    f"{store.path} holds other images ({now}); {fix}")
 
 
 def saved_config(run_dir: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
