@@ -105,3 +105,30 @@ def make_tiny_kl_vae(path: str | Path, seed: int = 0, latent_channels: int = 4, 
     )
     vae.save_pretrained(path)
     return Path(path)
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The `latentpatch` console entry point in this process, as a user runs it: (exit code, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    from latentpatch.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["latentpatch", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def verify_store(store) -> None:
+    """Every shard file of a LatentStore matches the sha256 its manifest records (reads everything)."""
+    import hashlib
+
+    from latentpatch.data.manifest import SHARD_DIR
+
+    for record in store.manifest.shards:
+        path = store.path / SHARD_DIR / record.file
+        found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        assert found == record.sha256, f"{path} is missing or differs from the manifest's sha256"

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_run import make_tiny_run
-from helpers import make_image_folder
+from tiny_runs import make_tiny_run
+from helpers import make_image_folder, run_main
 from trainer_helpers import make_store, photo_crops
 
-from latentpatch.cli.app import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -96,17 +95,9 @@ BAD_INPUTS = [
 ]
 
 
-def _main(monkeypatch, capsys, args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["latentpatch", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
-
-
 @pytest.mark.parametrize("make_args,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_error_line_and_exit_2(world, monkeypatch, capsys, make_args, message):
-    code, _, err = _main(monkeypatch, capsys, make_args(world))
+    code, _, err = run_main(monkeypatch, capsys, *make_args(world))
     assert code == 2, err
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -117,7 +108,7 @@ def test_bad_input_is_one_error_line_and_exit_2(world, monkeypatch, capsys, make
                          ids=["train-int-not-a-number", "sample-int-not-a-number", "encode-unknown-option"])
 def test_options_the_parser_rejects_exit_2_with_usage_not_a_traceback(world, monkeypatch, capsys, args):
     args = [str(world["run"]) if a == "RUN" else str(world["images"]) if a == "IMAGES" else a for a in args]
-    code, _, err = _main(monkeypatch, capsys, args)
+    code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 2 and "Traceback" not in err and ("Invalid value" in err or "No such option" in err), err
 
 
@@ -133,16 +124,16 @@ def test_a_second_train_into_the_same_run_folder_is_refused_while_the_first_runs
         while not (run / "run.json").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, first.stderr.read()
-        code, _, err = _main(monkeypatch, capsys, ["train", "--latents", world["store"], "--out", run, "--resume",
-                                                   "--device", "cpu", "--no-progress", "--max-steps", 3])
+        code, _, err = run_main(monkeypatch, capsys, "train", "--latents", world["store"], "--out", run, "--resume",
+                                "--device", "cpu", "--no-progress", "--max-steps", 3)
         assert code == 2 and err.startswith(f"error: another train is writing to {run}"), err
         assert "Traceback" not in err
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The lock dies with its holder: the killed run's folder can be resumed straight away.
-    code, stdout, err = _main(monkeypatch, capsys, ["train", "--latents", world["store"], "--out", run, "--resume",
-                                                    "--device", "cpu", "--no-progress", "--max-steps", 2])
+    code, stdout, err = run_main(monkeypatch, capsys, "train", "--latents", world["store"], "--out", run, "--resume",
+                                 "--device", "cpu", "--no-progress", "--max-steps", 2)
     assert code == 0, err
 
 
@@ -151,8 +142,8 @@ def test_resume_after_an_edit_of_the_model_size_names_the_first_tensor_that_does
     run = make_tiny_run(tmp_path / "run", side=16)  # on the world's 3 x 16 x 16 store
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("hidden_size: 32", "hidden_size: 64"))
-    code, _, err = _main(monkeypatch, capsys, ["train", "--latents", world["store"], "--out", run, "--resume",
-                                               "--device", "cpu", "--no-progress", "--max-steps", 2])
+    code, _, err = run_main(monkeypatch, capsys, "train", "--latents", world["store"], "--out", run, "--resume",
+                            "--device", "cpu", "--no-progress", "--max-steps", 2)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {run}/checkpoints/step-00000001/model.safetensors does not fit the model built "
                           "from the run's config: tensor "), err
@@ -162,8 +153,8 @@ def test_resume_after_an_edit_of_the_model_size_names_the_first_tensor_that_does
 def test_sample_latest_when_latest_names_a_deleted_checkpoint_says_which_it_took(tmp_path, monkeypatch, capsys):
     run = make_tiny_run(tmp_path / "run")
     (run / "checkpoints" / "LATEST").write_text("step-00000009\n")  # step 9 was deleted by hand
-    code, out, err = _main(monkeypatch, capsys, ["sample", run, "--n", 1, "--out", tmp_path / "s", "--steps", 2,
-                                                 "--device", "cpu", "--no-progress", "--checkpoint", "latest"])
+    code, out, err = run_main(monkeypatch, capsys, "sample", run, "--n", 1, "--out", tmp_path / "s", "--steps", 2,
+                              "--device", "cpu", "--no-progress", "--checkpoint", "latest")
     assert code == 0, err
     assert err.strip() == (f"warning: {run}/checkpoints/LATEST names step-00000009, which is missing or incomplete "
                            "(deleted?); using step-00000001, the newest complete checkpoint"), err
@@ -181,9 +172,9 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_said_once_in_one_line(tm
     cfg = load_config("tiny", ["train.max_steps=1", "train.ckpt_every=1", "model.attention=sdpa"])
     lp.train(cfg, tmp_path / "store", tmp_path / "run", progress=False, device="cpu")
     prompt = "red " * 2500  # 10,000 characters
-    code, out, err = _main(monkeypatch, capsys, ["sample", tmp_path / "run", "--prompt", prompt, "--n", 2,
-                                                 "--batch-size", 1, "--out", tmp_path / "s", "--steps", 2,
-                                                 "--device", "cpu", "--no-progress"])
+    code, out, err = run_main(monkeypatch, capsys, "sample", tmp_path / "run", "--prompt", prompt, "--n", 2,
+                              "--batch-size", 1, "--out", tmp_path / "s", "--steps", 2,
+                              "--device", "cpu", "--no-progress")
     assert code == 0, err
     assert err.strip() == ("warning: text 'red red red red red red red red red red red red red red r...' is 2502 "
                            "tokens, longer than the text encoder's 77: its last 2425 tokens were dropped"), err

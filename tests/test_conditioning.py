@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from text_helpers import colour_folder, write_clip_config
 
 from latentpatch.conditioning import ConditioningSpec, derive_spec, spec_from_run

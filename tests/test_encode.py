@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
-from helpers import make_image_folder, make_tiny_kl_vae, photo, save_image
+from helpers import make_image_folder, make_tiny_kl_vae, photo, save_image, verify_store
 from PIL import Image
 
 from latentpatch.autoencoders import load_autoencoder, load_autoencoder_from_info
@@ -178,7 +178,7 @@ def test_orphan_and_missing_shards_are_repaired_on_resume(folder, tmp_path):
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00001.safetensors", "shard-00002.safetensors"]
     assert not list(out.glob("*.tmp"))
     store = LatentStore(out)
-    store.verify()
+    verify_store(store)
     assert sorted(i.file for i in store.items) == sorted(p.name for p in folder.iterdir())
 
 

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_image_folder, photo, save_image
+from helpers import make_image_folder, photo, run_main, save_image, verify_store
 from typer.testing import CliRunner
 
-from latentpatch.cli.app import app, main
+from latentpatch.cli.app import app
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 
@@ -54,7 +54,7 @@ def test_a_killed_encode_resumes_and_stores_every_image_exactly_once(tmp_path):
     files = sorted(i.file for i in store.items)
     assert files == sorted(p.name for p in src.iterdir()) and len(files) == len(set(files)) == 12
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.manifest.shards)
-    store.verify()
+    verify_store(store)
     assert len(store.load()["mean"]) == 12
 
     again = invoke(*args)
@@ -67,12 +67,9 @@ def invoke(*args):
 
 def test_user_errors_print_one_line_and_exit_2_without_a_traceback(tmp_path, monkeypatch, capsys):
     nowhere = tmp_path / "nowhere"
-    monkeypatch.setattr(sys, "argv", ["latentpatch", "encode", str(nowhere), "--vae", "pixel", "--resolution", "32",
-                                      "--out", str(tmp_path / "store")])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
+    code, _, err = run_main(monkeypatch, capsys, "encode", nowhere, "--vae", "pixel", "--resolution", 32, "--out",
+                            tmp_path / "store")
+    assert code == 2 and "Traceback" not in err
     assert err.strip() == f"error: image folder {nowhere} does not exist"
 
 

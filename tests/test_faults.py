@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest_run import make_tiny_run
-from helpers import make_image_folder
+from tiny_runs import make_tiny_run
+from helpers import make_image_folder, run_main, verify_store
 from PIL import Image
 from safetensors.torch import load_file
 from trainer_helpers import make_store, photo_crops, tiny_overrides
@@ -33,7 +33,6 @@ import latentpatch.checkpoints as ckpt_module
 import latentpatch.io as lp_io
 from latentpatch.sampling import job_folder
 from latentpatch.checkpoints import latest_checkpoint
-from latentpatch.cli.app import main
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
 from latentpatch.sampling.generate import sample
@@ -68,15 +67,6 @@ def _kill_after(proc: subprocess.Popen, started, seed: int, spread: float, what:
     return proc.returncode == -signal.SIGKILL
 
 
-def _run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The console entry point in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["latentpatch", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
-
-
 def _no_temp_files(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
 
@@ -103,18 +93,18 @@ def test_encode_killed_at_a_random_point_resumes_to_a_store_with_every_image_onc
     _kill_after(proc, lambda: _stored(out) >= 1, seed, 1.5, "encode")
     before = _stored(out)
 
-    code, stdout, err = _run_main(monkeypatch, capsys, *args)
+    code, stdout, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     assert f"already present: {before}" in stdout or f"store is up to date: {N_IMAGES}" in stdout
     store = LatentStore(out)
-    store.verify()
+    verify_store(store)
     files = [i.file for i in store.items]
     assert sorted(files) == sorted(p.name for p in src.iterdir()) and len(set(files)) == N_IMAGES
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file for s in store.manifest.shards)
     assert not _no_temp_files(out)
     # The pixel autoencoder is the identity: each stored row is its own image, whatever run wrote it.
     fresh = tmp_path / "fresh"
-    assert _run_main(monkeypatch, capsys, *args[:7], fresh, *args[8:])[0] == 0
+    assert run_main(monkeypatch, capsys, *args[:7], fresh, *args[8:])[0] == 0
     a, b = store.load()["mean"], LatentStore(fresh).load()["mean"]
     order_a = np.argsort(files)
     order_b = np.argsort([i.file for i in LatentStore(fresh).items])
@@ -261,22 +251,22 @@ def test_encode_on_a_full_disk_keeps_the_store_loadable_and_a_rerun_completes(tm
     make_image_folder(src, n=4, size=32, formats=("png",))
     args = ["encode", src, "--vae", "pixel", "--resolution", 32, "--out", out, "--batch-size", 1,
             "--shard-size", 2, "--workers", 0, "--no-progress"]
-    assert _run_main(monkeypatch, capsys, *args)[0] == 0
+    assert run_main(monkeypatch, capsys, *args)[0] == 0
     make_image_folder(src, n=6, size=32, formats=("png",), start=4)
     with monkeypatch.context() as m:
         disk = FullDisk(30_000).install(m)  # room for about one more shard of 2 x 3 x 32 x 32 floats
-        code, _, err = _run_main(m, capsys, *args)
+        code, _, err = run_main(m, capsys, *args)
     _assert_disk_full_message(code, err)
     assert disk.failures >= 1
     store = LatentStore(out)
-    store.verify()
+    verify_store(store)
     assert 4 <= len(store) < 10 and len(store.load()["mean"]) == len(store)
     assert not _no_temp_files(out)
 
-    code, stdout, err = _run_main(monkeypatch, capsys, *args)
+    code, stdout, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     store = LatentStore(out)
-    store.verify()
+    verify_store(store)
     assert sorted(i.file for i in store.items) == sorted(p.name for p in src.iterdir())
 
 
@@ -284,12 +274,12 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_a_rerun_matches(stor
                                                                             monkeypatch, capsys):
     run = tmp_path / "run"
     over = [o for o in TRAIN_OVER if not o.startswith("train.max_steps")]
-    assert _run_main(monkeypatch, capsys, "train", "--latents", store, "--config", "tiny", "--out", run,
-                     "--device", "cpu", "--no-progress", "--max-steps", 10, *over)[0] == 0
+    assert run_main(monkeypatch, capsys, "train", "--latents", store, "--config", "tiny", "--out", run,
+                    "--device", "cpu", "--no-progress", "--max-steps", 10, *over)[0] == 0
     with monkeypatch.context() as m:
         disk = FullDisk(20_000).install(m)  # config, run.json and a log rewrite fit; a checkpoint does not
-        code, _, err = _run_main(m, capsys, "train", "--latents", store, "--out", run, "--resume",
-                                 "--device", "cpu", "--no-progress", "--max-steps", 30)
+        code, _, err = run_main(m, capsys, "train", "--latents", store, "--out", run, "--resume",
+                                "--device", "cpu", "--no-progress", "--max-steps", 30)
     _assert_disk_full_message(code, err)
     assert "could not write checkpoint" in err and disk.failures >= 1  # the loss plot failed too, quietly
     assert latest_checkpoint(run).name == "step-00000010"
@@ -297,8 +287,8 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_a_rerun_matches(stor
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step-00000005", "step-00000010"]
     assert not _no_temp_files(run)
 
-    code, stdout, err = _run_main(monkeypatch, capsys, "train", "--latents", store, "--out", run, "--resume",
-                                  "--device", "cpu", "--no-progress", "--max-steps", 30)
+    code, stdout, err = run_main(monkeypatch, capsys, "train", "--latents", store, "--out", run, "--resume",
+                                 "--device", "cpu", "--no-progress", "--max-steps", 30)
     assert code == 0 and "trained to step 30" in stdout, err
     _same_weights(latest_checkpoint(whole_run), latest_checkpoint(run))
 
@@ -310,7 +300,7 @@ def test_sample_on_a_full_disk_leaves_only_whole_images_and_a_rerun_completes(ti
             "--seed", 5, "--device", "cpu", "--no-progress"]
     with monkeypatch.context() as m:
         disk = FullDisk(4_000).install(m)  # job.json and a few images
-        code, _, err = _run_main(m, capsys, *args)
+        code, _, err = run_main(m, capsys, *args)
     _assert_disk_full_message(code, err)
     assert disk.failures >= 1
     written = sorted(out.glob("0*.png"))
@@ -320,6 +310,6 @@ def test_sample_on_a_full_disk_leaves_only_whole_images_and_a_rerun_completes(ti
             im.verify()
     assert not _no_temp_files(out)
 
-    code, stdout, err = _run_main(monkeypatch, capsys, *args)
+    code, stdout, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     _check_job(out, expected_images)

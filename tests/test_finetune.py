@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest_run import make_tiny_run
+from tiny_runs import make_tiny_run
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 from text_helpers import colour_folder, write_clip_config

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
+from tiny_runs import make_tiny_run
 from filelock import FileLock
 from PIL import Image
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_run import make_tiny_run
+from tiny_runs import make_tiny_run
 from trainer_helpers import make_store, photo_crops
 
 from latentpatch.checkpoints import latest_checkpoint

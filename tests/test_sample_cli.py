@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest_run import make_tiny_run, tiny_class_run, tiny_run  # noqa: F401
+from tiny_runs import make_tiny_run
 from typer.testing import CliRunner
 
 from latentpatch.cli.app import app, main

@@ -228,14 +228,6 @@ class LatentStore:
             raise UserError(f"{who} latents of the {describe_autoencoder(autoencoder)}, but store {self.path} "
                             f"was encoded with the {describe_autoencoder(have)}; {fix}")
 
-    def verify(self) -> None:
-        """Check every shard file against the sha256 in the manifest (slow: reads everything)."""
-        for i, s in enumerate(self.manifest.shards):
-            path = self._shard_path(i)
-            h = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-            if h != s.sha256:
-                raise UserError(f"{path} is missing or differs from the manifest's sha256; re-encode into a new --out")
-
     def _shard_path(self, shard: int) -> Path:
         return self.path / SHARD_DIR / self.manifest.shards[shard].file
 

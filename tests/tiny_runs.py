@@ -1,7 +1,7 @@
 """A tiny real run folder (config, run.json, one checkpoint) for sampling tests, written with the trainer's
 own checkpoint writer and the "pixel" autoencoder, so decoding is the identity.
 
-Import it from a test module: `from conftest_run import make_tiny_run, tiny_run  # noqa: F401`.
+The `tiny_run` and `tiny_class_run` fixtures (tests/conftest.py) make one in a test's tmp_path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import copy
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 import latentpatch
@@ -59,13 +58,3 @@ def make_tiny_run(
         optimizer = torch.optim.AdamW(model.parameters())
         save_checkpoint(root, step, model, ema, optimizer, {"nimg": 0})
     return root
-
-
-@pytest.fixture
-def tiny_run(tmp_path: Path) -> Path:
-    return make_tiny_run(tmp_path / "run")
-
-
-@pytest.fixture
-def tiny_class_run(tmp_path: Path) -> Path:
-    return make_tiny_run(tmp_path / "class_run", num_classes=3)
