@@ -108,7 +108,7 @@ def split_holdout(names: list[str], k: int, seed: int, order: tuple[str, ...] = 
     return [n for n in sorted(names) if n not in held], held
 
 
-def to_unit_range(image: Tensor) -> Tensor:
+def to_model_range(image: Tensor) -> Tensor:
     """uint8 [3,H,W] -> float32 in [-1, 1], the autoencoders' image range."""
     return image.float() / 127.5 - 1.0
 
@@ -128,7 +128,7 @@ class CropSampler:
             h, w = image.shape[1:]
             if min(h, w) < crop:
                 raise UserError(f"an image of {w} x {h} pixels is smaller than the crop {crop}")
-            x = to_unit_range(image)
+            x = to_model_range(image)
             levels.append([x if s == 1 else resize(x, round(h * s), round(w * s))
                            for s in scales if min(h, w) * s >= crop])
         return cls(levels, crop)
@@ -153,7 +153,7 @@ def fixed_crops(images: list[Tensor], n: int, crop: int, seed: int) -> Tensor:
     for i in range(n):
         x = images[i % len(images)]
         top, left = _randint(x.shape[1] - crop + 1, g), _randint(x.shape[2] - crop + 1, g)
-        out[i] = to_unit_range(x[:, top:top + crop, left:left + crop])
+        out[i] = to_model_range(x[:, top:top + crop, left:left + crop])
     return out
 
 
