@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
         context_settings={"help_option_names": ["-h", "--help"]},
         epilog="Example: latentpatch train --latents store/ --config tiny --out runs/demo train.max_steps=100 "
         "optim.lr=3e-4.  Fine-tune: latentpatch train --base runs/demo --data my_images/ --out runs/ft "
-        "--max-steps 2000.  Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli train ...",
+        "--max-steps 2000.  On a small store (up to 5000 source images) a share is held out and evaluated, the "
+        "best checkpoint kept and the run stopped early by default (heldout.share=0 turns it off).  "
+        "Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli train ...",
     )
     def train(
         latents: Optional[Path] = typer.Option(
@@ -75,6 +77,8 @@ def register(app: typer.Typer) -> None:
                 loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
                 typer.echo(f"fine-tuned to step {result.step} (loss {loss}) in {result.seconds:.0f} s; "
                            f"latest checkpoint {result.checkpoint}")
+                if result.summary:
+                    typer.echo(result.summary)
             return
         if latents is None:
             raise UserError("--latents is needed: the latent store to train on (or --base with --data to fine-tune)")
@@ -94,3 +98,5 @@ def register(app: typer.Typer) -> None:
             loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
             typer.echo(f"trained to step {result.step} ({result.kimg:.1f} kimg, loss {loss}) in {result.seconds:.0f} s; "
                        f"latest checkpoint {result.checkpoint}")
+            if result.summary():
+                typer.echo(result.summary())
