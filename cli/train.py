@@ -91,7 +91,9 @@ def register(app: typer.Typer) -> None:
             warnings.filterwarnings("ignore", message=".*nothing to train")  # said below, in the CLI's words
             result = run_train(cfg, latents, out, resume=resume, max_steps=max_steps, device=device,
                                progress=progress)
-        if os.environ.get("RANK", "0") == "0" and result.trained == 0:
+        if os.environ.get("RANK", "0") == "0" and result.trained == 0 and result.stopped_early:
+            typer.echo(f"nothing to train: run {out} stopped early at step {result.step}. {result.summary()}")
+        elif os.environ.get("RANK", "0") == "0" and result.trained == 0:
             typer.echo(f"nothing to train: run {out} is already at step {result.step} (train.max_steps); pass a "
                        "larger --max-steps to continue it")
         elif os.environ.get("RANK", "0") == "0":

@@ -154,6 +154,10 @@ def test_early_stopping_stops_at_the_right_evaluation_with_best_in_place_and_res
     for name in ("model.safetensors", "ema.safetensors"):
         assert (latest_checkpoint(tmp_path / "split") / name).read_bytes() == \
             (latest_checkpoint(tmp_path / "whole") / name).read_bytes()
+    # A run that stopped early is done: resuming it trains nothing and says why.
+    with pytest.warns(UserWarning, match="stopped early at step 12"):
+        again = train(None, store, tmp_path / "whole", resume=True, max_steps=100, **FAST)
+    assert (again.trained, again.step, again.stopped_early) == (0, 12, 3)
 
 
 @pytest.mark.slow

@@ -200,7 +200,10 @@ class _Session:
         session.heldout, session.plan = heldout, plan
         if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
             session.restore(found)
-        if session.step >= cfg.train.max_steps:
+        if session.heldout is not None and session.heldout.should_stop:
+            warnings.warn(f"run {run_dir} stopped early at step {session.step} (no new best held-out loss in "
+                          f"{session.heldout.since_best} evaluations): nothing to train", stacklevel=3)
+        elif session.step >= cfg.train.max_steps:
             warnings.warn(f"run {run_dir} is at step {session.step} and train.max_steps is {cfg.train.max_steps}: "
                           "nothing to train; pass a larger --max-steps to continue it", stacklevel=3)
         if dist.distributed:
@@ -316,7 +319,8 @@ class _Session:
         logger = RunLogger(self.run_dir, enabled=dist.is_main)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
         interval = LogInterval()
-        last_loss, train_seconds, t_start, stop, ok = None, 0.0, time.perf_counter(), False, False
+        last_loss, train_seconds, t_start, ok = None, 0.0, time.perf_counter(), False
+        stop = self.heldout is not None and self.heldout.should_stop  # a resumed run that had stopped early
         first_step = self.step
         try:
             if self.heldout is not None and self.step == 0:
