@@ -6,7 +6,7 @@ Both are scored on faces 80-99 (never seen by either; the same 20 held-out faces
 `latentpatch eval`'s held-out loss, for the full-size and the default patch schedule (paper+sigma), one seed.
 Run from benchmarks/:
 
-    python guard_defaults.py --out guard20 --steps 3000 --jobs 2
+    python guard_defaults.py --out guard20 --steps 2400 --jobs 2 --settings guarded
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default="full-size,paper+sigma")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--settings", default="guarded,unguarded", help="guarded (the defaults) and/or unguarded")
     args = ap.parse_args()
     from latentpatch.checkpoints import latest_checkpoint
     from latentpatch.metrics.denoising import run_denoising_loss
@@ -53,7 +54,8 @@ def main() -> None:
     data = prepare_data(args.out, "faces20")
     runs = {(arm, kind): (args.out / f"{arm}-{kind}", COMMON + ARMS[arm] + extra + [
         f"train.seed={args.seed}", f"train.max_steps={args.steps}"])
-        for arm in args.arms.split(",") for kind, extra in (("guarded", GUARDED), ("unguarded", UNGUARDED))}
+        for arm in args.arms.split(",") for kind, extra in (("guarded", GUARDED), ("unguarded", UNGUARDED))
+        if kind in args.settings.split(",")}
     todo = [(out, data["train"], over) for out, over in runs.values() if latest_checkpoint(out) is None]
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: train_one(*job), todo))

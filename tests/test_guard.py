@@ -49,6 +49,10 @@ def test_a_large_store_and_an_explicit_share_0_train_exactly_as_configured():
     # A large store asked for evaluation (heldout.every) gets the held-out share; early stopping stays off.
     chosen, _ = choose_defaults(auto_config(**{"heldout.every": 50}), fake_store(100_000))
     assert (chosen.heldout.share * 100_000, chosen.heldout.every, chosen.train.patience) == (256, 50, 0)
+    # A store of 19 images has none to spare, whatever heldout.every asks: it trains on all and says why.
+    chosen, note = choose_defaults(auto_config(**{"heldout.every": 50}), fake_store(19, views=2))
+    assert (chosen.heldout.share, chosen.heldout.every, chosen.train.patience) == (0.0, 0, 0)
+    assert note.startswith("the store has 19 source images, fewer than 20")
 
 
 def test_the_heldout_images_go_with_their_flips_and_are_never_trained_on(tmp_path):

@@ -55,7 +55,7 @@ def choose_defaults(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, str 
         if h.every == 0 or not (small or h.every):  # evaluation turned off, or a large store left as it is
             h.share = 0.0
         elif n < MIN_SOURCES:
-            h.share = 0.0
+            h.share, h.every = 0.0, 0  # nothing to evaluate on, even when heldout.every asked for it
             note = (f"the store has {n} source images, fewer than {MIN_SOURCES}: too few to hold any out, so the run "
                     "trains on all of them without held-out evaluation or early stopping (give heldout.latents "
                     "to evaluate on other images)")
