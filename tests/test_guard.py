@@ -45,7 +45,9 @@ def test_a_small_store_holds_out_a_tenth_of_its_source_images_and_evaluates_40_t
 def test_a_large_store_and_an_explicit_share_0_train_exactly_as_configured():
     for cfg, store in [(auto_config(), fake_store(5001)), (auto_config(**{"heldout.share": 0}), fake_store(40))]:
         chosen, note = choose_defaults(cfg, store)
-        assert (chosen.heldout.share, chosen.heldout.every, chosen.train.patience, note) == (0.0, 0, 0, None)
+        assert (chosen.heldout.share, chosen.heldout.every, chosen.train.patience) == (0.0, 0, 0)
+        assert note == (None if len(store.items) == 40 else "the store has 5001 source images, more than 5000: it "
+                        "trains as configured; set heldout.share or heldout.latents to evaluate")
     # A large store asked for evaluation (heldout.every) gets the held-out share; early stopping stays off.
     chosen, _ = choose_defaults(auto_config(**{"heldout.every": 50}), fake_store(100_000))
     assert (chosen.heldout.share * 100_000, chosen.heldout.every, chosen.train.patience) == (256, 50, 0)

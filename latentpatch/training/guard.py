@@ -46,7 +46,7 @@ def source_images(store: LatentStore) -> int:
 
 def choose_defaults(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, str | None]:
     """`cfg` with heldout.share, heldout.every and train.patience filled in where they are null, and a note
-    when the store is small but too small to spare any images (None otherwise)."""
+    when the defaults hold nothing out (a store too small to spare images, or a large one; None otherwise)."""
     cfg = copy.deepcopy(cfg)
     h, tc = cfg.heldout, cfg.train
     n = source_images(store)
@@ -54,8 +54,12 @@ def choose_defaults(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, str 
     if h.latents:
         h.share = h.share or 0.0
     elif h.share is None:
-        if h.every == 0 or not (small or h.every):  # evaluation turned off, or a large store left as it is
+        if h.every == 0:  # evaluation turned off
             h.share = 0.0
+        elif not (small or h.every):  # a large store trains as configured
+            h.share = 0.0
+            note = (f"the store has {n} source images, more than {SMALL_STORE}: it trains as configured; set "
+                    "heldout.share or heldout.latents to evaluate")
         elif n < MIN_SOURCES:
             h.share, h.every = 0.0, 0  # nothing to evaluate on, even when heldout.every asked for it
             note = (f"the store has {n} source images, fewer than {MIN_SOURCES}: too few to hold any out, so the run "
