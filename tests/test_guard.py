@@ -156,7 +156,8 @@ def test_early_stopping_stops_at_the_right_evaluation_with_best_in_place_and_res
     train(cfg, store, tmp_path / "split", max_steps=10, **FAST)
     split = train(None, store, tmp_path / "split", resume=True, max_steps=100, **FAST)
     assert (split.step, split.best_step, split.stopped_early) == (12, 6, 3)
-    assert [p.name for p in list_checkpoints(tmp_path / "split")] == [p.name for p in list_checkpoints(tmp_path / "whole")]
+    names = [[p.name for p in list_checkpoints(tmp_path / run)] for run in ("split", "whole")]
+    assert names[0] == names[1]
     for name in ("model.safetensors", "ema.safetensors"):
         assert (latest_checkpoint(tmp_path / "split") / name).read_bytes() == \
             (latest_checkpoint(tmp_path / "whole") / name).read_bytes()

@@ -107,7 +107,8 @@ def test_training_and_eval_score_a_checkpoint_with_one_data_std(stores, tmp_path
     train_store, held_store = stores
     heldout_run(train_store, held_store, tmp_path / "run", **{"train.max_steps": 8, "train.keep_checkpoints": 3})
     weight_sd = json.loads((tmp_path / "run" / "run.json").read_text())["heldout"]["weight_sd"]
-    assert weight_sd == round(LatentStore(train_store).latent_std(), 4) != round(LatentStore(held_store).latent_std(), 4)
+    stds = [round(LatentStore(path).latent_std(), 4) for path in (train_store, held_store)]
+    assert weight_sd == stds[0] != stds[1]
     logged = {r["step"]: r["heldout_loss"] for r in read_log(tmp_path / "run" / "log.jsonl") if "heldout_loss" in r}
     for step in (4, 8):
         report = evaluate_run(tmp_path / "run", metrics="loss", latents=held_store, checkpoint=step, loss_sigmas=4,

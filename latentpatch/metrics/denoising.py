@@ -8,8 +8,8 @@ runs and machines: the noise levels are the fixed mid-quantiles of the training 
 on the CPU), the network sees the whole latent with the full coordinate grid, as sampling does, and the
 weighting's sd follows one rule: the training store's measured std (`store_sigma_data`, the run's
 edm.sigma_data unless a config sets it), recorded in run.json, so training's held-out figure and `latentpatch
-eval`'s agree and runs trained with other preconditioning on one store are scored on one scale. The mean over the grid is then a quadrature of the training loss's
-expectation over sigma. Needs no pretrained network.
+eval`'s agree and runs trained with other preconditioning on one store are scored on one scale. The mean
+over the grid is then a quadrature of the training loss's expectation over sigma. Needs no pretrained network.
 
 For latents x0 ~ N(0, sd^2 I) with sd their std the ideal denoiser has expected L(sigma) exactly 1 at every
 sigma, so 1 is the floor for Gaussian data; structure in real data lets a model score below it.

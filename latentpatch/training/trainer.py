@@ -3,8 +3,8 @@
 One straight loop (like DiT's train.py): each step draws one patch size from the schedule, accumulates
 gradients over micro-batches, clips, steps, updates the EMA, and every so often logs, evaluates the EMA on
 held-out latents, samples and checkpoints; it stops early when the held-out loss stops improving (on a small
-store all of that is on by default: guard.py). All randomness of a step is a function of (seed, step), so `resume=True` continues a killed
-run exactly and any number of ranks computes the same global batch.
+store all of that is on by default: guard.py). All randomness of a step is a function of (seed, step), so
+`resume=True` continues a killed run exactly and any number of ranks computes the same global batch.
 """
 
 from __future__ import annotations
@@ -372,11 +372,12 @@ class _Session:
             result.best = ckpt_io.best_checkpoint(self.run_dir)
             result.best_loss, result.best_step = held.best_loss, held.best_step
             result.heldout_loss = held.last_loss if held.last_step == self.step else None
-            result.stopped_early = held.since_best if held.should_stop else 0
+            result.stopped_early = held.since_best if held.should_stop and self.step < self.cfg.train.max_steps else 0
         return result
 
     def _postfix(self, record: dict) -> dict:
-        """The progress bar's figures: training loss, images/s and, when evaluated, the latest and best held-out loss."""
+        """The progress bar's figures: training loss, images/s and, once evaluated, the latest and best held-out
+        loss (best as LOSS@STEP)."""
         shown = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['img_s']:.1f}"}
         held = self.heldout
         if held is not None and held.last_loss is not None:
