@@ -95,6 +95,7 @@ COMMON = [  # the demo's DiT size and optimiser; every knob an arm studies pinne
     "model.dit.patch_size=2", "model.attention=sdpa", "optim.lr=0.001", "optim.warmup_steps=50",
     "train.batch_size=16", "train.precision=fp32", "train.ema_halflife_kimg=2.0", "train.ema_rampup=0.1",
     "train.log_every=100", "train.keep_checkpoints=1", "heldout.sigmas=8", "heldout.keep_best=true",
+    "train.patience=0",  # the whole curve to the budget: no early stop (on by default for a small store)
     "patches.real_p=0.5", "patches.sizes=[0.5]", "patches.aligned=true", "patches.loss_weighting=mean",
     "train.ema_count=images", "edm.sigma_data=null", "routing.share=0", "patches.sigma_overlap=1",
     "patches.sigma_order=crops-low", "edm.snr_cap=null",

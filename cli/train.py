@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
         context_settings={"help_option_names": ["-h", "--help"]},
         epilog="Example: latentpatch train --latents store/ --config tiny --out runs/demo train.max_steps=100 "
         "optim.lr=3e-4.  Fine-tune: latentpatch train --base runs/demo --data my_images/ --out runs/ft "
-        "--max-steps 2000.  Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli train ...",
+        "--max-steps 2000.  On a small store (up to 5000 source images) a share is held out and evaluated, the "
+        "best checkpoint kept and the run stopped early by default (heldout.share=0 turns it off).  "
+        "Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli train ...",
     )
     def train(
         latents: Optional[Path] = typer.Option(
@@ -75,6 +77,8 @@ def register(app: typer.Typer) -> None:
                 loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
                 typer.echo(f"fine-tuned to step {result.step} (loss {loss}) in {result.seconds:.0f} s; "
                            f"latest checkpoint {result.checkpoint}")
+                if result.summary:
+                    typer.echo(result.summary)
             return
         if latents is None:
             raise UserError("--latents is needed: the latent store to train on (or --base with --data to fine-tune)")
@@ -87,10 +91,14 @@ def register(app: typer.Typer) -> None:
             warnings.filterwarnings("ignore", message=".*nothing to train")  # said below, in the CLI's words
             result = run_train(cfg, latents, out, resume=resume, max_steps=max_steps, device=device,
                                progress=progress)
-        if is_main_process() and result.trained == 0:
+        if is_main_process() and result.trained == 0 and result.stopped_early:
+            typer.echo(f"nothing to train: run {out} stopped early at step {result.step}. {result.summary()}")
+        elif is_main_process() and result.trained == 0:
             typer.echo(f"nothing to train: run {out} is already at step {result.step} (train.max_steps); pass a "
                        "larger --max-steps to continue it")
         elif is_main_process():
             loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
             typer.echo(f"trained to step {result.step} ({result.kimg:.1f} kimg, loss {loss}) in {result.seconds:.0f} s; "
                        f"latest checkpoint {result.checkpoint}")
+            if result.summary():
+                typer.echo(result.summary())

@@ -2,7 +2,8 @@
 
     config.yaml   the resolved RunConfig (every value a run was trained with)
     run.json      what sampling needs besides it: the autoencoder that decodes, the latent shape and
-                  resolution, the conditioning spec (classes, text encoder)
+                  resolution, the conditioning spec (classes, text encoder); and how the run was held out
+                  and evaluated (the held-out files, every, patience, the weighting's sd), which eval reads
     checkpoints/  safetensors weights (latentpatch.checkpoints)
 
 A run can always be sampled, evaluated and fine-tuned from its folder alone.
@@ -39,8 +40,9 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / RUN_FILE).is_file()
 
 
-def run_info(store: LatentStore, spec: ConditioningSpec) -> dict[str, Any]:
-    """run.json of a run trained on `store` with conditioning `spec`."""
+def run_info(store: LatentStore, spec: ConditioningSpec, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run.json of a run trained on `store` with conditioning `spec` and held-out plan `heldout`
+    (training.guard.HeldoutPlan.to_dict)."""
     return {
         "format_version": RUN_FORMAT_VERSION,
         "latents": str(store.path.resolve()),
@@ -49,6 +51,7 @@ def run_info(store: LatentStore, spec: ConditioningSpec) -> dict[str, Any]:
         "resolution": list(store.resolution),
         "store": {"identity": store.manifest.identity, "images": store.manifest.image_count},
         "conditioning": spec.to_dict(),
+        **({} if heldout is None else {"heldout": heldout}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "latentpatch_version": latentpatch.__version__,
     }
@@ -98,8 +101,8 @@ def load_run(
     run_dir: str | os.PathLike, weights: str = "ema", checkpoint: str | int | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedRun:
-    """The denoiser of a run folder: config, run.json and the `weights` of a verified checkpoint (the latest
-    by default), built on `device`."""
+    """The denoiser of a run folder: config, run.json and the `weights` of a verified checkpoint (by default
+    BEST, the best held-out one, when the run kept one, else the latest), built on `device`."""
     from latentpatch.config import load_config
     from latentpatch.denoiser import build_precond
 

@@ -171,3 +171,19 @@ def test_train_cli_fine_tunes_with_base(base_run, images, tmp_path):
     assert "fine-tuned to step 2" in result.output
     missing = CliRunner().invoke(app, ["train", "--base", str(base_run), "--out", str(tmp_path / "x")])
     assert missing.exit_code != 0 and "--base needs --data" in str(missing.exception)
+
+
+def test_a_small_folder_fine_tune_is_guarded_by_default_with_lora_too(base_run, tmp_path):
+    """The base's held-out settings are not inherited: the fine-tune's own folder decides (24 images: 4 held out),
+    and `sample` loads the fine-tune's BEST."""
+    from latentpatch.checkpoints import best_checkpoint
+
+    folder = colour_folder(tmp_path / "faces", n=24, captions=False)
+    result = lp.finetune(base_run, folder, tmp_path / "ft", steps=8, lr=1e-2, batch_size=4, lora_rank=2, **FAST)
+    info = json.loads((tmp_path / "ft" / "run.json").read_text())["heldout"]
+    assert (info["held_out_images"], info["every"], info["patience"]) == (4, 1, 10)
+    cfg = load_config(tmp_path / "ft" / "config.yaml")
+    assert (cfg.heldout.share, cfg.heldout.every, cfg.train.patience) == (4 / 24, 1, 10)
+    assert result.best == best_checkpoint(tmp_path / "ft") and result.summary.startswith("Best held-out loss")
+    assert f"at step {int(result.best.name[5:])}" in result.summary
+    assert load_run(tmp_path / "ft").step == int(result.best.name[5:])

@@ -42,10 +42,11 @@ def test_the_logged_heldout_loss_is_the_emas_on_the_fixed_grid_and_the_best_is_k
     found = best_checkpoint(tmp_path / "run")
     assert found is not None and found.name == f"step-{best['step']:08d}"
     assert found in list_checkpoints(tmp_path / "run")  # retention (keep 1) keeps it beside the latest
-    assert read_state(found)["heldout_best"] == {"loss": best["heldout_loss"], "step": best["step"]}
+    state = read_state(found)["heldout_best"]
+    assert (state["loss"], state["step"]) == (best["heldout_loss"], best["step"])
     # The same number again, computed directly on that checkpoint's EMA with the training store's weighting.
     ema = load_run(tmp_path / "run", weights="ema", checkpoint=best["step"]).precond
-    heldout = store_heldout_set(held_store, num_sigmas=4, sigma_data=LatentStore(train_store).latent_std())
+    heldout = store_heldout_set(held_store, num_sigmas=4, sigma_data=round(LatentStore(train_store).latent_std(), 4))
     direct = denoising_loss(ema, heldout)
     assert direct.mean == pytest.approx(best["heldout_loss"], rel=1e-5)
     assert direct.per_sigma == pytest.approx(best["heldout_per_sigma"], rel=1e-5)
@@ -94,4 +95,23 @@ def test_a_share_split_trains_on_the_rest_and_scores_the_held_rows(stores, tmp_p
     held = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "heldout_loss" in r]
     assert [r["step"] for r in held] == [0, 5]
     with pytest.raises(UserError, match="heldout.every=5 needs held-out latents"):
-        load_config("tiny", ["heldout.every=5"])
+        load_config("tiny", ["heldout.every=5", "heldout.share=0"])
+
+
+def test_training_and_eval_score_a_checkpoint_with_one_data_std(stores, tmp_path):
+    """The held-out weighting's sd is the training store's measured std, recorded in run.json; `latentpatch
+    eval`'s held-out loss reads it there, so it equals the figure training logged for the same checkpoint
+    (eval used to weight with the held-out store's own std, training with the training store's)."""
+    from latentpatch.metrics.evaluate import evaluate_run
+
+    train_store, held_store = stores
+    heldout_run(train_store, held_store, tmp_path / "run", **{"train.max_steps": 8, "train.keep_checkpoints": 3})
+    weight_sd = json.loads((tmp_path / "run" / "run.json").read_text())["heldout"]["weight_sd"]
+    stds = [round(LatentStore(path).latent_std(), 4) for path in (train_store, held_store)]
+    assert weight_sd == stds[0] != stds[1]
+    logged = {r["step"]: r["heldout_loss"] for r in read_log(tmp_path / "run" / "log.jsonl") if "heldout_loss" in r}
+    for step in (4, 8):
+        report = evaluate_run(tmp_path / "run", metrics="loss", latents=held_store, checkpoint=step, loss_sigmas=4,
+                              device="cpu")
+        assert report["metrics"]["loss"]["weight_sigma_data"] == weight_sd
+        assert report["metrics"]["loss"]["mean"] == pytest.approx(logged[step], rel=1e-6)

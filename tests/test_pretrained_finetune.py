@@ -26,7 +26,8 @@ from latentpatch.errors import UserError
 from latentpatch.runs import load_run
 
 FAST = dict(device="cpu", progress=False)
-QUICK = ["train.log_every=20", "train.ema_halflife_kimg=0.05", "optim.warmup_steps=10"]
+QUICK = ["train.log_every=20", "train.ema_halflife_kimg=0.05", "optim.warmup_steps=10",
+         "heldout.share=0"]  # the learning curves of a fixed run length: no held-out share, no early stop
 
 
 @pytest.fixture(scope="module")

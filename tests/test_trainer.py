@@ -197,7 +197,11 @@ def test_sample_grid_is_written_every_n_steps(store, tmp_path):
     grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
     assert grids == ["step-00000002.png", "step-00000004.png"]
     with Image.open(tmp_path / "run" / "samples" / "step-00000004.png") as im:
-        assert im.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16 px images, 2 px padding
+        width, height = im.size  # 2x2 grid of 16 px images, 2 px padding, under a strip labelled with the step
+        strip = height - (2 * 16 + 3 * 2)
+        assert width == 2 * 16 + 3 * 2 and 8 <= strip <= 24
+        text = im.convert("L").crop((0, 0, width, strip))
+        assert min(text.getdata()) < 64 and max(text.getdata()) == 255  # dark letters on white
 
 
 def test_callback_sees_each_step_and_can_stop_the_run(store, tmp_path):

@@ -59,7 +59,8 @@ def make_store(root: Path, images: torch.Tensor, labels: list[int] | None = None
 
 
 def tiny_overrides(**extra) -> list[str]:
-    """key=value overrides on top of the tiny preset that keep a test run to seconds."""
-    base = {"train.log_every": 5, "train.ckpt_every": 10, "optim.warmup_steps": 10}
+    """key=value overrides on top of the tiny preset that keep a test run to seconds. Held-out evaluation is
+    off unless a test asks for it: these stores are small, where a run would otherwise hold out a share."""
+    base = {"train.log_every": 5, "train.ckpt_every": 10, "optim.warmup_steps": 10, "heldout.share": 0}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -46,8 +46,10 @@ class FinetuneResult:
     latents: Path
     step: int
     loss: float | None
-    checkpoint: Path | None
+    checkpoint: Path | None  # the newest; `sample` loads `best` when the fine-tune kept one
     seconds: float
+    best: Path | None = None
+    summary: str | None = None  # the held-out line (best loss and step, early stop), as `train` ends with
 
     def __fspath__(self) -> str:
         return str(self.run_dir)
@@ -115,7 +117,8 @@ def finetune(
                                             "lora_rank": lora_rank})
     result = train(None if resumed else cfg, store, out, resume=resume, max_steps=steps, device=device,
                    progress=progress, init_state=state)
-    return FinetuneResult(out, store.path, result.step, result.loss, result.checkpoint, result.seconds)
+    return FinetuneResult(out, store.path, result.step, result.loss, result.checkpoint, result.seconds,
+                          result.best, result.summary())
 
 
 def _prepare_data(
@@ -176,6 +179,9 @@ def _finetune_config(found: FinetuneBase, store: LatentStore, text_encoder, step
     tc.max_steps, tc.ckpt_every, tc.log_every = steps, min(tc.ckpt_every, steps), min(tc.log_every, steps)
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))  # it starts from trained weights
     cfg.model.lora_rank = lora_rank
+    # Held-out evaluation is chosen for the new data as for any run (training/guard.py: on by default for a
+    # small folder, with early stopping), not inherited from the base's data.
+    cfg.heldout.latents = cfg.heldout.share = cfg.heldout.every = cfg.train.patience = None
     if lr is not None:
         cfg.optim.lr = float(lr)
     if batch_size is not None:

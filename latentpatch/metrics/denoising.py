@@ -6,9 +6,10 @@
 runs and machines: the noise levels are the fixed mid-quantiles of the training log-normal
 (`edm.heldout_sigma_grid`), image i's noise at every level comes from its own seed (`edm.fixed_noise`, drawn
 on the CPU), the network sees the whole latent with the full coordinate grid, as sampling does, and the
-weighting's sd is the held-out latents' own std, not the model's sigma_data, so runs trained with other
-preconditioning are scored on one scale. The mean over the grid is then a quadrature of the training loss's
-expectation over sigma. Needs no pretrained network.
+weighting's sd follows one rule: the training store's measured std (`store_sigma_data`, the run's
+edm.sigma_data unless a config sets it), recorded in run.json, so training's held-out figure and `latentpatch
+eval`'s agree and runs trained with other preconditioning on one store are scored on one scale. The mean
+over the grid is then a quadrature of the training loss's expectation over sigma. Needs no pretrained network.
 
 For latents x0 ~ N(0, sd^2 I) with sd their std the ideal denoiser has expected L(sigma) exactly 1 at every
 sigma, so 1 is the floor for Gaussian data; structure in real data lets a model score below it.
@@ -36,6 +37,24 @@ if TYPE_CHECKING:
     from latentpatch.runs import LoadedRun
 
 
+def store_sigma_data(store: LatentStore) -> float:
+    """The one rule for a run's data std: its training store's measured latent std, to 4 places. It is the
+    preconditioning's sigma_data when the config leaves it unset, and the held-out weighting's sd always."""
+    return round(store.latent_std(), 4)
+
+
+def run_weight_sd(loaded: LoadedRun) -> float:
+    """The held-out weighting's sd a run was scored with in training (run.json); for a run recorded before
+    that field, its training store's rule when the store is still there, else its sigma_data."""
+    recorded = (loaded.info.get("heldout") or {}).get("weight_sd")
+    if recorded is not None:
+        return float(recorded)
+    train_store = Path(loaded.info.get("latents") or "")
+    if loaded.info.get("latents") and train_store.is_dir():
+        return store_sigma_data(LatentStore(train_store))
+    return float(loaded.cfg.edm.sigma_data)
+
+
 @dataclass
 class DenoisingLoss:
     sigmas: list[float]  # the fixed grid, ascending
@@ -43,7 +62,7 @@ class DenoisingLoss:
     mean: float  # mean over the grid (equal weights: the grid points are equal-probability quantiles)
     n_images: int
     seed: int
-    weight_sigma_data: float  # the sd of the weighting lambda(sigma): the held-out latents' std
+    weight_sigma_data: float  # the sd of the weighting lambda(sigma): the training store's measured std
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,11 +193,11 @@ def run_denoising_loss(
                                "encode the held-out images with the run's autoencoder, at its resolution")
     edm = loaded.cfg.edm
     heldout = store_heldout_set(store, loaded.spec, num_sigmas=num_sigmas, seed=seed, limit=limit,
-                                P_mean=edm.P_mean, P_std=edm.P_std)
+                                P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=run_weight_sd(loaded))
     return denoising_loss(loaded.precond, heldout, batch_size=batch_size)
 
 
 __all__ = [
-    "DenoisingLoss", "HeldoutSet", "denoising_loss", "run_denoising_loss",
-    "store_heldout_set",
+    "DenoisingLoss", "HeldoutSet", "denoising_loss", "run_denoising_loss", "run_weight_sd",
+    "store_heldout_set", "store_sigma_data",
 ]

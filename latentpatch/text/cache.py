@@ -9,6 +9,7 @@ manifest; `manifest.text_encoder` records the encoder (name, weights, hashes, wi
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ from latentpatch.text.open_clip_encoder import TextEmbeddings, TextEncoder
 NULL_FILE = "text_null.safetensors"
 TEXT_KEYS = ("text_tokens", "text_mask", "text_pooled")
 HASH_KEY = "text_caption_hash"
+KEEP_CAPTIONS = 1024  # rows of this many recent captions kept while encoding (~120 MB at 77 x 768 in float16)
 
 
 def open_store_text(
@@ -60,13 +62,29 @@ def open_store_text(
 
 
 def with_text_rows(
-    previous: Callable[[list[Item]], dict[str, torch.Tensor]] | None, encoder: TextEncoder, dtype: torch.dtype
+    previous: Callable[[list[Item]], dict[str, torch.Tensor]] | None, encoder: TextEncoder, dtype: torch.dtype,
+    keep: int = KEEP_CAPTIONS,
 ) -> Callable[[list[Item]], dict[str, torch.Tensor]]:
-    """An encode `extra_tensors` callable that adds each item's caption embedding to its shard row."""
+    """An encode `extra_tensors` callable that adds each item's caption embedding to its shard row.
+
+    The text tower runs once per distinct caption, not once per image: the rows of the last `keep` captions
+    are kept across encode batches (a captioned folder often repeats a few captions on every image), and
+    `item_tensors` embeds each new caption of a batch once. A row is the same bits either way."""
+    known: OrderedDict[str | None, dict[str, torch.Tensor]] = OrderedDict()
 
     def rows(items: list[Item]) -> dict[str, torch.Tensor]:
         out = previous(items) if previous is not None else {}
-        out.update(encoder.item_tensors([i.caption for i in items], dtype))
+        captions = [i.caption for i in items]
+        new = [c for c in dict.fromkeys(captions) if c not in known]
+        if new:
+            made = encoder.item_tensors(new, dtype)
+            for j, caption in enumerate(new):
+                known[caption] = {k: v[j] for k, v in made.items()}
+        for caption in captions:
+            known.move_to_end(caption)
+        out.update({k: torch.stack([known[c][k] for c in captions]) for k in (*TEXT_KEYS, HASH_KEY)})
+        while len(known) > max(keep, len(set(captions))):
+            known.popitem(last=False)
         return out
 
     return rows

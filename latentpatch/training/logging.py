@@ -55,8 +55,8 @@ def truncate_log(path: str | os.PathLike, after_step: int) -> None:
 
 
 def plot_loss(log_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
-    """Training loss (and its running mean) and, when the run evaluates one, the EMA's held-out loss, against
-    kimg; False when there is nothing to plot yet."""
+    """Training loss (and its running mean) and, when the run evaluates one, the EMA's held-out loss with its
+    best point starred (the checkpoint `sample` loads), against kimg; False when there is nothing to plot yet."""
     records = read_log(log_path)
     train = [r for r in records if "loss" in r and math.isfinite(r["loss"])]
     held = [r for r in records if "heldout_loss" in r and math.isfinite(r["heldout_loss"])]
@@ -76,9 +76,12 @@ def plot_loss(log_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
         smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
         ax.plot(x, smooth, lw=1.5, label=f"training loss, mean of {k}")
     if held:
-        best = min(held, key=lambda r: r["heldout_loss"])
+        trained = [r for r in held if r["step"] > 0] or held  # step 0 is the curve's start, never the best
+        best = min(trained, key=lambda r: r["heldout_loss"])
         ax.plot([r.get("kimg", r["step"]) for r in held], [r["heldout_loss"] for r in held], "o-", ms=2.5, lw=1.2,
-                label=f"held-out loss of the EMA (best {best['heldout_loss']:.4f} at step {best['step']})")
+                label="held-out loss of the EMA")
+        ax.plot([best.get("kimg", best["step"])], [best["heldout_loss"]], "*", ms=12, color="crimson",
+                label=f"best {best['heldout_loss']:.4f} at step {best['step']} (what `sample` loads)")
     ax.set_xlabel("kimg (full-size-equivalent images / 1000)")
     ax.set_ylabel("EDM-weighted loss")
     ax.set_yscale("log")

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.io import atomic_write_bytes
@@ -20,17 +21,33 @@ from latentpatch.seeding import image_seed
 def save_preview_grid(
     precond: torch.nn.Module, autoencoder, latent_shape: tuple[int, int, int], path: str | os.PathLike,
     device: torch.device, *, n: int, steps: int, sigma_min: float, sigma_max: float,
-    cond: Conditioning | None = None,
+    cond: Conditioning | None = None, label: str | None = None,
 ) -> None:
     """n samples (EDM Heun) with the images 0..n-1 of a seed-0 `latentpatch sample` job's noise and a fixed
-    `cond`, the same at every step, so a run's grids show one set of samples evolve."""
-    from torchvision.utils import save_image
+    `cond`, the same at every step, so a run's grids show one set of samples evolve; `label` (the step and its
+    held-out loss) is written in a strip above the grid, so a grid opened alone says where it stands."""
+    from torchvision.utils import make_grid
 
     # autocast stays the caller's (the trainer's precision); float32 integration is plenty for a preview
     x = generate_latents(precond, [image_seed(0, i) for i in range(n)], latent_shape,
                          None if cond is None else cond.to(device), sampler=DEFAULTS.sampler, steps=steps,
                          sigma_min=sigma_min, sigma_max=sigma_max, device=device, dtype=torch.float32, autocast=False)
     images = autoencoder.decode(x).float().clamp(-1, 1)
+    grid = make_grid((images + 1) / 2, nrow=max(1, math.ceil(math.sqrt(n))))
+    picture = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy())
+    if label:
+        picture = labelled(picture, label)
     buf = io.BytesIO()
-    save_image((images + 1) / 2, buf, format="png", nrow=max(1, math.ceil(math.sqrt(n))))
+    picture.save(buf, format="png")
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def labelled(picture: Image.Image, label: str) -> Image.Image:
+    """`picture` under a white strip with `label` in PIL's built-in font (no font file needed)."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), label, font=font)
+    strip = bottom - top + 6
+    out = Image.new("RGB", (max(picture.width, right - left + 6), picture.height + strip), "white")
+    out.paste(picture.convert("RGB"), (0, strip))
+    ImageDraw.Draw(out).text((3 - left, 3 - top), label, fill="black", font=font)
+    return out

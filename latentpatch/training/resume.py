@@ -17,9 +17,12 @@ from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
 from latentpatch.runs import CONFIG_FILE, RUN_FILE, run_info
+from latentpatch.training.guard import HeldoutPlan
 from latentpatch.training.logging import LOG_FILE
 
 RESUMABLE_KEYS = ("train.max_steps",)  # may change between a run and its resume
+# Chosen at a run's start when left null (guard.py): a resume that leaves them null keeps the run's choice.
+CHOSEN_KEYS = (("heldout", "share"), ("heldout", "every"), ("train", "patience"))
 LOCK_FILE = ".train.lock"
 
 
@@ -67,6 +70,7 @@ def saved_config(run_dir: Path, cfg: RunConfig | None, resume: bool) -> RunConfi
     if resume and saved.is_file():
         old = load_config(saved)
         if cfg is not None:
+            cfg = _with_chosen(cfg, old)
             diff = config_differences(old, cfg)
             if diff:
                 raise UserError(
@@ -84,7 +88,19 @@ def saved_config(run_dir: Path, cfg: RunConfig | None, resume: bool) -> RunConfi
     return cfg
 
 
-def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec) -> None:
+def _with_chosen(request: RunConfig, old: RunConfig) -> RunConfig:
+    """The request with the keys it leaves to the run (null) taken from the run's saved config."""
+    import copy
+
+    request = copy.deepcopy(request)
+    for section, key in CHOSEN_KEYS:
+        if getattr(getattr(request, section), key) is None:
+            setattr(getattr(request, section), key, getattr(getattr(old, section), key))
+    return request
+
+
+def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec,
+               plan: HeldoutPlan | None = None) -> None:
     """Rank 0 writes config.yaml and run.json; a fresh start (or a resume killed before its first checkpoint)
     also clears stale logs and checkpoint leftovers. A resume must be on latents of the same space."""
     has_ckpt = latest_checkpoint(run_dir) is not None
@@ -95,7 +111,7 @@ def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: Conditio
         (run_dir / LOG_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
     save_config(cfg, run_dir / CONFIG_FILE)
-    info = run_info(store, spec)
+    info = run_info(store, spec, heldout=None if plan is None else plan.to_dict())
     if has_ckpt:  # a resume keeps the date the run was created
         try:
             info["created"] = json.loads((run_dir / RUN_FILE).read_text())["created"]

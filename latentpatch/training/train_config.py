@@ -49,12 +49,17 @@ class TrainConfig:
     # On CUDA the store's rows move to the GPU when they fit in this share of its free memory; else they stay
     # memory-mapped on the host and each step copies its rows over (pinned, asynchronous).
     data_device_share: float = 0.25
+    # Early stopping: held-out evaluations without a new best before the run stops (0: never; null: 10 on a
+    # small store, where held-out evaluation is on by default, else 0; see training/guard.py).
+    patience: int | None = None
 
     def check(self) -> None:
         """Values no type check catches; each message names the key."""
         for key in ("batch_size", "grad_accum", "log_every", "ckpt_every", "max_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.patience is not None and self.patience < 0:
+            raise UserError(f"train.patience must be >= 0 (0: no early stopping), got {self.patience}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise UserError(f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
         if self.precision not in PRECISIONS:
@@ -66,30 +71,34 @@ class TrainConfig:
 @dataclass
 class HeldoutConfig:
     """Held-out evaluation during training: the EMA's EDM-weighted denoising loss on latents it never trains
-    on, at fixed noise levels with fixed noise, every `every` steps; the best checkpoint is kept."""
+    on, at fixed noise levels with fixed noise, every `every` steps; the best checkpoint is kept.
+
+    `share` and `every` left null are chosen at the start of a run (training/guard.py): on a small store a
+    share of its source images and a few dozen evaluations, on a large one none; the choice is written into
+    the run's config.yaml, so a resume keeps it."""
 
     latents: str | None = None  # a held-out latent store (the training store's autoencoder and latent shape)
-    share: float = 0.0  # or hold out this share of the training store's source images (a flip goes with it)
-    every: int = 0  # optimisation steps between evaluations (0: no held-out evaluation)
+    share: float | None = None  # or hold out this share of the training store's source images (a flip goes with it)
+    every: int | None = None  # optimisation steps between evaluations (0: no held-out evaluation)
     sigmas: int = 8  # noise levels: the mid-quantiles of the training log-normal (edm.heldout_sigma_grid)
     limit: int = 256  # at most this many held-out images
     seed: int = 0  # the fixed noise
     keep_best: bool = True  # keep the best checkpoint (what `sample` loads by default)
 
     def check(self) -> None:
-        if not 0.0 <= self.share < 1.0:
+        if self.share is not None and not 0.0 <= self.share < 1.0:
             raise UserError(f"heldout.share must be in [0, 1), got {self.share}")
-        if self.latents and self.share > 0:
+        if self.latents and self.share:
             raise UserError("give heldout.latents or heldout.share, not both")
-        if self.every < 0 or self.sigmas < 1 or self.limit < 1:
+        if (self.every or 0) < 0 or self.sigmas < 1 or self.limit < 1:
             raise UserError("heldout.every must be >= 0, heldout.sigmas and heldout.limit >= 1")
-        if self.every > 0 and not self.latents and self.share == 0:
+        if self.every and not self.latents and self.share == 0:
             raise UserError(f"heldout.every={self.every} needs held-out latents: set heldout.latents (a latent store) "
                             "or heldout.share (a share of the training store)")
 
     @property
     def enabled(self) -> bool:
-        return self.every > 0
+        return bool(self.every)
 
 
 @dataclass

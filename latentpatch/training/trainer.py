@@ -1,9 +1,10 @@
 """The training loop: patch schedule -> batch -> EDM loss -> AdamW -> EMA, with logs and checkpoints.
 
 One straight loop (like DiT's train.py): each step draws one patch size from the schedule, accumulates
-gradients over micro-batches, clips, steps, updates the EMA, and every so often logs, samples and
-checkpoints. All randomness of a step is a function of (seed, step), so `resume=True` continues a killed
-run exactly and any number of ranks computes the same global batch.
+gradients over micro-batches, clips, steps, updates the EMA, and every so often logs, evaluates the EMA on
+held-out latents, samples and checkpoints; it stops early when the held-out loss stops improving (on a small
+store all of that is on by default: guard.py). All randomness of a step is a function of (seed, step), so
+`resume=True` continues a killed run exactly and any number of ranks computes the same global batch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from latentpatch.patches import PatchSchedule, PatchStage
 from latentpatch.seeding import derive_seed
 from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, place_rows, training_rows
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
-from latentpatch.training.heldout import HeldoutEval, heldout_rows
+from latentpatch.metrics.denoising import store_sigma_data
+from latentpatch.training.guard import HeldoutPlan, choose_defaults
+from latentpatch.training.heldout import HeldoutEval
 from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
 from latentpatch.training.resume import LOCK_FILE, record_run, saved_config
 
@@ -48,10 +51,26 @@ class TrainResult:
     run_dir: Path
     step: int
     kimg: float  # full-size-equivalent images seen, / 1000
-    checkpoint: Path | None  # the newest checkpoint (what `sample` loads)
+    checkpoint: Path | None  # the newest checkpoint (`sample` loads BEST when there is one, else this)
     loss: float | None  # mean loss over the last log interval
     seconds: float
     trained: int = 0  # steps this call trained (0: the run was already at train.max_steps)
+    best: Path | None = None  # the checkpoint of the best held-out loss (checkpoints/BEST): what `sample` loads
+    best_loss: float | None = None  # the EMA's held-out loss there
+    best_step: int | None = None
+    heldout_loss: float | None = None  # the last evaluation's held-out loss, at step `step`
+    stopped_early: int = 0  # > 0: the run stopped after this many evaluations without a new best
+
+    def summary(self) -> str | None:
+        """The held-out line a run ends with (None without held-out evaluation)."""
+        if self.best_loss is None or self.best_step is None:
+            return None
+        why = (f"stopped early at step {self.step}: no new best held-out loss in {self.stopped_early} evaluations. "
+               if self.stopped_early else "")
+        last = "" if self.heldout_loss is None else f" (last: {self.heldout_loss:.4f} at step {self.step})"
+        where = f"BEST, {self.best.name}" if self.best is not None else "BEST"
+        return (f"{why}Best held-out loss {self.best_loss:.4f} at step {self.best_step}{last}; "
+                f"`latentpatch sample` uses that checkpoint ({where})")
 
 
 @dataclass
@@ -64,7 +83,7 @@ class StepInfo:
     patch: tuple[int, int]  # (height, width) of this step's crops
     batch_size: int  # samples in this step's global batch
     train_seconds: float  # wall time spent in optimisation steps so far (not logging, sampling, saving)
-    precond: torch.nn.Module  # the trained EDMPrecond
+    precond: torch.nn.Module  # the trained preconditioned denoiser (EDM, or a pretrained base's VP)
     ema: torch.nn.Module
 
     @property
@@ -81,7 +100,8 @@ def train(
     """Train on a latent store into run folder `out` (see latentpatch.runs); `cfg` None resumes.
 
     `callback(info)` runs on every rank after each step; returning True ends the run after a checkpoint.
-    `init_state` (plain state-dict keys of the EDMPrecond) replaces the random initial weights: fine-tuning.
+    `init_state` (plain state-dict keys of the preconditioned denoiser) replaces the random initial weights:
+    fine-tuning. A small store is held out from and evaluated on by default, with early stopping (guard.py).
     """
     dist_info = init_distributed(device)
     lock = None
@@ -100,7 +120,7 @@ def resolve_with_store(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, C
     measured latent std when unset), the conditioning spec, and where the text embeddings come from."""
     cfg, spec, text = derive_spec(copy.deepcopy(cfg), store)
     if cfg.edm.sigma_data is None:
-        std = round(store.latent_std(), 4)
+        std = store_sigma_data(store)
         if not std > 0:
             raise UserError(f"the latents of {store.path} have standard deviation {std}, so edm.sigma_data cannot "
                             "follow them; check the store (are all images the same?) or set edm.sigma_data")
@@ -146,6 +166,7 @@ class _Session:
     optimizer: torch.optim.Optimizer
     schedule: PatchSchedule
     heldout: HeldoutEval | None = None
+    plan: HeldoutPlan | None = None
     step: int = 0
     nimg: float = 0.0  # full-size-equivalent images seen
     nsamples: int = 0  # samples (crops) seen
@@ -166,18 +187,23 @@ class _Session:
         cfg.check()
         if spec is None:
             cfg, spec, text = resolve_with_store(cfg, store)
+        cfg, note = choose_defaults(cfg, store)  # a resumed run's were chosen at its start: nothing left to fill
+        plan = HeldoutPlan.of(cfg, store, note)
         if dist.is_main:
-            record_run(run_dir, cfg, store, spec)
+            record_run(run_dir, cfg, store, spec, plan)
+            print(plan.describe(), flush=True)
         barrier(dist)
         tensors = load_training_tensors(store, spec, text)
-        held = heldout_rows(store, cfg.heldout.share, cfg.train.seed) if cfg.heldout.share > 0 else None
-        heldout = HeldoutEval.build(cfg, store, spec, tensors, held) if cfg.heldout.enabled else None
-        rows = place_rows(training_rows(tensors, held), dist.device, cfg.train.data_device_share)
+        heldout = HeldoutEval.build(cfg, store, spec, tensors, plan.rows) if cfg.heldout.enabled else None
+        rows = place_rows(training_rows(tensors, plan.rows), dist.device, cfg.train.data_device_share)
         session = cls._build(cfg, spec, run_dir, dist, store, rows, init_state)
-        session.heldout = heldout
+        session.heldout, session.plan = heldout, plan
         if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
             session.restore(found)
-        if session.step >= cfg.train.max_steps:
+        if session.heldout is not None and session.heldout.should_stop:
+            warnings.warn(f"run {run_dir} stopped early at step {session.step} (no new best held-out loss in "
+                          f"{session.heldout.since_best} evaluations): nothing to train", stacklevel=3)
+        elif session.step >= cfg.train.max_steps:
             warnings.warn(f"run {run_dir} is at step {session.step} and train.max_steps is {cfg.train.max_steps}: "
                           "nothing to train; pass a larger --max-steps to continue it", stacklevel=3)
         if dist.distributed:
@@ -294,7 +320,8 @@ class _Session:
         logger = RunLogger(self.run_dir, enabled=dist.is_main)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
         interval = LogInterval()
-        last_loss, train_seconds, t_start, stop, ok = None, 0.0, time.perf_counter(), False, False
+        last_loss, train_seconds, t_start, ok = None, 0.0, time.perf_counter(), False
+        stop = self.heldout is not None and self.heldout.should_stop  # a resumed run that had stopped early
         first_step = self.step
         try:
             if self.heldout is not None and self.step == 0:
@@ -309,19 +336,21 @@ class _Session:
                     stop = bool(callback(StepInfo(self.step, self.nimg, loss, (stage.height, stage.width),
                                                   stage.batch_size, train_seconds, self.precond, self.ema)))
                 final = self.step == tc.max_steps or stop
+                best = False
+                if self.heldout is not None and (self.step % self.cfg.heldout.every == 0 or final):
+                    best = self.evaluate(logger, autocast) and self.cfg.heldout.keep_best
+                    if self.heldout.should_stop and not final:  # patience spent: this checkpoint ends the run
+                        stop = final = True
                 if self.step % tc.log_every == 0 or final:
                     losses, grad_norm = self.read_losses()
                     record = interval.record(losses, kimg=self.nimg / 1000, lr=lr, patch=stage.height,
                                              patch_w=stage.width, batch=stage.batch_size, grad_norm=grad_norm,
                                              **memory_stats(dist.device))
                     logger.log(self.step, **record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}")
                     last_loss = record["loss"]
+                    bar.set_postfix(self._postfix(record))
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0 and dist.is_main:
                     self.save_preview(autocast)
-                best = False
-                if self.heldout is not None and (self.step % self.cfg.heldout.every == 0 or final):
-                    best = self.evaluate(logger, autocast) and self.cfg.heldout.keep_best
                 if self.step % tc.ckpt_every == 0 or final or best:
                     self.read_losses()  # a checkpoint is never written past an unseen non-finite step
                     self.checkpoint(logger, best=best)
@@ -335,8 +364,28 @@ class _Session:
                     raise
             finally:
                 logger.close()
-        return TrainResult(self.run_dir, self.step, self.nimg / 1000, self.last_ckpt, last_loss,
-                           time.perf_counter() - t_start, self.step - first_step)
+        return self._result(last_loss, time.perf_counter() - t_start, self.step - first_step)
+
+    def _result(self, last_loss, seconds: float, trained: int) -> TrainResult:
+        result = TrainResult(self.run_dir, self.step, self.nimg / 1000, self.last_ckpt, last_loss, seconds, trained)
+        held = self.heldout
+        if held is not None and held.best_step is not None:
+            result.best = ckpt_io.best_checkpoint(self.run_dir)
+            result.best_loss, result.best_step = held.best_loss, held.best_step
+            result.heldout_loss = held.last_loss if held.last_step == self.step else None
+            result.stopped_early = held.since_best if held.should_stop and self.step < self.cfg.train.max_steps else 0
+        return result
+
+    def _postfix(self, record: dict) -> dict:
+        """The progress bar's figures: training loss, images/s and, once evaluated, the latest and best held-out
+        loss (best as LOSS@STEP)."""
+        shown = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['img_s']:.1f}"}
+        held = self.heldout
+        if held is not None and held.last_loss is not None:
+            shown["held"] = f"{held.last_loss:.4f}"
+            if held.best_step is not None:
+                shown["best"] = f"{held.best_loss:.4f}@{held.best_step}"
+        return shown
 
     def evaluate(self, logger: RunLogger, autocast) -> bool:
         """The EMA's held-out loss, logged; True when it is the best so far."""
@@ -344,7 +393,7 @@ class _Session:
             loss, better = self.heldout.evaluate(self.ema, self.step)
         logger.log(self.step, kimg=self.nimg / 1000, heldout_loss=loss.mean, heldout_per_sigma=loss.per_sigma,
                    time=time.time())
-        return better and self.step > 0
+        return better
 
     def save_preview(self, autocast) -> None:
         from latentpatch.autoencoders import load_autoencoder_from_info
@@ -359,7 +408,14 @@ class _Session:
             save_preview_grid(self.ema, self.autoencoder, self.store.latent_shape,
                               self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
                               n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
-                              cond=cond)
+                              cond=cond, label=self._preview_label())
+
+    def _preview_label(self) -> str:
+        """What a preview grid is labelled with: its step and, when evaluated there, the held-out loss."""
+        held = self.heldout
+        if held is not None and held.last_step == self.step and held.last_loss is not None:
+            return f"step {self.step}  held-out {held.last_loss:.4f}"
+        return f"step {self.step}"
 
     def checkpoint(self, logger: RunLogger, best: bool = False) -> None:
         """Rank 0 writes; weights that are not finite are never written (the last good checkpoint stays)."""
