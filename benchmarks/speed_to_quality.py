@@ -64,7 +64,8 @@ from latentpatch.sampling.options import DEFAULTS
 from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.patches import PatchSchedule
 from latentpatch.training.logging import read_log
-from latentpatch.training.trainer import StepInfo, train
+from latentpatch.training.results import StepInfo
+from latentpatch.training.trainer import train
 
 N_FACES, N_HELD_FACES = 100, 20
 

@@ -38,7 +38,8 @@ from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.edm import denoising_loss_at
 from latentpatch.models.presets import DIT_SIZES
 from latentpatch.patches import random_crops
-from latentpatch.training.trainer import StepInfo, train
+from latentpatch.training.results import StepInfo
+from latentpatch.training.trainer import train
 
 C = 4  # latent channels
 

@@ -19,7 +19,8 @@ from latentpatch.errors import UserError
 from latentpatch.patches import PatchSchedule, full_coordinates
 from latentpatch.runs import load_run
 from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
-from latentpatch.training.trainer import TrainingDiverged, resolve_with_store, train
+from latentpatch.training.results import TrainingDiverged
+from latentpatch.training.trainer import resolve_with_store, train
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,8 @@ def run_demo(opts: DemoOptions, log=print) -> DemoResult:
         result = train(None if latest is not None else cfg, latents, run, resume=latest is not None,
                        max_steps=opts.steps, device=opts.device, progress=opts.progress)
         log(f"      final loss {result.loss:.4f} after {result.step} steps")
+        if result.summary():
+            log(f"      {result.summary()}")
 
     log(f"[4/4] sampling {opts.samples_per_prompt} images for each prompt (guidance {opts.guidance})")
     imgs = sample(run, prompts=prompts, n=opts.samples_per_prompt, steps=opts.sample_steps,
