@@ -26,9 +26,10 @@ AUTO = {"heldout.share": "null"}  # what a user gets who says nothing about held
 
 
 def fake_store(sources: int, views: int = 1):
-    """Only what the defaults read: items with a file hash; `views` rows per source (an image and its flip)."""
+    """Only what the defaults read: items with a file hash, `views` rows per source (an image and its flip), and
+    the manifest's count of source images."""
     items = [SimpleNamespace(sha256=f"{i:064x}", file=f"{i}.png") for i in range(sources) for _ in range(views)]
-    return SimpleNamespace(items=items)
+    return SimpleNamespace(items=items, manifest=SimpleNamespace(image_count=sources))
 
 
 def auto_config(**extra):

@@ -67,9 +67,10 @@ def with_text_rows(
 ) -> Callable[[list[Item]], dict[str, torch.Tensor]]:
     """An encode `extra_tensors` callable that adds each item's caption embedding to its shard row.
 
-    The text tower runs once per distinct caption, not once per image: the rows of the last `keep` captions
-    are kept across encode batches (a captioned folder often repeats a few captions on every image), and
-    `item_tensors` embeds each new caption of a batch once. A row is the same bits either way."""
+    The text tower runs once per distinct caption, not once per image: each new caption of a batch is embedded
+    once, and the rows of the last `keep` captions are kept across encode batches (a captioned folder often
+    repeats a few captions on every image). A row equals the per-image path's up to the tower's float rounding,
+    which follows its batch shape (tests/test_text_rows.py)."""
     known: OrderedDict[str | None, dict[str, torch.Tensor]] = OrderedDict()
 
     def rows(items: list[Item]) -> dict[str, torch.Tensor]:

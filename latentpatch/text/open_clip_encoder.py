@@ -117,18 +117,11 @@ class TextEncoder:
         return _text_forward(self.model, ids, self.layer)
 
     def item_tensors(self, captions: Sequence[str | None], dtype: torch.dtype) -> dict[str, Tensor]:
-        """Store rows for items with these captions (none -> the empty caption), with each caption's hash.
-
-        Each distinct caption goes through the tower once (a folder of a few captions repeats them on every
-        image); rows of the same caption are copies of one embedding."""
-        texts = ["" if c is None else c for c in captions]
-        distinct = list(dict.fromkeys(texts))
-        where = {text: i for i, text in enumerate(distinct)}
-        index = torch.tensor([where[t] for t in texts], dtype=torch.long)
-        emb = self.encode(distinct)
+        """Store rows for these captions (none -> the empty caption), with each caption's hash. The store's
+        cache (text.cache.with_text_rows) passes each distinct caption once."""
+        emb = self.encode(["" if c is None else c for c in captions])
         return {
-            "text_tokens": emb.tokens.to(dtype)[index], "text_mask": emb.mask[index],
-            "text_pooled": emb.pooled.to(dtype)[index],
+            "text_tokens": emb.tokens.to(dtype), "text_mask": emb.mask, "text_pooled": emb.pooled.to(dtype),
             "text_caption_hash": torch.tensor([caption_hash(c) for c in captions], dtype=torch.int64),
         }
 

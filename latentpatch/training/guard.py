@@ -39,17 +39,12 @@ EVALUATIONS = 40  # a few dozen points on the curve, whatever the run's length
 PATIENCE = 10
 
 
-def source_images(store: LatentStore) -> int:
-    """Distinct source images of a store (an image and its flip share a file hash)."""
-    return len({item.sha256 for item in store.items})
-
-
 def choose_defaults(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, str | None]:
     """`cfg` with heldout.share, heldout.every and train.patience filled in where they are null, and a note
     when the defaults hold nothing out (a store too small to spare images, or a large one; None otherwise)."""
     cfg = copy.deepcopy(cfg)
     h, tc = cfg.heldout, cfg.train
-    n = source_images(store)
+    n = store.manifest.image_count
     small, note = n <= SMALL_STORE, None
     if h.latents:
         h.share = h.share or 0.0
@@ -94,7 +89,7 @@ class HeldoutPlan:
         h = cfg.heldout
         rows = heldout_rows(store, h.share, cfg.train.seed) if h.share else None
         files = sorted({store.items[int(i)].file for i in rows}) if rows is not None else []
-        return cls(rows, files, source_images(store), h.every, cfg.train.patience, store_sigma_data(store),
+        return cls(rows, files, store.manifest.image_count, h.every, cfg.train.patience, store_sigma_data(store),
                    h.latents, note)
 
     def describe(self) -> str:
