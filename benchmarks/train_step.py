@@ -94,6 +94,7 @@ def config(size: str, batch: int, stage: str, device: torch.device):
     return load_config(None, [f"model.dit.preset=DiT-{size}/2", "model.attention=sdpa", f"train.batch_size={batch}",
                               "edm.sigma_data=1.0", "optim.warmup_steps=1", "train.log_every=100000",
                               "train.ckpt_every=100000", "train.keep_checkpoints=1",
+                              "heldout.share=0",  # steps only: no held-out evaluation (on by default for small stores)
                               f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}"] + patches)
 
 

@@ -39,6 +39,7 @@ def trainer_config(ctx: Context, model: list[str], batch: int, stages: str, step
     return lp.load_config(None, model + patches + [
         "model.attention=sdpa", f"train.batch_size={batch}", "edm.sigma_data=1.0", "optim.warmup_steps=1",
         "train.log_every=100000", "train.ckpt_every=100000", "train.keep_checkpoints=1", f"train.max_steps={steps}",
+        "heldout.share=0",  # steps only: no held-out evaluation (on by default for a small store)
         f"train.precision={ctx.precision()}", f"train.compile={str(ctx.sizes.compile_backend == 'inductor').lower()}"])
 
 
