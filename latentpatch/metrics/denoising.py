@@ -151,7 +151,7 @@ def store_heldout_set(
     """
     from latentpatch.conditioning.spec import TextSource
     from latentpatch.conditioning.stored import condition_rows, select_rows
-    from latentpatch.text.identity import cache_serves, record_features
+    from latentpatch.text.identity import same_text_encoder
 
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
     spec = spec or ConditioningSpec()
@@ -164,8 +164,7 @@ def store_heldout_set(
     text = None
     if spec.text:
         rec = spec.text_encoder
-        text = TextSource(rec, cached=cache_serves(store.manifest.text_encoder, rec["model"], rec.get("pretrained"),
-                                                   rec["max_length"], *record_features(rec)))
+        text = TextSource(rec, cached=same_text_encoder(store.manifest.text_encoder, rec))  # layer, padding too
         if any(item.caption is None for item in store.items[:count]):
             raise UserError(f"the model is text-conditioned but items of {store.path} have no caption; encode the "
                             "held-out images with their captions")

@@ -59,8 +59,7 @@ def caption_hash(caption: str | None) -> int:
     return 1 + (int.from_bytes(hashlib.sha256(caption.encode()).digest()[:8], "little") & (2**62 - 1))
 
 
-def text_identity(model: str, pretrained: str | None, max_length: int, layer: str = FEATURE_DEFAULTS["layer"],
-                  padding: str = FEATURE_DEFAULTS["padding"]) -> dict[str, Any]:
+def text_identity(model: str, pretrained: str | None, max_length: int, layer: str, padding: str) -> dict[str, Any]:
     """The record keys that identify an encoder and its features, computed from a config without loading it."""
     from latentpatch.io import sha256_file
 
@@ -75,10 +74,11 @@ def text_identity(model: str, pretrained: str | None, max_length: int, layer: st
             "max_length": int(max_length), "layer": layer, "padding": padding}
 
 
-def cache_serves(cached: dict[str, Any] | None, model: str, pretrained: str | None, max_length: int,
-                 layer: str = FEATURE_DEFAULTS["layer"], padding: str = FEATURE_DEFAULTS["padding"]) -> bool:
-    """Whether a store's cached embeddings (its manifest's record `cached`) are the features this encoder makes:
-    the one question training (`derive_spec`) and `eval`'s held-out set ask before reading the cache."""
+def cache_serves(cached: dict[str, Any] | None, model: str, pretrained: str | None, max_length: int, layer: str,
+                 padding: str) -> bool:
+    """Whether a store's cached embeddings (its manifest's record `cached`) are the features a run's text config
+    asks for (`derive_spec`); with a whole record at hand (`eval`'s held-out set) `same_text_encoder` answers it.
+    Layer and padding have no defaults: leaving them out is how two copies of this question once disagreed."""
     return cached is not None and same_text_encoder(cached, text_identity(model, pretrained, max_length, layer,
                                                                           padding))
 
