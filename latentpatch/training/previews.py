@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.io import atomic_write_bytes
+from latentpatch.sampling.job_folder import make_grid, to_pil, to_uint8
 from latentpatch.sampling.latents import generate_latents
 from latentpatch.sampling.options import DEFAULTS
 from latentpatch.seeding import image_seed
@@ -26,15 +26,11 @@ def save_preview_grid(
     """n samples (EDM Heun) with the images 0..n-1 of a seed-0 `latentpatch sample` job's noise and a fixed
     `cond`, the same at every step, so a run's grids show one set of samples evolve; `label` (the step and its
     held-out loss) is written in a strip above the grid, so a grid opened alone says where it stands."""
-    from torchvision.utils import make_grid
-
     # autocast stays the caller's (the trainer's precision); float32 integration is plenty for a preview
     x = generate_latents(precond, [image_seed(0, i) for i in range(n)], latent_shape,
                          None if cond is None else cond.to(device), sampler=DEFAULTS.sampler, steps=steps,
                          sigma_min=sigma_min, sigma_max=sigma_max, device=device, dtype=torch.float32, autocast=False)
-    images = autoencoder.decode(x).float().clamp(-1, 1)
-    grid = make_grid((images + 1) / 2, nrow=max(1, math.ceil(math.sqrt(n))))
-    picture = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy())
+    picture = to_pil(make_grid(to_uint8(autoencoder.decode(x))))  # as `sample` writes its images and grid.png
     if label:
         picture = labelled(picture, label)
     buf = io.BytesIO()
