@@ -19,7 +19,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from speed_to_quality import ARMS, COMMON, prepare_data
+from speed_to_quality import ARMS, COMMON
+from stq_data import prepare_data
 
 GUARDED = ["heldout.latents=null", "heldout.share=null", "heldout.every=null", "train.patience=null"]
 UNGUARDED = ["heldout.latents=null", "heldout.share=0", "heldout.every=0", "train.patience=0"]
