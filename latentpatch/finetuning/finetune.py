@@ -32,6 +32,7 @@ from latentpatch.errors import UserError
 from latentpatch.finetuning.starting_points import FinetuneBase, diffusers_base, load_choice, run_base
 from latentpatch.io import write_json_atomic
 from latentpatch.runs import is_run_folder
+from latentpatch.training.guard import CHOSEN_KEYS
 
 LATENTS_DIR = "latents"
 BASE_FILE = "finetune.json"
@@ -181,7 +182,9 @@ def _finetune_config(found: FinetuneBase, store: LatentStore, text_encoder, step
     cfg.model.lora_rank = lora_rank
     # Held-out evaluation is chosen for the new data as for any run (training/guard.py: on by default for a
     # small folder, with early stopping), not inherited from the base's data.
-    cfg.heldout.latents = cfg.heldout.share = cfg.heldout.every = cfg.train.patience = None
+    cfg.heldout.latents = None
+    for section, key in CHOSEN_KEYS:
+        setattr(getattr(cfg, section), key, None)
     if lr is not None:
         cfg.optim.lr = float(lr)
     if batch_size is not None:

@@ -37,6 +37,9 @@ EVALUATIONS = 40  # a few dozen points on the curve, whatever the run's length
 # goes 10 evaluations without one. Measured with these defaults (docs/benchmarks.md, guard_defaults.py): both
 # arms stopped 10 evaluations past their best, whose checkpoint was the better one on unseen faces.
 PATIENCE = 10
+# What choose_defaults fills when left null: a resume that leaves them null keeps the run's choice (resume.py),
+# a fine-tune sets them null to choose for its own data (finetuning/finetune.py).
+CHOSEN_KEYS = (("heldout", "share"), ("heldout", "every"), ("train", "patience"))
 
 
 def choose_defaults(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, str | None]:

@@ -17,12 +17,10 @@ from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
 from latentpatch.runs import CONFIG_FILE, RUN_FILE, run_info
-from latentpatch.training.guard import HeldoutPlan
+from latentpatch.training.guard import CHOSEN_KEYS, HeldoutPlan
 from latentpatch.training.logging import LOG_FILE
 
 RESUMABLE_KEYS = ("train.max_steps",)  # may change between a run and its resume
-# Chosen at a run's start when left null (guard.py): a resume that leaves them null keeps the run's choice.
-CHOSEN_KEYS = (("heldout", "share"), ("heldout", "every"), ("train", "patience"))
 LOCK_FILE = ".train.lock"
 
 
