@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_checks and the benchmarks it reuses
 
-from gpu_checks import attention_check, encode_check, pretrained_check, sample_check, stq_check, training  # noqa: E402
+from gpu_checks import attention_check, encode_check, pretrained_check, sample_check, training  # noqa: E402
+from gpu_checks import stq_check, stq_mnist_check  # noqa: E402
 from gpu_checks.common import GPU, SMOKE, Context, Row, free_memory  # noqa: E402
 
 
@@ -52,6 +53,8 @@ CHECKS = [
     Check("attention", ["6 xformers/SDPA step, DiT", "6 xformers/SDPA step, UNet"], 30, 15, attention_check.run),
     Check("encode", ["4 encode/plain vae.encode"], 60, 20, encode_check.run),
     Check("trainer DiT-XL/2", ["2 DiT-XL/2 training, share of matmul rate"], 100, 20, training.run_xl),
+    Check("speed to quality mnist5k-128", ["9 speed to quality, mnist5k-128: time to full-size's best, full/patch"],
+          170, 40, stq_mnist_check.run, optional=True),
     Check("speed to quality", ["8 speed to quality"], 110, 30, stq_check.run, optional=True),
 ]
 

