@@ -17,21 +17,46 @@ from latentpatch.seeding import make_generator
 COORDINATE_MODES = ("absolute", "local")
 LOSS_WEIGHTINGS = ("mean", "area")
 SIGMA_ORDERS = ("crops-low", "crops-high")
+COORDINATE_SCALES = ("per-axis", "longer-side")  # how a non-square image's grid is normalised (crop_coordinates)
 
 
-def _axis(full: int, start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Coordinates 2k/(R-1) - 1 of indices start..start+length-1 along one axis of side R."""
+def _axis(full: int | torch.Tensor, start: torch.Tensor, length: int, dtype: torch.dtype,
+          span: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Coordinates of indices start..start+length-1 along one axis of side R (an int, or one per sample):
+    2k/(R-1) - 1, spanning [-1, 1] (span None); with `span` S (the longer side), (2k - (R-1)) / (S-1), centred
+    and spanning [-(R-1)/(S-1), (R-1)/(S-1)], so a shorter axis spans less than a longer one."""
     k = start.to(torch.float64)[..., None] + torch.arange(length, device=start.device, dtype=torch.float64)
-    return (2.0 * k / max(full - 1, 1) - 1.0).to(dtype)
+    if span is None and isinstance(full, int):  # the square-store path, unchanged bit for bit
+        return (2.0 * k / max(full - 1, 1) - 1.0).to(dtype)
+    full_t = torch.as_tensor(full, dtype=torch.float64, device=start.device)
+    span_t = full_t if span is None else torch.as_tensor(span, dtype=torch.float64, device=start.device)
+    full_t = full_t[..., None] if full_t.ndim else full_t
+    span_t = span_t[..., None] if span_t.ndim else span_t
+    if span is None:
+        return (2.0 * k / (full_t - 1).clamp(min=1) - 1.0).to(dtype)
+    return ((2.0 * k - (full_t - 1)) / (span_t - 1).clamp(min=1)).to(dtype)
 
 
 def crop_coordinates(
-    tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, full_h: int, full_w: int,
-    dtype: torch.dtype = torch.float32,
+    tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, full_h: int | torch.Tensor,
+    full_w: int | torch.Tensor, dtype: torch.dtype = torch.float32, scale: str = "per-axis",
 ) -> torch.Tensor:
-    """[B, 2, ph, pw] coordinates of crops at (tops, lefts); channel 0 is x (width), 1 is y (height)."""
-    x = _axis(full_w, lefts, pw, dtype)  # [B, pw]
-    y = _axis(full_h, tops, ph, dtype)  # [B, ph]
+    """[B, 2, ph, pw] coordinates of crops at (tops, lefts); channel 0 is x (width), 1 is y (height).
+
+    `full_h`, `full_w`: the sides of the image each crop is cut from (ints, or one per sample when the images
+    differ in shape). `scale` "per-axis": each axis of the image spans [-1, 1]; "longer-side": both axes are
+    scaled by the longer side, so the shorter one spans less and the grid carries the image's aspect ratio
+    (the two agree on square images, bit for bit)."""
+    span = None
+    if scale == "longer-side":
+        if isinstance(full_h, int) and isinstance(full_w, int):
+            span = None if full_h == full_w else max(full_h, full_w)
+        else:
+            span = torch.maximum(torch.as_tensor(full_h), torch.as_tensor(full_w))
+    elif scale != "per-axis":
+        raise ValueError(f"unknown coordinate scale {scale!r}; one of {COORDINATE_SCALES}")
+    x = _axis(full_w, lefts, pw, dtype, span)  # [B, pw]
+    y = _axis(full_h, tops, ph, dtype, span)  # [B, ph]
     b = x.shape[0]
     return torch.stack([x[:, None, :].expand(b, ph, pw), y[:, :, None].expand(b, ph, pw)], dim=1)
 
@@ -39,21 +64,22 @@ def crop_coordinates(
 def coordinate_grid(
     full_h: int, full_w: int, top: int = 0, left: int = 0, height: int | None = None,
     width: int | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    scale: str = "per-axis",
 ) -> torch.Tensor:
     """[2, h, w] coordinates of one window of the full grid (the whole grid by default)."""
     height = full_h - top if height is None else height
     width = full_w - left if width is None else width
     t = torch.tensor([top], device=device)
     l_ = torch.tensor([left], device=device)
-    return crop_coordinates(t, l_, height, width, full_h, full_w, dtype)[0]
+    return crop_coordinates(t, l_, height, width, full_h, full_w, dtype, scale)[0]
 
 
 def full_coordinates(
     batch: int, full_h: int, full_w: int, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, scale: str = "per-axis",
 ) -> torch.Tensor:
     """[B, 2, H, W]: the full grid, what sampling and full-size training steps see."""
-    return coordinate_grid(full_h, full_w, device=device, dtype=dtype).expand(batch, 2, full_h, full_w)
+    return coordinate_grid(full_h, full_w, device=device, dtype=dtype, scale=scale).expand(batch, 2, full_h, full_w)
 
 
 def crop_offsets(
@@ -75,6 +101,7 @@ def crop_offsets(
 
 def gather_crops(
     latents: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, local_coordinates: bool = False,
+    scale: str = "per-axis",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The crops at (tops, lefts) of each sample (a vectorised gather) and their coordinate channels.
 
@@ -88,20 +115,20 @@ def gather_crops(
     bidx = torch.arange(b, device=dev)[:, None, None]
     crops = latents.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     if local_coordinates:
-        coords = full_coordinates(b, ph, pw, device=dev, dtype=latents.dtype)
+        coords = full_coordinates(b, ph, pw, device=dev, dtype=latents.dtype, scale=scale)
     else:
-        coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype)
+        coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype, scale=scale)
     return crops.contiguous(), coords.contiguous()
 
 
 def random_crops(
     latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
-    local_coordinates: bool = False, multiple: int = 1,
+    local_coordinates: bool = False, multiple: int = 1, scale: str = "per-axis",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A uniformly placed crop per sample (offsets multiples of `multiple`) and its coordinate channels."""
     b, _, h, w = latents.shape
     tops, lefts = crop_offsets(b, h, w, ph, pw, generator, multiple, device=latents.device)
-    return gather_crops(latents, tops, lefts, ph, pw, local_coordinates)
+    return gather_crops(latents, tops, lefts, ph, pw, local_coordinates, scale)
 
 
 @dataclass
@@ -123,6 +150,9 @@ class PatchConfig:
     # 1: independent draws (the paper). sigma_order "crops-low": smaller crops take lower noise levels.
     sigma_overlap: float = 1.0
     sigma_order: str = "crops-low"
+    # A non-square image's coordinate grid: "per-axis" (each axis spans [-1, 1]) or "longer-side" (both scaled
+    # by the longer side, so the grid carries the aspect ratio). The same on square images.
+    coordinate_scale: str = "per-axis"
 
     def __post_init__(self) -> None:
         # Only fills what was not given, so `check` can refuse given sides beside real_p=1.
@@ -148,6 +178,8 @@ class PatchConfig:
                 raise UserError(f"patches.size_weights must be >= 0 with a positive sum, got {self.size_weights}")
         if self.coordinates not in COORDINATE_MODES:
             raise UserError(f"patches.coordinates must be one of {COORDINATE_MODES}, got {self.coordinates!r}")
+        if self.coordinate_scale not in COORDINATE_SCALES:
+            raise UserError(f"patches.coordinate_scale must be one of {COORDINATE_SCALES}, got {self.coordinate_scale!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise UserError(f"patches.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not 0.0 <= self.sigma_overlap <= 1.0:
