@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--stq", action=argparse.BooleanOptionalAction, default=True,
                     help="run check 8 (speed to quality) when its budget still fits")
     ap.add_argument("--only", default=None, help="comma-separated check names to run (default: all)")
+    ap.add_argument("--stq-seconds", type=float, default=None, help="training seconds per arm of checks 8 and 9")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
@@ -134,7 +135,10 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: run on the GPU machine, or pass --smoke")
     deadline = args.deadline or (170.0 if args.smoke else 480.0)
-    ctx = Context(device, SMOKE if args.smoke else GPU, args.smoke)
+    sizes = SMOKE if args.smoke else GPU
+    if args.stq_seconds is not None:
+        sizes = replace(sizes, stq_seconds=args.stq_seconds, mnist_seconds=args.stq_seconds)
+    ctx = Context(device, sizes, args.smoke)
     header = {"mode": "smoke (CPU, toy sizes)" if args.smoke else "GPU", "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or "cpu", "deadline_s": deadline, "elapsed_s": 0.0}

@@ -73,7 +73,7 @@ GPU = Sizes(
     vae_channels=(128, 256, 512, 512), encode_batch=64, sample_n=256, sample_steps=18, attention_batch=64,
     unet=SMALL_UNET, xl_diffusers=dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
     stq_side=64, stq_batch=64, stq_seconds=40.0,
-    mnist_images=5000, mnist_side=128, mnist_batch=64, mnist_seconds=50.0, mnist_eval_every=50,
+    mnist_images=5000, mnist_side=128, mnist_batch=64, mnist_seconds=50.0, mnist_eval_every=100,
 )
 SMOKE = Sizes(
     dit_b=TINY_DIT, dit_xl=TINY_DIT, latent=8, batch=4, xl_batch=4, train_steps=10, xl_steps=3, warmup=1,

@@ -25,7 +25,7 @@ def best_heldout(ctx: Context, store: Path, run: Path, arm: list[str]) -> tuple[
     cfg = lp.load_config(None, s.dit_b + arm + [
         "model.attention=sdpa", f"train.batch_size={s.stq_batch}", "optim.lr=3e-4", "optim.warmup_steps=50",
         "train.ema_halflife_kimg=2.0", "train.log_every=50", "train.ckpt_every=100000", "train.keep_checkpoints=1",
-        "heldout.share=0.2", "heldout.every=25", "train.patience=0", f"train.precision={ctx.precision()}"])
+        "heldout.share=0.2", "heldout.every=25", "train.patience=0", "heldout.keep_best=false", f"train.precision={ctx.precision()}"])
     result = lp.train(cfg, store, run, device=ctx.device, progress=False,
                       callback=lambda info: info.train_seconds >= s.stq_seconds)
     losses = [r["heldout_loss"] for r in read_log(run / "log.jsonl") if "heldout_loss" in r]

@@ -11,6 +11,7 @@ the early phase of the curve, not its end.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import latentpatch as lp
@@ -29,14 +30,20 @@ def curve(ctx: Context, store: Path, heldout: Path, run: Path, arm: list[str]) -
         "model.attention=sdpa", "model.num_classes=10", f"train.batch_size={s.mnist_batch}", "optim.lr=3e-4",
         "optim.warmup_steps=50", "train.ema_halflife_kimg=5.0", "train.log_every=100", "train.ckpt_every=100000",
         "train.keep_checkpoints=1", f"heldout.latents={heldout}", f"heldout.every={s.mnist_eval_every}",
-        "train.patience=0", f"train.precision={ctx.precision()}"])
+        "train.patience=0", "heldout.keep_best=false", f"train.precision={ctx.precision()}"])
     seconds: dict[int, float] = {0: 0.0}  # an evaluation before the first step
+
+    start = time.perf_counter()
 
     def callback(info) -> bool:
         seconds[info.step] = info.train_seconds
+        if info.step % 100 == 0:  # where the wall time goes: training steps against everything around them
+            print(f"  {run.name}: step {info.step}, {info.train_seconds:.1f} training s, "
+                  f"{time.perf_counter() - start:.1f} wall s", flush=True)
         return info.train_seconds >= s.mnist_seconds
 
     lp.train(cfg, store, run, device=ctx.device, progress=False, callback=callback)
+    print(f"  {run.name}: done in {time.perf_counter() - start:.1f} wall s", flush=True)
     return [(seconds.get(r["step"], float("nan")), r["heldout_loss"], r["step"])
             for r in read_log(run / "log.jsonl") if "heldout_loss" in r]
 
@@ -56,9 +63,11 @@ def run(ctx: Context) -> list[Row]:
     train_ids, held_ids = (ids[: s.mnist_images * len(ids) // 5000] for ids in mnist_split())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        start = time.perf_counter()
         for part, ids in (("train", train_ids), ("heldout", held_ids)):
             lp.encode(write_mnist(tmp / f"images-{part}", ids, s.mnist_side), tmp / part, "builtin", s.mnist_side,
                       device=str(ctx.device), labels="folders")
+        print(f"  data written and encoded in {time.perf_counter() - start:.1f} s", flush=True)
         curves = {arm: curve(ctx, tmp / "train", tmp / "heldout", tmp / arm.replace(" ", "-"), over)
                   for arm, over in ARMS.items()}
     full, patch = curves["full-size"], curves["patch schedule"]
