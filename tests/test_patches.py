@@ -153,3 +153,20 @@ def test_sides_given_beside_real_p_1_are_refused_also_when_built_in_python():
         PatchConfig(real_p=1.0, sizes=[0.5]).check()  # the default side, given: a typo, not silently dropped
     assert PatchConfig(real_p=1.0).sizes == [] and PatchConfig().sizes == [0.5]
     PatchConfig(real_p=1.0).check()
+
+
+def test_longer_side_scale_spans_the_longer_axis_to_one_and_the_shorter_to_its_aspect():
+    g = coordinate_grid(4, 8, scale="longer-side")  # H 4, W 8
+    assert torch.allclose(g[0, 0], torch.tensor([2 * k / 7 - 1 for k in range(8)]), atol=1e-7)
+    assert torch.allclose(g[1, :, 0], torch.tensor([-3 / 7, -1 / 7, 1 / 7, 3 / 7]), atol=1e-7)
+    assert torch.equal(coordinate_grid(8, 8, scale="longer-side"), coordinate_grid(8, 8))  # square: the same grid
+
+
+def test_crops_of_images_of_different_shapes_carry_their_own_images_grid_slice():
+    tops, lefts = torch.tensor([0, 2, 1]), torch.tensor([3, 0, 1])
+    heights, widths = torch.tensor([4, 8, 6]), torch.tensor([8, 4, 6])
+    for scale in ("per-axis", "longer-side"):
+        coords = crop_coordinates(tops, lefts, 2, 3, heights, widths, scale=scale)
+        for i in range(3):
+            h, w, t, l_ = int(heights[i]), int(widths[i]), int(tops[i]), int(lefts[i])
+            assert torch.equal(coords[i], coordinate_grid(h, w, scale=scale)[:, t:t + 2, l_:l_ + 3])
