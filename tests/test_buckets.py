@@ -231,3 +231,12 @@ def test_identity_includes_each_items_bucket():
     plain = manifest()
     plain.items = [Item("a.png", "a" * 64, None, False, 0, 0)]
     assert len({a.identity, b.identity, plain.identity}) == 3
+
+
+def test_an_empty_bucketed_store_says_so(tmp_path):
+    write_manifest(tmp_path, manifest(buckets=[]))
+    store = LatentStore(tmp_path)
+    assert store.buckets == [] and store.bucket_counts == [] and len(store) == 0
+    for read in (lambda: store.most_common_bucket, store.bucket_rows):
+        with pytest.raises(UserError, match="is empty; encode some images first"):
+            read()

@@ -201,6 +201,8 @@ class LatentStore:
     def most_common_bucket(self) -> int:
         """The bucket with the most items (a tie: the one nearest square, then the first): a bucketed store's
         default shape to train at full size and to sample."""
+        if self.manifest.buckets is not None:
+            self._require_items()
         counts = self.bucket_counts
         shapes = self.bucket_latent_shapes
         return max(range(len(shapes)), key=lambda b: (counts[b], kept_share(1, 1, shapes[b][1:]), -b))

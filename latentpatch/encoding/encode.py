@@ -32,19 +32,13 @@ from latentpatch.data.images import (
     read_captions,
     scan_sources,
 )
-from latentpatch.data.manifest import (
-    MANIFEST_NAME,
-    Item,
-    Manifest,
-    plan_update,
-    read_manifest,
-    write_manifest,
-)
+from latentpatch.data.manifest import MANIFEST_NAME, Item, Manifest, read_manifest, write_manifest
 from latentpatch.data.store import TORCH_DTYPES, StoreWriter, remove_orphan_shards
 from latentpatch.text.cache import open_store_text, with_text_rows
 from latentpatch.data.transforms import as_size, check_resolution, covers, resize_center_crop
 from latentpatch.device import resolve_device
 from latentpatch.encoding.options import REPORT_NAME, EncodeOptions, EncodeSummary, api_parameters
+from latentpatch.encoding.plan import plan_update
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder, write_json_atomic
 from latentpatch.seeding import derive_seed
