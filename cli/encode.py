@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
         ),
         resolution: int = typer.Option(
             ..., "--resolution", help="Training resolution R in pixels (a multiple of the VAE's factor): shorter "
-            "side resized to R with antialiasing, then centre-cropped to R x R."
+            "side resized to R with antialiasing, then centre-cropped to R x R. With --buckets: the side of the "
+            "buckets' area R x R (a multiple of --bucket-step)."
         ),
         out: Path = typer.Option(..., "--out", help="Latent store folder (manifest.json + shards/); created if needed."),
         **options: Any,

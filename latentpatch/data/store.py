@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialise
 
 from latentpatch.autoencoders import AutoencoderInfo
+from latentpatch.data.buckets import kept_share
 from latentpatch.data.manifest import (
     MANIFEST_NAME,
     SHARD_DIR,
@@ -40,46 +42,58 @@ class StoreWriter:
     """Buffers rows and writes them as shards: shard file first, then the manifest that names it.
 
     Writing runs on one background thread so the GPU keeps encoding; at most one shard is in flight. Only
-    that thread touches the manifest until `close()` returns.
+    that thread touches the manifest until `close()` returns. A bucketed store's rows are buffered per bucket
+    (a shard holds one bucket); when all buffers together reach `shard_size`, the fullest is written, so memory
+    stays bounded by about two shards however many buckets there are.
     """
 
     def __init__(self, root: str | Path, manifest: Manifest, shard_size: int, background: bool = True):
         self.root = Path(root)
         self.manifest = manifest
         self.shard_size = shard_size
-        self._rows: list[dict[str, torch.Tensor]] = []
-        self._items: list[Item] = []
-        self._buffered = 0
+        self._buffers: dict[tuple[int, int] | None, _Buffer] = {}
+        self._names: set[str] | None = None
         self._next_index = manifest.next_shard_index()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") if background else None
         self._pending: Future | None = None
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
-    def add(self, tensors: dict[str, torch.Tensor], items: Sequence[Item]) -> None:
-        """Queue one batch: every tensor has len(items) rows; shard/row of the items are filled in on write."""
-        if self._rows and set(tensors) != set(self._rows[0]):
-            raise ValueError(f"tensor names changed within a store: {sorted(tensors)} vs {sorted(self._rows[0])}")
+    def add(self, tensors: dict[str, torch.Tensor], items: Sequence[Item],
+            bucket: tuple[int, int] | None = None) -> None:
+        """Queue one batch: every tensor has len(items) rows; shard/row (and, for a bucketed store, the index of
+        bucket `bucket`, a pixel size) of the items are filled in on write."""
+        if (bucket is None) != (self.manifest.buckets is None):
+            raise ValueError("rows of a bucketed store need their bucket, and only those")
+        if self._names is not None and set(tensors) != self._names:
+            raise ValueError(f"tensor names changed within a store: {sorted(tensors)} vs {sorted(self._names)}")
         if any(t.shape[0] != len(items) for t in tensors.values()):
             raise ValueError("every tensor needs one row per item")
-        self._rows.append({k: v.detach().cpu() for k, v in tensors.items()})
-        self._items.extend(items)
-        self._buffered += len(items)
-        if self._buffered >= self.shard_size:
-            self.flush()
+        self._names = set(tensors)
+        buffer = self._buffers.setdefault(None if bucket is None else tuple(bucket), _Buffer())
+        buffer.rows.append({k: v.detach().cpu() for k, v in tensors.items()})
+        buffer.items.extend(items)
+        if len(buffer.items) >= self.shard_size:
+            self._flush(bucket)
+        elif sum(len(b.items) for b in self._buffers.values()) >= self.shard_size:
+            self._flush(max(self._buffers, key=lambda k: len(self._buffers[k].items)))
 
     def flush(self) -> None:
-        """Write what is buffered as one shard (no-op when empty)."""
-        if not self._items:
+        """Write what is buffered, one shard per bucket (no-op when empty)."""
+        for bucket in list(self._buffers):
+            self._flush(bucket)
+
+    def _flush(self, bucket: tuple[int, int] | None) -> None:
+        buffer = self._buffers.pop(None if bucket is None else tuple(bucket), None)
+        if buffer is None or not buffer.items:
             return
-        tensors = {k: torch.cat([r[k] for r in self._rows]).contiguous() for k in self._rows[0]}
-        items, name = self._items, shard_name(self._next_index)
-        self._rows, self._items, self._buffered = [], [], 0
+        tensors = {k: torch.cat([r[k] for r in buffer.rows]).contiguous() for k in buffer.rows[0]}
+        name = shard_name(self._next_index)
         self._next_index += 1
         self._wait()
         if self._pool is None:
-            self._write(name, tensors, items)
+            self._write(name, tensors, buffer.items, bucket)
         else:
-            self._pending = self._pool.submit(self._write, name, tensors, items)
+            self._pending = self._pool.submit(self._write, name, tensors, buffer.items, bucket)
 
     def close(self) -> None:
         try:
@@ -94,15 +108,23 @@ class StoreWriter:
             pending, self._pending = self._pending, None
             pending.result()  # re-raises a failed write here, in the caller's thread
 
-    def _write(self, name: str, tensors: dict[str, torch.Tensor], items: list[Item]) -> None:
+    def _write(self, name: str, tensors: dict[str, torch.Tensor], items: list[Item],
+               bucket: tuple[int, int] | None) -> None:
         data = serialise(tensors, metadata={"format": "latentpatch-latents"})
         atomic_write_bytes(self.root / SHARD_DIR / name, data)
+        index = None if bucket is None else self.manifest.use_bucket(bucket)
         shard = len(self.manifest.shards)
-        self.manifest.shards.append(ShardRecord(name, len(items), hashlib.sha256(data).hexdigest()))
+        self.manifest.shards.append(ShardRecord(name, len(items), hashlib.sha256(data).hexdigest(), index))
         for row, item in enumerate(items):
-            item.shard, item.row = shard, row
+            item.shard, item.row, item.bucket = shard, row, index
         self.manifest.items.extend(items)
         write_manifest(self.root, self.manifest)
+
+
+@dataclass
+class _Buffer:
+    rows: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
 
 
 def remove_orphan_shards(root: str | Path, manifest: Manifest) -> int:
@@ -154,6 +176,47 @@ class LatentStore:
     def __len__(self) -> int:
         return self.manifest.count
 
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """Pixel sizes (H, W) of a bucketed store's buckets, tallest first; None for a single-shape store."""
+        return None if self.manifest.buckets is None else [(h, w) for h, w in self.manifest.buckets]
+
+    @property
+    def bucket_latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each bucket; a single-shape store has one, its latent_shape."""
+        return [tuple(s) for s in self.manifest.bucket_latent_shapes]  # type: ignore[misc]
+
+    @property
+    def bucket_of(self) -> torch.Tensor:
+        """Each item's bucket, in manifest order (all zeros for a single-shape store)."""
+        if self.manifest.buckets is None:
+            return torch.zeros(len(self), dtype=torch.long)
+        return torch.tensor([i.bucket for i in self.manifest.items], dtype=torch.long)
+
+    @property
+    def bucket_counts(self) -> list[int]:
+        return torch.bincount(self.bucket_of, minlength=len(self.bucket_latent_shapes)).tolist()
+
+    @property
+    def most_common_bucket(self) -> int:
+        """The bucket with the most items (a tie: the one nearest square, then the first): a bucketed store's
+        default shape to train at full size and to sample."""
+        if self.manifest.buckets is not None:
+            self._require_items()
+        counts = self.bucket_counts
+        shapes = self.bucket_latent_shapes
+        return max(range(len(shapes)), key=lambda b: (counts[b], kept_share(1, 1, shapes[b][1:]), -b))
+
+    def bucket_rows(self, names: Sequence[str] = ("mean", "std")) -> list[dict[str, ShardedRows]]:
+        """Per bucket, its items' stored tensors `names` (those present) as memory-mapped rows in manifest order:
+        item i is row (its rank among the items of its bucket) of bucket bucket_of[i]."""
+        if self.manifest.buckets is None:
+            return [self.rows(names)]
+        self._require_items()
+        bucket_of = self.bucket_of
+        return [self._rows_of([self.manifest.items[i] for i in (bucket_of == b).nonzero().flatten().tolist()], names)
+                for b in range(len(self.manifest.buckets))]
+
     def load(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
              names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Rows `indices` (default: all, in manifest order) of the stored tensors `names` (default: all), copied
@@ -162,6 +225,7 @@ class LatentStore:
         positions = list(range(len(items))) if indices is None else [int(i) for i in indices]
         if any(not 0 <= p < len(items) for p in positions):
             raise UserError(f"{self.path}: index out of range (the store has {len(items)} items)")
+        self._require_one_shape(positions, names)
         by_shard: dict[int, tuple[list[int], list[int]]] = {}
         for out_row, p in enumerate(positions):
             outs, rows = by_shard.setdefault(items[p].shard, ([], []))
@@ -179,8 +243,8 @@ class LatentStore:
             dst, src = torch.tensor(outs, device=device), torch.tensor(rows)
             for k, v in tensors.items():
                 result[k][dst] = v[src].to(device)
-        if not result:
-            c, h, w = self.latent_shape
+        if not result:  # no rows: the latent shape of their one bucket, else the store's (nominal) one
+            c, h, w = self.bucket_latent_shapes[items[positions[0]].bucket] if positions else self.latent_shape
             dtype = TORCH_DTYPES[self.manifest.dtype]
             result = {"mean": torch.empty(0, c, h, w, dtype=dtype, device=device)}
             if self.stores_std:
@@ -189,10 +253,31 @@ class LatentStore:
 
     def rows(self, names: Sequence[str] = ("mean", "std")) -> dict[str, ShardedRows]:
         """The stored tensors `names` (those present) as memory-mapped rows in manifest order: nothing is
-        copied until rows are drawn (data.rows)."""
-        items = self.manifest.items
-        if not items:
+        copied until rows are drawn (data.rows). A bucketed store's latents differ in shape: see bucket_rows."""
+        if self.manifest.buckets is not None:
+            raise UserError(f"latent store {self.path} holds {len(self.manifest.buckets)} aspect buckets of "
+                            "different shapes; read it one bucket at a time (LatentStore.bucket_rows)")
+        self._require_items()
+        return self._rows_of(self.manifest.items, names)
+
+    def _require_items(self) -> None:
+        if not self.manifest.items:
             raise UserError(f"latent store {self.path} is empty; encode some images first")
+
+    def _require_one_shape(self, positions: list[int], names: Sequence[str] | None) -> None:
+        """Latents of two buckets cannot share a tensor; other tensors (text embeddings) have one shape."""
+        if self.manifest.buckets is None or (names is not None and not {"mean", "std"} & set(names)):
+            return
+        items = self.manifest.items
+        found = {items[p].bucket: p for p in positions}
+        if len(found) > 1:
+            shapes = self.bucket_latent_shapes
+            (b1, p1), (b2, p2) = list(found.items())[:2]
+            raise UserError(f"{self.path}: items {p1} and {p2} are latents of different shapes, {list(shapes[b1])} "
+                            f"and {list(shapes[b2])} (aspect buckets); load one bucket at a time (bucket_of says "
+                            "which) or read them with bucket_rows()")
+
+    def _rows_of(self, items: list[Item], names: Sequence[str]) -> dict[str, ShardedRows]:
         used = sorted({i.shard for i in items})
         shards = {s: self._read_shard(s) for s in used}
         position = {s: k for k, s in enumerate(used)}
@@ -237,7 +322,7 @@ class LatentStore:
             tensors = load_file(path)
         except (OSError, SafetensorError) as e:
             raise UserError(f"could not read shard {path}: {e}") from e
-        expected = (record.count, *self.manifest.latent_shape)
+        expected = (record.count, *self.manifest.bucket_latent_shapes[record.bucket or 0])
         dtype = TORCH_DTYPES[self.manifest.dtype]
         for name in ("mean", "std") if self.manifest.stores_std else ("mean",):
             t = tensors.get(name)

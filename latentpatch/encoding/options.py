@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -51,7 +51,16 @@ class EncodeOptions:
         "mean-std", "mean-std: keep the posterior mean and std so training draws a fresh latent per read; sample: "
         "keep one drawn latent (half the size). Autoencoders without a posterior keep the latent.")
     seed: int = _option(0, "Seed for --store sample; each image's draw depends only on it and the file.")
-    upscale_small: bool = _option(False, "Upscale images smaller than R instead of skipping them.")
+    upscale_small: bool = _option(False, "Upscale images smaller than R (or than their bucket) instead of skipping "
+                                  "them.")
+    buckets: bool = _option(
+        False, "Keep each image's shape: sort the images into aspect-ratio buckets of about R x R pixels (sides "
+        "multiples of --bucket-step, long/short at most --max-aspect), each resized to cover the bucket nearest its "
+        "shape and centre-cropped by the small remainder.")
+    bucket_step: Optional[int] = _option(
+        None, "With --buckets: bucket sides are multiples of this many pixels (a multiple of the autoencoder's "
+        "factor; default: factor x 2, a DiT patch of 2 latents).")
+    max_aspect: float = _option(2.0, "With --buckets: the most elongated bucket's long side / short side.")
     shard_size: Optional[int] = _option(
         None, "Items per shard file (default: 4096, fewer if a shard would pass 256 MiB); a kill loses at most the "
         "shard being filled.")
@@ -85,6 +94,12 @@ class EncodeOptions:
             raise UserError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         if self.vae_dtype is not None and self.vae_dtype not in STORAGE_DTYPES:
             raise UserError(f"--vae-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.vae_dtype!r}")
+        if self.bucket_step is not None and self.bucket_step < 1:
+            raise UserError(f"--bucket-step must be at least 1 pixel, got {self.bucket_step}")
+        if not self.max_aspect >= 1:
+            raise UserError(f"--max-aspect must be at least 1 (1: square buckets only), got {self.max_aspect}")
+        if not self.buckets and (self.bucket_step is not None or self.max_aspect != 2.0):
+            raise UserError("--bucket-step and --max-aspect shape aspect buckets: add --buckets")
         if self.labels not in (None, "folders"):
             raise UserError(f"--labels must be 'folders' (class = top-level subfolder), got {self.labels!r}")
 
@@ -134,10 +149,17 @@ class EncodeSummary:
     images_per_s: float  # items encoded per second of encode_s
     up_to_date: bool
     report: str | None = None
+    buckets: list[dict[str, Any]] | None = None  # a bucketed store: {"size": [H, W], "items": n} per bucket
+    kept_share: float | None = None  # a bucketed store: mean share of an image's pixels its bucket keeps
+
+    def to_report(self) -> dict[str, Any]:
+        """What encode_report.json holds (the bucket keys only for a bucketed store)."""
+        d = asdict(self)
+        return d if self.buckets is not None else {k: v for k, v in d.items() if k not in ("buckets", "kept_share")}
 
     def lines(self) -> list[str]:
         if self.up_to_date:
-            return [f"store is up to date: {self.total} images in {self.out}"] + self._skip_lines()
+            return [f"store is up to date: {self.total} images in {self.out}"] + self._bucket_lines() + self._skip_lines()
         out = [
             f"encoded {self.encoded} images ({self.images_encoded} files) into {self.out} in {self.elapsed_s:.1f} s "
             f"({self.encode_s:.1f} s encoding, {self.images_per_s:.1f} images/s); the store holds {self.total}",
@@ -154,7 +176,13 @@ class EncodeSummary:
             out.append(f"kept {self.missing_sources} stored images whose source file is gone")
         if self.orphans_removed:
             out.append(f"cleaned up {self.orphans_removed} shard files left by an interrupted run")
-        return out + self._skip_lines()
+        return out + self._bucket_lines() + self._skip_lines()
+
+    def _bucket_lines(self) -> list[str]:
+        if not self.buckets:
+            return []
+        sizes = ", ".join(f"{b['size'][1]}x{b['size'][0]} {b['items']}" for b in self.buckets)
+        return [f"buckets (WxH px: images): {sizes}; mean kept share {self.kept_share:.3f} (the rest centre-cropped)"]
 
     def _skip_lines(self) -> list[str]:
         if not self.skipped:

@@ -72,6 +72,9 @@ def finetune(
     config: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     flip: bool = False,
+    buckets: bool = False,
+    bucket_step: int | None = None,
+    max_aspect: float = 2.0,
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -82,7 +85,8 @@ def finetune(
     pipeline its own text encoder (with transformers installed) else the open_clip tower whose features match
     (Stable Diffusion 1.x: ViT-L-14-quickgelu:openai, 2.x: ViT-H-14:laion2b_s32b_b79k, penultimate layer).
     vae / resolution: how an image folder is encoded (default: the base run's, or the pipeline's vae/ at the
-    network's own size).
+    network's own size); buckets / bucket_step / max_aspect: encode it in aspect buckets of about resolution^2
+    pixels instead of centre-cropping to a square (as `encode`).
     lora_rank > 0: train rank-r LoRA adapters on the attention projections instead of all weights (the
     checkpoints still hold whole weights, merged when loaded, so sampling needs nothing new).
     lr, batch_size, config (a preset or YAML, for a diffusers base) and `overrides` ("section.key=value")
@@ -103,7 +107,8 @@ def finetune(
         _check_text_choice(found, text_encoder)
     else:
         found = diffusers_base(str(base), config, text_encoder)
-    store = _prepare_data(found, Path(data), out, text_encoder, vae, resolution, flip, device, progress)
+    bucketing = {"buckets": buckets, "bucket_step": bucket_step, "max_aspect": max_aspect}
+    store = _prepare_data(found, Path(data), out, text_encoder, vae, resolution, flip, bucketing, device, progress)
     saved = out / "config.yaml"
     if resume and saved.is_file():  # the run's own config; only the number of steps may change
         cfg, resumed = load_config(saved), True
@@ -123,7 +128,8 @@ def finetune(
 
 
 def _prepare_data(
-    found: FinetuneBase, data: Path, out: Path, text_encoder, vae, resolution, flip, device, progress
+    found: FinetuneBase, data: Path, out: Path, text_encoder, vae, resolution, flip, bucketing: dict[str, Any],
+    device, progress
 ) -> LatentStore:
     """The store to train on: `data` itself, or `data` encoded into OUT/latents with the base's autoencoder."""
     from latentpatch.encoding.encode import encode
@@ -147,7 +153,7 @@ def _prepare_data(
             raise UserError("give resolution= (--resolution): the pixel size to encode the images at")
         labels = "folders" if found.cfg.model.num_classes > 0 else None  # a class per top-level subfolder
         encode(data, out / LATENTS_DIR, autoencoder, size, device=device, flip=flip, text_encoder=text,
-               progress=progress, labels=labels)
+               progress=progress, labels=labels, **bucketing)
         store = LatentStore(out / LATENTS_DIR)
     else:
         raise UserError(f"data {data} is neither an image folder nor a latent store")
