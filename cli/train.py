@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
             "for 2.x). A pretrained UNet2DConditionModel needs one of its cross_attention_dim width."),
         vae: Optional[str] = typer.Option(None, "--vae", help="With --base and an image folder: the autoencoder (default: the base run's, or the pipeline's vae/)."),
         resolution: Optional[int] = typer.Option(None, "--resolution", help="With --base and an image folder: pixel size to encode at (default: the base run's, or the pipeline network's own size)."),
+        buckets: bool = typer.Option(False, "--buckets", help="With --base and an image folder: keep each image's aspect ratio: encode it into the aspect bucket nearest its shape, of about --resolution squared pixels (as `encode --buckets`)."),
+        bucket_step: Optional[int] = typer.Option(None, "--bucket-step", help="With --buckets: bucket sides are multiples of this many pixels (default: the autoencoder's factor x 2)."),
+        max_aspect: float = typer.Option(2.0, "--max-aspect", help="With --buckets: the longest bucket side over the shortest, at most."),
         lora_rank: int = typer.Option(0, "--lora-rank", help="With --base: train rank-r LoRA adapters on the attention projections only (0 = all weights)."),
         overrides: Optional[List[str]] = typer.Argument(
             None, help="Config overrides as section.key=value, e.g. train.batch_size=32 patches.real_p=0.25 (values are YAML)."
@@ -71,6 +74,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError("--base needs --data: an image folder or a latent store to fine-tune on")
             result = finetune(base, source, out, steps=max_steps or 1000, weights=base_weights,
                               text_encoder=text_encoder, vae=vae, resolution=resolution, lora_rank=lora_rank,
+                              buckets=buckets, bucket_step=bucket_step, max_aspect=max_aspect,
                               config=config, overrides=overrides or [], resume=resume, device=device,
                               progress=progress)
             if is_main_process():
