@@ -15,7 +15,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +33,7 @@ from latentpatch.sampling.prompts import PromptEntry
 from latentpatch.runs import LoadedRun, load_run
 from latentpatch.sampling.latents import generate_latents
 from latentpatch.sampling.options import DEFAULTS, SampleOptions
+from latentpatch.sampling.shape import sample_shape
 from latentpatch.seeding import image_seed
 
 JOB_FORMAT = 1
@@ -109,10 +110,13 @@ def make_job(
     class_labels: Sequence[int] | None = None,
 ) -> Job:
     """The job spec: settings + one ImageSpec per image; nothing is generated or written. `options` are
-    checked already (`SampleOptions.check`); here only against the run."""
+    checked already (`SampleOptions.check`); here only against the run (its size too)."""
     if options.guidance != 1 and not loaded.spec.conditional:
         raise UserError(f"--guidance {options.guidance} needs a class- or text-conditioned model; this one is "
                         "unconditional")
+    shape = sample_shape(loaded, options.size)
+    if list(shape) == [int(s) for s in loaded.info["latent_shape"]]:
+        options = replace(options, size=None)  # the run's own shape, asked or not: one job, as job.json always was
     cfg = loaded.cfg.edm
     settings = {
         "run": str(loaded.run_dir.resolve()),
@@ -123,7 +127,7 @@ def make_job(
         **options.job_settings(),  # sampler, steps, guidance, churn, seed
         "sigma_min": float(cfg.sigma_min),
         "sigma_max": float(cfg.sigma_max),
-        "latent_shape": [int(s) for s in loaded.info["latent_shape"]],
+        "latent_shape": list(shape),
         "autoencoder": loaded.info["autoencoder"],
     }
     return Job(json.loads(json.dumps(settings)), plan_images(loaded, n, int(options.seed), prompts, class_labels))
@@ -155,7 +159,8 @@ def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[
     latents = generate_latents(
         loaded.precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
         sampler=options.sampler, steps=options.steps, guidance=options.guidance, churn=options.churn,
-        sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], device=device, progress=progress,
+        sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], coordinate_scale=loaded.cfg.patches.coordinate_scale,
+        device=device, progress=progress,
     )
     return autoencoder.decode(latents)
 
@@ -269,6 +274,7 @@ def sample(
     churn: float = DEFAULTS.churn,
     seed: int = DEFAULTS.seed,
     batch_size: int = DEFAULTS.batch_size,
+    size: int | tuple[int, int] | None = DEFAULTS.size,
     weights: str = "ema",
     sampler: str = DEFAULTS.sampler,
     checkpoint: str | os.PathLike | None = None,
@@ -285,11 +291,15 @@ def sample(
     resumable job (PNG + images.jsonl + grid.png, split over torchrun ranks) and read back from the PNGs.
     output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]: the 8-bit pixels of the
     PNGs, /255, with or without `out`) or, with `out`, "none" (a JobResult, nothing read back).
+    `size`: the images' (H, W) in pixels, height first as torch writes shapes (N: N x N; the command line's
+    `--size` is WxH, width first); None: the run's training shape. Each side must be a multiple of the
+    autoencoder's factor x the network's size multiple; a shape the run never trained at full size is sampled
+    with a Notice naming the nearest one it did.
 
         >>> images = latentpatch.sampling.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
     """
     options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, churn=churn, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, size=size)
     return generate(run, n, options, prompts=prompts, class_labels=class_labels, weights=weights,
                     checkpoint=checkpoint, device=device, out=out, output=output, progress=progress)
 

@@ -38,8 +38,15 @@ def image_path(out: Path, index: int) -> Path:
     return out / image_name(index)
 
 
+def _size_words(size: list[int] | None) -> str:
+    return "the run's own" if size is None else f"{size[1]}x{size[0]}"
+
+
 def _first_difference(old: dict, new: dict) -> str | None:
     """The setting that differs between two job specs, in words, or None when they are the same job."""
+    a, b = old.get("settings", {}).get("size"), new["settings"].get("size")
+    if a != b:  # said first and in pixels; absent: the run's own shape (job.json as it was before --size)
+        return f"--size (was {_size_words(a)}, now {_size_words(b)}; W x H)"
     for key in list(new["settings"]) + [k for k in old.get("settings", {}) if k not in new["settings"]]:
         a, b = old.get("settings", {}).get(key), new["settings"].get(key)
         if a != b:

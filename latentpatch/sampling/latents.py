@@ -36,12 +36,14 @@ def generate_latents(
     sigma_min: float = EDMConfig.sigma_min,
     sigma_max: float = EDMConfig.sigma_max,
     rho: float = KARRAS_RHO,
+    coordinate_scale: str = "per-axis",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
     autocast: bool | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Sample one latent per seed: [len(seeds), *shape] float32 (shape = [C, h, w]) on `device`.
+    """Sample one latent per seed: [len(seeds), *shape] float32 (shape = [C, h, w], any shape the network
+    takes) on `device`, the network seeing the full h x w grid normalised as the run's `coordinate_scale`.
 
     `precond(x, sigma[B], coords[B, 2, h, w], cond) -> D(x)` (EDMPrecond). Noise is drawn on the CPU from
     one generator per seed, so an image does not depend on its batch, and matches across devices up to
@@ -50,7 +52,7 @@ def generate_latents(
     """
     device = torch.device(device)
     c, h, w = (int(s) for s in shape)
-    coords = full_coordinates(len(seeds), h, w, device=device, dtype=torch.float32)
+    coords = full_coordinates(len(seeds), h, w, device=device, dtype=torch.float32, scale=coordinate_scale)
     use_autocast = device.type == "cuda" if autocast is None else autocast
 
     def precond_amp(x: Tensor, sigma: Tensor, coords_: Tensor, cond_: Conditioning | None) -> Tensor:

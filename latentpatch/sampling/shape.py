@@ -1,0 +1,77 @@
+"""The shape a job samples at: a pixel size (`--size`) -> the latent shape, checked once against the run.
+
+A size is (H, W) in the Python API (torch's order) and WxH on the command line (image tools' order); the
+messages spell both. Any shape the network can take is allowed, since it sees the coordinate grid of that
+shape (Patch Diffusion, Sec. 3.3); one it never trained at full size gets a Notice, because patch training
+teaches positions, not the global layout of an unseen aspect ratio.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import TYPE_CHECKING, Any, Sequence
+
+from latentpatch.data.buckets import nearest_bucket
+from latentpatch.denoiser import size_multiple
+from latentpatch.errors import Notice, UserError
+
+if TYPE_CHECKING:
+    from latentpatch.runs import LoadedRun
+
+Size = tuple[int, int]  # (H, W)
+
+_SIZE_TEXT = re.compile(r"\s*(-?\d+)\s*(?:[xX]\s*(-?\d+)\s*)?")
+
+
+def parse_size(text: str) -> Size:
+    """`--size WxH` (width first, as image tools write it) or `--size N` (N x N) -> (H, W)."""
+    match = _SIZE_TEXT.fullmatch(text)
+    if match is None:
+        raise UserError(f"--size must be WxH in pixels (width first, e.g. 64x32) or N for a square, got {text!r}")
+    width = int(match[1])
+    return (width if match[2] is None else int(match[2]), width)
+
+
+def wxh(size: Sequence[int]) -> str:
+    """(H, W) as the command line writes it: WxH."""
+    return f"{int(size[1])}x{int(size[0])}"
+
+
+def trained_sizes(info: dict[str, Any]) -> list[Size]:
+    """Latent (h, w) a run trained at full size: run.json's `buckets`, or its one `latent_shape`."""
+    buckets = info.get("buckets")
+    if buckets:
+        return [(int(h), int(w)) for h, w in buckets]
+    return [(int(info["latent_shape"][1]), int(info["latent_shape"][2]))]
+
+
+def sample_shape(loaded: LoadedRun, size: Size | None) -> tuple[int, int, int]:
+    """The latent shape (C, H/f, W/f) of images of pixel `size` (None: the run's latent_shape).
+
+    UserError unless each side is a positive multiple of f (the autoencoder's factor) x the network's size
+    multiple; a Notice naming the nearest trained size when the run never trained that shape at full size.
+    """
+    c, h0, w0 = (int(s) for s in loaded.info["latent_shape"])
+    if size is None:
+        return (c, h0, w0)
+    factor = int(loaded.info["autoencoder"]["factor"])
+    net = size_multiple(loaded.precond.net)
+    step = factor * net
+    if any(s < 1 or s % step for s in size):
+        near = tuple(max(step, round(abs(s) / step) * step) for s in size)
+        raise UserError(
+            f"--size {wxh(size)} (W x H; size={tuple(size)} in Python, H first) does not fit this run: each side "
+            f"must be a positive multiple of {step} pixels (the autoencoder's factor {factor} x the network's size "
+            f"multiple {net}); a valid size near it is --size {wxh(near)} (size={near})"
+        )
+    latent = (size[0] // factor, size[1] // factor)
+    trained = trained_sizes(loaded.info)
+    if latent not in trained:
+        th, tw = trained[nearest_bucket(*latent, trained)]
+        warnings.warn(
+            f"--size {wxh(size)}: this run never trained at that shape at full size; the nearest size it trained "
+            f"at is {wxh((th * factor, tw * factor))} (W x H). Sampling at {wxh(size)} anyway",
+            Notice, stacklevel=1,
+        )
+    return (c, *latent)
