@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "sample",
         context_settings={"help_option_names": ["-h", "--help"]},
-        epilog="Example: latentpatch sample runs/demo --n 64 --out samples/ --class 3 --guidance 2.  A prompts "
+        epilog="Example: latentpatch sample runs/demo --n 64 --out samples/ --class 3 --guidance 2.  Another shape: "
+        "--size 96x64 (W x H).  A prompts "
         "file: --prompts prompts.jsonl --n 4.  Many GPUs: torchrun --nproc_per_node 8 -m latentpatch.cli sample ...",
     )
     def sample(
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
         guidance: float = typer.Option(DEFAULTS.guidance, "--guidance", help="Classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger."),
         seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Job seed; image i uses a generator seeded by (seed, i), whatever the batch size."),
         batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Images per network batch (does not change the images)."),
+        size: Optional[str] = typer.Option(None, "--size", help="Image size in pixels, WxH (width first, e.g. 64x32) or N for N x N; default: the run's training shape. Each side a multiple of the autoencoder's factor x the network's size multiple (DiT patch size, UNet downsampling); lp.sample takes size=(H, W), height first."),
         sampler: str = typer.Option(DEFAULTS.sampler, "--sampler", help="heun (EDM, 2nd order), euler, or dpmpp_2m (DPM-Solver++ 2M)."),
         churn: float = typer.Option(DEFAULTS.churn, "--churn", help="EDM stochastic churn S_churn (0 = deterministic ODE; heun/euler only)."),
         weights: str = typer.Option("ema", "--weights", help="ema (the averaged weights) or raw (the trained weights)."),
@@ -41,11 +43,12 @@ def register(app: typer.Typer) -> None:
         from latentpatch.sampling.generate import generate
         from latentpatch.sampling.options import SampleOptions
         from latentpatch.sampling.prompts import read_prompts
+        from latentpatch.sampling.shape import parse_size
 
         if prompt is not None and prompts is not None:
             raise UserError("give --prompt or --prompts, not both")
         options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, churn=churn, seed=seed,
-                                batch_size=batch_size)
+                                batch_size=batch_size, size=None if size is None else parse_size(size))
         entries = read_prompts(prompts, n) if prompts is not None else None
         result = generate(run, n, options, prompts=entries if prompt is None else [prompt], class_labels=class_label,
                           weights=weights, checkpoint=checkpoint, device=device, out=out, output="none",
