@@ -184,9 +184,10 @@ def tiny(**extra):
 
 @needs_buckets
 def test_a_tiny_dit_trains_on_a_bucketed_store_and_records_its_shapes(store, tmp_path):
-    shapes = []
-    result = train(tiny(), store, tmp_path / "run", progress=False, device="cpu",
-                   callback=lambda info: shapes.append(info.patch))
+    steps = []
+    result = train(tiny(**{"train.sample_every": 8}), store, tmp_path / "run", progress=False, device="cpu",
+                   callback=lambda info: steps.append((info.patch, info.batch_size)))
+    shapes = [patch for patch, _ in steps]
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["buckets"] == BUCKETS
     assert info["latent_shape"] == [3, 12, 20]  # the most common bucket's: the default sampling shape
@@ -196,6 +197,9 @@ def test_a_tiny_dit_trains_on_a_bucketed_store_and_records_its_shapes(store, tmp
     full = {tuple(s) for s in shapes} - {(8, 8)}
     assert full and full <= {tuple(b) for b in BUCKETS}  # full-size steps train at their bucket's shape
     assert (8, 8) in {tuple(s) for s in shapes}  # and crops (half the 16 side) mix the buckets
+    # a full-size step counts its batch as whole images; an 8x8 crop is a quarter of the 16x16 area's image
+    assert state["nimg"] == sum(b if p != (8, 8) else b * 64 / 256 for p, b in steps)
+    assert (tmp_path / "run" / "samples" / "step-00000008.png").is_file()  # previews at the run's shape
     assert result.loss is not None and torch.isfinite(torch.tensor(result.loss))
     assert load_run(tmp_path / "run").step == 8
 
