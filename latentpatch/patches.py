@@ -99,6 +99,26 @@ def crop_offsets(
     return tops, lefts
 
 
+def crop_offsets_within(
+    heights: torch.Tensor, widths: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
+    multiple: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tops, lefts) of uniformly placed ph x pw crops, one per sample, each within its own heights[i] x widths[i]
+    latent (a batch of images of different shapes: aspect buckets), multiples of `multiple`."""
+    if bool((heights < ph).any() or (widths < pw).any()):
+        i = int(((heights < ph) | (widths < pw)).nonzero()[0])
+        raise UserError(f"patch {ph}x{pw} is larger than the latent {int(heights[i])}x{int(widths[i])}")
+    dev = generator.device if generator is not None else heights.device
+    # randint takes one bound for all; a uniform in [0, 1) scaled by each sample's count of positions takes many
+    n_top = ((heights - ph) // multiple + 1).to(dev, torch.float64)
+    n_left = ((widths - pw) // multiple + 1).to(dev, torch.float64)
+    tops = (torch.rand(len(heights), generator=generator, device=dev, dtype=torch.float64) * n_top).long()
+    lefts = (torch.rand(len(widths), generator=generator, device=dev, dtype=torch.float64) * n_left).long()
+    # the product rounds up to the count itself for the largest draws of a huge count: keep it a position
+    tops, lefts = torch.minimum(tops, n_top.long() - 1), torch.minimum(lefts, n_left.long() - 1)
+    return tops * multiple, lefts * multiple
+
+
 def gather_crops(
     latents: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, local_coordinates: bool = False,
     scale: str = "per-axis",

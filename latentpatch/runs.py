@@ -42,19 +42,42 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 def run_info(store: LatentStore, spec: ConditioningSpec, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
     """run.json of a run trained on `store` with conditioning `spec` and held-out plan `heldout`
-    (training.guard.HeldoutPlan.to_dict)."""
+    (training.guard.HeldoutPlan.to_dict). On aspect buckets: `buckets` (latent [h, w] of each, the shapes it
+    trained at full size), `latent_shape` the most common bucket's, and the store's own (nominal) latent shape."""
     return {
         "format_version": RUN_FORMAT_VERSION,
         "latents": str(store.path.resolve()),
         "autoencoder": store.info.to_dict(),
-        "latent_shape": list(store.latent_shape),
+        **trained_shapes(store),
         "resolution": list(store.resolution),
-        "store": {"identity": store.manifest.identity, "images": store.manifest.image_count},
+        "store": {"identity": store.manifest.identity, "images": store.manifest.image_count,
+                  **({} if store.buckets is None else {"latent_shape": list(store.latent_shape)})},
         "conditioning": spec.to_dict(),
         **({} if heldout is None else {"heldout": heldout}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "latentpatch_version": latentpatch.__version__,
     }
+
+
+def trained_shapes(store: LatentStore) -> dict[str, Any]:
+    """What run.json and every checkpoint record of the shapes a run on `store` trains: `latent_shape`, the default
+    sampling shape (run_latent_shape), and `buckets`, latent [h, w] of each aspect bucket (None: one shape)."""
+    buckets = None if store.buckets is None else [[h, w] for _, h, w in store.bucket_latent_shapes]
+    return {"latent_shape": list(run_latent_shape(store)), "buckets": buckets}
+
+
+def run_latent_shape(store: LatentStore) -> tuple[int, int, int]:
+    """The latent shape a run on `store` samples by default (run.json's latent_shape): the store's, or on aspect
+    buckets the most common bucket's."""
+    if store.buckets is None:
+        return store.latent_shape
+    return store.bucket_latent_shapes[store.most_common_bucket]
+
+
+def store_latent_shape(info: dict[str, Any]) -> list[int]:
+    """The latent shape a store declares (LatentStore.latent_shape) when it holds latents like a run's: run.json's
+    latent_shape, or for a run on aspect buckets the nominal square of the buckets' area, recorded beside it."""
+    return (info.get("store") or {}).get("latent_shape") or info["latent_shape"]
 
 
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -63,9 +63,14 @@ class DenoisingLoss:
     n_images: int
     seed: int
     weight_sigma_data: float  # the sd of the weighting lambda(sigma): the training store's measured std
+    # A store with aspect buckets: per bucket {"bucket", "latent": [h, w], "images", "mean", "per_sigma"}
+    per_bucket: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.per_bucket is None:  # a single-shape store's record reads as it always did
+            del d["per_bucket"]
+        return d
 
 
 class HeldoutSet:
@@ -76,8 +81,11 @@ class HeldoutSet:
 
     def __init__(
         self, latents: Tensor, *, num_sigmas: int = 8, seed: int = 0, P_mean: float = -1.2, P_std: float = 1.2,
-        cond: Conditioning | None = None, sigma_data: float | None = None,
+        cond: Conditioning | None = None, sigma_data: float | None = None, ids: Tensor | None = None,
+        coordinate_scale: str = "per-axis",
     ) -> None:
+        """`ids`: each image's number in a larger set it is part of (a bucket of a BucketedHeldoutSet), which
+        names its noise seed; `coordinate_scale`: the run's patches.coordinate_scale (non-square latents)."""
         if latents.ndim != 4 or len(latents) == 0:
             raise UserError(f"held-out latents must be a non-empty [n, C, h, w] tensor, got {tuple(latents.shape)}")
         if num_sigmas < 1:
@@ -86,6 +94,8 @@ class HeldoutSet:
         self.sigmas = heldout_sigma_grid(num_sigmas, P_mean, P_std)
         self.seed = int(seed)
         self.cond = cond
+        self.ids = ids
+        self.coordinate_scale = coordinate_scale
         # The weighting's sd: given (a store's measured latent std), else these latents' own std.
         self.sigma_data = float(self.x0.double().std(unbiased=False)) if sigma_data is None else float(sigma_data)
 
@@ -94,55 +104,107 @@ class HeldoutSet:
 
     def noise(self, index: int) -> Tensor:
         """[num_sigmas, C, h, w]: image `index`'s noise at each level, from its own seed (batch-independent)."""
-        return fixed_noise((len(self.sigmas), *self.x0.shape[1:]), derive_seed(self.seed, index, "heldout-noise"))
+        number = index if self.ids is None else int(self.ids[index])
+        return fixed_noise((len(self.sigmas), *self.x0.shape[1:]), derive_seed(self.seed, number, "heldout-noise"))
 
     def cond_of(self, images: Tensor, device: torch.device) -> Conditioning | None:
         return None if self.cond is None else self.cond.select(images).to(device)
 
 
+class BucketedHeldoutSet:
+    """Held-out latents of several shapes (a store with aspect buckets): a HeldoutSet per bucket, whose images
+    are scored at their own bucket's full size; `parts` pairs each with its bucket index."""
+
+    def __init__(self, parts: list[tuple[int, HeldoutSet]]) -> None:
+        self.parts = parts
+        first = parts[0][1]
+        self.sigmas, self.seed, self.sigma_data = first.sigmas, first.seed, first.sigma_data
+
+    def __len__(self) -> int:
+        return sum(len(part) for _, part in self.parts)
+
+
 @torch.no_grad()
-def denoising_loss(precond: nn.Module, heldout: HeldoutSet, *, batch_size: int = 256) -> DenoisingLoss:
-    """Score `precond` (an EDMPrecond, on its own device, float32) on every (image, sigma) pair of `heldout`.
+def denoising_loss(precond: nn.Module, heldout: HeldoutSet | BucketedHeldoutSet, *,
+                   batch_size: int = 256) -> DenoisingLoss:
+    """Score `precond` (an EDMPrecond, on its own device, float32) on every (image, sigma) pair of `heldout`;
+    a bucketed set is scored bucket by bucket, and its loss per bucket reported too.
 
     Deterministic: the same model and set give bit-identical results on one machine and batch size.
     """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    parts = heldout.parts if isinstance(heldout, BucketedHeldoutSet) else [(None, heldout)]
+    n, s = len(heldout), len(heldout.sigmas)
+    was_training = precond.training
+    precond.eval()
+    try:
+        part_sums = [_loss_sums(precond, part, batch_size) for _, part in parts]
+    finally:
+        precond.train(was_training)
+    sums = part_sums[0] if len(parts) == 1 else torch.stack(part_sums).sum(0)
+    per_sigma = (sums / n).tolist()
+    if not all(math.isfinite(v) for v in per_sigma):
+        raise UserError(f"the held-out denoising loss is not finite ({per_sigma}): the model's weights are broken")
+    per_bucket = None
+    if isinstance(heldout, BucketedHeldoutSet):
+        per_bucket = []
+        for (b, part), part_sum in zip(parts, part_sums):
+            mean = (part_sum / len(part)).tolist()
+            per_bucket.append({"bucket": b, "latent": list(part.x0.shape[2:]), "images": len(part),
+                               "mean": sum(mean) / s, "per_sigma": mean})
+    return DenoisingLoss(
+        sigmas=heldout.sigmas.tolist(), per_sigma=per_sigma, mean=sum(per_sigma) / s, n_images=n, seed=heldout.seed,
+        weight_sigma_data=heldout.sigma_data, per_bucket=per_bucket,
+    )
+
+
+def _loss_sums(precond: nn.Module, heldout: HeldoutSet, batch_size: int) -> Tensor:
+    """[num_sigmas] float64: the loss at each level summed over the set's images (at their full size)."""
     device = next(precond.parameters()).device
     n, s = len(heldout), len(heldout.sigmas)
     _, h, w = heldout.x0.shape[1:]
     sums = torch.zeros(s, dtype=torch.float64)
-    was_training = precond.training
-    precond.eval()
-    try:
-        # Whole images per batch, each at every level: pair (i, j) is image i at sigma j.
-        for images in torch.arange(n).split(max(1, batch_size // s)):
-            levels = torch.arange(s).repeat(len(images))
-            noise = torch.cat([heldout.noise(int(i)) for i in images])
-            rows = images.repeat_interleave(s)
-            loss = denoising_loss_at(
-                precond, heldout.x0[rows].to(device), full_coordinates(len(rows), h, w, device=device),
-                heldout.sigmas[levels].to(device), noise.to(device), heldout.cond_of(rows, device),
-                sigma_data=heldout.sigma_data,
-            )
-            sums.index_add_(0, levels, loss.double().cpu())
-    finally:
-        precond.train(was_training)
-    per_sigma = (sums / n).tolist()
-    if not all(math.isfinite(v) for v in per_sigma):
-        raise UserError(f"the held-out denoising loss is not finite ({per_sigma}): the model's weights are broken")
-    return DenoisingLoss(
-        sigmas=heldout.sigmas.tolist(), per_sigma=per_sigma, mean=sum(per_sigma) / s, n_images=n, seed=heldout.seed,
-        weight_sigma_data=heldout.sigma_data,
-    )
+    # Whole images per batch, each at every level: pair (i, j) is image i at sigma j.
+    for images in torch.arange(n).split(max(1, batch_size // s)):
+        levels = torch.arange(s).repeat(len(images))
+        noise = torch.cat([heldout.noise(int(i)) for i in images])
+        rows = images.repeat_interleave(s)
+        loss = denoising_loss_at(
+            precond, heldout.x0[rows].to(device),
+            full_coordinates(len(rows), h, w, device=device, scale=heldout.coordinate_scale),
+            heldout.sigmas[levels].to(device), noise.to(device), heldout.cond_of(rows, device),
+            sigma_data=heldout.sigma_data,
+        )
+        sums.index_add_(0, levels, loss.double().cpu())
+    return sums
+
+
+def bucketed_heldout_set(
+    store: LatentStore, rows: Tensor, cond: Conditioning | None, *, num_sigmas: int = 8, seed: int = 0,
+    P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float | None = None, coordinate_scale: str = "per-axis",
+) -> BucketedHeldoutSet:
+    """Rows `rows` of a store with aspect buckets (posterior means) and their conditioning `cond`, a HeldoutSet
+    per bucket; image k of `rows` keeps noise seed k, as in a single-shape set."""
+    bucket_of = store.bucket_of[rows]
+    parts = []
+    for b in bucket_of.unique().tolist():
+        at = (bucket_of == b).nonzero().flatten()
+        latents = store.load(rows[at].tolist(), names=("mean",))["mean"]
+        parts.append((b, HeldoutSet(latents, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std,
+                                    cond=None if cond is None else cond.select(at),
+                                    sigma_data=store.latent_std() if sigma_data is None else sigma_data, ids=at,
+                                    coordinate_scale=coordinate_scale)))
+    return BucketedHeldoutSet(parts)
 
 
 def store_heldout_set(
     store: LatentStore | str | os.PathLike, spec: ConditioningSpec | None = None, *, num_sigmas: int = 8,
     seed: int = 0, limit: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
-    sigma_data: float | None = None,
-) -> HeldoutSet:
-    """A HeldoutSet of a latent store's first `limit` items (all by default), at their posterior means.
+    sigma_data: float | None = None, coordinate_scale: str = "per-axis",
+) -> HeldoutSet | BucketedHeldoutSet:
+    """A HeldoutSet of a latent store's first `limit` items (all by default), at their posterior means; of a
+    store with aspect buckets, a BucketedHeldoutSet (each image at its own bucket's shape).
 
     The mean, not a posterior draw, keeps the loss deterministic. A conditional model (`spec`) is scored with
     the items' own conditioning: their labels (the null label where an item has none) and captions (the
@@ -150,7 +212,8 @@ def store_heldout_set(
     sd is `sigma_data` (default: this store's measured latent std).
     """
     from latentpatch.conditioning.spec import TextSource
-    from latentpatch.conditioning.stored import condition_rows, select_rows
+    from latentpatch.conditioning.stored import TEXT_FIELDS, condition_rows, select_rows
+    from latentpatch.text.cache import HASH_KEY
     from latentpatch.text.identity import same_text_encoder
 
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
@@ -160,7 +223,6 @@ def store_heldout_set(
     count = len(store) if limit is None else min(int(limit), len(store))
     if count < 1:
         raise UserError(f"the held-out image limit must be at least 1, got {limit}")
-    tensors = store.load()
     text = None
     if spec.text:
         rec = spec.text_encoder
@@ -168,10 +230,18 @@ def store_heldout_set(
         if any(item.caption is None for item in store.items[:count]):
             raise UserError(f"the model is text-conditioned but items of {store.path} have no caption; encode the "
                             "held-out images with their captions")
+    if store.buckets is None:
+        tensors = store.load()
+    else:  # latents of several shapes: loaded per bucket below; only cached text embeddings here
+        tensors = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if text is not None and text.cached else {}
     rows = condition_rows(spec, store, tensors, text, missing_label="null")
     cond = select_rows(spec, rows, torch.arange(count))
+    if store.buckets is not None:
+        return bucketed_heldout_set(store, torch.arange(count), cond, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean,
+                                    P_std=P_std, sigma_data=sigma_data, coordinate_scale=coordinate_scale)
     return HeldoutSet(tensors["mean"][:count], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond,
-                      sigma_data=store.latent_std() if sigma_data is None else sigma_data)
+                      sigma_data=store.latent_std() if sigma_data is None else sigma_data,
+                      coordinate_scale=coordinate_scale)
 
 
 def _existing_store(path: str | os.PathLike) -> Path:
@@ -186,17 +256,20 @@ def run_denoising_loss(
     limit: int | None = None, batch_size: int = 256,
 ) -> DenoisingLoss:
     """The held-out loss of a `runs.load_run` result on a held-out latent store."""
+    from latentpatch.runs import store_latent_shape
+
     store = store if isinstance(store, LatentStore) else LatentStore(_existing_store(store))
-    store.require_latent_space(loaded.info.get("autoencoder") or {}, loaded.info["latent_shape"],
+    store.require_latent_space(loaded.info.get("autoencoder") or {}, store_latent_shape(loaded.info),
                                f"the run {loaded.run_dir} was trained on",
                                "encode the held-out images with the run's autoencoder, at its resolution")
     edm = loaded.cfg.edm
     heldout = store_heldout_set(store, loaded.spec, num_sigmas=num_sigmas, seed=seed, limit=limit,
-                                P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=run_weight_sd(loaded))
+                                P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=run_weight_sd(loaded),
+                                coordinate_scale=loaded.cfg.patches.coordinate_scale)
     return denoising_loss(loaded.precond, heldout, batch_size=batch_size)
 
 
 __all__ = [
-    "DenoisingLoss", "HeldoutSet", "denoising_loss", "run_denoising_loss", "run_weight_sd",
+    "BucketedHeldoutSet", "DenoisingLoss", "HeldoutSet", "bucketed_heldout_set", "denoising_loss", "run_denoising_loss", "run_weight_sd",
     "store_heldout_set", "store_sigma_data",
 ]

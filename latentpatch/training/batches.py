@@ -43,6 +43,7 @@ class BatchSpec:
     token_size: int = 1  # latent pixels per token side (the DiT patch size), for token routing
     routing: RoutingConfig | None = None  # TREAD routing (None or share 0: every token in every block)
     route_blocks: tuple[int, int] = (0, 0)
+    coordinate_scale: str = "per-axis"  # patches.coordinate_scale: how a non-square latent's grid is normalised
 
     @classmethod
     def from_config(cls, cfg: RunConfig, conditioning: ConditioningSpec, size_multiple: int = 1) -> BatchSpec:
@@ -51,7 +52,8 @@ class BatchSpec:
         return cls(cfg.train.seed, cfg.edm, conditioning, cfg.train.label_dropout, cfg.text.caption_dropout,
                    local_coordinates=cfg.patches.coordinates == "local",
                    crop_multiple=size_multiple if cfg.patches.aligned else 1, token_size=size_multiple,
-                   routing=routing, route_blocks=routing.blocks(cfg.model.dit.depth) if routing else (0, 0))
+                   routing=routing, route_blocks=routing.blocks(cfg.model.dit.depth) if routing else (0, 0),
+                   coordinate_scale=cfg.patches.coordinate_scale)
 
 
 @dataclass
@@ -89,15 +91,23 @@ def draw_batch(
         x = x + to_device(rows["std"][own], device).float() * eps
     cond = draw_rows(spec.conditioning, rows, indices, g, spec.label_dropout, spec.caption_dropout, own=sl)
     tops, lefts = crop_offsets(micro_batch, h, w, stage.height, stage.width, g, spec.crop_multiple)
-    crops, coords = gather_crops(x, tops[sl], lefts[sl], stage.height, stage.width, spec.local_coordinates)
+    crops, coords = gather_crops(x, tops[sl], lefts[sl], stage.height, stage.width, spec.local_coordinates,
+                                 spec.coordinate_scale)
+    sigma, noise, route = draw_noise(spec, stage, c, micro_batch, step, g, device, sl)
+    return Batch(crops, coords, sigma, noise, cond, route)
+
+
+def draw_noise(spec: BatchSpec, stage: PatchStage, channels: int, micro_batch: int, step: int,
+               g: torch.Generator, device: torch.device, sl: slice) -> tuple[Tensor, Tensor, TokenRoute | None]:
+    """The last draws of a batch, after its rows and crops: noise levels, noise, routed tokens (this rank's)."""
     sigma = training_sigmas(micro_batch, spec.edm, g, device, quantiles=stage.sigma_slice,
                             overlap=stage.sigma_overlap)[sl]
-    noise = torch.randn((micro_batch, c, stage.height, stage.width), generator=g, device=device)[sl]
+    noise = torch.randn((micro_batch, channels, stage.height, stage.width), generator=g, device=device)[sl]
     route = None
     if spec.routing is not None and spec.routing.active(step):  # drawn last: the other draws stay the same
         tokens = (stage.height // spec.token_size) * (stage.width // spec.token_size)
         route = TokenRoute(kept_tokens(micro_batch, tokens, spec.routing.share, g)[sl], *spec.route_blocks)
-    return Batch(crops, coords, sigma, noise, cond, route)
+    return sigma, noise, route
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -111,11 +121,12 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 
 def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: TextSource | None) -> dict:
     """The store's latent rows, memory-mapped (posterior mean, std), and the conditioning rows the spec needs
-    (labels; text embeddings from the store's cache or embedded once here; the empty caption's null_*)."""
+    (labels; text embeddings from the store's cache or embedded once here; the empty caption's null_*). A
+    bucketed store's latents differ in shape and are read per bucket (training.bucketed): only conditioning here."""
     from latentpatch.conditioning.stored import TEXT_FIELDS
     from latentpatch.text.cache import HASH_KEY
 
-    rows: dict = store.rows()
+    rows: dict = store.rows() if store.buckets is None else {}  # a bucketed store's latents: BucketedRows
     cached = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if spec.text and text is not None and text.cached else {}
     rows.update(condition_rows(spec, store, cached, text))
     return rows

@@ -1,4 +1,5 @@
-"""Starting or resuming a run in a folder: the saved config and run.json are checked again on every resume.
+"""Starting or resuming a run in a folder: the config with what the store decides, and the saved config and
+run.json, checked again on every resume.
 
 A resume that would silently train a different configuration, or on latents from a different autoencoder,
 is refused with the keys that differ.
@@ -6,17 +7,19 @@ is refused with the keys that differ.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 from latentpatch.checkpoints import CKPT_DIR, latest_checkpoint
-from latentpatch.conditioning import ConditioningSpec
+from latentpatch.conditioning import ConditioningSpec, TextSource, derive_spec
 from latentpatch.config import RunConfig, config_to_dict, differences, load_config, save_config
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.io import write_json_atomic
-from latentpatch.runs import CONFIG_FILE, RUN_FILE, run_info
+from latentpatch.metrics.denoising import store_sigma_data
+from latentpatch.runs import CONFIG_FILE, RUN_FILE, run_info, store_latent_shape
 from latentpatch.training.guard import CHOSEN_KEYS, HeldoutPlan
 from latentpatch.training.logging import LOG_FILE
 
@@ -34,7 +37,8 @@ def _check_same_latents(run_dir: Path, store: LatentStore) -> None:
         old = json.loads((run_dir / RUN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return  # killed before run.json was written: nothing to compare, it is rewritten below
-    store.require_latent_space(old.get("autoencoder") or {}, old.get("latent_shape"),
+    shape = store_latent_shape(old) if old.get("latent_shape") else None
+    store.require_latent_space(old.get("autoencoder") or {}, shape,
                                f"--resume: run {run_dir} was trained on",
                                f"resume with the run's own store ({old.get('latents')})")
     _check_same_images(run_dir, old, store)
@@ -88,13 +92,24 @@ def saved_config(run_dir: Path, cfg: RunConfig | None, resume: bool) -> RunConfi
 
 def _with_chosen(request: RunConfig, old: RunConfig) -> RunConfig:
     """The request with the keys it leaves to the run (null) taken from the run's saved config."""
-    import copy
-
     request = copy.deepcopy(request)
     for section, key in CHOSEN_KEYS:
         if getattr(getattr(request, section), key) is None:
             setattr(getattr(request, section), key, getattr(getattr(old, section), key))
     return request
+
+
+def resolve_with_store(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, ConditioningSpec, TextSource | None]:
+    """The config with what the store decides filled in (text widths from its encoder, edm.sigma_data from its
+    measured latent std when unset), the conditioning spec, and where the text embeddings come from."""
+    cfg, spec, text = derive_spec(copy.deepcopy(cfg), store)
+    if cfg.edm.sigma_data is None:
+        std = store_sigma_data(store)
+        if not std > 0:
+            raise UserError(f"the latents of {store.path} have standard deviation {std}, so edm.sigma_data cannot "
+                            "follow them; check the store (are all images the same?) or set edm.sigma_data")
+        cfg.edm.sigma_data = std
+    return cfg, spec, text
 
 
 def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec,

@@ -10,7 +10,6 @@ store all of that is on by default: guard.py). All randomness of a step is a fun
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 import warnings
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from latentpatch import checkpoints as ckpt_io
-from latentpatch.conditioning import ConditioningSpec, TextSource, derive_spec
+from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
 from latentpatch.denoiser import build_precond, size_multiple
@@ -32,14 +31,15 @@ from latentpatch.distributed import DistInfo, all_reduce_mean, barrier, cleanup,
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
 from latentpatch.patches import PatchSchedule, PatchStage
+from latentpatch.runs import run_latent_shape, trained_shapes
 from latentpatch.seeding import derive_seed
-from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, place_rows, training_rows
+from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
+from latentpatch.training.bucketed import BucketedRows, check_bucket_sides, check_buckets, step_shape, training_data
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
-from latentpatch.metrics.denoising import store_sigma_data
 from latentpatch.training.guard import HeldoutPlan, choose_defaults
 from latentpatch.training.heldout import HeldoutEval
 from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
-from latentpatch.training.resume import LOCK_FILE, record_run, saved_config
+from latentpatch.training.resume import LOCK_FILE, record_run, resolve_with_store, saved_config
 from latentpatch.training.results import StepInfo, TrainingDiverged, TrainResult
 
 
@@ -65,19 +65,6 @@ def train(
         if lock is not None:
             lock.release()
         cleanup(dist_info)
-
-
-def resolve_with_store(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, ConditioningSpec, TextSource | None]:
-    """The config with what the store decides filled in (text widths from its encoder, edm.sigma_data from its
-    measured latent std when unset), the conditioning spec, and where the text embeddings come from."""
-    cfg, spec, text = derive_spec(copy.deepcopy(cfg), store)
-    if cfg.edm.sigma_data is None:
-        std = store_sigma_data(store)
-        if not std > 0:
-            raise UserError(f"the latents of {store.path} have standard deviation {std}, so edm.sigma_data cannot "
-                            "follow them; check the store (are all images the same?) or set edm.sigma_data")
-        cfg.edm.sigma_data = std
-    return cfg, spec, text
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -111,7 +98,7 @@ class _Session:
     run_dir: Path
     dist: DistInfo
     store: LatentStore
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | BucketedRows  # the training rows (BucketedRows: a store with aspect buckets)
     precond: torch.nn.Module
     ema: torch.nn.Module
     model: torch.nn.Module  # precond, wrapped in DDP and/or torch.compile
@@ -125,6 +112,8 @@ class _Session:
     last_ckpt: Path | None = None
     autoencoder: object = None  # loaded on the first preview grid
     unchecked: list = field(default_factory=list)  # (step, loss, grad norm) on the device, not yet read
+    draw: Callable = draw_batch  # draw_bucketed_batch for a store with aspect buckets (chosen once, at the start)
+    cond_rows: dict | None = None  # the conditioning rows previews index by item (None: those of `tensors`)
 
     @classmethod
     def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo,
@@ -141,15 +130,21 @@ class _Session:
             cfg, spec, text = resolve_with_store(cfg, store)
         cfg, note = choose_defaults(cfg, store)  # a resumed run's were chosen at its start: nothing left to fill
         plan = HeldoutPlan.of(cfg, store, note)
+        bucketed = store.buckets is not None
+        if bucketed:  # before anything is written
+            check_buckets(store, plan.rows, cfg)
         if dist.is_main:
             record_run(run_dir, cfg, store, spec, plan)
             print(plan.describe(), flush=True)
         barrier(dist)
         tensors = load_training_tensors(store, spec, text)
         heldout = HeldoutEval.build(cfg, store, spec, tensors, plan.rows) if cfg.heldout.enabled else None
-        rows = place_rows(training_rows(tensors, plan.rows), dist.device, cfg.train.data_device_share)
+        rows, draw = training_data(store, tensors, plan.rows, dist.device, cfg.train.data_device_share)
         session = cls._build(cfg, spec, run_dir, dist, store, rows, init_state)
-        session.heldout, session.plan = heldout, plan
+        session.heldout, session.plan, session.draw = heldout, plan, draw
+        if bucketed:
+            check_bucket_sides(store, size_multiple(session.precond.net))
+            session.cond_rows = tensors  # previews index conditioning by store item
         if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
             session.restore(found)
         if session.heldout is not None and session.heldout.should_stop:
@@ -161,6 +156,11 @@ class _Session:
         if dist.distributed:
             session.model = DistributedDataParallel(session.precond)
         if cfg.train.compile:  # one static graph per patch stage (each stage has its own shapes), none after
+            if bucketed:  # and one per bucket's full size: let dynamo keep them all
+                import torch._dynamo
+
+                shapes = len(session.schedule.stages) + len(store.bucket_latent_shapes)
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 1)
             session.model = torch.compile(session.model, dynamic=False)
         return session
 
@@ -198,17 +198,18 @@ class _Session:
         """One step of the schedule: (this rank's mean loss and the gradient norm, both on the device: reading
         them is a sync, deferred to log time; patch stage, lr, images counted)."""
         tc, oc, dist = self.cfg.train, self.cfg.optim, self.dist
-        _, lat_h, lat_w = self.store.latent_shape
         stage = self.schedule.draw(self.step)
+        shape, full_area = step_shape(self.tensors, stage, self.store.latent_shape, tc.seed, self.step)
         # Images are counted full-size-equivalent: a b-sample batch of ph x pw patches of an H x W
         # latent counts b * ph*pw / (H*W) images, for kimg and images/s (and the EMA, by default).
-        batch_nimg = stage.batch_size * stage.height * stage.width / (lat_h * lat_w)
+        batch_nimg = stage.batch_size * shape.height * shape.width / full_area
         lr = oc.lr * min(1.0, (self.step + 1) / max(oc.warmup_steps, 1))  # linear warm-up
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(derive_seed(tc.seed, self.step, dist.rank, "global"))  # anything inside the model
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._accumulate(stage, autocast)  # this rank's; averaged over ranks when read (read_losses)
+        area = shape.height * shape.width / full_area if self.cfg.patches.loss_weighting == "area" else 1.0
+        loss = self._accumulate(stage, autocast, area)  # this rank's; averaged over ranks when read (read_losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
         self.optimizer.step()
@@ -221,25 +222,23 @@ class _Session:
         self.nimg += batch_nimg
         self.nsamples += stage.batch_size
         self.step += 1
-        return loss, grad_norm, stage, lr, batch_nimg
+        return loss, grad_norm, shape, lr, batch_nimg
 
-    def _accumulate(self, stage: PatchStage, autocast) -> torch.Tensor:
+    def _accumulate(self, stage: PatchStage, autocast, area: float) -> torch.Tensor:
         """Forward/backward over train.grad_accum micro-batches; returns this rank's mean loss (detached).
 
         Each rank's loss is the mean over its slice, so DDP's gradient average over ranks is the global mean.
-        With patches.loss_weighting "area" a step's gradient is scaled by its patch's share of the full area
-        (the official code sums the loss over pixels); the loss it returns is unscaled, so logs compare.
+        With patches.loss_weighting "area" a step's gradient is scaled by `area`, its patch's share of the full
+        area (the official code sums the loss over pixels); the loss it returns is unscaled, so logs compare.
         """
         accum, dist = self.cfg.train.grad_accum, self.dist
-        _, lat_h, lat_w = self.store.latent_shape
-        area = stage.height * stage.width / (lat_h * lat_w) if self.cfg.patches.loss_weighting == "area" else 1.0
         micro_batch = stage.batch_size // accum
         total = torch.zeros((), device=dist.device)
         for micro in range(accum):
             sync = micro == accum - 1 or not dist.distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                b = draw_batch(self.tensors, self.batch_spec, stage, micro_batch, self.step, micro, dist.rank,
-                               dist.world_size, dist.device)
+                b = self.draw(self.tensors, self.batch_spec, stage, micro_batch, self.step, micro, dist.rank,
+                              dist.world_size, dist.device)
                 with autocast():
                     loss = denoising_loss_at(self.model, b.x0, b.coords, b.sigma, b.noise, b.cond,
                                              sigma_data=self.cfg.edm.sigma_data, snr_cap=self.cfg.edm.snr_cap,
@@ -343,8 +342,9 @@ class _Session:
         """The EMA's held-out loss, logged; True when it is the best so far."""
         with autocast():
             loss, better = self.heldout.evaluate(self.ema, self.step)
+        per_bucket = {} if loss.per_bucket is None else {"heldout_per_bucket": loss.per_bucket}
         logger.log(self.step, kimg=self.nimg / 1000, heldout_loss=loss.mean, heldout_per_sigma=loss.per_sigma,
-                   time=time.time())
+                   **per_bucket, time=time.time())
         return better
 
     def save_preview(self, autocast) -> None:
@@ -355,9 +355,10 @@ class _Session:
         tc, edm = self.cfg.train, self.cfg.edm
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder_from_info(self.store.info, device=self.dist.device)
-        cond = preview_conditioning(self.spec, self.tensors, self.store.captions, tc.sample_n)
+        rows = self.tensors if self.cond_rows is None else self.cond_rows
+        cond = preview_conditioning(self.spec, rows, self.store.captions, tc.sample_n)
         with autocast():
-            save_preview_grid(self.ema, self.autoencoder, self.store.latent_shape,
+            save_preview_grid(self.ema, self.autoencoder, run_latent_shape(self.store),
                               self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
                               n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
                               cond=cond, label=self._preview_label())
@@ -374,7 +375,8 @@ class _Session:
         if not (_all_finite(self.precond) and _all_finite(self.ema)):
             raise _diverged("the weights are no longer finite", self.step, self.last_ckpt)
         if self.dist.is_main:
-            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, "nsamples": self.nsamples}
+            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, "nsamples": self.nsamples,
+                     **trained_shapes(self.store)}
             if self.heldout is not None:
                 state.update(self.heldout.state())
             self.last_ckpt = ckpt_io.save_checkpoint(self.run_dir, self.step, self.precond, self.ema,
