@@ -29,6 +29,16 @@ from latentpatch.data.buckets import kept_share
 from latentpatch.data.store import LatentStore
 
 SIDE = 64  # pixels: the square of the bucket area
+ARMS = {"buckets": "buckets", "centre-crop": "square"}  # arm: its stores' kind
+SHAPES = {"portrait 48x80": (80, 48), "square 64x64": (64, 64), "landscape 80x48": (48, 80)}  # name (W x H): (H, W)
+
+
+def run_config(heldout: Path, seed: int, extra: list[str]):
+    """The demo's DiT and the library's default patch schedule (speed_to_quality's COMMON + paper+sigma)."""
+    from speed_to_quality import ARMS as STQ_ARMS, COMMON
+
+    return lp.load_config(None, COMMON + STQ_ARMS["paper+sigma"] + [
+        f"train.seed={seed}", f"heldout.latents={heldout}", "train.max_steps=1000000"] + extra)
 
 
 def copy_split(src: Path, root: Path) -> dict[str, Path]:
@@ -69,6 +79,32 @@ def kept_shares(store: Path) -> dict[str, float]:
     return out
 
 
+def step_times(stores: dict[str, Path], root: Path, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """Each arm's training throughput, one thread, in interleaved rounds of short real runs: latent pixels per
+    process CPU second (a bucket's full-size step holds a little less than the square's area) and the median
+    step; the first 3 steps of each run are not counted (one-time costs)."""
+    times: dict[str, list[tuple[float, int]]] = {arm: [] for arm in ARMS}
+    for r in range(rounds):
+        for arm, kind in ARMS.items():
+            out = root / f"timing-{arm}-{r}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = run_config(stores[f"{kind}-heldout"], 100 + r, ["heldout.every=0", "heldout.latents=null",
+                                                                  "heldout.share=0", "train.log_every=1000000"])
+            cfg.train.max_steps = steps
+            last: list[float] = []
+
+            def callback(info, arm=arm, last=last) -> None:
+                now = time.process_time()
+                if last and info.step > 3:
+                    times[arm].append((now - last[0], info.patch[0] * info.patch[1] * info.batch_size))
+                last[:] = [now]
+
+            lp.train(cfg, stores[f"{kind}-train"], out, device="cpu", progress=False, callback=callback)
+            shutil.rmtree(out, ignore_errors=True)
+    return {arm: {"median_step_s": statistics.median(t for t, _ in v),
+                  "latent_px_per_s": sum(p for _, p in v) / sum(t for t, _ in v)} for arm, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -82,6 +118,9 @@ def main() -> None:
     results = {"kept_share": kept_shares(stores["buckets-train"]),
                "buckets": [{"size": list(b), "items": n} for b, n in
                            zip(LatentStore(stores["buckets-train"]).buckets, LatentStore(stores["buckets-train"]).bucket_counts)]}
+    timing = step_times(stores, args.out, rounds=1 if args.quick else 3, steps=10 if args.quick else 60)
+    results["throughput"] = timing
+    results["throughput_ratio"] = timing["buckets"]["latent_px_per_s"] / timing["centre-crop"]["latent_px_per_s"]
     (args.out / "aspect-results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
