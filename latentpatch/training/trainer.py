@@ -361,7 +361,8 @@ class _Session:
             save_preview_grid(self.ema, self.autoencoder, run_latent_shape(self.store),
                               self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
                               n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
-                              cond=cond, label=self._preview_label(), coordinate_scale=self.cfg.patches.coordinate_scale)
+                              cond=cond, label=self._preview_label(),
+                              coordinate_scale=self.cfg.patches.coordinate_scale)
 
     def _preview_label(self) -> str:
         """What a preview grid is labelled with: its step and, when evaluated there, the held-out loss."""
