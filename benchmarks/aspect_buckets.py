@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,9 +31,15 @@ import latentpatch as lp
 from aspect_data import split, write_mixed_shapes
 from latentpatch.data.buckets import kept_share
 from latentpatch.data.store import LatentStore
+from latentpatch.training.logging import read_log
 
 SIDE = 64  # pixels: the square of the bucket area
-ARMS = {"buckets": "buckets", "centre-crop": "square"}  # arm: its stores' kind
+ARMS = {  # arm: (its stores' kind, config overrides)
+    "buckets": ("buckets", []),  # per-axis coordinates, the library's default
+    "buckets/longer-side": ("buckets", ["patches.coordinate_scale=longer-side"]),
+    "centre-crop": ("square", []),
+}
+TIMED = ("buckets", "centre-crop")  # the throughput comparison
 SHAPES = {"portrait 48x80": (80, 48), "square 64x64": (64, 64), "landscape 80x48": (48, 80)}  # name (W x H): (H, W)
 
 
@@ -83,9 +93,10 @@ def step_times(stores: dict[str, Path], root: Path, rounds: int, steps: int) -> 
     """Each arm's training throughput, one thread, in interleaved rounds of short real runs: latent pixels per
     process CPU second (a bucket's full-size step holds a little less than the square's area) and the median
     step; the first 3 steps of each run are not counted (one-time costs)."""
-    times: dict[str, list[tuple[float, int]]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[tuple[float, int]]] = {arm: [] for arm in TIMED}
     for r in range(rounds):
-        for arm, kind in ARMS.items():
+        for arm in TIMED:
+            kind = ARMS[arm][0]
             out = root / f"timing-{arm}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = run_config(stores[f"{kind}-heldout"], 100 + r, ["heldout.every=0", "heldout.latents=null",
@@ -105,10 +116,85 @@ def step_times(stores: dict[str, Path], root: Path, rounds: int, steps: int) -> 
                   "latent_px_per_s": sum(p for _, p in v) / sum(t for t, _ in v)} for arm, v in times.items()}
 
 
+def train_one(arm: str, store: Path, heldout: Path, out: Path, budget_s: float, seed: int, eval_every: int) -> None:
+    """One arm trained for `budget_s` process CPU seconds with one thread (the caller runs it in its own process)."""
+    torch.set_num_threads(1)
+    cfg = run_config(heldout, seed, [f"heldout.every={eval_every}"] + ARMS[arm][1])
+    start = time.process_time()
+    lp.train(cfg, store, out, device="cpu", progress=False,
+             callback=lambda info: time.process_time() - start >= budget_s)
+
+
+def train_arms(stores: dict[str, Path], root: Path, budget_s: float, seed: int, eval_every: int,
+               jobs: int) -> dict[str, Path]:
+    """Both arms at once, each in its own single-threaded process (a finished run is kept: a rerun resumes)."""
+    runs = {arm: root / f"run-{arm.replace('/', '-')}-{budget_s:g}s-seed{seed}" for arm in ARMS}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def launch(arm: str) -> None:
+        if (runs[arm] / "done").is_file():
+            return
+        shutil.rmtree(runs[arm], ignore_errors=True)
+        kind = ARMS[arm][0]
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from aspect_buckets import train_one; from pathlib import Path; "
+                "train_one(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), float(sys.argv[6]), "
+                "int(sys.argv[7]), int(sys.argv[8]))")
+        subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), arm, str(stores[f"{kind}-train"]),
+                        str(stores[f"{kind}-heldout"]), str(runs[arm]), str(budget_s), str(seed), str(eval_every)],
+                       env=env, check=True)
+        (runs[arm] / "done").write_text("")
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(launch, ARMS))
+    return runs
+
+
+def score_per_bucket(runs: dict[str, Path], heldout: Path) -> dict[str, dict]:
+    """Each arm's best checkpoint (its EMA) scored on the bucketed held-out images, each at its own shape."""
+    from latentpatch.metrics.denoising import run_denoising_loss
+    from latentpatch.runs import load_run
+
+    out = {}
+    for arm, run in runs.items():
+        loss = run_denoising_loss(load_run(run), heldout)
+        out[arm] = {"mean": loss.mean, "per_bucket": {f"{b['latent'][1] * 4}x{b['latent'][0] * 4}": b["mean"]
+                                                      for b in loss.per_bucket}}
+    return out
+
+
+def sample_picture(runs: dict[str, Path], path: Path, n: int) -> None:
+    """A row per (model, shape): n samples at that shape, the same seeds in every row."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for arm, run in runs.items():
+        for name, size in SHAPES.items():
+            images = lp.sample(run, n=n, size=size, seed=0, device="cpu")
+            rows.append((f"{arm}, {name}", images))
+    pad, label_h = 4, 14
+    width = max(sum(im.width + pad for im in ims) for _, ims in rows) + pad
+    height = sum(label_h + ims[0].height + pad for _, ims in rows) + pad
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, y = ImageDraw.Draw(sheet), pad
+    for label, ims in rows:
+        draw.text((pad, y), label, fill=(0, 0, 0))
+        y += label_h
+        x = pad
+        for im in ims:
+            sheet.paste(im, (x, y))
+            x += im.width + pad
+        y += ims[0].height + pad
+    sheet.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--budget-s", type=float, default=600.0, help="process CPU seconds of training per store")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=3, help="training processes at once (one thread each)")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--samples", type=int, default=8, help="samples per shape and model in the picture")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -122,6 +208,13 @@ def main() -> None:
     results["throughput"] = timing
     results["throughput_ratio"] = timing["buckets"]["latent_px_per_s"] / timing["centre-crop"]["latent_px_per_s"]
     (args.out / "aspect-results.json").write_text(json.dumps(results, indent=1))
+    budget = 20.0 if args.quick else args.budget_s
+    runs = train_arms(stores, args.out, budget, args.seed, 20 if args.quick else args.eval_every, args.jobs)
+    results["budget_s"], results["seed"] = budget, args.seed
+    results["steps"] = {arm: max(r["step"] for r in read_log(run / "log.jsonl")) for arm, run in runs.items()}
+    results["heldout"] = score_per_bucket(runs, stores["buckets-heldout"])
+    (args.out / "aspect-results.json").write_text(json.dumps(results, indent=1))
+    sample_picture(runs, args.out / "aspect-samples.png", 3 if args.quick else args.samples)
     print(json.dumps(results, indent=1))
 
 
