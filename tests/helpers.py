@@ -132,3 +132,26 @@ def verify_store(store) -> None:
         path = store.path / SHARD_DIR / record.file
         found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
         assert found == record.sha256, f"{path} is missing or differs from the manifest's sha256"
+
+
+def stored_count(out: Path) -> int:
+    """Items the store's manifest counts (0 while it is not there or half written): how far an encode is."""
+    import json
+
+    try:
+        return json.loads((Path(out) / "manifest.json").read_text())["count"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def train_two_processes(store: Path, out: Path, overrides: Sequence[str]):
+    """`latentpatch train --config tiny` on 2 gloo processes (torchrun); returns the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "latentpatch.cli", "train", "--latents", str(store), "--config", "tiny",
+           "--out", str(out), "--device", "cpu", "--no-progress", *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -4,13 +4,10 @@ own image's grid; everything is drawn from (seed, step, micro) for the whole bat
 repeat one run; run.json and checkpoints record the shapes; held-out loss is scored and reported per bucket."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import photo, save_image
+from helpers import photo, save_image, train_two_processes
 from safetensors.torch import load_file
 from trainer_helpers import tiny_overrides
 
@@ -220,11 +217,7 @@ def test_a_stopped_and_resumed_bucketed_run_equals_an_uninterrupted_one(store, t
 def test_two_gloo_processes_train_a_bucketed_store_as_one_does(store, tmp_path):
     steps = {"train.max_steps": 4, "train.ckpt_every": 100, "train.log_every": 2}
     one = train(load_config("tiny", tiny_overrides(**steps)), store, tmp_path / "one", progress=False, device="cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "latentpatch.cli", "train", "--latents", str(store), "--config", "tiny",
-           "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress", *tiny_overrides(**steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = train_two_processes(store, tmp_path / "two", tiny_overrides(**steps))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two" / "checkpoints" / "step-00000004"
     for name in ("model.safetensors", "ema.safetensors"):

@@ -1,13 +1,11 @@
 """Two processes (torchrun, gloo on the CPU) train exactly what one process trains on the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import train_two_processes
 from trainer_helpers import make_store, photo_crops, tiny_overrides
 
 from latentpatch.config import load_config
@@ -32,11 +30,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, recipe):
     store = make_store(tmp_path / "store", photo_crops(32, 16))
     one = train(load_config("tiny", tiny_overrides(**steps)), store, tmp_path / "one", progress=False, device="cpu")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "latentpatch.cli", "train", "--latents", str(store), "--config", "tiny",
-           "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress", *tiny_overrides(**steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = train_two_processes(store, tmp_path / "two", tiny_overrides(**steps))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("trained to step 4") == 1  # rank 0 reports, rank 1 stays quiet
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from helpers import make_tiny_kl_vae, photo, save_image, verify_store
+from helpers import make_tiny_kl_vae, photo, save_image, stored_count, verify_store
 from torchvision.transforms import InterpolationMode
 from typer.testing import CliRunner
 
@@ -141,13 +141,6 @@ def test_an_interrupted_encode_keeps_its_shards_and_a_rerun_finishes_every_bucke
     rest = encode(src, out, "pixel", 16, workers=0, batch_size=2, buckets=True)
     assert (rest.encoded, rest.already_present) == (3, 2)
     assert bucket_by_file(LatentStore(out)) == {name: v[1] for name, v in MIXED.items()}
-
-
-def stored_count(out):
-    try:
-        return json.loads((out / "manifest.json").read_text())["count"]
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def test_a_killed_bucketed_encode_resumes_and_stores_every_image_once_in_its_bucket(tmp_path):

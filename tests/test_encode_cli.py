@@ -8,19 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_image_folder, photo, run_main, save_image, verify_store
+from helpers import make_image_folder, photo, run_main, save_image, stored_count, verify_store
 from typer.testing import CliRunner
 
 from latentpatch.cli.app import app
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
-
-
-def stored_count(out):
-    try:
-        return json.loads((out / "manifest.json").read_text())["count"]
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def test_a_killed_encode_resumes_and_stores_every_image_exactly_once(tmp_path):
