@@ -153,7 +153,6 @@ def test_held_out_rows_are_never_drawn_and_each_row_keeps_its_own_conditioning()
 
 # --- end to end, on stores written by `encode --buckets` (pixel autoencoder: the latents are the pixels) -------
 
-needs_buckets = pytest.mark.skipif(not hasattr(LatentStore, "bucket_rows"), reason="needs the bucketed store API")
 # --resolution 16, step 2: 48x32 photos go to the 12x20 bucket, 32x48 to 20x12, squares to 16x16
 KINDS = {"land": ((48, 32), 5), "port": ((32, 48), 3), "square": ((36, 36), 3)}
 BUCKETS = [[20, 12], [16, 16], [12, 20]]  # latent [h, w], tallest first
@@ -179,7 +178,6 @@ def tiny(**extra):
     return load_config("tiny", tiny_overrides(**{"train.max_steps": 8, "train.log_every": 2, **extra}))
 
 
-@needs_buckets
 def test_a_tiny_dit_trains_on_a_bucketed_store_and_records_its_shapes(store, tmp_path):
     steps = []
     result = train(tiny(**{"train.sample_every": 8}), store, tmp_path / "run", progress=False, device="cpu",
@@ -201,7 +199,6 @@ def test_a_tiny_dit_trains_on_a_bucketed_store_and_records_its_shapes(store, tmp
     assert load_run(tmp_path / "run").step == 8
 
 
-@needs_buckets
 def test_a_stopped_and_resumed_bucketed_run_equals_an_uninterrupted_one(store, tmp_path):
     cfg = {"train.max_steps": 10, "train.ckpt_every": 4}
     whole = train(tiny(**cfg), store, tmp_path / "whole", progress=False, device="cpu")
@@ -213,7 +210,6 @@ def test_a_stopped_and_resumed_bucketed_run_equals_an_uninterrupted_one(store, t
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@needs_buckets
 def test_two_gloo_processes_train_a_bucketed_store_as_one_does(store, tmp_path):
     steps = {"train.max_steps": 4, "train.ckpt_every": 100, "train.log_every": 2}
     one = train(load_config("tiny", tiny_overrides(**steps)), store, tmp_path / "one", progress=False, device="cpu")
@@ -226,7 +222,6 @@ def test_two_gloo_processes_train_a_bucketed_store_as_one_does(store, tmp_path):
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
 
 
-@needs_buckets
 def test_a_bucket_with_one_image_is_refused_before_anything_is_written(tmp_path):
     store = mixed_store(tmp_path, {"land": ((48, 32), 3), "port": ((32, 48), 1)})
     with pytest.raises(UserError) as e:
@@ -238,13 +233,11 @@ def test_a_bucket_with_one_image_is_refused_before_anything_is_written(tmp_path)
     assert not (tmp_path / "run" / "run.json").exists()
 
 
-@needs_buckets
 def test_a_crop_larger_than_a_buckets_shorter_side_is_refused_naming_the_bucket(store, tmp_path):
     with pytest.raises(UserError, match=r"14x14 crops .* larger than bucket 0's latent 20x12 .*patches.sizes"):
         train(tiny(**{"patches.sizes": "[0.875]"}), store, tmp_path / "run", progress=False, device="cpu")
 
 
-@needs_buckets
 def test_heldout_loss_is_scored_at_each_buckets_own_size_and_reported_per_bucket(store, tmp_path):
     held = mixed_store(tmp_path / "held", {"land": ((48, 32), 2), "square": ((36, 36), 1)}, offset=20)
     train(tiny(**{"heldout.latents": str(held), "heldout.every": 4}), store, tmp_path / "run", progress=False,
@@ -267,7 +260,6 @@ def test_heldout_loss_is_scored_at_each_buckets_own_size_and_reported_per_bucket
         assert denoising_loss(loaded.precond, alone).mean == pytest.approx(part["mean"], rel=1e-6)
 
 
-@needs_buckets
 def test_a_held_out_share_of_a_bucketed_store_is_scored_at_each_rows_own_bucket(store, tmp_path):
     result = train(tiny(**{"heldout.share": 0.2, "heldout.every": 8}), store, tmp_path / "run", progress=False,
                    device="cpu")
@@ -286,3 +278,23 @@ def test_a_held_out_share_of_a_bucketed_store_is_scored_at_each_rows_own_bucket(
         alone = HeldoutSet(s.load([held[k] for k in at])["mean"], ids=at, sigma_data=info["heldout"]["weight_sd"])
         assert alone.x0.shape[2:] == tuple(part["latent"])
         assert denoising_loss(ema, alone).mean == pytest.approx(part["mean"], rel=1e-6)
+
+
+def test_compiled_bucketed_training_compiles_each_shape_once_and_never_again(store, tmp_path, monkeypatch):
+    """torch.compile(dynamic=False) on a bucketed store: one static graph per shape a step takes (the crop and
+    each bucket's full size), none after every shape has been seen (dynamo's counters)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo, not inductor
+    seen = []
+    train(tiny(**{"train.compile": "true", "train.max_steps": 24}), store, tmp_path / "run", progress=False,
+          device="cpu", callback=lambda info: seen.append((info.patch, counters["stats"]["unique_graphs"])))
+    shapes = {patch for patch, _ in seen}
+    assert len(shapes) >= 3  # the crop and at least two buckets' full sizes
+    warm = max(next(i for i, s in enumerate(seen) if s[0] == shape) for shape in shapes)
+    assert seen[-1][1] == len(shapes) and all(s[1] == seen[warm][1] for s in seen[warm:])
+    torch._dynamo.reset()

@@ -157,10 +157,10 @@ class _Session:
             session.model = DistributedDataParallel(session.precond)
         if cfg.train.compile:  # one static graph per patch stage (each stage has its own shapes), none after
             if bucketed:  # and one per bucket's full size: let dynamo keep them all
-                import torch._dynamo
+                from torch._dynamo import config as dynamo_config
 
                 shapes = len(session.schedule.stages) + len(store.bucket_latent_shapes)
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 1)
+                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes + 1)
             session.model = torch.compile(session.model, dynamic=False)
         return session
 
