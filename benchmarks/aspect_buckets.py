@@ -126,9 +126,9 @@ def train_one(arm: str, store: Path, heldout: Path, out: Path, budget_s: float, 
 
 
 def train_arms(stores: dict[str, Path], root: Path, budget_s: float, seed: int, eval_every: int,
-               jobs: int) -> dict[str, Path]:
-    """Both arms at once, each in its own single-threaded process (a finished run is kept: a rerun resumes)."""
-    runs = {arm: root / f"run-{arm.replace('/', '-')}-{budget_s:g}s-seed{seed}" for arm in ARMS}
+               jobs: int, arms: list[str]) -> dict[str, Path]:
+    """The arms, `jobs` at once, each in its own single-threaded process (a finished run is kept)."""
+    runs = {arm: root / f"run-{arm.replace('/', '-')}-{budget_s:g}s-seed{seed}" for arm in arms}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def launch(arm: str) -> None:
@@ -145,7 +145,7 @@ def train_arms(stores: dict[str, Path], root: Path, budget_s: float, seed: int, 
         (runs[arm] / "done").write_text("")
 
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(launch, ARMS))
+        list(pool.map(launch, arms))
     return runs
 
 
@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=600.0, help="process CPU seconds of training per store")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=3, help="training processes at once (one thread each)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="which arms to train and score")
+    ap.add_argument("--no-timing", dest="timing", action="store_false", help="skip the throughput rounds")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--samples", type=int, default=8, help="samples per shape and model in the picture")
     ap.add_argument("--quick", action="store_true")
@@ -204,17 +206,20 @@ def main() -> None:
     results = {"kept_share": kept_shares(stores["buckets-train"]),
                "buckets": [{"size": list(b), "items": n} for b, n in
                            zip(LatentStore(stores["buckets-train"]).buckets, LatentStore(stores["buckets-train"]).bucket_counts)]}
-    timing = step_times(stores, args.out, rounds=1 if args.quick else 3, steps=10 if args.quick else 60)
-    results["throughput"] = timing
-    results["throughput_ratio"] = timing["buckets"]["latent_px_per_s"] / timing["centre-crop"]["latent_px_per_s"]
-    (args.out / "aspect-results.json").write_text(json.dumps(results, indent=1))
+    if args.timing:
+        timing = step_times(stores, args.out, rounds=1 if args.quick else 3, steps=10 if args.quick else 60)
+        results["throughput"] = timing
+        results["throughput_ratio"] = timing["buckets"]["latent_px_per_s"] / timing["centre-crop"]["latent_px_per_s"]
+    name = f"aspect-results-seed{args.seed}.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
     budget = 20.0 if args.quick else args.budget_s
-    runs = train_arms(stores, args.out, budget, args.seed, 20 if args.quick else args.eval_every, args.jobs)
+    runs = train_arms(stores, args.out, budget, args.seed, 20 if args.quick else args.eval_every, args.jobs,
+                      args.arms.split(","))
     results["budget_s"], results["seed"] = budget, args.seed
     results["steps"] = {arm: max(r["step"] for r in read_log(run / "log.jsonl")) for arm, run in runs.items()}
     results["heldout"] = score_per_bucket(runs, stores["buckets-heldout"])
-    (args.out / "aspect-results.json").write_text(json.dumps(results, indent=1))
-    sample_picture(runs, args.out / "aspect-samples.png", 3 if args.quick else args.samples)
+    (args.out / name).write_text(json.dumps(results, indent=1))
+    sample_picture(runs, args.out / f"aspect-samples-seed{args.seed}.png", 3 if args.quick else args.samples)
     print(json.dumps(results, indent=1))
 
 
