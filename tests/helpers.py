@@ -155,3 +155,28 @@ def train_two_processes(store: Path, out: Path, overrides: Sequence[str]):
            "-m", "latentpatch.cli", "train", "--latents", str(store), "--config", "tiny",
            "--out", str(out), "--device", "cpu", "--no-progress", *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def encode_killed_midway(args: Sequence, out: Path, rows: int = 4, while_running=None) -> int:
+    """`latentpatch encode *args` run by tests/slow_cli.py (a pause after each batch), SIGKILLed once the
+    store holds `rows` items (`while_running()` is called just before); returns the process's return code."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow_cli = Path(__file__).with_name("slow_cli.py")
+    slow = subprocess.Popen([sys.executable, str(slow_cli), "0.25", "encode", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while stored_count(out) < rows and time.monotonic() < deadline and slow.poll() is None:
+            time.sleep(0.05)
+        if while_running is not None:
+            while_running()
+        slow.send_signal(signal.SIGKILL)
+        slow.wait(timeout=30)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    return slow.returncode

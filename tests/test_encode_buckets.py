@@ -2,16 +2,11 @@
 centre-cropped by the small remainder; incremental, resumable, and refused when mixed with a single-size store."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from helpers import make_tiny_kl_vae, photo, save_image, stored_count, verify_store
+from helpers import encode_killed_midway, make_tiny_kl_vae, photo, save_image, stored_count, verify_store
 from torchvision.transforms import InterpolationMode
 from typer.testing import CliRunner
 
@@ -150,18 +145,7 @@ def test_a_killed_bucketed_encode_resumes_and_stores_every_image_once_in_its_buc
         save_image(photo(k, shapes[k % 4]), src / f"img_{k:03d}.png")
     args = [src, "--vae", "pixel", "--resolution", 16, "--out", out, "--buckets", "--batch-size", 1,
             "--shard-size", 1, "--workers", 0, "--no-progress"]
-    slow_cli = Path(__file__).with_name("slow_cli.py")  # the CLI with a pause after each batch
-    slow = subprocess.Popen([sys.executable, str(slow_cli), "0.25", "encode", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while stored_count(out) < 4 and time.monotonic() < deadline and slow.poll() is None:
-            time.sleep(0.05)
-        slow.send_signal(signal.SIGKILL)
-        slow.wait(timeout=30)
-    finally:
-        if slow.poll() is None:
-            slow.kill()
+    encode_killed_midway(args, out)
     done_before = stored_count(out)
     assert 4 <= done_before < 12, "the first run should have been killed mid-run"
     resumed = CliRunner().invoke(app, ["encode", *map(str, args)])

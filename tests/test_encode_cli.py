@@ -2,13 +2,9 @@
 
 import json
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-from helpers import make_image_folder, photo, run_main, save_image, stored_count, verify_store
+from helpers import encode_killed_midway, make_image_folder, photo, run_main, save_image, stored_count, verify_store
 from typer.testing import CliRunner
 
 from latentpatch.cli.app import app
@@ -21,22 +17,11 @@ def test_a_killed_encode_resumes_and_stores_every_image_exactly_once(tmp_path):
     make_image_folder(src, n=12, size=[32, (40, 32)], modes=("RGB", "L"))
     args = [src, "--vae", "pixel", "--resolution", 32, "--out", out, "--batch-size", 1, "--shard-size", 2,
             "--workers", 0, "--no-progress"]
-    slow_cli = Path(__file__).with_name("slow_cli.py")  # the CLI with a pause after each batch
-    slow = subprocess.Popen([sys.executable, str(slow_cli), "0.25", "encode", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while stored_count(out) < 4 and time.monotonic() < deadline and slow.poll() is None:
-            time.sleep(0.05)
-        # While it runs, a second encode into the same folder fails at once instead of corrupting it.
+    def second_encode():  # while it runs, a second encode into the same folder fails at once, corrupting nothing
         second = CliRunner().invoke(app, ["encode", *map(str, args)])
         assert isinstance(second.exception, UserError) and "another encode is writing to" in str(second.exception)
-        slow.send_signal(signal.SIGKILL)
-        slow.wait(timeout=30)
-    finally:
-        if slow.poll() is None:
-            slow.kill()
-    assert slow.returncode == -signal.SIGKILL
+
+    assert encode_killed_midway(args, out, while_running=second_encode) == -signal.SIGKILL
     done_before = stored_count(out)
     assert 4 <= done_before < 12, "the first run should have been killed mid-run"
 
