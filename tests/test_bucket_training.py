@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 from helpers import photo, save_image, train_two_processes
-from safetensors.torch import load_file
-from trainer_helpers import tiny_overrides
+from trainer_helpers import assert_same_weights, tiny_overrides
 
 import latentpatch as lp
 from latentpatch.checkpoints import read_state
@@ -205,9 +204,7 @@ def test_a_stopped_and_resumed_bucketed_run_equals_an_uninterrupted_one(store, t
     train(tiny(**cfg), store, tmp_path / "split", max_steps=5, progress=False, device="cpu")
     resumed = train(tiny(**cfg), store, tmp_path / "split", resume=True, progress=False, device="cpu")
     assert resumed.step == whole.step == 10
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(whole.checkpoint / name), load_file(resumed.checkpoint / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
 
 
 def test_two_gloo_processes_train_a_bucketed_store_as_one_does(store, tmp_path):
@@ -216,10 +213,7 @@ def test_two_gloo_processes_train_a_bucketed_store_as_one_does(store, tmp_path):
     proc = train_two_processes(store, tmp_path / "two", tiny_overrides(**steps))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two" / "checkpoints" / "step-00000004"
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(one.checkpoint / name), load_file(two / name)
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
+    assert_same_weights(one.checkpoint, two, atol=1e-6)
 
 
 def test_a_bucket_with_one_image_is_refused_before_anything_is_written(tmp_path):

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import train_two_processes
-from trainer_helpers import make_store, photo_crops, tiny_overrides
+from trainer_helpers import assert_same_weights, make_store, photo_crops, tiny_overrides
 
 from latentpatch.config import load_config
 from latentpatch.distributed import all_reduce_mean, init_distributed
@@ -35,11 +34,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, recipe):
     assert proc.stdout.count("trained to step 4") == 1  # rank 0 reports, rank 1 stays quiet
 
     two = tmp_path / "two" / "checkpoints" / "step-00000004"
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(one.checkpoint / name), load_file(two / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
+    assert_same_weights(one.checkpoint, two, atol=1e-6)
     # Logged losses are the global means, so the two logs agree too.
     log_one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     log_two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]

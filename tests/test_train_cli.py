@@ -8,9 +8,7 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
-from trainer_helpers import make_store, photo_crops, tiny_overrides
+from trainer_helpers import assert_same_weights, make_store, photo_crops, tiny_overrides
 from typer.testing import CliRunner
 
 from latentpatch.checkpoints import latest_checkpoint
@@ -55,9 +53,7 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(store, tmp_path):
     whole = train(load_config("tiny", over), store, tmp_path / "whole", progress=False, device="cpu")
     resumed = latest_checkpoint(run)
     assert resumed.name == whole.checkpoint.name == "step-00000040"
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(whole.checkpoint / name), load_file(resumed / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(whole.checkpoint, resumed)
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 41, 5))  # the killed run's extra lines were dropped on resume
 

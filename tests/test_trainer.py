@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_helpers import make_store, photo_crops, tiny_overrides
+from trainer_helpers import assert_same_weights, make_store, photo_crops, tiny_overrides
 
 import latentpatch.training.trainer as trainer_mod
 from latentpatch.checkpoints import latest_checkpoint, list_checkpoints, read_state
@@ -80,9 +80,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(store, tmp_path):
     train(tiny(**cfg), store, tmp_path / "split", max_steps=9, progress=False, device="cpu")
     resumed = train(tiny(**cfg), store, tmp_path / "split", resume=True, progress=False, device="cpu")
     assert resumed.step == whole.step == 16
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(whole.checkpoint / name), load_file(resumed.checkpoint / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
 
 
 def test_batch_randomness_depends_on_seed_and_step_and_ranks_split_one_global_batch(store):

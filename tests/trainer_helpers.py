@@ -64,3 +64,18 @@ def tiny_overrides(**extra) -> list[str]:
     base = {"train.log_every": 5, "train.ckpt_every": 10, "optim.warmup_steps": 10, "heldout.share": 0}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    """The model and EMA weights of checkpoint folders `a` and `b` hold the same tensors: bit for bit (atol 0),
+    or within `atol` (two processes sum gradients in another order than one)."""
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        x, y = load_file(Path(a) / name), load_file(Path(b) / name)
+        assert x.keys() == y.keys(), name
+        for key in x:
+            if atol == 0:
+                assert torch.equal(x[key], y[key]), f"{name}:{key}"
+            else:
+                torch.testing.assert_close(y[key], x[key], rtol=0, atol=atol, msg=f"{name}:{key}")

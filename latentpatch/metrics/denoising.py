@@ -187,13 +187,14 @@ def bucketed_heldout_set(
     """Rows `rows` of a store with aspect buckets (posterior means) and their conditioning `cond`, a HeldoutSet
     per bucket; image k of `rows` keeps noise seed k, as in a single-shape set."""
     bucket_of = store.bucket_of[rows]
+    sigma_data = store.latent_std() if sigma_data is None else sigma_data  # one weighting for every bucket
     parts = []
     for b in bucket_of.unique().tolist():
         at = (bucket_of == b).nonzero().flatten()
         latents = store.load(rows[at].tolist(), names=("mean",))["mean"]
         parts.append((b, HeldoutSet(latents, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std,
                                     cond=None if cond is None else cond.select(at),
-                                    sigma_data=store.latent_std() if sigma_data is None else sigma_data, ids=at,
+                                    sigma_data=sigma_data, ids=at,
                                     coordinate_scale=coordinate_scale)))
     return BucketedHeldoutSet(parts)
 
@@ -270,6 +271,6 @@ def run_denoising_loss(
 
 
 __all__ = [
-    "BucketedHeldoutSet", "DenoisingLoss", "HeldoutSet", "bucketed_heldout_set", "denoising_loss", "run_denoising_loss", "run_weight_sd",
-    "store_heldout_set", "store_sigma_data",
+    "BucketedHeldoutSet", "DenoisingLoss", "HeldoutSet", "bucketed_heldout_set", "denoising_loss",
+    "run_denoising_loss", "run_weight_sd", "store_heldout_set", "store_sigma_data",
 ]

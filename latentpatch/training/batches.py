@@ -139,10 +139,11 @@ def training_rows(rows: dict, held: Tensor | None) -> dict:
     n = rows["mean"].shape[0]
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
-    return {k: v if k.startswith("null_") or v.shape[0] != n else _subset(v, keep) for k, v in rows.items()}
+    return {k: v if k.startswith("null_") or v.shape[0] != n else subset_rows(v, keep) for k, v in rows.items()}
 
 
-def _subset(v, keep: Tensor):
+def subset_rows(v: Tensor | ShardedRows, keep: Tensor) -> Tensor | ShardedRows:
+    """Rows `keep` (a mask or indices) of a tensor or of memory-mapped rows (without copying a shard)."""
     return v.subset(keep) if isinstance(v, ShardedRows) else v[keep]
 
 
@@ -152,11 +153,11 @@ def place_rows(rows: dict, device: torch.device, share: float) -> dict:
     if device.type != "cuda":
         return rows
     free, _ = torch.cuda.mem_get_info(device)
-    size = sum(_nbytes(v) for v in rows.values())
+    size = sum(rows_nbytes(v) for v in rows.values())
     if size > share * free:
         return rows
     return {k: (v.materialize() if isinstance(v, ShardedRows) else v).to(device) for k, v in rows.items()}
 
 
-def _nbytes(v) -> int:
+def rows_nbytes(v: Tensor | ShardedRows) -> int:
     return v.nbytes if isinstance(v, ShardedRows) else v.numel() * v.element_size()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -22,8 +23,8 @@ from latentpatch.data.rows import ShardedRows
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchSchedule, PatchStage, crop_offsets_within, gather_crops
 from latentpatch.seeding import make_generator
-from latentpatch.training.batches import (Batch, BatchSpec, draw_batch, draw_noise, place_rows, to_device,
-                                          training_rows)
+from latentpatch.training.batches import (Batch, BatchSpec, draw_batch, draw_noise, place_rows, rows_nbytes,
+                                          subset_rows, to_device, training_rows)
 
 if TYPE_CHECKING:
     from latentpatch.config import RunConfig
@@ -62,7 +63,7 @@ class BucketedRows:
         for b, latents in enumerate(per_bucket):
             members = (bucket_of == b).nonzero().flatten()
             kept = keep[members]
-            part = {k: _subset(v, kept) for k, v in latents.items() if k in LATENTS}
+            part = {k: subset_rows(v, kept) for k, v in latents.items() if k in LATENTS}
             part.update(_rows_of(cond, members[kept]))
             buckets.append(part)
         trained = keep.nonzero().flatten()
@@ -79,9 +80,9 @@ class BucketedRows:
     def __len__(self) -> int:
         return len(self.bucket_of)
 
-    @property
+    @cached_property
     def counts(self) -> Tensor:
-        """Training rows per bucket."""
+        """Training rows per bucket (counted once: every full-size step's bucket draw reads it)."""
         return torch.bincount(self.bucket_of, minlength=len(self.shapes))
 
     def place(self, device: torch.device, share: float) -> BucketedRows:
@@ -89,7 +90,7 @@ class BucketedRows:
         if device.type != "cuda":
             return self
         free, _ = torch.cuda.mem_get_info(device)
-        size = sum(_nbytes(v) for d in (*self.buckets, self.cond) for v in d.values())
+        size = sum(rows_nbytes(v) for d in (*self.buckets, self.cond) for v in d.values())
         if size > share * free:
             return self
         return replace(self, buckets=[place_rows(d, device, math.inf) for d in self.buckets],
@@ -194,7 +195,7 @@ def check_buckets(store: LatentStore, held: Tensor | None, cfg: RunConfig) -> No
     if held is not None:
         keep[held] = False
     bucket_of, items = store.bucket_of, store.items
-    for b, (_, h, w) in enumerate(store.bucket_latent_shapes):
+    for b in range(len(store.bucket_latent_shapes)):
         members = (bucket_of == b).nonzero().flatten().tolist()
         trained = {items[i].sha256: items[i].file for i in members if keep[i]}
         if len(trained) < MIN_BUCKET_IMAGES:
@@ -244,9 +245,3 @@ def _rows_of(cond: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return {k: v if k.startswith("null_") else v[rows.to(v.device)] for k, v in cond.items()}
 
 
-def _subset(v: Tensor | ShardedRows, keep: Tensor) -> Tensor | ShardedRows:
-    return v.subset(keep) if isinstance(v, ShardedRows) else v[keep]
-
-
-def _nbytes(v: Tensor | ShardedRows) -> int:
-    return v.nbytes if isinstance(v, ShardedRows) else v.numel() * v.element_size()
