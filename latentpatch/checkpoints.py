@@ -1,6 +1,7 @@
 """Checkpoints as folders of safetensors (no pickle), written atomically, kept by a retention rule.
 
     checkpoints/step-00000100/  model.safetensors  ema.safetensors  optimizer.safetensors  state.json
+                                (and posthoc.safetensors when the run trains post-hoc EMA profiles)
     checkpoints/LATEST          names the newest complete checkpoint; written last
     checkpoints/BEST            names the checkpoint of the best held-out loss (when training evaluates one)
 
@@ -35,6 +36,7 @@ LATEST = "LATEST"
 BEST = "BEST"
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
 OPTIMIZER_FILE = "optimizer.safetensors"
+POSTHOC_FILE = "posthoc.safetensors"  # the post-hoc EMA profiles (training/posthoc_ema.py), when the run has them
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
@@ -154,28 +156,41 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     run_dir: str | os.PathLike, step: int, model: nn.Module, ema: nn.Module,
     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 0, best: bool = False,
+    posthoc: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write step-XXXXXXXX atomically, point LATEST (and with `best`, BEST) at it, then apply the retention
-    rule (keep the newest `keep`, and the best)."""
+    rule (keep the newest `keep`, and the best). `posthoc`: the post-hoc EMA profiles' tensors, if any."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    tmp, final = root / f".tmp-{name}", root / name
     for stale in root.glob(".tmp-*"):  # leftovers of a killed run; one writer per run, so none is live
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     blobs = {
         WEIGHT_FILES["raw"]: save_safetensors_bytes(_cpu_tensors(model.state_dict()), metadata={"step": str(step)}),
         WEIGHT_FILES["ema"]: save_safetensors_bytes(_cpu_tensors(ema.state_dict()), metadata={"step": str(step)}),
         OPTIMIZER_FILE: save_safetensors_bytes(opt_tensors, metadata=opt_meta),
     }
-    record = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        **state,
-        "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in blobs.items()},
-    }
+    if posthoc is not None:
+        blobs[POSTHOC_FILE] = save_safetensors_bytes(_cpu_tensors(posthoc), metadata={"step": str(step)})
+    final = write_checkpoint_folder(root / name, blobs, {"step": step, **state},
+                                    "the previous checkpoint is still the latest")
+    atomic_write_text(root / LATEST, name + "\n")
+    if best:
+        atomic_write_text(root / BEST, name + "\n")
+    apply_retention(run_dir, keep)
+    return final
+
+
+def write_checkpoint_folder(final: Path, blobs: dict[str, bytes], record: dict[str, Any], kept: str) -> Path:
+    """Folder `final` holding the files `blobs` (name -> bytes) and state.json (format_version, `record`, each
+    file's sha256), written as `.tmp-NAME`, fsynced and renamed; a folder of the same name is replaced whole.
+    `kept` says what is left when the write fails."""
+    tmp = final.parent / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    record = {"format_version": FORMAT_VERSION, **record,
+              "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in blobs.items()}}
     try:  # a full disk must not leave a half-written checkpoint (nor a raw traceback)
         for fname, data in blobs.items():
             _write_synced(tmp / fname, data)
@@ -184,15 +199,11 @@ def save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final}: {e.strerror or e} (nothing was left half-written; "
-                        "the previous checkpoint is still the latest)") from e
+                        f"{kept})") from e
     if final.exists():  # the same step written again (a rerun after a kill): replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / LATEST, name + "\n")
-    if best:
-        atomic_write_text(root / BEST, name + "\n")
-    apply_retention(run_dir, keep)
+    _fsync_dir(final.parent)
     return final
 
 
@@ -257,13 +268,18 @@ def _misfit(want: dict[str, torch.Tensor], have: dict[str, torch.Tensor]) -> str
     return ""
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load weights, EMA and optimizer state in place; returns state.json (step, nimg, ...)."""
+def load_checkpoint(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+                    posthoc=None) -> dict[str, Any]:
+    """Load weights, EMA and optimizer state in place (and `posthoc`, post-hoc EMA profiles, from their file);
+    returns state.json (step, nimg, ...)."""
     state = read_state(ckpt)
     load_weights(model, verified_file(ckpt, WEIGHT_FILES["raw"], state))
     load_weights(ema, verified_file(ckpt, WEIGHT_FILES["ema"], state))
     tensors, meta = _read_safetensors(verified_file(ckpt, OPTIMIZER_FILE, state))
     optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
+    if posthoc is not None:
+        path = verified_file(ckpt, POSTHOC_FILE, state)
+        posthoc.load_state_dict(_read_safetensors(path)[0], where=str(path))
     return state
 
 

@@ -139,6 +139,9 @@ def load_run(
     info = read_run_info(run_dir)
     found = ckpt.resolve_checkpoint(run_dir, checkpoint)
     state = ckpt.read_state(found)
+    if weights == "raw" and "posthoc" in state:
+        raise UserError(f"{found} is a post-hoc EMA reconstruction (`latentpatch ema`): it holds averaged weights "
+                        "only; load it with weights 'ema' (--weights ema)")
     path = ckpt.verified_file(found, ckpt.WEIGHT_FILES[weights], state)
     precond = build_precond(cfg, int(info["latent_shape"][0]), device=device)
     ckpt.load_weights(precond, path)
