@@ -22,3 +22,10 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
+
+
+def training_autocast(precision: str, device: torch.device):
+    """A factory of the autocast context a run computes in (train.precision): bf16 for "bf16", and for "auto" on
+    CUDA; its held-out scores use it too, so a later score of the run's weights is the number its log shows."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

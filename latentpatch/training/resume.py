@@ -22,6 +22,7 @@ from latentpatch.metrics.denoising import store_sigma_data
 from latentpatch.runs import CONFIG_FILE, RUN_FILE, run_info, store_latent_shape
 from latentpatch.training.guard import CHOSEN_KEYS, HeldoutPlan
 from latentpatch.training.logging import LOG_FILE
+from latentpatch.training.posthoc_ema import POSTHOC_DIR
 
 RESUMABLE_KEYS = ("train.max_steps",)  # may change between a run and its resume
 LOCK_FILE = ".train.lock"
@@ -123,6 +124,7 @@ def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: Conditio
     if not has_ckpt:
         (run_dir / LOG_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir / POSTHOC_DIR, ignore_errors=True)  # snapshots and reconstructions of that run
     save_config(cfg, run_dir / CONFIG_FILE)
     info = run_info(store, spec, heldout=None if plan is None else plan.to_dict())
     if has_ckpt:  # a resume keeps the date the run was created

@@ -52,6 +52,11 @@ class TrainConfig:
     # Early stopping: held-out evaluations without a new best before the run stops (0: never; null: 10 on a
     # small store, where held-out evaluation is on by default, else 0; see training/guard.py).
     patience: int | None = None
+    # Post-hoc EMA (EDM2; training/posthoc_ema.py): power-function EMA profiles of these relative stds, sorted,
+    # each in (0, 0.28] (empty: none), snapshotted every `posthoc_every` steps (null: ckpt_every) into
+    # RUN/posthoc/snapshots/, from which `latentpatch ema` reconstructs the EMA of any other std.
+    posthoc_stds: list[float] = field(default_factory=list)
+    posthoc_every: int | None = None
 
     def check(self) -> None:
         """Values no type check catches; each message names the key."""
@@ -66,6 +71,15 @@ class TrainConfig:
             raise UserError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ema_count not in EMA_COUNTS:
             raise UserError(f"train.ema_count must be one of {EMA_COUNTS}, got {self.ema_count!r}")
+        from latentpatch.training.posthoc_ema import check_std
+
+        for std in self.posthoc_stds:
+            check_std(std, "train.posthoc_stds")
+        if self.posthoc_stds != sorted(set(self.posthoc_stds)) or any(round(s, 3) != s for s in self.posthoc_stds):
+            raise UserError(f"train.posthoc_stds must be sorted, without repeats, at most 3 decimals (each names its "
+                            f"profile, e.g. std0.050), got {self.posthoc_stds}")
+        if self.posthoc_every is not None and self.posthoc_every < 1:
+            raise UserError(f"train.posthoc_every must be at least 1 (null: ckpt_every), got {self.posthoc_every}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
 from latentpatch.denoiser import build_precond, size_multiple
+from latentpatch.device import training_autocast
 from latentpatch.diffusion.edm import denoising_loss_at
 from latentpatch.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from latentpatch.errors import UserError
@@ -39,6 +40,7 @@ from latentpatch.training.ema import ema_beta, make_ema, update_ema
 from latentpatch.training.guard import HeldoutPlan, choose_defaults
 from latentpatch.training.heldout import HeldoutEval
 from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
+from latentpatch.training.posthoc_ema import PosthocProfiles, snapshot_path
 from latentpatch.training.resume import LOCK_FILE, record_run, resolve_with_store, saved_config
 from latentpatch.training.results import StepInfo, TrainingDiverged, TrainResult
 
@@ -65,11 +67,6 @@ def train(
         if lock is not None:
             lock.release()
         cleanup(dist_info)
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -114,6 +111,7 @@ class _Session:
     unchecked: list = field(default_factory=list)  # (step, loss, grad norm) on the device, not yet read
     draw: Callable = draw_batch  # draw_bucketed_batch for a store with aspect buckets (chosen once, at the start)
     cond_rows: dict | None = None  # the conditioning rows previews index by item (None: those of `tensors`)
+    posthoc: PosthocProfiles | None = None  # post-hoc EMA profiles (train.posthoc_stds)
 
     @classmethod
     def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo,
@@ -183,10 +181,11 @@ class _Session:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         return cls(cfg, spec, BatchSpec.from_config(cfg, spec, multiple), run_dir, dist, store, tensors, precond,
-                   ema, precond, optimizer, schedule)
+                   ema, precond, optimizer, schedule,
+                   posthoc=PosthocProfiles(precond, tc.posthoc_stds) if tc.posthoc_stds else None)
 
     def restore(self, found: Path) -> None:
-        state = ckpt_io.load_checkpoint(found, self.precond, self.ema, self.optimizer)
+        state = ckpt_io.load_checkpoint(found, self.precond, self.ema, self.optimizer, self.posthoc)
         self.step, self.nimg, self.last_ckpt = int(state["step"]), float(state["nimg"]), found
         self.nsamples = int(state.get("nsamples", 0))
         if self.heldout is not None:
@@ -213,11 +212,11 @@ class _Session:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
         self.optimizer.step()
-        if tc.ema_count == "samples":  # each patch counts as an image (the official Patch Diffusion code)
-            beta = ema_beta(self.nsamples, stage.batch_size, tc.ema_halflife_kimg, tc.ema_rampup)
-        else:
-            beta = ema_beta(self.nimg, batch_nimg, tc.ema_halflife_kimg, tc.ema_rampup)
-        update_ema(self.ema, self.precond, beta)
+        # The EMAs' count before this step and this step's share (ema_count "samples": every patch is an image)
+        count, dt = (self.nsamples, stage.batch_size) if tc.ema_count == "samples" else (self.nimg, batch_nimg)
+        update_ema(self.ema, self.precond, ema_beta(count, dt, tc.ema_halflife_kimg, tc.ema_rampup))
+        if self.posthoc is not None:
+            self.posthoc.update(self.precond, count + dt, dt)
         self.unchecked.append((self.step, loss.detach(), grad_norm.detach()))
         self.nimg += batch_nimg
         self.nsamples += stage.batch_size
@@ -267,7 +266,7 @@ class _Session:
 
     def run(self, progress: bool, callback) -> TrainResult:
         tc, dist = self.cfg.train, self.dist
-        autocast = _autocast(self.cfg, dist.device)
+        autocast = training_autocast(tc.precision, dist.device)
         logger = RunLogger(self.run_dir, enabled=dist.is_main)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
         interval = LogInterval()
@@ -302,6 +301,11 @@ class _Session:
                     bar.set_postfix(self._postfix(record))
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0 and dist.is_main:
                     self.save_preview(autocast)
+                if self.posthoc is not None and (self.step % (tc.posthoc_every or tc.ckpt_every) == 0 or final):
+                    self.read_losses()  # not past a non-finite step; before the checkpoint a resume starts from
+                    if dist.is_main:
+                        t = self.nsamples if tc.ema_count == "samples" else self.nimg
+                        self.posthoc.snapshot(snapshot_path(self.run_dir, self.step), self.step, t)
                 if self.step % tc.ckpt_every == 0 or final or best:
                     self.read_losses()  # a checkpoint is never written past an unseen non-finite step
                     self.checkpoint(logger, best=best)
@@ -380,9 +384,10 @@ class _Session:
                      **trained_shapes(self.store)}
             if self.heldout is not None:
                 state.update(self.heldout.state())
-            self.last_ckpt = ckpt_io.save_checkpoint(self.run_dir, self.step, self.precond, self.ema,
-                                                     self.optimizer, state, self.cfg.train.keep_checkpoints,
-                                                     best=best)
+            self.last_ckpt = ckpt_io.save_checkpoint(
+                self.run_dir, self.step, self.precond, self.ema, self.optimizer, state,
+                self.cfg.train.keep_checkpoints, best=best,
+                posthoc=None if self.posthoc is None else self.posthoc.state_dict())
             logger.plot(force=False)
         barrier(self.dist)
         if not self.dist.is_main:
