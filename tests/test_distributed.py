@@ -40,3 +40,24 @@ def test_two_gloo_processes_match_one_process(tmp_path, recipe):
     log_two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [2, 4]
     assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-5)
+
+
+def test_two_gloo_processes_keep_the_post_hoc_ema_profiles_one_process_keeps(tmp_path):
+    """Rank 0 snapshots the profiles every rank updates: the snapshots and the checkpoint's profiles match."""
+    from safetensors.torch import load_file
+
+    steps = {**STEPS, "train.posthoc_stds": "[0.05,0.1]", "train.posthoc_every": 2}
+    store = make_store(tmp_path / "store", photo_crops(32, 16))
+    one = train(load_config("tiny", tiny_overrides(**steps)), store, tmp_path / "one", progress=False, device="cpu")
+    proc = train_two_processes(store, tmp_path / "two", tiny_overrides(**steps))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two = tmp_path / "two" / "checkpoints" / "step-00000004"
+    snapshot = lambda run, step: tmp_path / run / "posthoc" / "snapshots" / f"step-{step:08d}.safetensors"  # noqa: E731
+    pairs = [(one.checkpoint / "posthoc.safetensors", two / "posthoc.safetensors"),
+             (snapshot("one", 2), snapshot("two", 2)), (snapshot("one", 4), snapshot("two", 4))]
+    for a, b in pairs:
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys() and any(k.startswith("std0.100.") for k in x)
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6, msg=f"{b}:{key}")
