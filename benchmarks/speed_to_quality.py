@@ -50,6 +50,7 @@ from pathlib import Path
 
 import stq_report as report
 from stq_data import REGIMES, prepare_data
+from stq_posthoc import PHEMA, posthoc_curve, posthoc_table
 import torch
 
 from latentpatch.checkpoints import latest_checkpoint, read_state
@@ -97,14 +98,23 @@ ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is CO
     "paper+sigma+coupled-high": ["patches.aligned=false", "patches.sigma_overlap=0.5", "patches.sigma_order=crops-high"],
     "paper+sigma+snr5": ["patches.aligned=false", "edm.snr_cap=5"],
     "paper+sigma+ema-samples": ["patches.aligned=false", "train.ema_count=samples"],
+    # At 32x32 latents (mnist5k-128) a smaller crop is cheaper per pixel still: quarter-side crops (8x8) too, or
+    # fewer full-size steps.
+    "paper+sigma/quarter": ["patches.aligned=false", "patches.sizes=[0.25, 0.5]", "patches.size_weights=[2, 3]"],
+    "paper+sigma/real_p0.25": ["patches.aligned=false", "patches.real_p=0.25"],
     "full-size+snr5": FULL + ["edm.snr_cap=5"],
+    # Post-hoc EMA (EDM2): the same training as the base arm, plus snapshots of two EMA profiles at every
+    # evaluation; stq_posthoc.py reconstructs the best EMA length at each time.
+    "full-size+phema": FULL + PHEMA,
+    "paper+sigma+phema": ["patches.aligned=false"] + PHEMA,
     "routing": FULL + ROUTING,
 }
 
 
 def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str, steps: int = 0):
     """The arm's config; `steps` (the planned run length) sizes a progressive schedule's stages."""
-    over = [o.replace("PROGRESSIVE", str(max(1, steps // 3))) for o in ARMS[arm]]
+    over = [o.replace("PROGRESSIVE", str(max(1, steps // 3))).replace("EVAL", str(eval_every or 1000))
+            for o in ARMS[arm]]
     return load_config(None, COMMON + over + [
         f"model.num_classes={REGIMES[regime].num_classes}", f"train.seed={seed}",
         f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
@@ -267,6 +277,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="samples per arm for FID/KID/SWD (0: none)")
     ap.add_argument("--sample-steps", type=int, default=DEFAULTS.steps)
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the wiring only")
+    ap.add_argument("--posthoc-stride", type=int, default=4,
+                    help="+phema arms: reconstruct the post-hoc EMAs at every Nth evaluation (and the last)")
     ap.add_argument("--name", default=None, help="prefix of the result files (default: REGIME-BUDGETs)")
     args = ap.parse_args()
     if args.quick:
@@ -319,6 +331,21 @@ def main() -> None:
     md = f"{title}\n\n" + report.table(summary, ups, metrics, args.baseline, steps)
     md += "\nHeld-out loss per noise level (mean over seeds) at fixed training times:\n\n"
     md += report.sigma_table(per_sigma, sigmas, args.budget_s)
+    posthoc = {arm: {seed: posthoc_curve(runs[arm, seed], plan[arm, seed][2], args.posthoc_stride) for seed in seeds}
+               for arm in arms if arm.endswith("+phema")}
+    if posthoc:
+        md += "\nPost-hoc EMA (EDM2): the lowest held-out loss over the reconstructed relative stds, mean over seeds:\n\n"
+        md += posthoc_table(posthoc, curves, args.budget_s)
+        ph = {f"{arm} (post-hoc)": {s: [(t, loss) for t, loss, _ in c] for s, c in by.items()}
+              for arm, by in posthoc.items()}
+        ph_base = args.baseline.removesuffix("+phema") + "+phema (post-hoc)"
+        if ph_base in ph:
+            ph_summary = {arm: {s: report.summarise_run(c) for s, c in by.items()} for arm, by in ph.items()}
+            md += f"\nRaced on the post-hoc curves (to {ph_base}'s best):\n\n"
+            md += report.table(ph_summary, report.speedups(ph, ph_base), {}, ph_base,
+                               {f"{a} (post-hoc)": steps[a] for a in posthoc})
+        report.plot_curves({**{a: c for a, c in curves.items() if a in posthoc}, **ph},
+                           out / f"{name}-posthoc-curves.png", title + "; post-hoc EMA")
     atomic_write_text(out / f"{name}-table.md", md)
     write_json_atomic(out / f"{name}-results.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "step_seconds": saved, "curves": {
@@ -326,6 +353,7 @@ def main() -> None:
             a: {str(s): c for s, c in by.items()} for a, by in per_sigma.items()}, "summary": {
             a: {str(s): r for s, r in by.items()} for a, by in summary.items()}, "speedups": {
             a: {str(s): r for s, r in by.items()} for a, by in ups.items()}, "metrics": metrics, "steps": steps,
+        "posthoc": {a: {str(s): c for s, c in by.items()} for a, by in posthoc.items()},
         "wall_s": time.perf_counter() - start})
     print("\n" + md, flush=True)
 
