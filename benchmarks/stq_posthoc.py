@@ -50,7 +50,10 @@ def posthoc_table(curves: dict[str, dict[int, list]], ema_curves: dict[str, dict
     for frac in (0.25, 0.5, 1.0):
         t = frac * budget_s
         for arm, by_seed in curves.items():
-            ph = {seed: [p for p in c if p[0] <= t + 1e-9][-1] for seed, c in by_seed.items()}
+            ph = {seed: [p for p in c if p[0] <= t + 1e-9][-1:] for seed, c in by_seed.items()}
+            if not all(ph.values()):  # a seed with no post-hoc point yet
+                continue
+            ph = {seed: p[0] for seed, p in ph.items()}
             ema = [dict(ema_curves[arm][seed])[p[0]] for seed, p in ph.items()]
             lines.append(f"| {t:.0f} | {arm} | {statistics.fmean(ema):.4f} | "
                          f"{statistics.fmean(p[1] for p in ph.values()):.4f} | "

@@ -28,3 +28,16 @@ def test_sigma_table_takes_the_last_evaluation_at_each_time_averages_seeds_and_b
     # at 100 s: patch seed 1's last evaluation is the one at 60 s.
     assert lines[4] == "| 100 | full-size | **0.5000** | 1.0000 |"
     assert lines[5] == "| 100 | patch | 0.6750 | **0.8000** |"
+
+
+def test_posthoc_table_compares_the_training_ema_at_the_same_evaluation_as_the_post_hoc_point():
+    import stq_posthoc  # noqa: E402  (imports latentpatch: the post-hoc reconstruction it calls)
+
+    # post-hoc points every other evaluation: (seconds, best loss, its std)
+    posthoc = {"patch+phema": {0: [(40.0, 0.50, 0.05), (80.0, 0.30, 0.1)], 1: [(40.0, 0.70, 0.035), (80.0, 0.5, 0.07)]}}
+    ema = {"patch+phema": {0: [(20.0, 0.9), (40.0, 0.6), (60.0, 0.45), (80.0, 0.4)],
+                           1: [(20.0, 0.9), (40.0, 0.8), (60.0, 0.65), (80.0, 0.6)]}}
+    lines = stq_posthoc.posthoc_table(posthoc, ema, budget_s=80.0).splitlines()
+    assert len(lines) == 4  # at a quarter (20 s) no post-hoc point yet: no row
+    assert lines[2] == "| 40 | patch+phema | 0.7000 | 0.6000 | 0.050, 0.035 |"  # the EMA at 40 s, not at 60 s
+    assert lines[3] == "| 80 | patch+phema | 0.5000 | 0.4000 | 0.100, 0.070 |"
