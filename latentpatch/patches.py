@@ -173,6 +173,10 @@ class PatchConfig:
     # A non-square image's coordinate grid: "per-axis" (each axis spans [-1, 1]) or "longer-side" (both scaled
     # by the longer side, so the grid carries the aspect ratio). The same on square images.
     coordinate_scale: str = "per-axis"
+    # Zoomed-out views (issue 21): a share zoom_p of the steps, taken from real_p, trains on whole images at a
+    # lower resolution, the latents of a second store of the same images encoded at that resolution.
+    zoom_latents: str | None = None
+    zoom_p: float = 0.0
 
     def __post_init__(self) -> None:
         # Only fills what was not given, so `check` can refuse given sides beside real_p=1.
@@ -208,6 +212,12 @@ class PatchConfig:
             raise UserError(f"patches.sigma_order must be one of {SIGMA_ORDERS}, got {self.sigma_order!r}")
         if self.batch_growth <= 0 or self.progressive_steps < 0:
             raise UserError("patches.batch_growth must be > 0 and patches.progressive_steps >= 0")
+        if not 0.0 <= self.zoom_p <= self.real_p:
+            raise UserError(f"patches.zoom_p is a share of the full-size steps, in [0, patches.real_p={self.real_p}], "
+                            f"got {self.zoom_p}")
+        if (self.zoom_p > 0) != bool(self.zoom_latents):
+            raise UserError(f"patches.zoom_p={self.zoom_p} and patches.zoom_latents={self.zoom_latents!r} go together: "
+                            "zoomed-out steps need the store of the downscaled images, and that store needs zoom_p > 0")
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,7 @@ class PatchStage:
     batch_size: int
     sigma_slice: tuple[float, float] = (0.0, 1.0)
     sigma_overlap: float = 1.0
+    zoom: bool = False  # a zoomed-out view: the whole image from the zoom store, at its (smaller) latent shape
 
 
 class PatchSchedule:
@@ -229,11 +240,13 @@ class PatchSchedule:
     Non-full sizes are fractions of the latent side with relative weights; the full size gets `real_p`
     (the paper's real_p). Batch grows by `batch_growth` each time the side halves (the paper doubles it).
     `progressive_steps` > 0 runs the sizes smallest-first in equal stages before the random schedule.
-    The config was checked at load (PatchConfig.check); what depends on the latents is checked here.
+    `zoom_shape` (h, w): the zoom store's latent, a stage of probability zoom_p (taken from real_p) whose batch
+    grows like a crop's of that side. The config was checked at load (PatchConfig.check); what depends on the
+    latents is checked here.
     """
 
     def __init__(self, cfg: PatchConfig, latent_h: int, latent_w: int, batch_size: int, multiple_of: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, zoom_shape: tuple[int, int] | None = None) -> None:
         sizes = [float(s) for s in cfg.sizes] if cfg.real_p < 1.0 else []
         weights = [float(x) for x in (cfg.size_weights or [1.0] * len(sizes))]
         stages = []
@@ -242,8 +255,11 @@ class PatchSchedule:
             mult = cfg.batch_growth ** math.log2(1.0 / frac)
             stages.append(PatchStage(ph, pw, (1.0 - cfg.real_p) * wgt / sum(weights),
                                      max(1, round(batch_size * mult))))
-        if cfg.real_p > 0 or not stages:
-            stages.append(PatchStage(latent_h, latent_w, cfg.real_p if stages else 1.0, batch_size))
+        if cfg.zoom_p > 0:
+            stages.append(_zoom_stage(cfg, zoom_shape, latent_h, latent_w, batch_size, multiple_of))
+        full_p = cfg.real_p - cfg.zoom_p
+        if full_p > 0 or not stages:
+            stages.append(PatchStage(latent_h, latent_w, full_p if stages else 1.0, batch_size))
         for s in stages:
             if s.height % multiple_of or s.width % multiple_of or s.height < multiple_of:
                 raise UserError(
@@ -262,6 +278,20 @@ class PatchSchedule:
             return self.stages[min(step // per_stage, len(self.stages) - 1)]
         g = make_generator("cpu", self.seed, step, "patch-size")
         return self.stages[int(torch.multinomial(self._probs, 1, generator=g))]
+
+
+def _zoom_stage(cfg: PatchConfig, shape: tuple[int, int] | None, latent_h: int, latent_w: int, batch_size: int,
+                multiple_of: int) -> PatchStage:
+    """The zoomed-out stage: the zoom store's whole latent, its batch grown by batch_growth per halving of the side."""
+    if shape is None:
+        raise ValueError("patches.zoom_p > 0 needs the zoom store's latent shape (PatchSchedule zoom_shape)")
+    h, w = shape
+    if h % multiple_of or w % multiple_of or h < multiple_of:
+        raise UserError(f"the zoomed-out latent {h}x{w} (patches.zoom_latents {cfg.zoom_latents}) is not divisible by "
+                        f"the network's patch size {multiple_of}; encode the zoom store at a resolution whose latent "
+                        f"side is a multiple of {multiple_of}")
+    mult = cfg.batch_growth ** math.log2(latent_h / h)
+    return PatchStage(h, w, cfg.zoom_p, max(1, round(batch_size * mult)), zoom=True)
 
 
 def _coupled(stages: list[PatchStage], cfg: PatchConfig) -> list[PatchStage]:

@@ -37,23 +37,30 @@ def photo_crops(n: int, size: int, seed: int = 0, scale: int = 4) -> torch.Tenso
     return torch.stack(out).clamp(-1, 1)
 
 
-def make_store(root: Path, images: torch.Tensor, labels: list[int] | None = None, shard_size: int = 64) -> Path:
-    """Write `images` (pixel-autoencoder latents) as a latent store at `root`."""
+def make_store(root: Path, images: torch.Tensor, labels: list[int] | None = None, shard_size: int = 64,
+               std: torch.Tensor | None = None, order: list[int] | None = None,
+               autoencoder: dict | None = None) -> Path:
+    """Write `images` (pixel-autoencoder latents; posterior `std` beside them if given) as a latent store at
+    `root`. Image i is file img{i:04d}.png whatever its place: `order` lists the images in the store's order."""
     from latentpatch.autoencoders import PixelAutoencoder
     from latentpatch.data.manifest import Item, Manifest
     from latentpatch.data.store import StoreWriter
 
     n, c, h, w = images.shape
-    manifest = Manifest(autoencoder=PixelAutoencoder().info.to_dict(), resolution=[h, w], latent_shape=[c, h, w],
-                        dtype="float32", stores_std=False)
+    order = list(range(n)) if order is None else list(order)
+    manifest = Manifest(autoencoder=autoencoder or PixelAutoencoder().info.to_dict(), resolution=[h, w],
+                        latent_shape=[c, h, w], dtype="float32", stores_std=std is not None)
     writer = StoreWriter(root, manifest, shard_size=shard_size, background=False)
     items = []
-    for i in range(n):
+    for i in order:
         item = Item(file=f"img{i:04d}.png", sha256=f"{i:064x}", caption=None, flip=False, shard=0, row=0)
         if labels is not None:
             item.label = labels[i]
         items.append(item)
-    writer.add({"mean": images.float()}, items)
+    tensors = {"mean": images[order].float()}
+    if std is not None:
+        tensors["std"] = std[order].float()
+    writer.add(tensors, items)
     writer.close()
     return root
 

@@ -44,16 +44,18 @@ class BatchSpec:
     routing: RoutingConfig | None = None  # TREAD routing (None or share 0: every token in every block)
     route_blocks: tuple[int, int] = (0, 0)
     coordinate_scale: str = "per-axis"  # patches.coordinate_scale: how a non-square latent's grid is normalised
+    zoom_scale: float = 1.0  # zoomed-out latents x this have the training latents' std (training.zoom.zoom_scale)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, conditioning: ConditioningSpec, size_multiple: int = 1) -> BatchSpec:
+    def from_config(cls, cfg: RunConfig, conditioning: ConditioningSpec, size_multiple: int = 1,
+                    zoom_scale: float = 1.0) -> BatchSpec:
         """`size_multiple`: the network's token size (DiT patch size) or total downsampling (UNet)."""
         routing = cfg.routing if cfg.routing.share > 0 else None
         return cls(cfg.train.seed, cfg.edm, conditioning, cfg.train.label_dropout, cfg.text.caption_dropout,
                    local_coordinates=cfg.patches.coordinates == "local",
                    crop_multiple=size_multiple if cfg.patches.aligned else 1, token_size=size_multiple,
                    routing=routing, route_blocks=routing.blocks(cfg.model.dit.depth) if routing else (0, 0),
-                   coordinate_scale=cfg.patches.coordinate_scale)
+                   coordinate_scale=cfg.patches.coordinate_scale, zoom_scale=zoom_scale)
 
 
 @dataclass
@@ -76,8 +78,10 @@ def draw_batch(
     micro: int, rank: int, world: int, device: torch.device,
 ) -> Batch:
     """Draw micro-batch `micro` of optimisation step `step` (`micro_batch` samples over all ranks) and return
-    rank `rank`'s share, reading only that share's rows."""
-    mean = rows["mean"]
+    rank `rank`'s share, reading only that share's rows. A zoom stage is a full-size step of the rows' zoomed-out
+    latents (training.zoom), drawn in the same order and scaled by spec.zoom_scale."""
+    key = "zoom_" if stage.zoom else ""
+    mean = rows[key + "mean"]
     g_idx = make_generator("cpu", spec.seed, step, micro, "indices")  # on the CPU wherever the rows are
     indices = torch.randint(0, mean.shape[0], (micro_batch,), generator=g_idx)
     per_rank = micro_batch // world
@@ -86,9 +90,11 @@ def draw_batch(
     g = make_generator(device, spec.seed, step, micro, "batch")
     x = to_device(mean[own], device).float()
     c, h, w = mean.shape[1:]
-    if "std" in rows:  # a fresh latent from the encoder's posterior N(mean, std^2)
+    if key + "std" in rows:  # a fresh latent from the encoder's posterior N(mean, std^2)
         eps = torch.randn((micro_batch, c, h, w), generator=g, device=device)[sl]
-        x = x + to_device(rows["std"][own], device).float() * eps
+        x = x + to_device(rows[key + "std"][own], device).float() * eps
+    if stage.zoom:
+        x = x * spec.zoom_scale
     cond = draw_rows(spec.conditioning, rows, indices, g, spec.label_dropout, spec.caption_dropout, own=sl)
     tops, lefts = crop_offsets(micro_batch, h, w, stage.height, stage.width, g, spec.crop_multiple)
     crops, coords = gather_crops(x, tops[sl], lefts[sl], stage.height, stage.width, spec.local_coordinates,
@@ -133,7 +139,7 @@ def load_training_tensors(store: LatentStore, spec: ConditioningSpec, text: Text
 
 
 def training_rows(rows: dict, held: Tensor | None) -> dict:
-    """The rows without the held-out ones `held` (per-row tensors lose them; null_* stay)."""
+    """The rows without the held-out ones `held` (per-row tensors, zoom_* too, lose them; null_* stay)."""
     if held is None:
         return rows
     n = rows["mean"].shape[0]

@@ -43,6 +43,7 @@ from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memor
 from latentpatch.training.posthoc_ema import PosthocProfiles, snapshot_path
 from latentpatch.training.resume import LOCK_FILE, record_run, resolve_with_store, saved_config
 from latentpatch.training.results import StepInfo, TrainingDiverged, TrainResult
+from latentpatch.training.zoom import ZoomData
 
 
 def train(
@@ -131,14 +132,17 @@ class _Session:
         bucketed = store.buckets is not None
         if bucketed:  # before anything is written
             check_buckets(store, plan.rows, cfg)
+        zoom = ZoomData.open(cfg.patches.zoom_latents, store) if cfg.patches.zoom_p > 0 else None
         if dist.is_main:
             record_run(run_dir, cfg, store, spec, plan)
             print(plan.describe(), flush=True)
         barrier(dist)
         tensors = load_training_tensors(store, spec, text)
+        if zoom is not None:
+            tensors.update(zoom.rows)  # row by row beside the full-size latents: held-out rows leave them too
         heldout = HeldoutEval.build(cfg, store, spec, tensors, plan.rows) if cfg.heldout.enabled else None
         rows, draw = training_data(store, tensors, plan.rows, dist.device, cfg.train.data_device_share)
-        session = cls._build(cfg, spec, run_dir, dist, store, rows, init_state)
+        session = cls._build(cfg, spec, run_dir, dist, store, rows, init_state, zoom)
         session.heldout, session.plan, session.draw = heldout, plan, draw
         if bucketed:
             check_bucket_sides(store, size_multiple(session.precond.net))
@@ -164,7 +168,7 @@ class _Session:
 
     @classmethod
     def _build(cls, cfg: RunConfig, spec, run_dir: Path, dist: DistInfo, store: LatentStore, tensors,
-               init_state) -> _Session:
+               init_state, zoom: ZoomData | None = None) -> _Session:
         """The denoiser (initial weights a function of the seed alone), EMA, optimiser and schedule."""
         channels, lat_h, lat_w = store.latent_shape
         tc, oc = cfg.train, cfg.optim
@@ -175,12 +179,14 @@ class _Session:
         optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                       weight_decay=oc.weight_decay, fused=True)
         multiple = size_multiple(precond.net)
-        schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=multiple, seed=tc.seed)
+        schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=multiple, seed=tc.seed,
+                                 zoom_shape=None if zoom is None else zoom.shape)
         _check_batches(schedule, cfg, dist.world_size)
         if dist.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(cfg, spec, BatchSpec.from_config(cfg, spec, multiple), run_dir, dist, store, tensors, precond,
+        batch_spec = BatchSpec.from_config(cfg, spec, multiple, zoom_scale=1.0 if zoom is None else zoom.scale)
+        return cls(cfg, spec, batch_spec, run_dir, dist, store, tensors, precond,
                    ema, precond, optimizer, schedule,
                    posthoc=PosthocProfiles(precond, tc.posthoc_stds) if tc.posthoc_stds else None)
 
