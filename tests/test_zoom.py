@@ -207,6 +207,21 @@ def test_bad_zoom_config_is_refused_in_one_line_before_anything_is_written(store
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "run.json").exists()
 
 
+def test_zoom_on_an_aspect_bucketed_store_is_refused_in_one_line(stores, tmp_path):
+    from latentpatch.encoding.encode import encode
+
+    src = tmp_path / "images"
+    make_image_folder(src, n=4, size=[(32, 32), (48, 32)], formats=("png",))
+    bucketed = tmp_path / "bucketed"
+    encode(src, bucketed, "pixel", 16, buckets=True, workers=0, progress=False)
+    assert LatentStore(bucketed).buckets is not None
+    _, zoom_store = stores
+    with pytest.raises(UserError, match=rf"^patches.zoom_p needs a single-shape training store; {bucketed} holds "
+                                        "aspect buckets$"):
+        train(zoom_cfg(zoom_store), bucketed, tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_a_zoomed_out_step_counts_its_share_of_a_full_size_image(stores, tmp_path):
     train_store, zoom_store = stores
     cfg = zoom_cfg(zoom_store, **{"patches.real_p": 1.0, "patches.zoom_p": 1.0, "train.max_steps": 2})

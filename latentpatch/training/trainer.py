@@ -130,9 +130,9 @@ class _Session:
         cfg, note = choose_defaults(cfg, store)  # a resumed run's were chosen at its start: nothing left to fill
         plan = HeldoutPlan.of(cfg, store, note)
         bucketed = store.buckets is not None
+        zoom = ZoomData.open(cfg.patches.zoom_latents, store) if cfg.patches.zoom_p > 0 else None  # refuses buckets
         if bucketed:  # before anything is written
             check_buckets(store, plan.rows, cfg)
-        zoom = ZoomData.open(cfg.patches.zoom_latents, store) if cfg.patches.zoom_p > 0 else None
         if dist.is_main:
             record_run(run_dir, cfg, store, spec, plan)
             print(plan.describe(), flush=True)
