@@ -28,11 +28,10 @@ from latentpatch import checkpoints as ckpt_io
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_save_safetensors
 from latentpatch.training.ema import make_ema
+from latentpatch.training.train_config import check_std
 
 POSTHOC_DIR = "posthoc"
 SNAPSHOT_DIR = "snapshots"
-# sigma_rel peaks at 0.30 (gamma -0.38); up to 0.28, gamma >= 0.17: every profile weights later moments more
-MAX_STD = 0.28
 
 
 def exp_to_std(gamma: float) -> float:
@@ -47,13 +46,6 @@ def std_to_exp(sigma_rel: float) -> float:
     s2 = check_std(sigma_rel) ** 2
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
-
-
-def check_std(sigma_rel: float, key: str = "sigma_rel") -> float:
-    if not 0 < float(sigma_rel) <= MAX_STD:
-        raise UserError(f"{key} must be in (0, {MAX_STD}] (a relative EMA std; EDM2's good values are 0.05-0.15), "
-                        f"got {sigma_rel}")
-    return float(sigma_rel)
 
 
 def power_beta(gamma: float, t: float, dt: float) -> float:

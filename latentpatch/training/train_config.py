@@ -7,7 +7,18 @@ from dataclasses import dataclass, field
 from latentpatch.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# A post-hoc EMA profile's relative std (training/posthoc_ema.py): sigma_rel peaks at 0.30 (gamma -0.38); up to
+# 0.28, gamma >= 0.17, so every profile weights later moments more.
+MAX_POSTHOC_STD = 0.28
 EMA_COUNTS = ("images", "samples")
+
+
+def check_std(sigma_rel: float, key: str = "sigma_rel") -> float:
+    """A relative EMA std in (0, MAX_POSTHOC_STD], else a one-line UserError naming `key`."""
+    if not 0 < float(sigma_rel) <= MAX_POSTHOC_STD:
+        raise UserError(f"{key} must be in (0, {MAX_POSTHOC_STD}] (a relative EMA std; EDM2's good values are "
+                        f"0.05-0.15), got {sigma_rel}")
+    return float(sigma_rel)
 
 
 @dataclass
@@ -71,8 +82,6 @@ class TrainConfig:
             raise UserError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ema_count not in EMA_COUNTS:
             raise UserError(f"train.ema_count must be one of {EMA_COUNTS}, got {self.ema_count!r}")
-        from latentpatch.training.posthoc_ema import check_std
-
         for std in self.posthoc_stds:
             check_std(std, "train.posthoc_stds")
         if self.posthoc_stds != sorted(set(self.posthoc_stds)) or any(round(s, 3) != s for s in self.posthoc_stds):
