@@ -287,7 +287,7 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=DEFAULTS.steps)
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the wiring only")
     ap.add_argument("--posthoc-stride", type=int, default=4,
-                    help="+phema arms: reconstruct the post-hoc EMAs at every Nth evaluation (and the last)")
+                    help="+phema arms: reconstruct the post-hoc EMAs at every Nth evaluation (and the last); 0: not at all")
     ap.add_argument("--name", default=None, help="prefix of the result files (default: REGIME-BUDGETs)")
     args = ap.parse_args()
     if args.quick:
@@ -341,7 +341,7 @@ def main() -> None:
     md += "\nHeld-out loss per noise level (mean over seeds) at fixed training times:\n\n"
     md += report.sigma_table(per_sigma, sigmas, args.budget_s)
     posthoc = {arm: {seed: posthoc_curve(runs[arm, seed], plan[arm, seed][2], args.posthoc_stride) for seed in seeds}
-               for arm in arms if arm.endswith("+phema")}
+               for arm in arms if arm.endswith("+phema") and args.posthoc_stride > 0}
     if posthoc:
         md += "\nPost-hoc EMA (EDM2): the lowest held-out loss over the reconstructed relative stds, mean over seeds:\n\n"
         md += posthoc_table(posthoc, curves, args.budget_s)
