@@ -8,8 +8,8 @@ Data (REGIMES), each encoded with the shipped VAE (builtin, factor 4):
     '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64 px (16x16 latents) or
     128 px (32x32 latents, where a half-side patch step is cheaper per pixel), class-conditional (10 labels,
     from class folders). A regime with more data, where full-size training does not overfit early.
-  Each regime's training images are also encoded at half the side (store-NAME-half): the +zoom arm's zoomed-out
-  views (patches.zoom_latents), whose steps cost what a crop of their shape costs.
+  With a +zoom arm, the regime's training images are also encoded at half the side (store-NAME-half): its
+  zoomed-out views (patches.zoom_latents), whose steps cost what a crop of their shape costs.
 
 Every arm runs the real code: `latentpatch.train` (its own held-out evaluation of the EMA on a fixed sigma grid
 with fixed noise, every --eval-every steps; the best checkpoint kept), `latentpatch.sample` and
@@ -120,7 +120,7 @@ ARMS: dict[str, list[str]] = {  # on top of COMMON: the corrected schedule is CO
 def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str, steps: int = 0):
     """The arm's config; `steps` (the planned run length) sizes a progressive schedule's stages."""
     over = [o.replace("PROGRESSIVE", str(max(1, steps // 3))).replace("EVAL", str(eval_every or 1000))
-            .replace("ZOOM", str(data.get("zoom"))) for o in ARMS[arm]]
+            .replace("ZOOM", str(data.get("zoom"))) for o in ARMS[arm]]  # "zoom": prepared when an arm has ZOOM
     return load_config(None, COMMON + over + [
         f"model.num_classes={REGIMES[regime].num_classes}", f"train.seed={seed}",
         f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
@@ -299,7 +299,7 @@ def main() -> None:
     out, start = args.out, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}", flush=True)
-    data = prepare_data(out / "data", args.regime)
+    data = prepare_data(out / "data", args.regime, zoom=any("ZOOM" in o for arm in arms for o in ARMS[arm]))
 
     timing_file = out / "step_times.json"
     saved = json.loads(timing_file.read_text()) if timing_file.is_file() else {}

