@@ -1,6 +1,9 @@
 """Zoomed-out views (issue 21): whole images at half the side from a second store of the same images, a share of
 the full-size steps; off (zoom_p 0) nothing changes, on they are exact, resumable and the same on 2 processes."""
 
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +18,10 @@ from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchConfig, PatchSchedule, full_coordinates
 from latentpatch.seeding import make_generator
+from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, training_rows
 from latentpatch.training.resume import resolve_with_store
+from latentpatch.training.logging import read_log
 from latentpatch.training.trainer import train
 from latentpatch.training.zoom import ZoomData
 
@@ -251,3 +256,32 @@ def test_two_gloo_processes_train_zoomed_out_steps_as_one_process(stores, tmp_pa
     proc = train_two_processes(train_store, tmp_path / "two", tiny_overrides(**steps))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(one.checkpoint, tmp_path / "two" / "checkpoints" / "step-00000004", atol=1e-6)
+
+
+def test_the_log_marks_the_zoomed_out_steps(stores, tmp_path):
+    train_store, zoom_store = stores
+    cfg = zoom_cfg(zoom_store, **{"train.max_steps": 10, "train.log_every": 1, "train.ckpt_every": 100,
+                                  "patches.zoom_p": 0.4})
+    zoomed = zoom_steps(cfg, range(10))
+    assert zoomed and len(zoomed) < 10
+    train(cfg, train_store, tmp_path / "run", progress=False, device="cpu")
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 11))  # the record of step s is the stage drawn at s - 1
+    assert [r["step"] - 1 for r in records if r.get("zoom")] == zoomed
+    assert {(r["patch"], r["batch"]) for r in records if r.get("zoom")} == {(8, 16)}
+
+
+def test_a_resume_on_a_zoom_store_rewritten_in_place_is_refused_and_the_run_is_kept(stores, photos, tmp_path):
+    train_store, _ = stores
+    zoom = make_store(tmp_path / "half", half(photos))
+    cfg = zoom_cfg(zoom, **{"train.max_steps": 4, "train.ckpt_every": 2})
+    train(cfg, train_store, tmp_path / "run", max_steps=2, progress=False, device="cpu")
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["zoom_store"]
+    assert recorded == {"latents": str(zoom.resolve()), "identity": LatentStore(zoom).manifest.identity, "images": N}
+    shutil.rmtree(zoom)
+    make_store(zoom, half(torch.cat([photos, photos[:1].flip(-1)])))  # every training image still there, one more
+    with pytest.raises(UserError, match=rf"^--resume: patches.zoom_latents {zoom} holds other images \({N + 1}\) "
+                                        rf"than when run {tmp_path / 'run'} started on it \({N}\); "):
+        train(None, train_store, tmp_path / "run", resume=True, progress=False, device="cpu")
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["zoom_store"] == recorded

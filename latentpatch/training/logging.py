@@ -157,3 +157,14 @@ class LogInterval:
                       samples_s=self.samples / seconds, **extra, time=time.time())
         self.reset()
         return record
+
+
+def progress_postfix(record: dict, heldout: Any = None) -> dict[str, str]:
+    """The progress bar's figures: training loss, images/s and, once evaluated, the latest and best held-out loss
+    (best as LOSS@STEP) of `heldout` (training.heldout.HeldoutEval, or None)."""
+    shown = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['img_s']:.1f}"}
+    if heldout is not None and heldout.last_loss is not None:
+        shown["held"] = f"{heldout.last_loss:.4f}"
+        if heldout.best_step is not None:
+            shown["best"] = f"{heldout.best_loss:.4f}@{heldout.best_step}"
+    return shown

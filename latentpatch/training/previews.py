@@ -39,6 +39,14 @@ def save_preview_grid(
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def preview_label(step: int, heldout=None) -> str:
+    """What a preview grid is labelled with: its step and, when `heldout` (training.heldout.HeldoutEval) evaluated
+    there, the held-out loss."""
+    if heldout is not None and heldout.last_step == step and heldout.last_loss is not None:
+        return f"step {step}  held-out {heldout.last_loss:.4f}"
+    return f"step {step}"
+
+
 def labelled(picture: Image.Image, label: str) -> Image.Image:
     """`picture` under a white strip with `label` in PIL's built-in font (no font file needed)."""
     font = ImageFont.load_default()

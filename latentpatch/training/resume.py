@@ -33,7 +33,7 @@ def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = RES
     return differences(config_to_dict(a), config_to_dict(b), ignore)
 
 
-def _check_same_latents(run_dir: Path, store: LatentStore) -> None:
+def _check_same_latents(run_dir: Path, store: LatentStore, zoom: LatentStore | None) -> None:
     try:
         old = json.loads((run_dir / RUN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -43,6 +43,18 @@ def _check_same_latents(run_dir: Path, store: LatentStore) -> None:
                                f"--resume: run {run_dir} was trained on",
                                f"resume with the run's own store ({old.get('latents')})")
     _check_same_images(run_dir, old, store)
+    _check_same_zoom(run_dir, old, zoom)
+
+
+def _check_same_zoom(run_dir: Path, old: dict, zoom: LatentStore | None) -> None:
+    """A resume reads zoomed-out views from the zoom store the run started with (patches.zoom_latents names the
+    same path, the config check saw to that): one rewritten in place since is refused."""
+    recorded = old.get("zoom_store") or {}
+    if zoom is None or "identity" not in recorded or recorded["identity"] == zoom.manifest.identity:
+        return
+    raise UserError(f"--resume: patches.zoom_latents {zoom.path} holds other images ({zoom.manifest.image_count}) "
+                    f"than when run {run_dir} started on it ({recorded.get('images')}); a resume continues on the "
+                    f"zoomed-out latents it started with: restore that store, or start a new --out")
 
 
 def _check_same_images(run_dir: Path, old: dict, store: LatentStore) -> None:
@@ -114,12 +126,13 @@ def resolve_with_store(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, C
 
 
 def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec,
-               plan: HeldoutPlan | None = None) -> None:
-    """Rank 0 writes config.yaml and run.json; a fresh start (or a resume killed before its first checkpoint)
-    also clears stale logs and checkpoint leftovers. A resume must be on latents of the same space."""
+               plan: HeldoutPlan | None = None, zoom: LatentStore | None = None) -> None:
+    """Rank 0 writes config.yaml and run.json (with the identity of the zoom store, when patches.zoom_p reads one);
+    a fresh start (or a resume killed before its first checkpoint) also clears stale logs and checkpoint leftovers.
+    A resume must be on latents of the same space, the same images and the same zoom store's images."""
     has_ckpt = latest_checkpoint(run_dir) is not None
     if has_ckpt:
-        _check_same_latents(run_dir, store)
+        _check_same_latents(run_dir, store, zoom)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not has_ckpt:
         (run_dir / LOG_FILE).unlink(missing_ok=True)
@@ -127,6 +140,9 @@ def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: Conditio
         shutil.rmtree(run_dir / POSTHOC_DIR, ignore_errors=True)  # snapshots and reconstructions of that run
     save_config(cfg, run_dir / CONFIG_FILE)
     info = run_info(store, spec, heldout=None if plan is None else plan.to_dict())
+    if zoom is not None:
+        info["zoom_store"] = {"latents": str(zoom.path.resolve()), "identity": zoom.manifest.identity,
+                              "images": zoom.manifest.image_count}
     if has_ckpt:  # a resume keeps the date the run was created
         try:
             info["created"] = json.loads((run_dir / RUN_FILE).read_text())["created"]

@@ -39,7 +39,8 @@ from latentpatch.training.bucketed import BucketedRows, check_bucket_sides, chec
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
 from latentpatch.training.guard import HeldoutPlan, choose_defaults
 from latentpatch.training.heldout import HeldoutEval
-from latentpatch.training.logging import LOG_FILE, LogInterval, RunLogger, memory_stats, truncate_log
+from latentpatch.training.logging import (LOG_FILE, LogInterval, RunLogger, memory_stats, progress_postfix,
+                                         truncate_log)
 from latentpatch.training.posthoc_ema import PosthocProfiles, snapshot_path
 from latentpatch.training.resume import LOCK_FILE, record_run, resolve_with_store, saved_config
 from latentpatch.training.results import StepInfo, TrainingDiverged, TrainResult
@@ -134,7 +135,7 @@ class _Session:
         if bucketed:  # before anything is written
             check_buckets(store, plan.rows, cfg)
         if dist.is_main:
-            record_run(run_dir, cfg, store, spec, plan)
+            record_run(run_dir, cfg, store, spec, plan, None if zoom is None else zoom.store)
             print(plan.describe(), flush=True)
         barrier(dist)
         tensors = load_training_tensors(store, spec, text)
@@ -218,8 +219,7 @@ class _Session:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
         self.optimizer.step()
-        # The EMAs' count before this step and this step's share (ema_count "samples": every patch is an image)
-        count, dt = (self.nsamples, stage.batch_size) if tc.ema_count == "samples" else (self.nimg, batch_nimg)
+        count, dt = self.ema_clock(stage.batch_size, batch_nimg)  # the EMAs' count before this step, its share
         update_ema(self.ema, self.precond, ema_beta(count, dt, tc.ema_halflife_kimg, tc.ema_rampup))
         if self.posthoc is not None:
             self.posthoc.update(self.precond, count + dt, dt)
@@ -228,6 +228,13 @@ class _Session:
         self.nsamples += stage.batch_size
         self.step += 1
         return loss, grad_norm, shape, lr, batch_nimg
+
+    def ema_clock(self, batch_samples: int = 0, batch_nimg: float = 0.0) -> tuple[float, float]:
+        """What the EMA and the post-hoc profiles count (train.ema_count), as (the count so far, a step's share):
+        full-size-equivalent images, or with "samples" every patch as an image."""
+        if self.cfg.train.ema_count == "samples":
+            return self.nsamples, batch_samples
+        return self.nimg, batch_nimg
 
     def _accumulate(self, stage: PatchStage, autocast, area: float) -> torch.Tensor:
         """Forward/backward over train.grad_accum micro-batches; returns this rank's mean loss (detached).
@@ -301,17 +308,16 @@ class _Session:
                     losses, grad_norm = self.read_losses()
                     record = interval.record(losses, kimg=self.nimg / 1000, lr=lr, patch=stage.height,
                                              patch_w=stage.width, batch=stage.batch_size, grad_norm=grad_norm,
-                                             **memory_stats(dist.device))
+                                             **({"zoom": True} if stage.zoom else {}), **memory_stats(dist.device))
                     logger.log(self.step, **record)
                     last_loss = record["loss"]
-                    bar.set_postfix(self._postfix(record))
+                    bar.set_postfix(progress_postfix(record, self.heldout))
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0 and dist.is_main:
                     self.save_preview(autocast)
                 if self.posthoc is not None and (self.step % (tc.posthoc_every or tc.ckpt_every) == 0 or final):
                     self.read_losses()  # not past a non-finite step; before the checkpoint a resume starts from
                     if dist.is_main:
-                        t = self.nsamples if tc.ema_count == "samples" else self.nimg
-                        self.posthoc.snapshot(snapshot_path(self.run_dir, self.step), self.step, t)
+                        self.posthoc.snapshot(snapshot_path(self.run_dir, self.step), self.step, self.ema_clock()[0])
                 if self.step % tc.ckpt_every == 0 or final or best:
                     self.read_losses()  # a checkpoint is never written past an unseen non-finite step
                     self.checkpoint(logger, best=best)
@@ -337,17 +343,6 @@ class _Session:
             result.stopped_early = held.since_best if held.should_stop and self.step < self.cfg.train.max_steps else 0
         return result
 
-    def _postfix(self, record: dict) -> dict:
-        """The progress bar's figures: training loss, images/s and, once evaluated, the latest and best held-out
-        loss (best as LOSS@STEP)."""
-        shown = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['img_s']:.1f}"}
-        held = self.heldout
-        if held is not None and held.last_loss is not None:
-            shown["held"] = f"{held.last_loss:.4f}"
-            if held.best_step is not None:
-                shown["best"] = f"{held.best_loss:.4f}@{held.best_step}"
-        return shown
-
     def evaluate(self, logger: RunLogger, autocast) -> bool:
         """The EMA's held-out loss, logged; True when it is the best so far."""
         with autocast():
@@ -360,7 +355,7 @@ class _Session:
     def save_preview(self, autocast) -> None:
         from latentpatch.autoencoders import load_autoencoder_from_info
         from latentpatch.conditioning.stored import preview_conditioning
-        from latentpatch.training.previews import save_preview_grid
+        from latentpatch.training.previews import preview_label, save_preview_grid
 
         tc, edm = self.cfg.train, self.cfg.edm
         if self.autoencoder is None:
@@ -371,15 +366,8 @@ class _Session:
             save_preview_grid(self.ema, self.autoencoder, run_latent_shape(self.store),
                               self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
                               n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
-                              cond=cond, label=self._preview_label(),
+                              cond=cond, label=preview_label(self.step, self.heldout),
                               coordinate_scale=self.cfg.patches.coordinate_scale)
-
-    def _preview_label(self) -> str:
-        """What a preview grid is labelled with: its step and, when evaluated there, the held-out loss."""
-        held = self.heldout
-        if held is not None and held.last_step == self.step and held.last_loss is not None:
-            return f"step {self.step}  held-out {held.last_loss:.4f}"
-        return f"step {self.step}"
 
     def checkpoint(self, logger: RunLogger, best: bool = False) -> None:
         """Rank 0 writes; weights that are not finite are never written (the last good checkpoint stays)."""
