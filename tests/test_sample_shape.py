@@ -126,6 +126,14 @@ def test_an_untrained_shape_warns_once_naming_the_nearest_trained_size(tiny_run)
                        "trained at is 8x8 (W x H). Sampling at 8x16 anyway"]
 
 
+def test_another_torchrun_rank_samples_an_untrained_shape_without_repeating_the_notice(tiny_run, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # rank 0 says it once for the job
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = sample(tiny_run, n=1, size=(16, 8), output="tensor", **FAST)
+    assert images.shape == (1, 3, 16, 8) and not [w for w in caught if issubclass(w.category, Notice)]
+
+
 @pytest.mark.parametrize("size,nearest", [((8, 16), "10x6"), ((16, 8), "6x10"), ((12, 12), "8x8"), ((6, 8), "10x6"),
                                           ((8, 10), "8x8"), ((4, 12), "10x6")])
 def test_the_nearest_trained_size_is_the_nearest_bucket_by_log_aspect(tiny_run, size, nearest):

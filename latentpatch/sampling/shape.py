@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from latentpatch.data.buckets import nearest_bucket
 from latentpatch.denoiser import size_multiple
+from latentpatch.distributed import is_main_process
 from latentpatch.errors import Notice, UserError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def sample_shape(loaded: LoadedRun, size: Size | None) -> tuple[int, int, int]:
         )
     latent = (size[0] // factor, size[1] // factor)
     trained = trained_sizes(loaded.info)
-    if latent not in trained:
+    if latent not in trained and is_main_process():  # one notice for a torchrun job, not one per rank
         th, tw = trained[nearest_bucket(*latent, trained)]
         warnings.warn(
             f"--size {wxh(size)}: this run never trained at that shape at full size; the nearest size it trained "
