@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Sampling batch size (does not change the images)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
         loss_sigmas: int = typer.Option(8, "--loss-sigmas", help="Denoising loss: noise levels on the fixed grid (mid-quantiles of the training log-normal)."),
+        size: Optional[str] = typer.Option(None, "--size", help="Sampling: image size in pixels of the --n samples, WxH (width first) or N for N x N; default: the run's training shape (as `latentpatch sample --size`). Compare with references of the same shape."),
         heldout_limit: Optional[int] = typer.Option(None, "--heldout-limit", help="Denoising loss: use only the store's first N items."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ) -> None:
@@ -58,10 +59,12 @@ def register(app: typer.Typer) -> None:
         need no pretrained network.
         """
         from latentpatch.metrics.evaluate import evaluate_folders, evaluate_run, save_reference_stats
+        from latentpatch.sampling.shape import parse_size
 
         if run is None:
-            if n is not None or latents is not None:
-                raise UserError(f"{'--n' if n is not None else '--latents'} needs a RUN folder (the first argument)")
+            given = next((name for name, v in (("--n", n), ("--latents", latents), ("--size", size)) if v is not None), None)
+            if given is not None:
+                raise UserError(f"{given} needs a RUN folder (the first argument)")
             if samples is None:
                 if save_stats is None:
                     raise UserError("give --samples FOLDER (or RUN --n N) to judge, or --ref FOLDER --save-stats out.npz")
@@ -78,6 +81,7 @@ def register(app: typer.Typer) -> None:
                 save_stats=save_stats, inception=inception, steps=steps, sampler=sampler, guidance=guidance,
                 seed=seed, weights=weights, checkpoint=checkpoint, batch_size=batch_size, device=device,
                 loss_sigmas=loss_sigmas, heldout_limit=heldout_limit, progress=progress,
+                size=None if size is None else parse_size(size),
             )
         for line in _summary(result):
             typer.echo(line)

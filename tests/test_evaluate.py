@@ -213,6 +213,26 @@ def test_run_report_generates_samples_through_the_sampler(tmp_path, folders):
     assert again["metrics"]["fid"] == report["metrics"]["fid"] and again["metrics"]["swd"] == report["metrics"]["swd"]
 
 
+def test_run_report_generates_samples_at_another_size_into_their_own_folder(tmp_path, folders):
+    from PIL import Image
+
+    from latentpatch.errors import Notice
+
+    _, ref = folders
+    run = make_tiny_run(tmp_path / "run", side=16)
+    with pytest.warns(Notice, match="never trained at that shape"):
+        report = evaluate_run(run, n=3, size=(16, 32), ref=ref, metrics="fid", extractor=FAKE, steps=2,
+                              batch_size=3, device="cpu")
+    folder = run / "eval" / "step-00000001-ema-n3-seed0-heun2-32x16"  # W x H, as --size is written
+    assert report["report"] == str((folder / REPORT_NAME).resolve())
+    assert report["inputs"]["generation"]["size"] == [16, 32]
+    for image in ImageFiles(folder).files:
+        with Image.open(image) as im:
+            assert im.size == (32, 16)  # PIL's (W, H)
+    with pytest.raises(UserError, match=r"^--size is the size of the samples --n N generates"):
+        evaluate_run(run, samples=folder, size=(16, 32), ref=ref, metrics="fid", extractor=FAKE, device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -220,7 +240,8 @@ def test_help_explains_every_option():
     result = CliRunner().invoke(app, ["eval", "--help"], terminal_width=200)
     assert result.exit_code == 0
     for option in ("--n", "--samples", "--ref", "--save-stats", "--latents", "--metrics", "--report", "--inception",
-                   "--steps", "--sampler", "--seed", "--weights", "--checkpoint", "--device", "--loss-sigmas"):
+                   "--steps", "--sampler", "--seed", "--weights", "--checkpoint", "--device", "--loss-sigmas",
+                   "--size"):
         assert option in result.output
 
 
@@ -241,6 +262,10 @@ def test_cli_writes_a_report(folders, tmp_path, monkeypatch, capsys):
     (["--samples", "{samples}", "--metrics", "fid"], "--metrics fid compares against real images: give --ref"),
     (["--samples", "{samples}"], "nothing to evaluate"),
     (["--samples", "{samples}", "--n", "4"], "--n needs a RUN folder"),
+    (["--samples", "{samples}", "--ref", "{ref}", "--size", "32x16"], "--size needs a RUN folder"),
+    (["{tmp}/norun", "--samples", "{samples}", "--ref", "{ref}", "--size", "32x16"],
+     "--size is the size of the samples --n N generates"),
+    (["{tmp}/norun", "--n", "4", "--ref", "{ref}", "--size", "32by16"], "--size must be WxH in pixels"),
     (["{tmp}/norun", "--n", "4", "--ref", "{ref}"], "{tmp}/norun is not a latentpatch run folder"),
     (["{tmp}/norun", "--n", "4", "--ref", "{ref}", "--steps", "0"], "--steps must be a whole number >= 1"),
     (["{tmp}/norun", "--n", "4", "--ref", "{ref}", "--sampler", "ddim"], "unknown sampler 'ddim'"),

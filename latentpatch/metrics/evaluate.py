@@ -235,11 +235,13 @@ def evaluate_folders(
 
 def default_samples_folder(run: str | os.PathLike, loaded: Any, n: int, options: SampleOptions,
                            weights: str) -> Path:
-    """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>]: one folder per job, so a
-    rerun resumes and other settings never collide with it."""
+    """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>][-<W>x<H>]: one folder per job,
+    so a rerun resumes and other settings never collide with it."""
     name = f"{loaded.checkpoint.name}-{weights}-n{n}-seed{options.seed}-{options.sampler}{options.steps}"
     if options.guidance != 1.0:
         name += f"-g{options.guidance:g}"
+    if options.size is not None:
+        name += f"-{options.size[1]}x{options.size[0]}"  # W x H, as --size is written
     return Path(run) / "eval" / name
 
 
@@ -247,6 +249,8 @@ def _check_run_inputs(chosen: list[str], n, samples, ref, latents, save_stats, o
     """Every mistake in the inputs, before the run is loaded or a sample generated."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
         raise UserError(f"--n must be a whole number >= 2 (FID and KID need at least 2 samples), got {n}")
+    if options.size is not None and n is None:
+        raise UserError("--size is the size of the samples --n N generates; a --samples folder is judged as it is")
     if n is not None:
         options.check()
     image_metrics = [m for m in chosen if m in IMAGE_METRICS]
@@ -272,10 +276,11 @@ def evaluate_run(
     guidance: float = DEFAULTS.guidance, seed: int = DEFAULTS.seed, weights: str = "ema",
     checkpoint: str | int | None = None, batch_size: int = DEFAULTS.batch_size,
     device: str | torch.device | None = None, loss_sigmas: int = 8, loss_seed: int = 0,
-    heldout_limit: int | None = None, progress: bool = False,
+    heldout_limit: int | None = None, size: tuple[int, int] | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder's checkpoint: generate `n` samples (into `samples`, default RUN/eval/...) through
-    latentpatch.sampling.generate, or read `samples` when n is None; image metrics against `ref`; the held-out
+    latentpatch.sampling.generate, at pixel `size` (H, W; default the run's shape, as `sample`), or read
+    `samples` when n is None; image metrics against `ref`; the held-out
     denoising loss on the latent store `latents`. Writes the report (default SAMPLES/eval-report.json, or
     RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
     from latentpatch.sampling.generate import generate
@@ -284,7 +289,8 @@ def evaluate_run(
 
     start = time.perf_counter()
     chosen = parse_metrics(metrics, ref=ref, latents=latents is not None)
-    options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=batch_size)
+    options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=batch_size,
+                            size=size)
     _check_run_inputs(chosen, n, samples, ref, latents, save_stats, options)
     run_dir, device = Path(run), resolve_device(device)
     loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=device)
@@ -302,7 +308,8 @@ def evaluate_run(
             job = generate(loaded, n, options, out=folder, output="none", progress=progress)
             timing["generate_s"] = time.perf_counter() - t0
             inputs["generation"] = {"n": n, "written": job.written, "already_there": job.skipped, "steps": steps,
-                                    "sampler": sampler, "guidance": guidance, "seed": seed}
+                                    "sampler": sampler, "guidance": guidance, "seed": seed,
+                                    **({} if size is None else {"size": list(options.size)})}
         image_values, image_inputs, image_timing = _image_metrics(
             ImageFiles(folder, "samples folder"), ref, chosen, _Extractor(extractor, inception, device),
             save_stats=save_stats, seed=seed, batch_size=32, progress=progress)
