@@ -40,23 +40,32 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / RUN_FILE).is_file()
 
 
-def run_info(store: LatentStore, spec: ConditioningSpec, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
-    """run.json of a run trained on `store` with conditioning `spec` and held-out plan `heldout`
-    (training.guard.HeldoutPlan.to_dict). On aspect buckets: `buckets` (latent [h, w] of each, the shapes it
-    trained at full size), `latent_shape` the most common bucket's, and the store's own (nominal) latent shape."""
+def run_info(store: LatentStore, spec: ConditioningSpec, heldout: dict[str, Any] | None = None,
+             zoom: LatentStore | None = None) -> dict[str, Any]:
+    """run.json of a run trained on `store` with conditioning `spec`, held-out plan `heldout`
+    (training.guard.HeldoutPlan.to_dict) and zoomed-out views from `zoom` (patches.zoom_latents). On aspect
+    buckets: `buckets` (latent [h, w] of each, the shapes it trained at full size), `latent_shape` the most common
+    bucket's, and the store's own (nominal) latent shape."""
     return {
         "format_version": RUN_FORMAT_VERSION,
         "latents": str(store.path.resolve()),
         "autoencoder": store.info.to_dict(),
         **trained_shapes(store),
         "resolution": list(store.resolution),
-        "store": {"identity": store.manifest.identity, "images": store.manifest.image_count,
+        "store": {**store_identity(store),
                   **({} if store.buckets is None else {"latent_shape": list(store.latent_shape)})},
+        **({} if zoom is None else {"zoom_store": {"latents": str(zoom.path.resolve()), **store_identity(zoom)}}),
         "conditioning": spec.to_dict(),
         **({} if heldout is None else {"heldout": heldout}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "latentpatch_version": latentpatch.__version__,
     }
+
+
+def store_identity(store: LatentStore) -> dict[str, Any]:
+    """What run.json records of a store's images, so a resume can tell that they changed: the manifest's identity
+    and its image count."""
+    return {"identity": store.manifest.identity, "images": store.manifest.image_count}
 
 
 def trained_shapes(store: LatentStore) -> dict[str, Any]:

@@ -12,16 +12,16 @@ from trainer_helpers import assert_same_weights, make_store, photo_crops, tiny_o
 from typer.testing import CliRunner
 
 from latentpatch.autoencoders import PixelAutoencoder
+from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.cli.app import app
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchConfig, PatchSchedule, full_coordinates
 from latentpatch.seeding import make_generator
-from latentpatch.checkpoints import latest_checkpoint
 from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, training_rows
-from latentpatch.training.resume import resolve_with_store
 from latentpatch.training.logging import read_log
+from latentpatch.training.resume import resolve_with_store
 from latentpatch.training.trainer import train
 from latentpatch.training.zoom import ZoomData
 

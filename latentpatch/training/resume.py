@@ -139,10 +139,7 @@ def record_run(run_dir: Path, cfg: RunConfig, store: LatentStore, spec: Conditio
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
         shutil.rmtree(run_dir / POSTHOC_DIR, ignore_errors=True)  # snapshots and reconstructions of that run
     save_config(cfg, run_dir / CONFIG_FILE)
-    info = run_info(store, spec, heldout=None if plan is None else plan.to_dict())
-    if zoom is not None:
-        info["zoom_store"] = {"latents": str(zoom.path.resolve()), "identity": zoom.manifest.identity,
-                              "images": zoom.manifest.image_count}
+    info = run_info(store, spec, heldout=None if plan is None else plan.to_dict(), zoom=zoom)
     if has_ckpt:  # a resume keeps the date the run was created
         try:
             info["created"] = json.loads((run_dir / RUN_FILE).read_text())["created"]
