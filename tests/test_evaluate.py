@@ -233,6 +233,19 @@ def test_run_report_generates_samples_at_another_size_into_their_own_folder(tmp_
         evaluate_run(run, samples=folder, size=(16, 32), ref=ref, metrics="fid", extractor=FAKE, device="cpu")
 
 
+def test_run_report_at_the_runs_own_size_uses_the_plain_folder(tmp_path, folders):
+    """--size equal to the run's training shape is the run's own job: the folder and report of no --size."""
+    _, ref = folders
+    run = make_tiny_run(tmp_path / "run", side=16)
+    report = evaluate_run(run, n=3, size=(16, 16), ref=ref, metrics="fid", extractor=FAKE, steps=2, batch_size=3,
+                          device="cpu")
+    folder = run / "eval" / "step-00000001-ema-n3-seed0-heun2"
+    assert report["report"] == str((folder / REPORT_NAME).resolve())
+    assert "size" not in report["inputs"]["generation"] and report["inputs"]["generation"]["written"] == 3
+    again = evaluate_run(run, n=3, ref=ref, metrics="fid", extractor=FAKE, steps=2, batch_size=3, device="cpu")
+    assert again["inputs"]["generation"]["already_there"] == 3 and again["metrics"] == report["metrics"]
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

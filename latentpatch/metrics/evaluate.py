@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,7 @@ def evaluate_run(
     denoising loss on the latent store `latents`. Writes the report (default SAMPLES/eval-report.json, or
     RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
     from latentpatch.sampling.generate import generate
+    from latentpatch.sampling.shape import own_size
     from latentpatch.metrics.denoising import run_denoising_loss
     from latentpatch.runs import load_run
 
@@ -294,6 +296,7 @@ def evaluate_run(
     _check_run_inputs(chosen, n, samples, ref, latents, save_stats, options)
     run_dir, device = Path(run), resolve_device(device)
     loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=device)
+    options = replace(options, size=own_size(loaded, options.size))  # the run's own shape: its plain folder
     inputs: dict[str, Any] = {
         "run": str(run_dir.resolve()), "checkpoint": str(Path(loaded.checkpoint).resolve()),
         "checkpoint_id": loaded.checkpoint_id, "step": loaded.step, "weights": weights,
@@ -309,7 +312,7 @@ def evaluate_run(
             timing["generate_s"] = time.perf_counter() - t0
             inputs["generation"] = {"n": n, "written": job.written, "already_there": job.skipped, "steps": steps,
                                     "sampler": sampler, "guidance": guidance, "seed": seed,
-                                    **({} if size is None else {"size": list(options.size)})}
+                                    **({} if options.size is None else {"size": list(options.size)})}
         image_values, image_inputs, image_timing = _image_metrics(
             ImageFiles(folder, "samples folder"), ref, chosen, _Extractor(extractor, inception, device),
             save_stats=save_stats, seed=seed, batch_size=32, progress=progress)

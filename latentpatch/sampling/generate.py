@@ -33,7 +33,7 @@ from latentpatch.sampling.prompts import PromptEntry
 from latentpatch.runs import LoadedRun, load_run
 from latentpatch.sampling.latents import generate_latents
 from latentpatch.sampling.options import DEFAULTS, SampleOptions
-from latentpatch.sampling.shape import sample_shape
+from latentpatch.sampling.shape import own_size, sample_shape
 from latentpatch.seeding import image_seed
 
 JOB_FORMAT = 1
@@ -114,9 +114,8 @@ def make_job(
     if options.guidance != 1 and not loaded.spec.conditional:
         raise UserError(f"--guidance {options.guidance} needs a class- or text-conditioned model; this one is "
                         "unconditional")
-    shape = sample_shape(loaded, options.size)
-    if list(shape) == [int(s) for s in loaded.info["latent_shape"]]:
-        options = replace(options, size=None)  # the run's own shape, asked or not: one job, as job.json always was
+    shape = sample_shape(loaded, options.size)  # checked against the run (a Notice for an untrained shape)
+    options = replace(options, size=own_size(loaded, options.size))  # the run's shape: one job, as job.json was
     cfg = loaded.cfg.edm
     settings = {
         "run": str(loaded.run_dir.resolve()),

@@ -47,6 +47,16 @@ def trained_sizes(info: dict[str, Any]) -> list[Size]:
     return [(int(info["latent_shape"][1]), int(info["latent_shape"][2]))]
 
 
+def own_size(loaded: LoadedRun, size: Size | None) -> Size | None:
+    """None when `size` is the run's own training shape in pixels (or None): one job and one folder for the
+    run's shape, asked for or not; otherwise `size` unchanged (checked by `sample_shape`)."""
+    if size is None:
+        return None
+    factor = int(loaded.info["autoencoder"]["factor"])
+    _, h0, w0 = (int(s) for s in loaded.info["latent_shape"])
+    return None if tuple(int(s) for s in size) == (h0 * factor, w0 * factor) else size
+
+
 def sample_shape(loaded: LoadedRun, size: Size | None) -> tuple[int, int, int]:
     """The latent shape (C, H/f, W/f) of images of pixel `size` (None: the run's latent_shape).
 
