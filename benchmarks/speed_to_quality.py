@@ -33,7 +33,7 @@ Time, measured so that a shared machine cannot decide the comparison:
 Writes NAME-table.md (with the held-out loss per noise level at fixed times: where each arm wins or loses),
 NAME-results.json, NAME-curves.png, NAME-sigmas.png (a panel per noise level) and NAME-grids.png into --out. A rerun into the same
 --out resumes: finished runs and step times are kept, and a run trained for a longer budget serves a shorter
-one (training is deterministic, so its first steps are the shorter run; sample metrics need --samples 0 then).
+one (training is deterministic, so its first steps are the shorter run). Samples go to OUT/samples/NAME/ARM.
 """
 
 from __future__ import annotations
@@ -249,12 +249,13 @@ def heldout_sigmas(cfg) -> list[float]:
 
 
 def sample_metrics(runs: dict[str, Path], data: dict, out: Path, n: int, sample_steps: int) -> dict[str, dict]:
-    """n samples of each arm's best checkpoint (what `sample` loads); FID, KID and SWD against all 100 faces."""
+    """n samples of each arm's best checkpoint (what `sample` loads) into out/ARM; FID, KID and SWD against the
+    regime's reference. `out` is per result name: a longer budget's best checkpoint is another job."""
     from latentpatch.metrics.inception import load_inception
 
     extractor, metrics, grids = None, {}, {}
     for arm, run in runs.items():
-        folder = out / "samples" / arm.replace("/", "_")
+        folder = out / arm.replace("/", "_")
         sample(run, n=n, steps=sample_steps, seed=1, batch_size=64, device="cpu", out=folder, output="none")
         if extractor is None:
             extractor = load_inception()
@@ -324,14 +325,14 @@ def main() -> None:
     sigmas = heldout_sigmas(plan[arms[0], seeds[0]][0])
     summary = {arm: {seed: report.summarise_run(c) for seed, c in by.items()} for arm, by in curves.items()}
     ups = report.speedups(curves, args.baseline)
+    name = args.name or f"{args.regime}-{args.budget_s:.0f}s"
     metrics, grids = ({}, {})
     if args.samples:
-        metrics, grids = sample_metrics({arm: runs[arm, seeds[0]] for arm in arms}, data, out, args.samples,
-                                        args.sample_steps)
+        metrics, grids = sample_metrics({arm: runs[arm, seeds[0]] for arm in arms}, data, out / "samples" / name,
+                                        args.samples, args.sample_steps)
     steps = {arm: {seed: plan[arm, seed][1] for seed in seeds} for arm in arms}
     title = (f"{args.regime}: {REGIMES[args.regime].describe()}; {args.budget_s:.0f} training-s per arm; "
              f"seeds {args.seeds}")
-    name = args.name or f"{args.regime}-{args.budget_s:.0f}s"
     report.plot_curves(curves, out / f"{name}-curves.png", title)
     report.plot_sigma_curves(per_sigma, sigmas, out / f"{name}-sigmas.png", title)
     if grids:
