@@ -19,7 +19,8 @@ list of config overrides (ARMS).
 Time, measured so that a shared machine cannot decide the comparison:
   1. step times: each arm's step, per kind (patch size, batch, routed or not), timed as process CPU time with
      one torch thread, in interleaved rounds of short real training runs in this one process; medians, then
-     one cost per kind: the median over the arms (a kind costs the same in every arm);
+     one cost per kind: the median over the arms (a kind costs the same in every arm), kept in
+     OUT/step_costs.json once used, so that arms measured later do not move the runs already trained;
   2. training: each (arm, seed) trains, in its own process, for the steps its --budget-s holds (from 1. and
      the schedule's own draws); steps and losses do not depend on the machine's load;
   3. time axis: the cumulative measured time of the steps taken; curves, best loss, and the time to reach
@@ -173,17 +174,6 @@ def _unkeyed(saved: dict) -> dict[str, dict]:
     return {arm: {tuple(k): v for k, v in rows} for arm, rows in saved.items()}
 
 
-def pooled(seconds: dict[str, dict]) -> dict[report.StepKind, float]:
-    """One cost per step kind: the median over the arms that took it. Arms differ in which kinds of step they
-    take, not in what a kind costs (sigma_data, crop alignment, loss and EMA weighting change no FLOPs), so
-    pooling keeps the drift of a shared machine between one arm's timing rounds out of the comparison."""
-    by_kind: dict[report.StepKind, list[float]] = {}
-    for per_arm in seconds.values():
-        for kind, v in per_arm.items():
-            by_kind.setdefault(kind, []).append(v)
-    return {kind: statistics.median(v) for kind, v in by_kind.items()}
-
-
 # ---------------------------------------------------------------------------------------------- 2. training
 
 
@@ -310,7 +300,11 @@ def main() -> None:
         write_json_atomic(timing_file, saved)
     if args.budget_s == 0:  # step times only: measure every arm of a study under the same conditions first
         return
-    seconds = pooled(_unkeyed(saved))
+    costs_file = out / "step_costs.json"
+    frozen = {tuple(k): v for k, v in json.loads(costs_file.read_text())} if costs_file.is_file() else {}
+    seconds = report.settled_costs(frozen, _unkeyed(saved))
+    if seconds != frozen:
+        write_json_atomic(costs_file, [[list(k), v] for k, v in sorted(seconds.items())])
     print("step seconds: " + ", ".join(f"{h}x{w} b{b}{' routed' if r else ''} {v:.4f}"
                                        for (h, w, b, r), v in sorted(seconds.items())), flush=True)
 

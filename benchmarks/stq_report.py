@@ -15,6 +15,24 @@ from pathlib import Path
 StepKind = tuple[int, int, int, bool]  # (patch height, patch width, batch, routed)
 
 
+def pooled(seconds: dict[str, dict[StepKind, float]]) -> dict[StepKind, float]:
+    """One cost per step kind: the median over the arms that took it. Arms differ in which kinds of step they
+    take, not in what a kind costs (sigma_data, crop alignment, loss and EMA weighting change no FLOPs), so
+    pooling keeps the drift of a shared machine between one arm's timing rounds out of the comparison."""
+    by_kind: dict[StepKind, list[float]] = {}
+    for per_arm in seconds.values():
+        for kind, v in per_arm.items():
+            by_kind.setdefault(kind, []).append(v)
+    return {kind: statistics.median(v) for kind, v in by_kind.items()}
+
+
+def settled_costs(frozen: dict[StepKind, float], seconds: dict[str, dict[StepKind, float]]) -> dict[StepKind, float]:
+    """The cost of each step kind that every time axis of one --out uses: the costs it already used (`frozen`),
+    and the pool over the measured arms for kinds it has not used yet. Re-pooling after an arm is added would
+    move the time axis, and so the figures, of runs already trained and reported."""
+    return {**pooled(seconds), **frozen}
+
+
 def cumulative_seconds(kinds: list[StepKind], seconds: dict[StepKind, float]) -> list[float]:
     """t[s] = training seconds after s steps (t[0] = 0)."""
     out = [0.0]

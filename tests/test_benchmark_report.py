@@ -41,3 +41,13 @@ def test_posthoc_table_compares_the_training_ema_at_the_same_evaluation_as_the_p
     assert len(lines) == 4  # at a quarter (20 s) no post-hoc point yet: no row
     assert lines[2] == "| 40 | patch+phema | 0.7000 | 0.6000 | 0.050, 0.035 |"  # the EMA at 40 s, not at 60 s
     assert lines[3] == "| 80 | patch+phema | 0.5000 | 0.4000 | 0.100, 0.070 |"
+
+
+def test_step_costs_once_used_do_not_move_when_an_arm_is_measured_later():
+    half, full, quarter = (16, 16, 32, False), (32, 32, 16, False), (8, 8, 64, False)
+    first = {"full-size": {full: 0.25}, "patch": {full: 0.5, half: 0.125}}
+    used = report.settled_costs({}, first)
+    assert used == {full: 0.375, half: 0.125}  # the median over the arms that took each kind
+    later = {**first, "quarter": {full: 0.75, half: 0.25, quarter: 0.0625}}
+    assert report.pooled(later)[full] == 0.5  # re-pooling would move every run's time axis
+    assert report.settled_costs(used, later) == {full: 0.375, half: 0.125, quarter: 0.0625}
