@@ -166,12 +166,21 @@ def measure_step_times(arms: list[str], data: dict, rounds: int, steps: int, reg
     return {arm: {k: statistics.median(v) for k, v in by_kind.items()} for arm, by_kind in times.items()}
 
 
+def _rows(by_kind: dict) -> list:
+    """A {step kind: seconds} table as JSON rows [[h, w, batch, routed], seconds]."""
+    return [[list(k), v] for k, v in sorted(by_kind.items())]
+
+
+def _kinds(rows: list) -> dict:
+    return {tuple(k): v for k, v in rows}
+
+
 def _keyed(seconds: dict[str, dict]) -> dict:
-    return {arm: [[list(k), v] for k, v in by_kind.items()] for arm, by_kind in seconds.items()}
+    return {arm: _rows(by_kind) for arm, by_kind in seconds.items()}
 
 
 def _unkeyed(saved: dict) -> dict[str, dict]:
-    return {arm: {tuple(k): v for k, v in rows} for arm, rows in saved.items()}
+    return {arm: _kinds(rows) for arm, rows in saved.items()}
 
 
 # ---------------------------------------------------------------------------------------------- 2. training
@@ -301,10 +310,10 @@ def main() -> None:
     if args.budget_s == 0:  # step times only: measure every arm of a study under the same conditions first
         return
     costs_file = out / "step_costs.json"
-    frozen = {tuple(k): v for k, v in json.loads(costs_file.read_text())} if costs_file.is_file() else {}
+    frozen = _kinds(json.loads(costs_file.read_text())) if costs_file.is_file() else {}
     seconds = report.settled_costs(frozen, _unkeyed(saved))
     if seconds != frozen:
-        write_json_atomic(costs_file, [[list(k), v] for k, v in sorted(seconds.items())])
+        write_json_atomic(costs_file, _rows(seconds))
     print("step seconds: " + ", ".join(f"{h}x{w} b{b}{' routed' if r else ''} {v:.4f}"
                                        for (h, w, b, r), v in sorted(seconds.items())), flush=True)
 
