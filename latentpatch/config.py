@@ -20,7 +20,7 @@ from latentpatch.errors import UserError
 from latentpatch.models.model_config import DiTConfig, ModelConfig, UNetConfig, migrate_legacy  # noqa: F401
 from latentpatch.patches import PatchConfig
 from latentpatch.text.config import TextConfig
-from latentpatch.training.train_config import HeldoutConfig, OptimConfig, RoutingConfig, TrainConfig
+from latentpatch.train_config import HeldoutConfig, OptimConfig, RoutingConfig, TrainConfig
 
 
 @dataclass
@@ -173,11 +173,49 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+# Keys removed in latentpatch 0.2 (switches that never paid or were never trained; docs/configuration.md lists the
+# evidence): each one's old default and what it did. Every saved config.yaml names them all, so one at its old
+# default (which changes nothing) is dropped; any other value is refused, since no code does it any more.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "edm.snr_cap": (None, "capped the training loss weight (min-SNR) and never reached full size's best"),
+    "patches.sigma_overlap": (1.0, "tied each patch size to a slice of the noise levels and gained nothing"),
+    "patches.sigma_order": ("crops-low", "ordered that tie of patch sizes to noise levels"),
+    "patches.loss_weighting": ("mean", "weighted a step's loss by its patch area and was never trained to a result"),
+    "patches.progressive_steps": (0, "ran the patch sizes smallest-first and was never trained to a result"),
+    "patches.coordinates": ("absolute", "gave every crop a whole image's grid, an ablation that never paid"),
+    "train.ema_count": ("images", "counted every patch as an image for the EMA and was never trained to a result"),
+    "routing.until_step": (0, "ended token routing at a step and was never trained to a result"),
+}
+
+
+def _without_removed(data: dict) -> dict:
+    """`data` without the removed keys at their old defaults; a removed key set otherwise is refused."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, (default, what) in REMOVED_KEYS.items():
+        section, name = key.split(".")
+        if not isinstance(data.get(section), dict) or name not in data[section]:
+            continue
+        value = data[section].pop(name)
+        if value != default:
+            raise UserError(f"config key {key}={value!r}: it {what}, and was removed in latentpatch 0.2; drop the "
+                            "key (a run trained with it cannot be resumed or loaded by this version)")
+    return data
+
+
 def config_from_dict(data: dict) -> RunConfig:
     """A checked RunConfig from a nested dict (a flat model section of older runs is read too)."""
     if isinstance(data.get("model"), dict):
         data = {**data, "model": migrate_legacy(data["model"])}
-    return _build(RunConfig, data, "").check()
+    return _build(RunConfig, _without_removed(data), "").check()
+
+
+def load_saved_config(path: str | Path) -> RunConfig:
+    """A run folder's config.yaml. One saved before patches.coordinate_scale existed trained on the per-axis
+    grid, so it reads as per-axis (new runs default to longer-side): resumes and samples keep their grid."""
+    data, _ = _read_yaml(path)
+    if isinstance(data.get("patches"), dict) and "coordinate_scale" not in data["patches"]:
+        data["patches"] = {**data["patches"], "coordinate_scale": "per-axis"}
+    return config_from_dict(data)
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

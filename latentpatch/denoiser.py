@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from latentpatch.config import RunConfig
-from latentpatch.diffusion.edm import EDMPrecond
+from latentpatch.diffusion.edm import EDMObjective, EDMPrecond
 from latentpatch.diffusion.vp import VPPrecond
 from latentpatch.errors import UserError
 from latentpatch.models import build_network
@@ -41,6 +41,12 @@ def build_precond(
 
         add_lora(precond.net, cfg.model.lora_rank)
     return precond
+
+
+def build_objective(cfg: RunConfig) -> EDMObjective:
+    """What training draws noise levels from and minimises: EDM's objective, for models trained here and for the
+    VP bases (their own preconditioning under EDM's loss and truncated log-normal, diffusion/vp.py)."""
+    return EDMObjective(cfg.edm)
 
 
 def size_multiple(net: nn.Module) -> int:

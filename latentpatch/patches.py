@@ -7,16 +7,13 @@ exactly its slice of the full grid (Wang et al. 2023, Sec. 3: pixel-level coordi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from latentpatch.errors import UserError
 from latentpatch.seeding import make_generator
 
-COORDINATE_MODES = ("absolute", "local")
-LOSS_WEIGHTINGS = ("mean", "area")
-SIGMA_ORDERS = ("crops-low", "crops-high")
 COORDINATE_SCALES = ("per-axis", "longer-side")  # how a non-square image's grid is normalised (crop_coordinates)
 
 
@@ -104,10 +101,14 @@ def crop_offsets_within(
     multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tops, lefts) of uniformly placed ph x pw crops, one per sample, each within its own heights[i] x widths[i]
-    latent (a batch of images of different shapes: aspect buckets), multiples of `multiple`."""
+    latent (a batch of images of different shapes: aspect buckets), multiples of `multiple`. Latents of one shape
+    take exactly crop_offsets' draws, so a single-shape store's batches are what they always were."""
     if bool((heights < ph).any() or (widths < pw).any()):
         i = int(((heights < ph) | (widths < pw)).nonzero()[0])
         raise UserError(f"patch {ph}x{pw} is larger than the latent {int(heights[i])}x{int(widths[i])}")
+    if bool((heights == heights[0]).all() and (widths == widths[0]).all()):  # one shape: crop_offsets' draws
+        return crop_offsets(len(heights), int(heights[0]), int(widths[0]), ph, pw, generator, multiple,
+                            device=heights.device)
     dev = generator.device if generator is not None else heights.device
     # randint takes one bound for all; a uniform in [0, 1) scaled by each sample's count of positions takes many
     n_top = ((heights - ph) // multiple + 1).to(dev, torch.float64)
@@ -120,13 +121,9 @@ def crop_offsets_within(
 
 
 def gather_crops(
-    latents: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, local_coordinates: bool = False,
-    scale: str = "per-axis",
+    latents: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, ph: int, pw: int, scale: str = "per-axis",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crops at (tops, lefts) of each sample (a vectorised gather) and their coordinate channels.
-
-    `local_coordinates` gives every crop the grid of a full image (the ablation without location).
-    """
+    """The crops at (tops, lefts) of each sample (a vectorised gather) and their coordinate channels."""
     b, c, h, w = latents.shape
     dev = latents.device
     tops, lefts = tops.to(dev), lefts.to(dev)
@@ -134,21 +131,18 @@ def gather_crops(
     cols = lefts[:, None] + torch.arange(pw, device=dev)  # [B, pw]
     bidx = torch.arange(b, device=dev)[:, None, None]
     crops = latents.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if local_coordinates:
-        coords = full_coordinates(b, ph, pw, device=dev, dtype=latents.dtype, scale=scale)
-    else:
-        coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype, scale=scale)
+    coords = crop_coordinates(tops, lefts, ph, pw, h, w, dtype=latents.dtype, scale=scale)
     return crops.contiguous(), coords.contiguous()
 
 
 def random_crops(
-    latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None,
-    local_coordinates: bool = False, multiple: int = 1, scale: str = "per-axis",
+    latents: torch.Tensor, ph: int, pw: int, generator: torch.Generator | None = None, multiple: int = 1,
+    scale: str = "per-axis",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A uniformly placed crop per sample (offsets multiples of `multiple`) and its coordinate channels."""
     b, _, h, w = latents.shape
     tops, lefts = crop_offsets(b, h, w, ph, pw, generator, multiple, device=latents.device)
-    return gather_crops(latents, tops, lefts, ph, pw, local_coordinates, scale)
+    return gather_crops(latents, tops, lefts, ph, pw, scale)
 
 
 @dataclass
@@ -159,20 +153,14 @@ class PatchConfig:
     sizes: list[float] | None = None  # None (not given): [0.5], or [] when real_p=1 (full size only)
     size_weights: list[float] | None = None  # one relative weight per entry of sizes (None: equal)
     batch_growth: float = 2.0
-    progressive_steps: int = 0
-    coordinates: str = "absolute"  # "absolute" (the paper) | "local" (ablation: no location information)
     # Crop offsets on the network's token grid (DiT patch size, UNet downsampling). Off by default: crops at any
     # offset are more distinct crops, which measured better on small data (docs/benchmarks.md, speed to quality).
+    # A base whose positions exist only on its token grid (a pretrained DiT's table) turns it on.
     aligned: bool = False
-    loss_weighting: str = "mean"  # "mean": every step weighs the same | "area": a step's loss x its patch area
-    # Noise-level coupling: each stage draws its sigmas from its own slice of EDM's log-normal (as wide as the
-    # stage's probability, so the marginal is unchanged) with probability 1 - sigma_overlap, else from the whole.
-    # 1: independent draws (the paper). sigma_order "crops-low": smaller crops take lower noise levels.
-    sigma_overlap: float = 1.0
-    sigma_order: str = "crops-low"
-    # A non-square image's coordinate grid: "per-axis" (each axis spans [-1, 1]) or "longer-side" (both scaled
-    # by the longer side, so the grid carries the aspect ratio). The same on square images.
-    coordinate_scale: str = "per-axis"
+    # A non-square image's coordinate grid: "longer-side" (both axes scaled by the longer side, so the grid
+    # carries the aspect ratio; measured ~1% lower held-out loss on aspect buckets, docs/benchmarks.md) or
+    # "per-axis" (each axis spans [-1, 1]; what runs saved without this key used). The same on square images.
+    coordinate_scale: str = "longer-side"
     # Zoomed-out views (issue 21): a share zoom_p of the steps, taken from real_p, trains on whole images at a
     # lower resolution, the latents of a second store of the same images encoded at that resolution.
     zoom_latents: str | None = None
@@ -200,18 +188,10 @@ class PatchConfig:
                                 f"{len(self.sizes)} of patches.sizes {self.sizes}; give one weight per size")
             if any(w < 0 for w in self.size_weights) or sum(self.size_weights) <= 0:
                 raise UserError(f"patches.size_weights must be >= 0 with a positive sum, got {self.size_weights}")
-        if self.coordinates not in COORDINATE_MODES:
-            raise UserError(f"patches.coordinates must be one of {COORDINATE_MODES}, got {self.coordinates!r}")
         if self.coordinate_scale not in COORDINATE_SCALES:
             raise UserError(f"patches.coordinate_scale must be one of {COORDINATE_SCALES}, got {self.coordinate_scale!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise UserError(f"patches.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        if not 0.0 <= self.sigma_overlap <= 1.0:
-            raise UserError(f"patches.sigma_overlap must be in [0, 1] (1: independent draws), got {self.sigma_overlap}")
-        if self.sigma_order not in SIGMA_ORDERS:
-            raise UserError(f"patches.sigma_order must be one of {SIGMA_ORDERS}, got {self.sigma_order!r}")
-        if self.batch_growth <= 0 or self.progressive_steps < 0:
-            raise UserError("patches.batch_growth must be > 0 and patches.progressive_steps >= 0")
+        if self.batch_growth <= 0:
+            raise UserError(f"patches.batch_growth must be > 0, got {self.batch_growth}")
         if not 0.0 <= self.zoom_p <= self.real_p:
             raise UserError(f"patches.zoom_p is a share of the full-size steps, in [0, patches.real_p={self.real_p}], "
                             f"got {self.zoom_p}")
@@ -222,15 +202,12 @@ class PatchConfig:
 
 @dataclass(frozen=True)
 class PatchStage:
-    """One entry of the schedule: patch side (latent pixels), its probability and batch size, and the slice of
-    the noise-level distribution it is coupled to (PatchConfig.sigma_overlap; (0, 1) and 1: not coupled)."""
+    """One entry of the schedule: patch side (latent pixels), its probability and batch size."""
 
     height: int
     width: int
     prob: float
     batch_size: int
-    sigma_slice: tuple[float, float] = (0.0, 1.0)
-    sigma_overlap: float = 1.0
     zoom: bool = False  # a zoomed-out view: the whole image from the zoom store, at its (smaller) latent shape
 
 
@@ -239,7 +216,6 @@ class PatchSchedule:
 
     Non-full sizes are fractions of the latent side with relative weights; the full size gets `real_p`
     (the paper's real_p). Batch grows by `batch_growth` each time the side halves (the paper doubles it).
-    `progressive_steps` > 0 runs the sizes smallest-first in equal stages before the random schedule.
     `zoom_shape` (h, w): the zoom store's latent, a stage of probability zoom_p (taken from real_p) whose batch
     grows like a crop's of that side. The config was checked at load (PatchConfig.check); what depends on the
     latents is checked here.
@@ -266,16 +242,12 @@ class PatchSchedule:
                     f"patch size {s.height}x{s.width} (of latent {latent_h}x{latent_w}) is not divisible by "
                     f"the network's patch size {multiple_of}; change patches.sizes or the resolution"
                 )
-        self.stages = _coupled(sorted(stages, key=lambda s: s.height * s.width), cfg)
-        self.progressive_steps = cfg.progressive_steps
+        self.stages = sorted(stages, key=lambda s: s.height * s.width)
         self.seed = seed
         self._probs = torch.tensor([s.prob for s in self.stages], dtype=torch.float64)
 
     def draw(self, step: int) -> PatchStage:
         """The stage for optimisation step `step` (deterministic in seed and step, so resume is exact)."""
-        if step < self.progressive_steps:
-            per_stage = math.ceil(self.progressive_steps / len(self.stages))
-            return self.stages[min(step // per_stage, len(self.stages) - 1)]
         g = make_generator("cpu", self.seed, step, "patch-size")
         return self.stages[int(torch.multinomial(self._probs, 1, generator=g))]
 
@@ -292,17 +264,3 @@ def _zoom_stage(cfg: PatchConfig, shape: tuple[int, int] | None, latent_h: int, 
                         f"side is a multiple of {multiple_of}")
     mult = cfg.batch_growth ** math.log2(latent_h / h)
     return PatchStage(h, w, cfg.zoom_p, max(1, round(batch_size * mult)), zoom=True)
-
-
-def _coupled(stages: list[PatchStage], cfg: PatchConfig) -> list[PatchStage]:
-    """The stages (smallest first) with their noise-level slices: consecutive quantile intervals as wide as each
-    stage's probability, the smallest crops lowest ("crops-low") or highest ("crops-high")."""
-    if cfg.sigma_overlap >= 1.0 or len(stages) < 2:
-        return stages
-    order = stages if cfg.sigma_order == "crops-low" else stages[::-1]
-    out, q = {}, 0.0
-    for s in order:
-        end = 1.0 if s is order[-1] else q + s.prob
-        out[id(s)] = replace(s, sigma_slice=(q, end), sigma_overlap=cfg.sigma_overlap)
-        q = end
-    return [out[id(s)] for s in stages]

@@ -53,7 +53,7 @@ def run_info(store: LatentStore, spec: ConditioningSpec, heldout: dict[str, Any]
         **trained_shapes(store),
         "resolution": list(store.resolution),
         "store": {**store_identity(store),
-                  **({} if store.buckets is None else {"latent_shape": list(store.latent_shape)})},
+                  **({} if not store.bucketed else {"latent_shape": list(store.latent_shape)})},
         **({} if zoom is None else {"zoom_store": {"latents": str(zoom.path.resolve()), **store_identity(zoom)}}),
         "conditioning": spec.to_dict(),
         **({} if heldout is None else {"heldout": heldout}),
@@ -63,22 +63,24 @@ def run_info(store: LatentStore, spec: ConditioningSpec, heldout: dict[str, Any]
 
 
 def store_identity(store: LatentStore) -> dict[str, Any]:
-    """What run.json records of a store's images, so a resume can tell that they changed: the manifest's identity
-    and its image count."""
-    return {"identity": store.manifest.identity, "images": store.manifest.image_count}
+    """What run.json records of a store's images, so a resume can tell that they changed and say how: the
+    manifest's identity, its image count and, of a store with aspect buckets, the settings they were made with."""
+    m = store.manifest
+    buckets = {"bucket_step": m.bucket_step, "max_aspect": m.max_aspect} if m.bucketed else {}
+    return {"identity": m.identity, "images": m.image_count, **buckets}
 
 
 def trained_shapes(store: LatentStore) -> dict[str, Any]:
     """What run.json and every checkpoint record of the shapes a run on `store` trains: `latent_shape`, the default
     sampling shape (run_latent_shape), and `buckets`, latent [h, w] of each aspect bucket (None: one shape)."""
-    buckets = None if store.buckets is None else [[h, w] for _, h, w in store.bucket_latent_shapes]
+    buckets = None if not store.bucketed else [[h, w] for _, h, w in store.bucket_latent_shapes]
     return {"latent_shape": list(run_latent_shape(store)), "buckets": buckets}
 
 
 def run_latent_shape(store: LatentStore) -> tuple[int, int, int]:
     """The latent shape a run on `store` samples by default (run.json's latent_shape): the store's, or on aspect
     buckets the most common bucket's."""
-    if store.buckets is None:
+    if not store.bucketed:
         return store.latent_shape
     return store.bucket_latent_shapes[store.most_common_bucket]
 
@@ -135,7 +137,7 @@ def load_run(
 ) -> LoadedRun:
     """The denoiser of a run folder: config, run.json and the `weights` of a verified checkpoint (by default
     BEST, the best held-out one, when the run kept one, else the latest), built on `device`."""
-    from latentpatch.config import load_config
+    from latentpatch.config import load_saved_config
     from latentpatch.denoiser import build_precond
 
     run_dir = Path(run_dir)
@@ -144,7 +146,7 @@ def load_run(
     for needed in (CONFIG_FILE, RUN_FILE):
         if not (run_dir / needed).is_file():
             raise UserError(f"{run_dir} is not a latentpatch run folder: {needed} is missing")
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_saved_config(run_dir / CONFIG_FILE)
     info = read_run_info(run_dir)
     found = ckpt.resolve_checkpoint(run_dir, checkpoint)
     state = ckpt.read_state(found)

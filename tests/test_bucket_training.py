@@ -15,14 +15,14 @@ from latentpatch.checkpoints import read_state
 from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import load_config
 from latentpatch.data.store import LatentStore
-from latentpatch.diffusion.edm import EDMConfig
+from latentpatch.diffusion.edm import EDMConfig, EDMObjective
 from latentpatch.errors import UserError
 from latentpatch.metrics.denoising import HeldoutSet, denoising_loss, run_denoising_loss
 from latentpatch.patches import PatchStage, coordinate_grid, crop_offsets_within
 from latentpatch.runs import load_run
 from latentpatch.seeding import make_generator
-from latentpatch.training.batches import BatchSpec
-from latentpatch.training.bucketed import BucketedRows, draw_bucketed_batch
+from latentpatch.training.batches import BatchSpec, draw_batch
+from latentpatch.training.rows import TrainingRows
 from latentpatch.training.trainer import train
 
 CPU = torch.device("cpu")
@@ -52,16 +52,16 @@ def memory_rows(held=None, std: bool = False, labels: bool = False):
         per_bucket.append(part)
     cond = {"labels": torch.arange(12)} if labels else {}
     held = None if held is None else torch.tensor(held)
-    return BucketedRows.split(per_bucket, bucket_of, cond, held, (8, 8)), bucket_of, latents
+    return TrainingRows.split(per_bucket, bucket_of, cond, held, (8, 8)), bucket_of, latents
 
 
 def spec(scale: str = "per-axis", multiple: int = 1, classes: int = 0) -> BatchSpec:
-    return BatchSpec(seed=7, edm=EDMConfig(), conditioning=ConditioningSpec(num_classes=classes), label_dropout=0.0,
-                     caption_dropout=0.0, local_coordinates=False, crop_multiple=multiple, coordinate_scale=scale)
+    return BatchSpec(seed=7, objective=EDMObjective(EDMConfig()), conditioning=ConditioningSpec(num_classes=classes),
+                     label_dropout=0.0, caption_dropout=0.0, crop_multiple=multiple, coordinate_scale=scale)
 
 
 def draw(rows, stage, step, batch=8, micro=0, rank=0, world=1, **spec_kw):
-    return draw_bucketed_batch(rows, spec(**spec_kw), stage, batch, step, micro, rank, world, CPU)
+    return draw_batch(rows, spec(**spec_kw), stage, batch, step, micro, rank, world, CPU)
 
 
 def test_full_size_steps_take_one_bucket_at_a_time_in_proportion_to_its_rows():
@@ -127,16 +127,20 @@ def test_draws_repeat_for_the_same_seed_step_and_micro_and_two_ranks_split_one_b
     assert not torch.equal(one.noise, draw(rows, stage, 5, micro=0).noise)
 
 
-def test_a_patch_step_draws_the_posterior_noise_at_the_crops_shape():
-    rows, _, latents = memory_rows(std=True)  # std 1: x0 = the crop of the mean + eps
+def test_a_patch_step_cuts_its_crop_from_a_posterior_sample_of_the_whole_latent():
+    """The posterior noise is drawn at the largest sides of the batch's latents and each row takes its own latent's
+    corner of it, then the crop: a store of one shape draws exactly as a single-shape store always did."""
+    rows, bucket_of, latents = memory_rows(std=True)  # std 1: x0 = the crop of (the mean + eps)
     b = draw(rows, CROP, 3)
-    eps = torch.randn((8, 3, 4, 4), generator=make_generator(CPU, 7, 3, 0, "batch"))  # the batch's first draw
-    crops = []
-    for k in range(8):
-        corner = int(torch.round(b.x0[k, 0, 0, 0] - eps[k, 0, 0, 0]))
-        item, top, left = corner // 10000, corner % 1000 // 100, corner % 100
-        crops.append(latents[item][:, top:top + 4, left:left + 4])
-    assert torch.equal(b.x0, torch.stack(crops) + eps)
+    items = torch.randint(0, 12, (8,), generator=make_generator("cpu", 7, 3, 0, "indices"))
+    sides = torch.tensor(SHAPES)[bucket_of[items]]
+    g = make_generator(CPU, 7, 3, 0, "batch")
+    eps = torch.randn((8, 3, *sides.max(0).values.tolist()), generator=g)  # the batch's first draw
+    tops, lefts = crop_offsets_within(sides[:, 0], sides[:, 1], 4, 4, g)
+    for k, item in enumerate(items.tolist()):
+        (h, w), t, l_ = SHAPES[int(bucket_of[item])], int(tops[k]), int(lefts[k])
+        whole = latents[item] + eps[k, :, :h, :w]
+        assert torch.equal(b.x0[k], whole[:, t:t + 4, l_:l_ + 4])
 
 
 def test_held_out_rows_are_never_drawn_and_each_row_keeps_its_own_conditioning():
@@ -250,7 +254,8 @@ def test_heldout_loss_is_scored_at_each_buckets_own_size_and_reported_per_bucket
     held_store = LatentStore(held)
     for part in loss.per_bucket:
         at = (held_store.bucket_of == part["bucket"]).nonzero().flatten()
-        alone = HeldoutSet(held_store.load(at.tolist())["mean"], ids=at, sigma_data=loss.weight_sigma_data)
+        alone = HeldoutSet(held_store.load(at.tolist())["mean"], ids=at, sigma_data=loss.weight_sigma_data,
+                           coordinate_scale=loaded.cfg.patches.coordinate_scale)
         assert denoising_loss(loaded.precond, alone).mean == pytest.approx(part["mean"], rel=1e-6)
 
 
@@ -269,7 +274,8 @@ def test_a_held_out_share_of_a_bucketed_store_is_scored_at_each_rows_own_bucket(
     ema = load_run(tmp_path / "run", checkpoint="latest").precond
     for part in last["heldout_per_bucket"]:  # each row scored whole at its own bucket's shape, its own noise
         at = torch.tensor([k for k, b in enumerate(buckets) if b == part["bucket"]])
-        alone = HeldoutSet(s.load([held[k] for k in at])["mean"], ids=at, sigma_data=info["heldout"]["weight_sd"])
+        alone = HeldoutSet(s.load([held[k] for k in at])["mean"], ids=at, sigma_data=info["heldout"]["weight_sd"],
+                           coordinate_scale="longer-side")  # the default of a new run
         assert alone.x0.shape[2:] == tuple(part["latent"])
         assert denoising_loss(ema, alone).mean == pytest.approx(part["mean"], rel=1e-6)
 

@@ -181,9 +181,9 @@ def test_a_small_folder_fine_tune_is_guarded_by_default_with_lora_too(base_run, 
     folder = colour_folder(tmp_path / "faces", n=24, captions=False)
     result = lp.finetune(base_run, folder, tmp_path / "ft", steps=8, lr=1e-2, batch_size=4, lora_rank=2, **FAST)
     info = json.loads((tmp_path / "ft" / "run.json").read_text())["heldout"]
-    assert (info["held_out_images"], info["every"], info["patience"]) == (4, 1, 10)
+    assert (info["held_out_images"], info["every"], info["patience"]) == (4, 8, 10)  # 8 steps: at 0 and 8
     cfg = load_config(tmp_path / "ft" / "config.yaml")
-    assert (cfg.heldout.share, cfg.heldout.every, cfg.train.patience) == (4 / 24, 1, 10)
+    assert (cfg.heldout.share, cfg.heldout.every, cfg.train.patience) == (4 / 24, 8, 10)
     assert result.best == best_checkpoint(tmp_path / "ft") and result.summary.startswith("Best held-out loss")
     assert f"at step {int(result.best.name[5:])}" in result.summary
     assert load_run(tmp_path / "ft").step == int(result.best.name[5:])

@@ -19,7 +19,8 @@ from latentpatch.training import heldout as heldout_module
 from latentpatch.training.guard import HeldoutPlan, choose_defaults
 from latentpatch.training.heldout import HeldoutEval
 from latentpatch.training.logging import read_log
-from latentpatch.training.trainer import _Session, resolve_with_store, train
+from latentpatch.training.resolve import resolve_run, with_store
+from latentpatch.training.trainer import _Session, train
 
 FAST = dict(progress=False, device="cpu")
 AUTO = {"heldout.share": "null"}  # what a user gets who says nothing about held-out data
@@ -67,8 +68,8 @@ def test_the_heldout_images_go_with_their_flips_and_are_never_trained_on(tmp_pat
     plan = HeldoutPlan.of(cfg, store, note)
     assert len(plan.files) == 4 and len(plan.rows) == 8
     assert sorted(int(r) % 24 for r in plan.rows) == sorted(2 * [int(r) for r in plan.rows if r < 24])
-    session = _Session.start(cfg, store, tmp_path / "run", False, None, init_distributed("cpu"))
-    trained, every_row = session.tensors["mean"].materialize(), store.load()["mean"]
+    session = _Session.start(resolve_run(cfg, store, tmp_path / "run"), init_distributed("cpu"))
+    trained, every_row = session.rows.buckets[0].latents["mean"].materialize(), store.load()["mean"]
     assert len(trained) == 40
     for row in range(48):  # no held-out latent is a training row; every other one is
         assert (trained == every_row[row]).flatten(1).all(1).any() == (row not in plan.rows.tolist())
@@ -87,7 +88,7 @@ def test_a_store_too_small_to_spare_images_says_so_once_and_trains_on_all(tmp_pa
 
 
 def test_the_chosen_heldout_plan_is_printed_recorded_and_kept_on_resume(tmp_path, capsys):
-    from latentpatch.training.resume import saved_config
+    from latentpatch.training.resume import SavedRun, chosen_config
 
     store = make_store(tmp_path / "store", photo_crops(32, 8))
     cfg = auto_config(**{"train.max_steps": 80, "train.log_every": 20, "train.ckpt_every": 20})
@@ -96,17 +97,18 @@ def test_the_chosen_heldout_plan_is_printed_recorded_and_kept_on_resume(tmp_path
     train(cfg, store, tmp_path / "split", resume=True, **FAST)
     said = capsys.readouterr().out
     assert said.count("held-out: 4 of 32 source images (4 store rows, flips with their image), never trained on; "
-                      "evaluated every 2 steps; early stop after 10 evaluations without a new best") == 3
+                      "evaluated every 10 steps; early stop after 10 evaluations without a new best") == 3
     infos = [json.loads((tmp_path / r / "run.json").read_text())["heldout"] for r in ("whole", "split")]
-    assert infos[0] == infos[1] and infos[0]["held_out_images"] == 4 and infos[0]["every"] == 2
+    assert infos[0] == infos[1] and infos[0]["held_out_images"] == 4 and infos[0]["every"] == 10
     assert infos[0]["weight_sd"] == round(LatentStore(store).latent_std(), 4)
     logs = [[(r["step"], r["heldout_loss"]) for r in read_log(tmp_path / r / "log.jsonl") if "heldout_loss" in r]
             for r in ("whole", "split")]
-    assert logs[0] == logs[1] and [s for s, _ in logs[0][:3]] == [0, 2, 4]
-    # A resume asking for a longer run keeps the choice made at the start (every 2), not one for 160 steps.
-    longer = auto_config(**{"train.max_steps": 160, "train.log_every": 20, "train.ckpt_every": 20})
-    kept = saved_config(tmp_path / "split", resolve_with_store(longer, LatentStore(store))[0], resume=True)
-    assert (kept.heldout.every, kept.heldout.share, kept.train.patience) == (2, 4 / 32, 10)
+    assert logs[0] == logs[1] and [s for s, _ in logs[0][:3]] == [0, 10, 20]
+    # A resume asking for a longer run keeps the choice made at the start (every 10), not one for 1600 steps (40).
+    longer = auto_config(**{"train.max_steps": 1600, "train.log_every": 20, "train.ckpt_every": 20})
+    run = tmp_path / "split"
+    kept = chosen_config(with_store(longer, LatentStore(store))[0], SavedRun.read(run), run, True, None)
+    assert (kept.heldout.every, kept.heldout.share, kept.train.patience) == (10, 4 / 32, 10)
 
 
 def test_early_stopping_counts_evaluations_without_a_new_best():

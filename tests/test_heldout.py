@@ -71,7 +71,7 @@ def test_a_resumed_run_keeps_its_heldout_history_and_best(stores, tmp_path):
 
 
 def test_a_heldout_share_takes_whole_source_images_out_of_training(tmp_path):
-    from latentpatch.training.batches import training_rows
+    from latentpatch.training.rows import TrainingRows
 
     store = LatentStore(make_store(tmp_path / "store", photo_crops(10, 16)))
     for i, item in enumerate(store.items):  # pairs of rows from one source image, like an image and its flip
@@ -79,11 +79,12 @@ def test_a_heldout_share_takes_whole_source_images_out_of_training(tmp_path):
     rows = heldout_rows(store, 0.4, seed=0)
     assert len(rows) == 4 and len({store.items[int(r)].sha256 for r in rows}) == 2  # 2 of 5 images, both views
     assert torch.equal(rows, heldout_rows(store, 0.4, seed=0)) and not torch.equal(rows, heldout_rows(store, 0.4, 1))
-    tensors = {"mean": torch.arange(10.0)[:, None], "labels": torch.arange(10), "null_text_tokens": torch.zeros(1, 3)}
-    left = training_rows(tensors, rows)
+    cond = {"labels": torch.arange(10), "null_text_tokens": torch.zeros(1, 3)}
+    left = TrainingRows.from_store(store, cond, rows)
     kept = [i for i in range(10) if i not in rows.tolist()]
-    assert left["mean"][:, 0].tolist() == kept and left["labels"].tolist() == kept
-    assert left["null_text_tokens"].shape == (1, 3)  # the empty caption is not a row
+    assert torch.equal(left.buckets[0].latents["mean"].materialize(), store.load()["mean"][kept])
+    assert left.cond["labels"].tolist() == kept
+    assert left.cond["null_text_tokens"].shape == (1, 3)  # the empty caption is not a row
     with pytest.raises(UserError, match="would hold out all 5 source images"):
         heldout_rows(store, 0.99, seed=0)
 

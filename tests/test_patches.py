@@ -11,6 +11,8 @@ from latentpatch.patches import (
     PatchSchedule,
     coordinate_grid,
     crop_coordinates,
+    crop_offsets,
+    crop_offsets_within,
     full_coordinates,
     random_crops,
 )
@@ -58,10 +60,14 @@ def test_random_crops_gather_the_content_at_their_coordinates():
     assert len(positions) > 4  # each sample gets its own place
 
 
-def test_local_coordinates_ablation_gives_every_crop_the_full_grid():
-    lat = torch.randn(3, 4, 8, 8)
-    _, coords = random_crops(lat, 4, 4, torch.Generator().manual_seed(0), local_coordinates=True)
-    assert torch.equal(coords, full_coordinates(3, 4, 4))
+def test_crops_of_latents_of_one_shape_take_exactly_the_single_shape_draws():
+    """One crop function for every store: latents of one shape get crop_offsets' draws, so the batches of a
+    single-shape store are what they were before it shared a path with aspect buckets."""
+    for multiple in (1, 2):
+        mixed = crop_offsets_within(torch.full((9,), 12), torch.full((9,), 10), 4, 6,
+                                    torch.Generator().manual_seed(5), multiple)
+        plain = crop_offsets(9, 12, 10, 4, 6, torch.Generator().manual_seed(5), multiple)
+        assert all(torch.equal(a, b) for a, b in zip(mixed, plain))
 
 
 def test_crop_larger_than_latent_is_refused():
@@ -105,11 +111,6 @@ def test_draw_is_a_function_of_seed_and_step_only():
 def test_full_size_baseline_has_one_stage():
     s = schedule(16, 16, 4, real_p=1.0)
     assert [(st.height, st.prob) for st in s.stages] == [(16, 1.0)]
-
-
-def test_progressive_schedule_runs_small_patches_first():
-    s = schedule(32, 32, 4, sizes=[0.25, 0.5], progressive_steps=30)
-    assert [s.draw(i).height for i in (0, 9, 10, 19, 20, 29)] == [8, 8, 16, 16, 32, 32]
 
 
 def test_non_square_latents_get_proportional_patches():
@@ -160,6 +161,10 @@ def test_longer_side_scale_spans_the_longer_axis_to_one_and_the_shorter_to_its_a
     assert torch.allclose(g[0, 0], torch.tensor([2 * k / 7 - 1 for k in range(8)]), atol=1e-7)
     assert torch.allclose(g[1, :, 0], torch.tensor([-3 / 7, -1 / 7, 1 / 7, 3 / 7]), atol=1e-7)
     assert torch.equal(coordinate_grid(8, 8, scale="longer-side"), coordinate_grid(8, 8))  # square: the same grid
+
+
+def test_new_runs_default_to_the_longer_side_grid():
+    assert PatchConfig().coordinate_scale == "longer-side"
 
 
 def test_crops_of_images_of_different_shapes_carry_their_own_images_grid_slice():

@@ -1,6 +1,7 @@
 """The latent store on its own: manifest checks, shard writer, reader, dataset draws, rank sharding."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from helpers import verify_store
@@ -10,11 +11,12 @@ from latentpatch.conditioning import ConditioningSpec
 from latentpatch.data.manifest import Item, Manifest, read_manifest, write_manifest
 from latentpatch.data.rows import ShardedRows
 from latentpatch.data.store import LatentStore, StoreWriter
-from latentpatch.diffusion.edm import EDMConfig
+from latentpatch.diffusion.edm import EDMConfig, EDMObjective
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchStage
 from latentpatch.seeding import make_generator
 from latentpatch.training.batches import BatchSpec, draw_batch
+from latentpatch.training.rows import TrainingRows
 
 PIXEL = {"kind": "pixel", "source": "pixel", "revision": None, "latent_channels": 3, "factor": 1,
          "scaling_factor": 1.0, "shift_factor": 0.0}
@@ -125,9 +127,9 @@ def test_training_batches_draw_fresh_latents_from_the_stored_mean_and_std(tmp_pa
     """Each step draws z = mean + std * eps from the posterior (Kingma & Welling 2014, eq. 10), a new eps per step."""
     mean, std = torch.randn(4, 2, 4, 4), torch.full((4, 2, 4, 4), 0.5)
     write_store(tmp_path, mean, std)
-    tensors = LatentStore(tmp_path).load()
-    spec = BatchSpec(seed=3, edm=EDMConfig(), conditioning=ConditioningSpec(), label_dropout=0.0, caption_dropout=0.0,
-                     local_coordinates=False)
+    tensors = TrainingRows.from_store(LatentStore(tmp_path), {}, None)
+    spec = BatchSpec(seed=3, objective=EDMObjective(EDMConfig()), conditioning=ConditioningSpec(), label_dropout=0.0,
+                     caption_dropout=0.0)
     full = PatchStage(4, 4, 1.0, 64)
 
     def draw(step):
@@ -166,14 +168,17 @@ def test_ranks_read_only_their_own_rows_from_the_memory_mapped_shards(tmp_path):
             self.read += index.tolist()
             return self.inner[index]
 
-    spec = BatchSpec(seed=0, edm=EDMConfig(), conditioning=ConditioningSpec(), label_dropout=0.0, caption_dropout=0.0,
-                     local_coordinates=False)
+    spec = BatchSpec(seed=0, objective=EDMObjective(EDMConfig()), conditioning=ConditioningSpec(), label_dropout=0.0,
+                     caption_dropout=0.0)
     stage, cpu = PatchStage(2, 2, 1.0, 8), torch.device("cpu")
-    whole = draw_batch(rows, spec, stage, 8, step=3, micro=0, rank=0, world=1, device=cpu)
+    training = TrainingRows.from_store(LatentStore(tmp_path), {}, None)
+    whole = draw_batch(training, spec, stage, 8, step=3, micro=0, rank=0, world=1, device=cpu)
     parts, read = [], []
     for rank in range(2):
-        recorded = {k: Recorder(v) for k, v in rows.items()}
-        parts.append(draw_batch(recorded, spec, stage, 8, step=3, micro=0, rank=rank, world=2, device=cpu))
+        bucket = training.buckets[0]
+        recorded = {k: Recorder(v) for k, v in bucket.latents.items()}
+        parts.append(draw_batch(replace(training, buckets=[replace(bucket, latents=recorded)]), spec, stage, 8,
+                                step=3, micro=0, rank=rank, world=2, device=cpu))
         read.append(recorded["mean"].read)
         assert recorded["std"].read == recorded["mean"].read and len(read[-1]) == 4
     indices = torch.randint(0, 12, (8,), generator=make_generator("cpu", 0, 3, 0, "indices")).tolist()

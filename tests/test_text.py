@@ -227,12 +227,13 @@ def test_encode_cli_caches_text_embeddings(tmp_path, clip_json):
 
 def test_heldout_set_of_a_penultimate_layer_run_embeds_captions_again_instead_of_the_last_layer_cache(store, clip_json):
     # The store caches last-layer features; a run trained on penultimate-layer ones must be scored with those.
-    from latentpatch.metrics.denoising import store_heldout_set
+    from latentpatch.metrics.denoising import scored_rows, store_heldout_set
 
     penultimate = load_text_encoder(str(clip_json), None, device="cpu", layer="penultimate")
     spec = ConditioningSpec(text_encoder=penultimate.record, pooled=True)
     heldout = store_heldout_set(store, spec, num_sigmas=1, limit=4)
-    emb = penultimate.encode(store.captions[:4])
+    rows = scored_rows(store, torch.arange(len(store)), 4, seed=0).tolist()  # the 4 items the set scores
+    emb = penultimate.encode([store.captions[i] for i in rows])
     length = heldout.cond.text_tokens.shape[1]
     torch.testing.assert_close(heldout.cond.text_tokens, emb.tokens[:, :length], rtol=0, atol=1e-5)
-    assert not torch.allclose(store.load()["text_tokens"][:4, :length], emb.tokens[:, :length], atol=1e-3)
+    assert not torch.allclose(store.load()["text_tokens"][rows, :length], emb.tokens[:, :length], atol=1e-3)

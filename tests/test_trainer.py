@@ -5,22 +5,22 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_helpers import assert_same_weights, make_store, photo_crops, tiny_overrides
+from trainer_helpers import assert_same_weights, make_store, photo_crops, tiny_overrides, training_rows
 
-import latentpatch.training.trainer as trainer_mod
 from latentpatch.checkpoints import latest_checkpoint, list_checkpoints, read_state
 from latentpatch.conditioning import ConditioningSpec, derive_spec
 from latentpatch.config import load_config
 from latentpatch.data.manifest import Item
 from latentpatch.data.store import LatentStore
 from latentpatch.denoiser import build_precond
-from latentpatch.diffusion.edm import denoising_loss_at, fixed_noise, heldout_sigma_grid
+from latentpatch.diffusion.edm import EDMObjective, denoising_loss_at, fixed_noise, heldout_sigma_grid
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchSchedule, full_coordinates
 from latentpatch.runs import load_run
-from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
+from latentpatch.training.batches import BatchSpec, draw_batch
+from latentpatch.training.resolve import with_store
 from latentpatch.training.results import TrainingDiverged
-from latentpatch.training.trainer import resolve_with_store, train
+from latentpatch.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def heldout_loss(precond, images):
 def test_tiny_dit_heldout_loss_falls_on_real_photos(store, photos, tmp_path):
     cfg = tiny(**{"train.max_steps": 150, "train.ckpt_every": 1000})
     torch.manual_seed(cfg.train.seed)  # the trainer's initial weights
-    before = heldout_loss(build_precond(resolve_with_store(cfg, LatentStore(store))[0], 3, device="cpu").eval(),
+    before = heldout_loss(build_precond(with_store(cfg, LatentStore(store))[0], 3, device="cpu").eval(),
                           photos[32:])
     result = train(cfg, store, tmp_path / "run", progress=False, device="cpu")
     after = heldout_loss(load_run(tmp_path / "run").precond, photos[32:])
@@ -85,7 +85,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(store, tmp_path):
 
 def test_batch_randomness_depends_on_seed_and_step_and_ranks_split_one_global_batch(store):
     cfg = tiny()
-    tensors = LatentStore(store).load()
+    tensors = training_rows(store)
     stage = PatchSchedule(cfg.patches, 16, 16, 8, multiple_of=2).stages[0]
     cfg = BatchSpec.from_config(cfg, ConditioningSpec())
     one = draw_batch(tensors, cfg, stage, 16, step=3, micro=0, rank=0, world=1, device=torch.device("cpu"))
@@ -101,7 +101,7 @@ def test_batch_randomness_depends_on_seed_and_step_and_ranks_split_one_global_ba
 
 
 def _nan_after(calls: int):
-    real, count = trainer_mod.denoising_loss_at, {"n": 0}
+    real, count = EDMObjective.loss, {"n": 0}
 
     def loss(*args, **kwargs):
         count["n"] += 1
@@ -112,7 +112,7 @@ def _nan_after(calls: int):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "denoising_loss_at", _nan_after(5))  # step index 5 turns NaN
+    monkeypatch.setattr(EDMObjective, "loss", _nan_after(5))  # step index 5 turns NaN
     cfg = tiny(**{"train.max_steps": 20, "train.ckpt_every": 2, "train.keep_checkpoints": 5})
     with pytest.raises(TrainingDiverged, match=r"step 5: the loss became nan.*step-00000004"):
         train(cfg, store, tmp_path / "run", progress=False, device="cpu")
@@ -180,7 +180,7 @@ def test_labels_train_and_are_dropped_to_the_null_label(photos, tmp_path):
         train(tiny(**{"model.num_classes": 2}), path, tmp_path / "bad", device="cpu")
     cfg = tiny(**{"model.num_classes": 3, "train.label_dropout": 0.5})
     cfg, spec, text = derive_spec(cfg, LatentStore(path))
-    tensors = load_training_tensors(LatentStore(path), spec, text)
+    tensors = training_rows(path, spec, text)
     stage = PatchSchedule(cfg.patches, 16, 16, 8, multiple_of=2).stages[-1]
     b = draw_batch(tensors, BatchSpec.from_config(cfg, spec), stage, 64, step=0, micro=0, rank=0, world=1,
                    device=torch.device("cpu"))
@@ -200,7 +200,7 @@ def test_sample_grid_is_written_every_n_steps(store, tmp_path):
         strip = height - (2 * 16 + 3 * 2)
         assert width == 2 * 16 + 3 * 2 and 8 <= strip <= 24
         text = im.convert("L").crop((0, 0, width, strip))
-        assert min(text.getdata()) < 64 and max(text.getdata()) == 255  # dark letters on white
+        assert min(text.get_flattened_data()) < 64 and max(text.get_flattened_data()) == 255  # dark letters on white
 
 
 def test_callback_sees_each_step_and_can_stop_the_run(store, tmp_path):
@@ -228,30 +228,13 @@ def test_stored_posterior_std_draws_a_fresh_latent_per_step(tmp_path):
     items = [Item(file=f"{i}.png", sha256=f"{i:064x}", caption=None, flip=False, shard=0, row=0) for i in range(4)]
     writer.add({"mean": torch.zeros(4, 3, 16, 16), "std": torch.full((4, 3, 16, 16), 2.0)}, items)
     writer.close()
-    tensors = LatentStore(tmp_path).load()
+    tensors = training_rows(tmp_path)
     stage = PatchSchedule(load_config("full-size").patches, 16, 16, 8, multiple_of=2).stages[0]
     spec = BatchSpec.from_config(tiny(), ConditioningSpec())
     draw = [draw_batch(tensors, spec, stage, 64, step=s, micro=0, rank=0, world=1, device=torch.device("cpu"))
             for s in (0, 1)]
     assert draw[0].x0.std().item() == pytest.approx(2.0, rel=0.05)  # mean 0 + std 2 * N(0, 1)
     assert not torch.equal(draw[0].x0, draw[1].x0)
-
-
-def test_local_coordinates_ablation_gives_every_crop_the_full_grid(store):
-    tensors = LatentStore(store).load()
-    stage = PatchSchedule(tiny().patches, 16, 16, 8, multiple_of=2).stages[0]
-
-    def spec(cfg):
-        return BatchSpec.from_config(cfg, ConditioningSpec())
-
-    local = draw_batch(tensors, spec(tiny(**{"patches.coordinates": "local"})), stage, 4, step=0, micro=0, rank=0,
-                       world=1, device=torch.device("cpu"))
-    absolute = draw_batch(tensors, spec(tiny()), stage, 4, step=0, micro=0, rank=0, world=1,
-                          device=torch.device("cpu"))
-    assert torch.equal(local.coords, full_coordinates(4, 8, 8))
-    assert torch.equal(local.x0, absolute.x0) and not torch.equal(local.coords, absolute.coords)
-    with pytest.raises(UserError, match="patches.coordinates"):
-        tiny(**{"patches.coordinates": "relative"})
 
 
 def test_unet_patches_must_divide_by_its_total_downsampling(store, tmp_path):

@@ -19,9 +19,10 @@ from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
 from latentpatch.patches import PatchConfig, PatchSchedule, full_coordinates
 from latentpatch.seeding import make_generator
-from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors, training_rows
+from latentpatch.training.batches import BatchSpec, conditioning_rows, draw_batch
 from latentpatch.training.logging import read_log
-from latentpatch.training.resume import resolve_with_store
+from latentpatch.training.resolve import with_store
+from latentpatch.training.rows import TrainingRows
 from latentpatch.training.trainer import train
 from latentpatch.training.zoom import ZoomData
 
@@ -106,10 +107,11 @@ def test_zoom_side_not_divisible_by_the_network_patch_size_is_refused():
 def test_a_zoomed_out_batch_is_the_same_rows_whole_zoom_latents_scaled_on_the_coarse_grid(stores, photos):
     train_store, zoom_store = stores
     cfg = zoom_cfg(zoom_store, **{"model.num_classes": 3, "train.label_dropout": 0})
-    cfg, spec, text = resolve_with_store(cfg, LatentStore(train_store))
+    cfg, spec, text = with_store(cfg, LatentStore(train_store))
     zoom = ZoomData.open(zoom_store, LatentStore(train_store))
-    rows = load_training_tensors(LatentStore(train_store), spec, text) | zoom.rows
-    batch_spec = BatchSpec.from_config(cfg, spec, 2, zoom_scale=zoom.scale)
+    rows = TrainingRows.from_store(LatentStore(train_store), conditioning_rows(LatentStore(train_store), spec, text),
+                                   None, zoom)
+    batch_spec = BatchSpec.from_config(cfg, spec, 2)
     stage = next(s for s in PatchSchedule(cfg.patches, 16, 16, 8, 2, zoom_shape=zoom.shape).stages if s.zoom)
     b = draw_batch(rows, batch_spec, stage, 16, step=5, micro=0, rank=0, world=1, device=CPU)
 
@@ -130,12 +132,12 @@ def test_a_zoomed_out_batch_draws_a_fresh_posterior_sample_of_the_zoom_store(pho
     small = half(photos)
     train_store = make_store(tmp_path / "train", photos, std=torch.full_like(photos, 0.1))
     zoom_store = make_store(tmp_path / "half", small, std=torch.full_like(small, 0.05))
-    cfg, spec, text = resolve_with_store(zoom_cfg(zoom_store), LatentStore(train_store))
+    cfg, spec, text = with_store(zoom_cfg(zoom_store), LatentStore(train_store))
     zoom = ZoomData.open(zoom_store, LatentStore(train_store))
     assert sorted(zoom.rows) == ["zoom_mean", "zoom_std"]
-    rows = load_training_tensors(LatentStore(train_store), spec, text) | zoom.rows
+    rows = TrainingRows.from_store(LatentStore(train_store), {}, None, zoom)
     stage = next(s for s in PatchSchedule(cfg.patches, 16, 16, 8, 2, zoom_shape=zoom.shape).stages if s.zoom)
-    b = draw_batch(rows, BatchSpec.from_config(cfg, spec, 2, zoom_scale=zoom.scale), stage, 4, 0, 0, 0, 1, CPU)
+    b = draw_batch(rows, BatchSpec.from_config(cfg, spec, 2), stage, 4, 0, 0, 0, 1, CPU)
 
     indices = torch.randint(0, N, (4,), generator=make_generator("cpu", cfg.train.seed, 0, 0, "indices"))
     eps = torch.randn((4, 3, 8, 8), generator=make_generator(CPU, cfg.train.seed, 0, 0, "batch"))
@@ -145,13 +147,12 @@ def test_a_zoomed_out_batch_draws_a_fresh_posterior_sample_of_the_zoom_store(pho
 def test_rows_align_by_image_and_held_out_rows_leave_the_zoom_rows_too(stores, photos):
     train_store, zoom_store = stores  # the zoom store lists the images in reverse order
     zoom = ZoomData.open(zoom_store, LatentStore(train_store))
-    rows = {"mean": LatentStore(train_store).rows()["mean"], **zoom.rows}
-    assert torch.equal(rows["zoom_mean"].materialize(), half(photos))
+    assert torch.equal(zoom.rows["zoom_mean"].materialize(), half(photos))
     held = torch.tensor([1, 4, 7])
-    kept = training_rows(rows, held)
+    kept = TrainingRows.from_store(LatentStore(train_store), {}, held, zoom)
     keep = [i for i in range(N) if i not in held.tolist()]
-    assert torch.equal(kept["mean"].materialize(), photos[keep])
-    assert torch.equal(kept["zoom_mean"].materialize(), half(photos)[keep])
+    assert torch.equal(kept.buckets[0].latents["mean"].materialize(), photos[keep])
+    assert torch.equal(kept.zoom.latents["mean"].materialize(), half(photos)[keep])
 
 
 def test_encoded_stores_align_by_sha256_and_flip(tmp_path):

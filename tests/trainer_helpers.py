@@ -86,3 +86,14 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
                 assert torch.equal(x[key], y[key]), f"{name}:{key}"
             else:
                 torch.testing.assert_close(y[key], x[key], rtol=0, atol=atol, msg=f"{name}:{key}")
+
+
+def training_rows(path, spec=None, text=None, held=None):
+    """The TrainingRows a run on the store at `path` trains from (conditioning by `spec`, none by default)."""
+    from latentpatch.conditioning import ConditioningSpec
+    from latentpatch.data.store import LatentStore
+    from latentpatch.training.batches import conditioning_rows
+    from latentpatch.training.rows import TrainingRows
+
+    store = LatentStore(path)
+    return TrainingRows.from_store(store, conditioning_rows(store, spec or ConditioningSpec(), text), held)

@@ -95,6 +95,11 @@ class Manifest:
         return len(self.items)
 
     @property
+    def bucketed(self) -> bool:
+        """Whether the store holds aspect buckets (latents of several shapes)."""
+        return self.buckets is not None
+
+    @property
     def latent_std(self) -> float | None:
         """The std of the stored latents (posterior draws z = mean + std * eps), from the items' moments; None
         when an item lacks them (stores written before they were recorded)."""

@@ -62,7 +62,7 @@ class StoreWriter:
             bucket: tuple[int, int] | None = None) -> None:
         """Queue one batch: every tensor has len(items) rows; shard/row (and, for a bucketed store, the index of
         bucket `bucket`, a pixel size) of the items are filled in on write."""
-        if (bucket is None) != (self.manifest.buckets is None):
+        if (bucket is None) == self.manifest.bucketed:
             raise ValueError("rows of a bucketed store need their bucket, and only those")
         if self._names is not None and set(tensors) != self._names:
             raise ValueError(f"tensor names changed within a store: {sorted(tensors)} vs {sorted(self._names)}")
@@ -177,9 +177,14 @@ class LatentStore:
         return self.manifest.count
 
     @property
+    def bucketed(self) -> bool:
+        """Whether the store holds aspect buckets (latents of several shapes): the one way to ask."""
+        return self.manifest.bucketed
+
+    @property
     def buckets(self) -> list[tuple[int, int]] | None:
         """Pixel sizes (H, W) of a bucketed store's buckets, tallest first; None for a single-shape store."""
-        return None if self.manifest.buckets is None else [(h, w) for h, w in self.manifest.buckets]
+        return [(h, w) for h, w in self.manifest.buckets] if self.manifest.bucketed else None
 
     @property
     def bucket_latent_shapes(self) -> list[tuple[int, int, int]]:
@@ -189,7 +194,7 @@ class LatentStore:
     @property
     def bucket_of(self) -> torch.Tensor:
         """Each item's bucket, in manifest order (all zeros for a single-shape store)."""
-        if self.manifest.buckets is None:
+        if not self.manifest.bucketed:
             return torch.zeros(len(self), dtype=torch.long)
         return torch.tensor([i.bucket for i in self.manifest.items], dtype=torch.long)
 
@@ -201,7 +206,7 @@ class LatentStore:
     def most_common_bucket(self) -> int:
         """The bucket with the most items (a tie: the one nearest square, then the first): a bucketed store's
         default shape to train at full size and to sample."""
-        if self.manifest.buckets is not None:
+        if self.manifest.bucketed:
             self._require_items()
         counts = self.bucket_counts
         shapes = self.bucket_latent_shapes
@@ -210,7 +215,7 @@ class LatentStore:
     def bucket_rows(self, names: Sequence[str] = ("mean", "std")) -> list[dict[str, ShardedRows]]:
         """Per bucket, its items' stored tensors `names` (those present) as memory-mapped rows in manifest order:
         item i is row (its rank among the items of its bucket) of bucket bucket_of[i]."""
-        if self.manifest.buckets is None:
+        if not self.manifest.bucketed:
             return [self.rows(names)]
         self._require_items()
         bucket_of = self.bucket_of
@@ -254,7 +259,7 @@ class LatentStore:
     def rows(self, names: Sequence[str] = ("mean", "std")) -> dict[str, ShardedRows]:
         """The stored tensors `names` (those present) as memory-mapped rows in manifest order: nothing is
         copied until rows are drawn (data.rows). A bucketed store's latents differ in shape: see bucket_rows."""
-        if self.manifest.buckets is not None:
+        if self.manifest.bucketed:
             raise UserError(f"latent store {self.path} holds {len(self.manifest.buckets)} aspect buckets of "
                             "different shapes; read it one bucket at a time (LatentStore.bucket_rows)")
         self._require_items()
@@ -266,7 +271,7 @@ class LatentStore:
 
     def _require_one_shape(self, positions: list[int], names: Sequence[str] | None) -> None:
         """Latents of two buckets cannot share a tensor; other tensors (text embeddings) have one shape."""
-        if self.manifest.buckets is None or (names is not None and not {"mean", "std"} & set(names)):
+        if not self.manifest.bucketed or (names is not None and not {"mean", "std"} & set(names)):
             return
         items = self.manifest.items
         found = {items[p].bucket: p for p in positions}

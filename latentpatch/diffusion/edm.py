@@ -30,17 +30,11 @@ class EDMConfig:
     # (latentpatch.diffusion.vp), read from `scheduler`; fine-tuning a diffusers pipeline writes it.
     precond: str = "edm"
     scheduler: Any = None  # dict: the base's diffusers scheduler_config.json (betas, timesteps, prediction_type)
-    # Min-SNR-gamma-style cap on the training loss weight (Hang et al. 2023): lambda(sigma) = (1 + SNR) /
-    # sigma_data^2 with SNR = sigma_data^2 / sigma^2 is capped at (1 + snr_cap) / sigma_data^2, so the lowest
-    # noise levels stop dominating. None: EDM's weight. Held-out evaluation always uses EDM's.
-    snr_cap: float | None = None
 
     def check(self) -> None:
         if (self.sigma_data is not None and not self.sigma_data > 0) or not 0 < self.sigma_min < self.sigma_max \
                 or not self.P_std > 0:
             raise UserError(f"edm: need sigma_data > 0, 0 < sigma_min < sigma_max and P_std > 0, got {self}")
-        if self.snr_cap is not None and not self.snr_cap > 0:
-            raise UserError(f"edm.snr_cap must be > 0 (or null: EDM's weight), got {self.snr_cap}")
         if self.precond not in ("edm", "vp"):
             raise UserError(f"edm.precond must be 'edm' or 'vp', got {self.precond!r}")
         if self.precond == "vp":
@@ -69,11 +63,9 @@ def precond_coefficients(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tens
     return c_skip, c_out, c_in, c_noise
 
 
-def loss_weight(sigma: Tensor, sigma_data: float, snr_cap: float | None = None) -> Tensor:
-    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (Table 1), i.e. 1 / c_out^2; with
-    `snr_cap` at most (1 + snr_cap) / sigma_data^2 (EDMConfig.snr_cap)."""
-    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    return weight if snr_cap is None else weight.clamp(max=(1 + snr_cap) / sigma_data**2)
+def loss_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (Table 1), i.e. 1 / c_out^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
 class EDMPrecond(nn.Module):
@@ -100,7 +92,7 @@ class EDMPrecond(nn.Module):
 
 def denoising_loss_at(
     precond: nn.Module, x0: Tensor, coords: Tensor, sigmas: Tensor, noise: Tensor, cond=None,
-    *, sigma_data: float, snr_cap: float | None = None, **net_kwargs,
+    *, sigma_data: float, **net_kwargs,
 ) -> Tensor:
     """Per-sample EDM loss lambda(sigma) * mean_{C,h,w} (D(x0 + sigma*n; sigma) - x0)^2 (Table 1) -> [B].
 
@@ -110,36 +102,36 @@ def denoising_loss_at(
     sigma = sigmas.to(device=x0.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
     D_yn = precond(x0 + sigma * noise.to(x0), sigma.flatten(), coords, cond, **net_kwargs)
     per_sample = ((D_yn - x0.to(torch.float32)) ** 2).mean(dim=(1, 2, 3))
-    return loss_weight(sigma.flatten(), sigma_data, snr_cap) * per_sample
+    return loss_weight(sigma.flatten(), sigma_data) * per_sample
 
 
-def training_sigmas(n: int, cfg: EDMConfig, generator: torch.Generator | None = None, device=None,
-                    quantiles: tuple[float, float] = (0.0, 1.0), overlap: float = 1.0) -> Tensor:
+@dataclass(frozen=True)
+class EDMObjective:
+    """The training objective of models trained here and of the VP bases: noise levels from `training_sigmas`,
+    the loss `denoising_loss_at`. The trainer asks an objective only these two things, so a base with another
+    objective (flow matching) brings its own."""
+
+    cfg: EDMConfig
+
+    def draw_sigmas(self, n: int, generator: torch.Generator, device=None, full_shapes: Tensor | None = None) -> Tensor:
+        """n noise levels; EDM's do not depend on the images' full latent shapes `full_shapes` [n, 2]."""
+        return training_sigmas(n, self.cfg, generator, device)
+
+    def loss(self, precond: nn.Module, x0: Tensor, coords: Tensor, sigma: Tensor, noise: Tensor, cond=None,
+             **net_kwargs) -> Tensor:
+        return denoising_loss_at(precond, x0, coords, sigma, noise, cond, sigma_data=self.cfg.sigma_data, **net_kwargs)
+
+
+def training_sigmas(n: int, cfg: EDMConfig, generator: torch.Generator | None = None, device=None) -> Tensor:
     """n training noise levels, ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1) -> [n] float32.
 
-    `quantiles` (q0, q1) and `overlap` o couple a patch stage to a slice of that distribution: each draw comes
-    from the whole with probability o, else from its quantile slice (PatchSchedule gives each stage a slice as
-    wide as its probability, so the marginal over stages stays the log-normal). The one uniform u = Phi(z)
-    decides both: u < o -> quantile u / o; else q0 + (q1 - q0) (u - o) / (1 - o). o = 1 is the plain draw.
     With precond "vp" the normal is truncated to [sigma_min, sigma_max], a pretrained schedule's range: the same
     draws are mapped through its CDF, z -> Phi^-1(Phi(a) + (Phi(b) - Phi(a)) Phi(z)), so it costs no extra draws.
     """
     rnd_normal = torch.randn([n], generator=generator, device=device)
-    if overlap < 1.0 and tuple(quantiles) != (0.0, 1.0):
-        rnd_normal = _coupled(rnd_normal, quantiles, overlap)
     if cfg.precond == "vp":
         rnd_normal = _truncated(rnd_normal, cfg)
     return (rnd_normal * cfg.P_std + cfg.P_mean).exp()
-
-
-def _coupled(z: Tensor, quantiles: tuple[float, float], overlap: float) -> Tensor:
-    """N(0, 1) draws mapped to the mixture overlap * N(0, 1) + (1 - overlap) * N(0, 1) on [Phi^-1(q0), Phi^-1(q1)]."""
-    q0, q1 = quantiles
-    u = torch.special.ndtr(z.to(torch.float64))
-    whole = u / overlap if overlap > 0 else u
-    sliced = q0 + (q1 - q0) * ((u - overlap) / (1 - overlap)).clamp(0, 1)
-    q = torch.where(u < overlap, whole, sliced).clamp(1e-12, 1 - 1e-12)  # finite at the ends
-    return torch.special.ndtri(q).to(z.dtype)
 
 
 def _truncated(z: Tensor, cfg: EDMConfig) -> Tensor:
@@ -170,6 +162,7 @@ def fixed_noise(shape: tuple[int, ...] | torch.Size, seed: int, *, device=None, 
 
 __all__ = [
     "EDMConfig",
+    "EDMObjective",
     "EDMPrecond",
     "denoising_loss_at",
     "fixed_noise",

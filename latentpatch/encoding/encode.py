@@ -185,10 +185,10 @@ def _open_store(out: Path, autoencoder: Autoencoder, size: tuple[int, int], opts
         max_aspect=opts.max_aspect if bucketed else None,
     )
     manifest = read_manifest(out) if (out / MANIFEST_NAME).exists() else wanted
-    if manifest.buckets is None and bucketed:
+    if not manifest.bucketed and bucketed:
         raise UserError(f"{out} is a single-size store (images centre-cropped to {size[1]}x{size[0]}); it cannot take "
                         "aspect buckets: drop --buckets, or encode into a new --out")
-    if manifest.buckets is not None and not bucketed:
+    if manifest.bucketed and not bucketed:
         raise UserError(f"{out} is a store of aspect buckets (encode --buckets); add --buckets to extend it, or "
                         "encode into a new --out")
     differences = manifest.differences(wanted)
@@ -226,7 +226,7 @@ def _update_store(
     summary.skipped_files = [{k: s[k] for k in ("file", "reason", "detail")} for s in manifest.skipped]
     summary.skipped = dict(Counter(s["reason"] for s in manifest.skipped))
     summary.total = manifest.count
-    if manifest.buckets is not None:
+    if manifest.bucketed:
         summary.buckets, summary.kept_share = _bucket_report(manifest)
     summary.elapsed_s = time.perf_counter() - start
     if not summary.up_to_date:  # a run that found nothing to do writes nothing

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from latentpatch.config import RunConfig, apply_overrides, load_config
+from latentpatch.config import RunConfig, apply_overrides, load_saved_config
 from latentpatch.conditioning.spec import NO_TEXT
 from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
@@ -111,7 +111,7 @@ def finetune(
     store = _prepare_data(found, Path(data), out, text_encoder, vae, resolution, flip, bucketing, device, progress)
     saved = out / "config.yaml"
     if resume and saved.is_file():  # the run's own config; only the number of steps may change
-        cfg, resumed = load_config(saved), True
+        cfg, resumed = load_saved_config(saved), True
     else:
         cfg = _finetune_config(found, store, text_encoder, steps, lora_rank, lr, batch_size, overrides)
         resumed = False
@@ -179,7 +179,7 @@ def _load_vae(info: dict[str, Any], device: str | None) -> Any:
 
 def _finetune_config(found: FinetuneBase, store: LatentStore, text_encoder, steps, lora_rank, lr, batch_size,
                      overrides) -> RunConfig:
-    from latentpatch.training.trainer import resolve_with_store
+    from latentpatch.training.resolve import with_store
 
     cfg = copy.deepcopy(found.cfg)
     tc = cfg.train
@@ -198,7 +198,7 @@ def _finetune_config(found: FinetuneBase, store: LatentStore, text_encoder, step
     _choose_text(cfg, found, store, text_encoder)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    cfg, _, _ = resolve_with_store(cfg, store)  # text widths from the encoder, sigma_data from the latents
+    cfg, _, _ = with_store(cfg, store)  # text widths from the encoder, sigma_data from the latents
     unet_cfg = _pretrained_config(cfg) or {}
     if unet_cfg.get("cross_attention_dim") and cfg.model.text_dim != unet_cfg["cross_attention_dim"]:
         raise UserError(

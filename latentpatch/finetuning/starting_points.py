@@ -82,6 +82,7 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
     cfg.text.pooled = False  # a pretrained UNet's time embedding has no input for it
     if name == "DiTTransformer2DModel":
         cfg.patches.aligned = True  # crops on its token grid: the positions of the table it was trained with
+        cfg.patches.coordinate_scale = "per-axis"  # its positions are read back from per-axis coordinates
     if name != "UNet2DConditionModel":
         cfg.text.model = NO_TEXT
     describe: dict[str, Any] = {"base": source, "kind": name, "pipeline": found.root if found.is_pipeline else None}

@@ -180,6 +180,29 @@ def _loss_sums(precond: nn.Module, heldout: HeldoutSet, batch_size: int) -> Tens
     return sums
 
 
+def scored_rows(store: LatentStore, rows: Tensor, limit: int, seed: int) -> Tensor:
+    """At most `limit` of the store rows `rows` (all when there are no more), chosen by `seed` and stratified by
+    class label and bucket: each (label, bucket) group keeps its share of the limit (largest remainders), its rows
+    taken in the order of (seed, image, flip) hashes, so the same rows on every resume, process and machine. The
+    chosen rows keep their order in `rows` (a store encoded class by class is not scored on its first classes)."""
+    if len(rows) <= limit:
+        return rows
+    items, bucket_of = store.items, store.bucket_of
+    groups: dict[tuple, list[int]] = {}
+    for r in rows.tolist():
+        groups.setdefault((items[r].label is None, items[r].label or 0, int(bucket_of[r])), []).append(r)
+    exact = {key: limit * len(members) / len(rows) for key, members in groups.items()}
+    quota = {key: math.floor(q) for key, q in exact.items()}
+    for key in sorted(groups, key=lambda k: (quota[k] - exact[k], k))[: limit - sum(quota.values())]:
+        quota[key] += 1
+    chosen = []
+    for key, members in groups.items():
+        order = sorted(members, key=lambda r: derive_seed(seed, items[r].sha256, int(items[r].flip), "scored"))
+        chosen += order[: quota[key]]
+    position = {r: k for k, r in enumerate(rows.tolist())}
+    return torch.tensor(sorted(chosen, key=position.__getitem__), dtype=torch.long)
+
+
 def bucketed_heldout_set(
     store: LatentStore, rows: Tensor, cond: Conditioning | None, *, num_sigmas: int = 8, seed: int = 0,
     P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float | None = None, coordinate_scale: str = "per-axis",
@@ -221,28 +244,35 @@ def store_heldout_set(
     spec = spec or ConditioningSpec()
     if len(store) == 0:
         raise UserError(f"held-out latent store {store.path} is empty")
-    count = len(store) if limit is None else min(int(limit), len(store))
-    if count < 1:
+    if limit is not None and int(limit) < 1:
         raise UserError(f"the held-out image limit must be at least 1, got {limit}")
+    chosen = torch.arange(len(store)) if limit is None else scored_rows(store, torch.arange(len(store)), int(limit), seed)
     text = None
     if spec.text:
         rec = spec.text_encoder
         text = TextSource(rec, cached=same_text_encoder(store.manifest.text_encoder, rec))  # layer, padding too
-        if any(item.caption is None for item in store.items[:count]):
+        if any(store.items[int(i)].caption is None for i in chosen):
             raise UserError(f"the model is text-conditioned but items of {store.path} have no caption; encode the "
                             "held-out images with their captions")
-    if store.buckets is None:
-        tensors = store.load()
-    else:  # latents of several shapes: loaded per bucket below; only cached text embeddings here
-        tensors = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if text is not None and text.cached else {}
-    rows = condition_rows(spec, store, tensors, text, missing_label="null")
-    cond = select_rows(spec, rows, torch.arange(count))
-    if store.buckets is not None:
-        return bucketed_heldout_set(store, torch.arange(count), cond, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean,
-                                    P_std=P_std, sigma_data=sigma_data, coordinate_scale=coordinate_scale)
-    return HeldoutSet(tensors["mean"][:count], num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std, cond=cond,
-                      sigma_data=store.latent_std() if sigma_data is None else sigma_data,
-                      coordinate_scale=coordinate_scale)
+    cached = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if text is not None and text.cached else {}
+    rows = condition_rows(spec, store, cached, text, missing_label="null")
+    return heldout_set(store, chosen, select_rows(spec, rows, chosen), num_sigmas=num_sigmas, seed=seed,
+                       P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, coordinate_scale=coordinate_scale)
+
+
+def heldout_set(
+    store: LatentStore, rows: Tensor, cond: Conditioning | None, *, num_sigmas: int = 8, seed: int = 0,
+    P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float | None = None, coordinate_scale: str = "per-axis",
+) -> HeldoutSet | BucketedHeldoutSet:
+    """Store rows `rows` (their posterior means) and their conditioning `cond` as a held-out set: a HeldoutSet,
+    or of a store with aspect buckets a BucketedHeldoutSet (each image at its own bucket's shape). The weighting's
+    sd is `sigma_data` (default: this store's measured latent std)."""
+    sigma_data = store.latent_std() if sigma_data is None else sigma_data
+    if store.bucketed:
+        return bucketed_heldout_set(store, rows, cond, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std,
+                                    sigma_data=sigma_data, coordinate_scale=coordinate_scale)
+    return HeldoutSet(store.load(rows.tolist(), names=("mean",))["mean"], num_sigmas=num_sigmas, seed=seed,
+                      P_mean=P_mean, P_std=P_std, cond=cond, sigma_data=sigma_data, coordinate_scale=coordinate_scale)
 
 
 def _existing_store(path: str | os.PathLike) -> Path:
@@ -271,6 +301,6 @@ def run_denoising_loss(
 
 
 __all__ = [
-    "BucketedHeldoutSet", "DenoisingLoss", "HeldoutSet", "bucketed_heldout_set", "denoising_loss",
-    "run_denoising_loss", "run_weight_sd", "store_heldout_set", "store_sigma_data",
+    "BucketedHeldoutSet", "DenoisingLoss", "HeldoutSet", "bucketed_heldout_set", "denoising_loss", "heldout_set",
+    "run_denoising_loss", "run_weight_sd", "scored_rows", "store_heldout_set", "store_sigma_data",
 ]

@@ -37,6 +37,10 @@ EVALUATIONS = 40  # a few dozen points on the curve, whatever the run's length
 # goes 10 evaluations without one. Measured with these defaults (docs/benchmarks.md, guard_defaults.py): both
 # arms stopped 10 evaluations past their best, whose checkpoint was the better one on unseen faces.
 PATIENCE = 10
+# An evaluation scores up to heldout.limit (256) images at 8 noise levels, 2048 forward passes: about the cost of 10
+# training steps of 64 (a step's backward pass costs twice its forward). Closer than that, evaluating would cost
+# more than the training between evaluations; a run shorter than this evaluates at its start and its end.
+MIN_EVERY = 10
 # What choose_defaults fills when left null: a resume that leaves them null keeps the run's choice (resume.py),
 # a fine-tune sets them null to choose for its own data (finetuning/finetune.py).
 CHOSEN_KEYS = (("heldout", "share"), ("heldout", "every"), ("train", "patience"))
@@ -66,10 +70,15 @@ def choose_defaults(cfg: RunConfig, store: LatentStore) -> tuple[RunConfig, str 
         else:
             h.share = min(max(MIN_HELDOUT, round(SHARE * n)), h.limit) / n
     if h.every is None:
-        h.every = math.ceil(tc.max_steps / EVALUATIONS) if (h.latents or h.share) else 0
+        h.every = evaluation_interval(tc.max_steps) if (h.latents or h.share) else 0
     if tc.patience is None:
         tc.patience = PATIENCE if small and h.every else 0
     return cfg, note
+
+
+def evaluation_interval(max_steps: int) -> int:
+    """Steps between evaluations: EVALUATIONS over the run, never closer than MIN_EVERY (nor past its end)."""
+    return max(math.ceil(max_steps / EVALUATIONS), min(MIN_EVERY, max_steps))
 
 
 @dataclass

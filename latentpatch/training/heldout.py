@@ -20,8 +20,8 @@ from latentpatch.conditioning.stored import select_rows
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
 from latentpatch.errors import UserError
-from latentpatch.metrics.denoising import (BucketedHeldoutSet, DenoisingLoss, HeldoutSet, bucketed_heldout_set,
-                                           denoising_loss, store_heldout_set, store_sigma_data)
+from latentpatch.metrics.denoising import (BucketedHeldoutSet, DenoisingLoss, HeldoutSet, denoising_loss, heldout_set,
+                                           scored_rows, store_heldout_set, store_sigma_data)
 from latentpatch.seeding import derive_seed
 
 
@@ -49,33 +49,24 @@ class HeldoutEval:
     last_step: int | None = None
 
     @classmethod
-    def build(cls, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec, tensors: dict[str, Tensor],
+    def build(cls, cfg: RunConfig, store: LatentStore, spec: ConditioningSpec, cond_rows: dict[str, Tensor],
               rows: Tensor | None) -> HeldoutEval:
-        """From a separate store, or from training-store rows `rows` (mean latents, their stored conditioning;
-        of a store with aspect buckets, each row at its own bucket's shape and `tensors` only conditioning).
-        The weighting's sd is the training store's rule (metrics.denoising.store_sigma_data) in both cases, as
-        `latentpatch eval` uses, so the two agree and runs compare on one scale."""
+        """From a separate store (heldout.latents), or from training-store rows `rows` (their posterior means and
+        stored conditioning `cond_rows`, of every store item); at most heldout.limit images, chosen by heldout.seed
+        across classes and buckets (metrics.denoising.scored_rows). The weighting's sd is the training store's rule
+        (metrics.denoising.store_sigma_data) in both cases, as `latentpatch eval` uses, so the two agree."""
         h, edm = cfg.heldout, cfg.edm
-        sigma_data = store_sigma_data(store)
-        scale = cfg.patches.coordinate_scale
+        settings = dict(num_sigmas=h.sigmas, seed=h.seed, P_mean=edm.P_mean, P_std=edm.P_std,
+                        sigma_data=store_sigma_data(store), coordinate_scale=cfg.patches.coordinate_scale)
         if h.latents:
             other = LatentStore(_existing(h.latents))
             other.require_latent_space(store.info.to_dict(), store.latent_shape,
                                        f"the training store {store.path} holds",
                                        "encode the held-out images like the training images")
-            heldout = store_heldout_set(other, spec, num_sigmas=h.sigmas, seed=h.seed, limit=h.limit,
-                                        P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=sigma_data,
-                                        coordinate_scale=scale)
-        elif store.buckets is not None:
-            rows = rows[: h.limit]
-            heldout = bucketed_heldout_set(store, rows, select_rows(spec, tensors, rows), num_sigmas=h.sigmas,
-                                           seed=h.seed, P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=sigma_data,
-                                           coordinate_scale=scale)
+            heldout = store_heldout_set(other, spec, limit=h.limit, **settings)
         else:
-            rows = rows[: h.limit]
-            heldout = HeldoutSet(tensors["mean"][rows], num_sigmas=h.sigmas, seed=h.seed, P_mean=edm.P_mean,
-                                 P_std=edm.P_std, cond=select_rows(spec, tensors, rows), sigma_data=sigma_data,
-                                 coordinate_scale=scale)
+            rows = scored_rows(store, rows, h.limit, h.seed)
+            heldout = heldout_set(store, rows, select_rows(spec, cond_rows, rows), **settings)
         return cls(heldout, patience=cfg.train.patience or 0)
 
     def evaluate(self, ema: torch.nn.Module, step: int) -> tuple[DenoisingLoss, bool]:

@@ -28,7 +28,7 @@ from latentpatch import checkpoints as ckpt_io
 from latentpatch.errors import UserError
 from latentpatch.io import atomic_save_safetensors
 from latentpatch.training.ema import make_ema
-from latentpatch.training.train_config import check_std
+from latentpatch.train_config import check_std
 
 POSTHOC_DIR = "posthoc"
 SNAPSHOT_DIR = "snapshots"
@@ -146,10 +146,10 @@ def read_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
 def _snapshots_up_to(run_dir: Path, step: int | None) -> list[Snapshot]:
     found = read_snapshots(run_dir)
     if not found:
-        from latentpatch.config import load_config
+        from latentpatch.config import load_saved_config
         from latentpatch.runs import CONFIG_FILE
 
-        if (run_dir / CONFIG_FILE).is_file() and not load_config(run_dir / CONFIG_FILE).train.posthoc_stds:
+        if (run_dir / CONFIG_FILE).is_file() and not load_saved_config(run_dir / CONFIG_FILE).train.posthoc_stds:
             raise UserError(f"run {run_dir} was trained without post-hoc EMA profiles (train.posthoc_stds is empty); "
                             "train with e.g. train.posthoc_stds=[0.05,0.1] to reconstruct EMAs afterwards")
         raise UserError(f"run {run_dir} has no post-hoc EMA snapshots yet (nothing in "

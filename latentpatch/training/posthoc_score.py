@@ -24,28 +24,24 @@ class PosthocScore:
 
 
 def run_heldout(run_dir: str | os.PathLike):
-    """The HeldoutEval a run evaluated on during training, rebuilt from its folder."""
-    from latentpatch.config import load_config
+    """The HeldoutEval a run evaluated on during training, rebuilt from its folder as its resume would build it."""
     from latentpatch.data.store import LatentStore
-    from latentpatch.runs import CONFIG_FILE, read_run_info
-    from latentpatch.training.batches import load_training_tensors
-    from latentpatch.training.guard import HeldoutPlan
+    from latentpatch.runs import read_run_info
+    from latentpatch.training.batches import conditioning_rows
     from latentpatch.training.heldout import HeldoutEval
-    from latentpatch.training.resume import resolve_with_store
+    from latentpatch.training.resolve import resolve_run
 
     run_dir = Path(run_dir)
-    cfg, info = load_config(run_dir / CONFIG_FILE), read_run_info(run_dir)
-    if not cfg.heldout.enabled:
-        raise UserError(f"run {run_dir} was trained without held-out evaluation (heldout.every is 0), so it has no "
-                        "held-out loss to score with; train with heldout.latents or heldout.share")
-    store_path = Path(info.get("latents") or "")
+    store_path = Path(read_run_info(run_dir).get("latents") or "")
     if not store_path.is_dir():
         raise UserError(f"scoring needs the run's training store {store_path} (its held-out images and the "
                         "weighting's sd), which is gone")
-    store = LatentStore(store_path)
-    cfg, spec, text = resolve_with_store(cfg, store)
-    tensors = load_training_tensors(store, spec, text)
-    return HeldoutEval.build(cfg, store, spec, tensors, HeldoutPlan.of(cfg, store).rows)
+    run = resolve_run(None, LatentStore(store_path), run_dir, resume=True)
+    if not run.cfg.heldout.enabled:
+        raise UserError(f"run {run_dir} was trained without held-out evaluation (heldout.every is 0), so it has no "
+                        "held-out loss to score with; train with heldout.latents or heldout.share")
+    cond_rows = conditioning_rows(run.store, run.spec, run.text)
+    return HeldoutEval.build(run.cfg, run.store, run.spec, cond_rows, run.plan.rows)
 
 
 def score_posthoc(run_dir: str | os.PathLike, stds: list[float], step: int | None = None,

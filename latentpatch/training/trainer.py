@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -25,26 +25,25 @@ from latentpatch import checkpoints as ckpt_io
 from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
-from latentpatch.denoiser import build_precond, size_multiple
+from latentpatch.denoiser import build_objective, build_precond, size_multiple
 from latentpatch.device import training_autocast
-from latentpatch.diffusion.edm import denoising_loss_at
 from latentpatch.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
 from latentpatch.patches import PatchSchedule, PatchStage
 from latentpatch.runs import run_latent_shape, trained_shapes
 from latentpatch.seeding import derive_seed
-from latentpatch.training.batches import BatchSpec, draw_batch, load_training_tensors
-from latentpatch.training.bucketed import BucketedRows, check_bucket_sides, check_buckets, step_shape, training_data
+from latentpatch.training.batches import BatchSpec, conditioning_rows, draw_batch
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
-from latentpatch.training.guard import HeldoutPlan, choose_defaults
 from latentpatch.training.heldout import HeldoutEval
-from latentpatch.training.logging import (LOG_FILE, LogInterval, RunLogger, memory_stats, progress_postfix,
-                                         truncate_log)
+from latentpatch.training.logging import LogInterval, RunLogger, memory_stats, progress_postfix
 from latentpatch.training.posthoc_ema import PosthocProfiles, snapshot_path
-from latentpatch.training.resume import LOCK_FILE, record_run, resolve_with_store, saved_config
+from latentpatch.training.record import record_run
+from latentpatch.training.resolve import ResolvedRun, resolve_run
 from latentpatch.training.results import StepInfo, TrainingDiverged, TrainResult
-from latentpatch.training.zoom import ZoomData
+from latentpatch.training.rows import TrainingRows, check_bucket_sides
+
+LOCK_FILE = ".train.lock"
 
 
 def train(
@@ -63,8 +62,8 @@ def train(
     lock = None
     try:
         lock = lock_folder(Path(out), LOCK_FILE, "train") if dist_info.is_main else None
-        session = _Session.start(cfg, latents, Path(out), resume, max_steps, dist_info, init_state)
-        return session.run(progress, callback)
+        run = resolve_run(cfg, latents, out, resume=resume, max_steps=max_steps)
+        return _Session.start(run, dist_info, init_state).run(progress, callback)
     finally:
         if lock is not None:
             lock.release()
@@ -97,80 +96,54 @@ class _Session:
     run_dir: Path
     dist: DistInfo
     store: LatentStore
-    tensors: dict[str, torch.Tensor] | BucketedRows  # the training rows (BucketedRows: a store with aspect buckets)
+    rows: TrainingRows  # the training rows, one bucket per latent shape (training.rows)
+    cond_rows: dict[str, torch.Tensor]  # the conditioning rows of every store item (previews index them by item)
     precond: torch.nn.Module
     ema: torch.nn.Module
     model: torch.nn.Module  # precond, wrapped in DDP and/or torch.compile
     optimizer: torch.optim.Optimizer
     schedule: PatchSchedule
+    objective: Any  # noise levels and loss (denoiser.build_objective)
     heldout: HeldoutEval | None = None
-    plan: HeldoutPlan | None = None
     step: int = 0
     nimg: float = 0.0  # full-size-equivalent images seen
-    nsamples: int = 0  # samples (crops) seen
     last_ckpt: Path | None = None
     autoencoder: object = None  # loaded on the first preview grid
     unchecked: list = field(default_factory=list)  # (step, loss, grad norm) on the device, not yet read
-    draw: Callable = draw_batch  # draw_bucketed_batch for a store with aspect buckets (chosen once, at the start)
-    cond_rows: dict | None = None  # the conditioning rows previews index by item (None: those of `tensors`)
     posthoc: PosthocProfiles | None = None  # post-hoc EMA profiles (train.posthoc_stds)
 
     @classmethod
-    def start(cls, cfg, latents, run_dir: Path, resume: bool, max_steps, dist: DistInfo,
-              init_state=None) -> _Session:
-        store = latents if isinstance(latents, LatentStore) else LatentStore(latents)
-        spec = text = None
-        if cfg is not None:  # what the store decides, before the config is compared or written
-            cfg, spec, text = resolve_with_store(cfg, store)
-        cfg = saved_config(run_dir, cfg, resume)
-        if max_steps is not None:
-            cfg.train.max_steps = int(max_steps)
-        cfg.check()
-        if spec is None:
-            cfg, spec, text = resolve_with_store(cfg, store)
-        cfg, note = choose_defaults(cfg, store)  # a resumed run's were chosen at its start: nothing left to fill
-        plan = HeldoutPlan.of(cfg, store, note)
-        bucketed = store.buckets is not None
-        zoom = ZoomData.open(cfg.patches.zoom_latents, store) if cfg.patches.zoom_p > 0 else None  # refuses buckets
-        if bucketed:  # before anything is written
-            check_buckets(store, plan.rows, cfg)
+    def start(cls, run: ResolvedRun, dist: DistInfo, init_state=None) -> _Session:
+        """The session of a resolved run, checked whole (a resume's checkpoint restored) before rank 0 writes the
+        run's record: a start refused here leaves the run folder as it was."""
+        cond_rows = conditioning_rows(run.store, run.spec, run.text)
+        rows = TrainingRows.from_store(run.store, cond_rows, run.plan.rows, run.zoom)
+        session = cls._build(run, dist, rows, cond_rows, init_state)
+        if run.cfg.heldout.enabled:
+            session.heldout = HeldoutEval.build(run.cfg, run.store, run.spec, cond_rows, run.plan.rows)
+        if run.checkpoint is not None:
+            session.restore(run.checkpoint)
         if dist.is_main:
-            record_run(run_dir, cfg, store, spec, plan, None if zoom is None else zoom.store)
-            print(plan.describe(), flush=True)
+            record_run(run, session.step)
+            print(run.plan.describe(), flush=True)
         barrier(dist)
-        tensors = load_training_tensors(store, spec, text)
-        if zoom is not None:
-            tensors.update(zoom.rows)  # row by row beside the full-size latents: held-out rows leave them too
-        heldout = HeldoutEval.build(cfg, store, spec, tensors, plan.rows) if cfg.heldout.enabled else None
-        rows, draw = training_data(store, tensors, plan.rows, dist.device, cfg.train.data_device_share)
-        session = cls._build(cfg, spec, run_dir, dist, store, rows, init_state, zoom)
-        session.heldout, session.plan, session.draw = heldout, plan, draw
-        if bucketed:
-            check_bucket_sides(store, size_multiple(session.precond.net))
-            session.cond_rows = tensors  # previews index conditioning by store item
-        if resume and (found := ckpt_io.latest_checkpoint(run_dir)) is not None:
-            session.restore(found)
-        if session.heldout is not None and session.heldout.should_stop:
-            warnings.warn(f"run {run_dir} stopped early at step {session.step} (no new best held-out loss in "
-                          f"{session.heldout.since_best} evaluations): nothing to train", stacklevel=3)
-        elif session.step >= cfg.train.max_steps:
-            warnings.warn(f"run {run_dir} is at step {session.step} and train.max_steps is {cfg.train.max_steps}: "
-                          "nothing to train; pass a larger --max-steps to continue it", stacklevel=3)
+        session.rows = rows.place(dist.device, run.cfg.train.data_device_share)
+        session.warn_if_nothing_to_train()
         if dist.distributed:
             session.model = DistributedDataParallel(session.precond)
-        if cfg.train.compile:  # one static graph per patch stage (each stage has its own shapes), none after
-            if bucketed:  # and one per bucket's full size: let dynamo keep them all
-                from torch._dynamo import config as dynamo_config
+        if run.cfg.train.compile:  # one static graph per patch stage (each stage has its own shapes), none after
+            from torch._dynamo import config as dynamo_config
 
-                shapes = len(session.schedule.stages) + len(store.bucket_latent_shapes)
-                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes + 1)
+            shapes = len(session.schedule.stages) + len(rows.buckets)  # and one per bucket's full size
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes + 1)
             session.model = torch.compile(session.model, dynamic=False)
         return session
 
     @classmethod
-    def _build(cls, cfg: RunConfig, spec, run_dir: Path, dist: DistInfo, store: LatentStore, tensors,
-               init_state, zoom: ZoomData | None = None) -> _Session:
+    def _build(cls, run: ResolvedRun, dist: DistInfo, rows: TrainingRows, cond_rows: dict,
+               init_state) -> _Session:
         """The denoiser (initial weights a function of the seed alone), EMA, optimiser and schedule."""
+        cfg, store = run.cfg, run.store
         channels, lat_h, lat_w = store.latent_shape
         tc, oc = cfg.train, cfg.optim
         torch.manual_seed(tc.seed)
@@ -180,68 +153,64 @@ class _Session:
         optimizer = torch.optim.AdamW(precond.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                       weight_decay=oc.weight_decay, fused=True)
         multiple = size_multiple(precond.net)
+        check_bucket_sides(store, multiple)
         schedule = PatchSchedule(cfg.patches, lat_h, lat_w, tc.batch_size, multiple_of=multiple, seed=tc.seed,
-                                 zoom_shape=None if zoom is None else zoom.shape)
+                                 zoom_shape=None if run.zoom is None else run.zoom.shape)
         _check_batches(schedule, cfg, dist.world_size)
         if dist.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        batch_spec = BatchSpec.from_config(cfg, spec, multiple, zoom_scale=1.0 if zoom is None else zoom.scale)
-        return cls(cfg, spec, batch_spec, run_dir, dist, store, tensors, precond,
-                   ema, precond, optimizer, schedule,
+        objective = build_objective(cfg)
+        batch_spec = BatchSpec.from_config(cfg, run.spec, multiple, objective)
+        return cls(cfg, run.spec, batch_spec, run.run_dir, dist, store, rows, cond_rows, precond, ema, precond,
+                   optimizer, schedule, objective,
                    posthoc=PosthocProfiles(precond, tc.posthoc_stds) if tc.posthoc_stds else None)
+
+    def warn_if_nothing_to_train(self) -> None:
+        if self.heldout is not None and self.heldout.should_stop:
+            warnings.warn(f"run {self.run_dir} stopped early at step {self.step} (no new best held-out loss in "
+                          f"{self.heldout.since_best} evaluations): nothing to train", stacklevel=4)
+        elif self.step >= self.cfg.train.max_steps:
+            warnings.warn(f"run {self.run_dir} is at step {self.step} and train.max_steps is "
+                          f"{self.cfg.train.max_steps}: nothing to train; pass a larger --max-steps to continue it",
+                          stacklevel=4)
 
     def restore(self, found: Path) -> None:
         state = ckpt_io.load_checkpoint(found, self.precond, self.ema, self.optimizer, self.posthoc)
         self.step, self.nimg, self.last_ckpt = int(state["step"]), float(state["nimg"]), found
-        self.nsamples = int(state.get("nsamples", 0))
         if self.heldout is not None:
             self.heldout.restore(state)
-        if self.dist.is_main:
-            truncate_log(self.run_dir / LOG_FILE, self.step)
 
     def optimisation_step(self, autocast) -> tuple[torch.Tensor, torch.Tensor, PatchStage, float, float]:
         """One step of the schedule: (this rank's mean loss and the gradient norm, both on the device: reading
         them is a sync, deferred to log time; patch stage, lr, images counted)."""
         tc, oc, dist = self.cfg.train, self.cfg.optim, self.dist
         stage = self.schedule.draw(self.step)
-        shape, full_area = step_shape(self.tensors, stage, self.store.latent_shape, tc.seed, self.step)
+        shape, full_area = self.rows.step_shape(stage, tc.seed, self.step)
         # Images are counted full-size-equivalent: a b-sample batch of ph x pw patches of an H x W
-        # latent counts b * ph*pw / (H*W) images, for kimg and images/s (and the EMA, by default).
+        # latent counts b * ph*pw / (H*W) images, for kimg, images/s and the EMA's half-life.
         batch_nimg = stage.batch_size * shape.height * shape.width / full_area
         lr = oc.lr * min(1.0, (self.step + 1) / max(oc.warmup_steps, 1))  # linear warm-up
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(derive_seed(tc.seed, self.step, dist.rank, "global"))  # anything inside the model
         self.optimizer.zero_grad(set_to_none=True)
-        area = shape.height * shape.width / full_area if self.cfg.patches.loss_weighting == "area" else 1.0
-        loss = self._accumulate(stage, autocast, area)  # this rank's; averaged over ranks when read (read_losses)
+        loss = self._accumulate(stage, autocast)  # this rank's; averaged over ranks when read (read_losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.precond.parameters(),
                                                    oc.grad_clip if oc.grad_clip > 0 else math.inf)
         self.optimizer.step()
-        count, dt = self.ema_clock(stage.batch_size, batch_nimg)  # the EMAs' count before this step, its share
-        update_ema(self.ema, self.precond, ema_beta(count, dt, tc.ema_halflife_kimg, tc.ema_rampup))
+        update_ema(self.ema, self.precond, ema_beta(self.nimg, batch_nimg, tc.ema_halflife_kimg, tc.ema_rampup))
         if self.posthoc is not None:
-            self.posthoc.update(self.precond, count + dt, dt)
+            self.posthoc.update(self.precond, self.nimg + batch_nimg, batch_nimg)
         self.unchecked.append((self.step, loss.detach(), grad_norm.detach()))
         self.nimg += batch_nimg
-        self.nsamples += stage.batch_size
         self.step += 1
         return loss, grad_norm, shape, lr, batch_nimg
 
-    def ema_clock(self, batch_samples: int = 0, batch_nimg: float = 0.0) -> tuple[float, float]:
-        """What the EMA and the post-hoc profiles count (train.ema_count), as (the count so far, a step's share):
-        full-size-equivalent images, or with "samples" every patch as an image."""
-        if self.cfg.train.ema_count == "samples":
-            return self.nsamples, batch_samples
-        return self.nimg, batch_nimg
-
-    def _accumulate(self, stage: PatchStage, autocast, area: float) -> torch.Tensor:
+    def _accumulate(self, stage: PatchStage, autocast) -> torch.Tensor:
         """Forward/backward over train.grad_accum micro-batches; returns this rank's mean loss (detached).
 
         Each rank's loss is the mean over its slice, so DDP's gradient average over ranks is the global mean.
-        With patches.loss_weighting "area" a step's gradient is scaled by `area`, its patch's share of the full
-        area (the official code sums the loss over pixels); the loss it returns is unscaled, so logs compare.
         """
         accum, dist = self.cfg.train.grad_accum, self.dist
         micro_batch = stage.batch_size // accum
@@ -249,13 +218,12 @@ class _Session:
         for micro in range(accum):
             sync = micro == accum - 1 or not dist.distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                b = self.draw(self.tensors, self.batch_spec, stage, micro_batch, self.step, micro, dist.rank,
-                              dist.world_size, dist.device)
+                b = draw_batch(self.rows, self.batch_spec, stage, micro_batch, self.step, micro, dist.rank,
+                               dist.world_size, dist.device)
                 with autocast():
-                    loss = denoising_loss_at(self.model, b.x0, b.coords, b.sigma, b.noise, b.cond,
-                                             sigma_data=self.cfg.edm.sigma_data, snr_cap=self.cfg.edm.snr_cap,
-                                             **b.net_kwargs()).mean()
-                (loss * (area / accum)).backward()
+                    loss = self.objective.loss(self.model, b.x0, b.coords, b.sigma, b.noise, b.cond,
+                                               **b.net_kwargs()).mean()
+                (loss * (1.0 / accum)).backward()
             total += loss.detach()
         return total / accum
 
@@ -317,7 +285,7 @@ class _Session:
                 if self.posthoc is not None and (self.step % (tc.posthoc_every or tc.ckpt_every) == 0 or final):
                     self.read_losses()  # not past a non-finite step; before the checkpoint a resume starts from
                     if dist.is_main:
-                        self.posthoc.snapshot(snapshot_path(self.run_dir, self.step), self.step, self.ema_clock()[0])
+                        self.posthoc.snapshot(snapshot_path(self.run_dir, self.step), self.step, self.nimg)
                 if self.step % tc.ckpt_every == 0 or final or best:
                     self.read_losses()  # a checkpoint is never written past an unseen non-finite step
                     self.checkpoint(logger, best=best)
@@ -360,8 +328,7 @@ class _Session:
         tc, edm = self.cfg.train, self.cfg.edm
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder_from_info(self.store.info, device=self.dist.device)
-        rows = self.tensors if self.cond_rows is None else self.cond_rows
-        cond = preview_conditioning(self.spec, rows, self.store.captions, tc.sample_n)
+        cond = preview_conditioning(self.spec, self.cond_rows, self.store.captions, tc.sample_n)
         with autocast():
             save_preview_grid(self.ema, self.autoencoder, run_latent_shape(self.store),
                               self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
@@ -374,8 +341,7 @@ class _Session:
         if not (_all_finite(self.precond) and _all_finite(self.ema)):
             raise _diverged("the weights are no longer finite", self.step, self.last_ckpt)
         if self.dist.is_main:
-            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, "nsamples": self.nsamples,
-                     **trained_shapes(self.store)}
+            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, **trained_shapes(self.store)}
             if self.heldout is not None:
                 state.update(self.heldout.state())
             self.last_ckpt = ckpt_io.save_checkpoint(

@@ -42,10 +42,10 @@ class ZoomData:
         """Open and check the zoom store at `path` against training store `train`; UserError in one line."""
         if not Path(path).is_dir():
             raise UserError(f"patches.zoom_latents {path} does not exist; {MAKE_IT}")
-        if train.buckets is not None:
+        if train.bucketed:
             raise UserError(f"patches.zoom_p needs a single-shape training store; {train.path} holds aspect buckets")
         zoom = LatentStore(path)
-        if zoom.buckets is not None:
+        if zoom.bucketed:
             raise UserError(f"patches.zoom_latents {zoom.path} holds aspect buckets; {MAKE_IT}, without --buckets")
         zoom.require_latent_space(train.info.to_dict(), None, f"the training store {train.path} holds",
                                   f"encode patches.zoom_latents {zoom.path} with the same --vae")

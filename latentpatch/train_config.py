@@ -1,4 +1,6 @@
-"""The training sections of the config: optimiser, loop, held-out evaluation and token routing."""
+"""The training sections of the config: optimiser, loop, held-out evaluation and token routing.
+
+They sit in the core beside config.py (not in the training stage) so that the config never imports a stage."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # A post-hoc EMA profile's relative std (training/posthoc_ema.py): sigma_rel peaks at 0.30 (gamma -0.38); up to
 # 0.28, gamma >= 0.17, so every profile weights later moments more.
 MAX_POSTHOC_STD = 0.28
-EMA_COUNTS = ("images", "samples")
 
 
 def check_std(sigma_rel: float, key: str = "sigma_rel") -> float:
@@ -54,9 +55,6 @@ class TrainConfig:
     sample_every: int = 0
     sample_n: int = 16
     sample_steps: int = 18
-    # What the EMA half-life counts: full-size-equivalent "images" (a b-sample batch of patches of area a counts
-    # b * a images), or "samples" (every patch counts as an image, as the official Patch Diffusion code does).
-    ema_count: str = "images"
     # On CUDA the store's rows move to the GPU when they fit in this share of its free memory; else they stay
     # memory-mapped on the host and each step copies its rows over (pinned, asynchronous).
     data_device_share: float = 0.25
@@ -80,8 +78,6 @@ class TrainConfig:
             raise UserError(f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
         if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.ema_count not in EMA_COUNTS:
-            raise UserError(f"train.ema_count must be one of {EMA_COUNTS}, got {self.ema_count!r}")
         for std in self.posthoc_stds:
             check_std(std, "train.posthoc_stds")
         if self.posthoc_stds != sorted(set(self.posthoc_stds)) or any(round(s, 3) != s for s in self.posthoc_stds):
@@ -133,13 +129,10 @@ class RoutingConfig:
     share: float = 0.0  # 0: no routing
     start: int = 1
     end: int = -2
-    until_step: int = 0  # > 0: from this step on every token goes through every block (a final full stage)
 
     def check(self) -> None:
         if not 0.0 <= self.share < 1.0:
             raise UserError(f"routing.share must be in [0, 1), got {self.share}")
-        if self.until_step < 0:
-            raise UserError(f"routing.until_step must be >= 0, got {self.until_step}")
 
     def blocks(self, depth: int) -> tuple[int, int]:
         """The first and last routed block of a `depth`-block DiT."""
@@ -148,6 +141,3 @@ class RoutingConfig:
             raise UserError(f"routing.start={self.start} and routing.end={self.end} do not name blocks of a "
                             f"{depth}-block DiT in order (0..{depth - 1}, or negative from the last)")
         return start, end
-
-    def active(self, step: int) -> bool:
-        return self.share > 0 and not (self.until_step and step >= self.until_step)
