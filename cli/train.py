@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from latentpatch.data.buckets import MAX_ASPECT
+
 
 def register(app: typer.Typer) -> None:
     @app.command(
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
         resolution: Optional[int] = typer.Option(None, "--resolution", help="With --base and an image folder: pixel size to encode at (default: the base run's, or the pipeline network's own size)."),
         buckets: bool = typer.Option(False, "--buckets", help="With --base and an image folder: keep each image's aspect ratio: encode it into the aspect bucket nearest its shape, of about --resolution squared pixels (as `encode --buckets`)."),
         bucket_step: Optional[int] = typer.Option(None, "--bucket-step", help="With --buckets: bucket sides are multiples of this many pixels (default: the autoencoder's factor x 2)."),
-        max_aspect: float = typer.Option(2.0, "--max-aspect", help="With --buckets: the longest bucket side over the shortest, at most."),
+        max_aspect: float = typer.Option(MAX_ASPECT, "--max-aspect", help="With --buckets: the longest bucket side over the shortest, at most (a finite number >= 1)."),
         lora_rank: int = typer.Option(0, "--lora-rank", help="With --base: train rank-r LoRA adapters on the attention projections only (0 = all weights)."),
         overrides: Optional[List[str]] = typer.Argument(
             None, help="Config overrides as section.key=value, e.g. train.batch_size=32 patches.real_p=0.25 (values are YAML)."

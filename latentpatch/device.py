@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from latentpatch.errors import UserError
@@ -22,6 +24,18 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a new allocation can take on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable caches, as the kernel would free them
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def training_autocast(precision: str, device: torch.device):

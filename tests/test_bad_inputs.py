@@ -92,6 +92,7 @@ BAD_INPUTS = [
     ("sample-run-is-a-file", lambda w: ["sample", w["file"], "--n", 1, "--out", w["root"] / "s2"], "file.txt"),
     ("sample-device-unknown", lambda w: _sample(w, "--device", "quantum"), "quantum"),
     ("sample-churn-negative", lambda w: _sample(w, "--churn", -1), "--churn"),
+    ("encode-max-aspect-infinite", lambda w: _enc(w, "--buckets", "--max-aspect", "inf"), "--max-aspect must be a finite"),
 ]
 
 
@@ -158,6 +159,20 @@ def test_sample_latest_when_latest_names_a_deleted_checkpoint_says_which_it_took
     assert code == 0, err
     assert err.strip() == (f"warning: {run}/checkpoints/LATEST names step-00000009, which is missing or incomplete "
                            "(deleted?); using step-00000001, the newest complete checkpoint"), err
+
+
+def test_a_size_that_cannot_fit_is_refused_in_one_line_before_anything_is_written(world, tmp_path, monkeypatch,
+                                                                                  capsys):
+    out = tmp_path / "samples"
+    code, _, err = run_main(monkeypatch, capsys, "sample", world["run"], "--n", 1, "--out", out, "--steps", 2,
+                            "--device", "cpu", "--no-progress", "--size", "100000x100000")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: --size 100000x100000 (latent 100000x100000) cannot be sampled on cpu: a batch of 1 "
+                          "needs at least "), err
+    assert not out.exists()  # no job.json to refuse the folder for another size
+    code, _, err = run_main(monkeypatch, capsys, "sample", world["run"], "--n", 1, "--out", out, "--steps", 2,
+                            "--device", "cpu", "--no-progress", "--size", "16x8")
+    assert code == 0, err
 
 
 def test_a_prompt_longer_than_the_text_encoder_reads_is_said_once_in_one_line(tmp_path, monkeypatch, capsys):

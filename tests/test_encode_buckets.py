@@ -199,7 +199,7 @@ def kl_vae(tmp_path_factory):
         ("pixel", 17, dict(), "--resolution 17 is not a multiple of --bucket-step 2; use e.g. 16 or 18"),
         ("pixel", 20, dict(bucket_step=8), "--resolution 20 is not a multiple of --bucket-step 8; use e.g. 16 or 24"),
         ("pixel", (16, 20), dict(), "--buckets takes one --resolution R"),
-        ("pixel", 16, dict(max_aspect=0.5), "--max-aspect must be at least 1"),
+        ("pixel", 16, dict(max_aspect=0.5), "--max-aspect must be a finite number >= 1"),
         ("pixel", 16, dict(bucket_step=0), "--bucket-step must be at least 1"),
         ("pixel", 16, dict(buckets=False, bucket_step=4), "--bucket-step and --max-aspect shape aspect buckets: add "
                                                           "--buckets"),

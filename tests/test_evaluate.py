@@ -211,6 +211,10 @@ def test_run_report_generates_samples_through_the_sampler(tmp_path, folders):
     again = evaluate_run(run, samples=folder, ref=small_ref, metrics="fid,swd", extractor=FAKE, device="cpu",
                          report=tmp_path / "again.json")
     assert again["metrics"]["fid"] == report["metrics"]["fid"] and again["metrics"]["swd"] == report["metrics"]["swd"]
+    # Eval samples with every sampling option `sample` has, churn too: its own folder, recorded in the report.
+    churned = evaluate_run(run, n=2, ref=small_ref, metrics="fid", extractor=FAKE, steps=2, churn=0.5, device="cpu")
+    assert churned["report"] == str((run / "eval" / "step-00000001-ema-n2-seed0-heun2-churn0.5" / REPORT_NAME).resolve())
+    assert churned["inputs"]["generation"]["churn"] == 0.5
 
 
 def test_run_report_generates_samples_at_another_size_into_their_own_folder(tmp_path, folders):

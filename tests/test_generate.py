@@ -79,17 +79,19 @@ def test_tensor_output_is_the_8_bit_pixels_of_the_pngs_with_or_without_out(tiny_
     assert torch.equal(in_memory, pil_pixels / 255)
 
 
-def test_the_cli_the_api_the_job_file_and_eval_take_their_defaults_from_sample_options():
+def test_the_api_the_job_file_and_eval_take_the_sampling_options_from_sample_options_alone():
     import inspect
 
     from latentpatch.metrics.evaluate import evaluate_run
-    from latentpatch.sampling.options import DEFAULTS, SampleOptions
+    from latentpatch.sampling.options import DEFAULTS, SampleOptions, sample_options
 
     assert DEFAULTS == SampleOptions(steps=18, sampler="heun", guidance=1.0, churn=0.0, seed=0, batch_size=16)
-    for function in (sample, evaluate_run):
+    for function in (sample, evaluate_run):  # no option spelled again: `options` whole, or its fields as keywords
         params = inspect.signature(function).parameters
-        for name in ("steps", "sampler", "guidance", "seed", "batch_size"):
-            assert params[name].default == getattr(DEFAULTS, name), (function.__name__, name)
+        assert params["options"].default is None and "settings" in params
+        assert not {"steps", "sampler", "guidance", "churn", "seed", "batch_size", "size"} & set(params)
+    assert sample_options(None, churn=0.5, size=8) == SampleOptions(churn=0.5, size=(8, 8))
+    assert sample_options(SampleOptions(steps=4), guidance=2.0) == SampleOptions(steps=4, guidance=2.0)
     settings = DEFAULTS.job_settings()
     assert settings == {"sampler": "heun", "steps": 18, "guidance": 1.0, "churn": 0.0, "seed": 0}
     assert SampleOptions.from_job_settings(settings) == DEFAULTS

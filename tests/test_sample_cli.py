@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from latentpatch.errors import UserError
 from tiny_runs import make_tiny_run
 from typer.testing import CliRunner
 
@@ -104,20 +106,47 @@ def test_the_console_command_exits_2_with_a_message(tiny_run, tmp_path):
     assert done.stderr.startswith("error: --guidance must be >= 0") and "Traceback" not in done.stderr
 
 
-def test_the_command_builds_one_sample_options_with_its_defaults_and_calls_generate(tmp_path, monkeypatch, capsys):
+def test_the_command_builds_one_sample_options_with_its_defaults_and_calls_sample(tmp_path, monkeypatch, capsys):
     from latentpatch.sampling import generate as generate_module
     from latentpatch.sampling.generate import JobResult
     from latentpatch.sampling.options import DEFAULTS, SampleOptions
 
     seen = []
 
-    def fake_generate(run, n, options, **kw):
+    def fake_sample(run, n, *, options, **kw):
         seen.append(options)
         return JobResult(kw["out"], n, n, 0, 1.0)
 
-    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    monkeypatch.setattr(generate_module, "sample", fake_sample)
     code, out, _ = _main(monkeypatch, capsys, tmp_path / "run", "--n", 2, "--out", tmp_path / "a")
     assert code == 0 and "2 images in" in out
     _main(monkeypatch, capsys, tmp_path / "run", "--n", 2, "--out", tmp_path / "b", "--steps", 5, "--churn", 0.5,
           "--batch-size", 3)
     assert seen == [DEFAULTS, SampleOptions(steps=5, churn=0.5, batch_size=3)]
+
+
+def test_sample_and_eval_spell_every_sampling_option_once_with_its_default_and_help():
+    """The sampling options have one home (SampleOptions): both commands show each one with its default and help,
+    and eval takes churn like sample."""
+    import dataclasses
+
+    import typer
+
+    from latentpatch.cli.app import app
+    from latentpatch.sampling.options import DEFAULTS, SampleOptions
+
+    commands = typer.main.get_command(app).commands
+    for name in ("sample", "eval"):
+        params = {p.name: p for p in commands[name].params}
+        for field in dataclasses.fields(SampleOptions):
+            param = params[field.name]
+            assert param.help == field.metadata["help"]
+            assert param.default == getattr(DEFAULTS, field.name)
+    assert "--churn" in commands["eval"].params[[p.name for p in commands["eval"].params].index("churn")].opts
+
+
+def test_an_unknown_sampling_option_in_python_is_refused_in_one_line(tiny_run):
+    import latentpatch as lp
+
+    with pytest.raises(UserError, match=r"^unknown sampling option gudiance; the options are steps, sampler"):
+        lp.sample(tiny_run, n=1, gudiance=2.0)

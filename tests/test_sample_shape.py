@@ -287,7 +287,7 @@ def test_the_cli_help_says_width_first_and_the_api_height_first():
     output = CliRunner().invoke(app, ["sample", "--help"], terminal_width=200).output
     help_text = " ".join(output.replace("\u2502", " ").split())  # rich's box sides out
     assert "--size" in help_text and "WxH (width first, e.g. 64x32) or N for N x N" in help_text
-    assert "lp.sample takes size=(H, W), height first" in help_text
+    assert "in Python size=(H, W), height first" in help_text
     assert "`size`: the images' (H, W) in pixels, height first as torch writes shapes" in sample.__doc__
 
 

@@ -9,12 +9,22 @@ Ratios are compared as exact fractions, so a tie is a tie and breaks the same wa
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import Sequence
 
 from latentpatch.errors import UserError
 
 Size = tuple[int, int]  # (H, W) in pixels
+# The bucket defaults, in one place (encode, fine-tuning and the commands read them): buckets at most 2:1, as SDXL's
+# list and sd-scripts' default stop there, and sides in steps of two latent pixels, one DiT patch of 2.
+MAX_ASPECT = 2.0
+STEP_LATENTS = 2
+
+
+def default_bucket_step(factor: int) -> int:
+    """The bucket sides' step in pixels when none is given: STEP_LATENTS latent pixels of an autoencoder of `factor`."""
+    return STEP_LATENTS * int(factor)
 
 
 def aspect(size: Sequence[int]) -> Fraction:
@@ -22,10 +32,10 @@ def aspect(size: Sequence[int]) -> Fraction:
     return Fraction(int(size[0]), int(size[1]))
 
 
-def bucket_sizes(resolution: int, step: int, max_aspect: float = 2.0) -> list[Size]:
+def bucket_sizes(resolution: int, step: int, max_aspect: float = MAX_ASPECT) -> list[Size]:
     """Bucket sizes (H, W) of area <= resolution**2, both sides multiples of `step`, long/short <= max_aspect;
     both orientations, sorted by H/W descending (tallest portrait first, widest landscape last)."""
-    if resolution < 1 or step < 1 or not max_aspect >= 1:
+    if resolution < 1 or step < 1 or not 1 <= max_aspect < math.inf:
         raise UserError(f"buckets need resolution >= 1, step >= 1 and max aspect >= 1; got resolution "
                         f"{resolution}, step {step}, max aspect {max_aspect}")
     area = resolution * resolution

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from latentpatch.autoencoders import Autoencoder, load_autoencoder
-from latentpatch.data.buckets import bucket_sizes, check_bucket_options, kept_share, nearest_bucket
+from latentpatch.data.buckets import bucket_sizes, check_bucket_options, default_bucket_step, kept_share, nearest_bucket
 from latentpatch.data.images import (
     IMAGE_EXTENSIONS,
     SMALLER,
@@ -139,7 +139,7 @@ def _bucket_sizes(size: tuple[int, int], factor: int, opts: EncodeOptions) -> li
         return None
     if size[0] != size[1]:
         raise UserError(f"--buckets takes one --resolution R, the side of the buckets' area R x R; got {size}")
-    step = opts.bucket_step or 2 * factor
+    step = opts.bucket_step or default_bucket_step(factor)
     check_bucket_options(size[0], step, factor)
     return bucket_sizes(size[0], step, opts.max_aspect)
 
@@ -181,7 +181,7 @@ def _open_store(out: Path, autoencoder: Autoencoder, size: tuple[int, int], opts
         store=opts.store,
         flip=opts.flip,
         buckets=[] if bucketed else None,
-        bucket_step=(opts.bucket_step or 2 * info.factor) if bucketed else None,
+        bucket_step=(opts.bucket_step or default_bucket_step(info.factor)) if bucketed else None,
         max_aspect=opts.max_aspect if bucketed else None,
     )
     manifest = read_manifest(out) if (out / MANIFEST_NAME).exists() else wanted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -11,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from latentpatch.data.buckets import MAX_ASPECT
 from latentpatch.data.manifest import STORAGE_DTYPES, STORE_MODES, Item
 from latentpatch.errors import UserError
 
@@ -60,7 +62,8 @@ class EncodeOptions:
     bucket_step: Optional[int] = _option(
         None, "With --buckets: bucket sides are multiples of this many pixels (a multiple of the autoencoder's "
         "factor; default: factor x 2, a DiT patch of 2 latents).")
-    max_aspect: float = _option(2.0, "With --buckets: the most elongated bucket's long side / short side.")
+    max_aspect: float = _option(MAX_ASPECT, "With --buckets: the most elongated bucket's long side / short side "
+                                "(a finite number >= 1).")
     shard_size: Optional[int] = _option(
         None, "Items per shard file (default: 4096, fewer if a shard would pass 256 MiB); a kill loses at most the "
         "shard being filled.")
@@ -96,9 +99,9 @@ class EncodeOptions:
             raise UserError(f"--vae-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.vae_dtype!r}")
         if self.bucket_step is not None and self.bucket_step < 1:
             raise UserError(f"--bucket-step must be at least 1 pixel, got {self.bucket_step}")
-        if not self.max_aspect >= 1:
-            raise UserError(f"--max-aspect must be at least 1 (1: square buckets only), got {self.max_aspect}")
-        if not self.buckets and (self.bucket_step is not None or self.max_aspect != 2.0):
+        if not 1 <= self.max_aspect < math.inf:
+            raise UserError(f"--max-aspect must be a finite number >= 1 (1: square buckets only), got {self.max_aspect}")
+        if not self.buckets and (self.bucket_step is not None or self.max_aspect != MAX_ASPECT):
             raise UserError("--bucket-step and --max-aspect shape aspect buckets: add --buckets")
         if self.labels not in (None, "folders"):
             raise UserError(f"--labels must be 'folders' (class = top-level subfolder), got {self.labels!r}")

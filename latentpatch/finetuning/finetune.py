@@ -25,6 +25,7 @@ import torch
 
 from latentpatch.config import RunConfig, apply_overrides, load_saved_config
 from latentpatch.conditioning.spec import NO_TEXT
+from latentpatch.data.buckets import MAX_ASPECT
 from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
 from latentpatch.device import resolve_device
@@ -74,7 +75,7 @@ def finetune(
     flip: bool = False,
     buckets: bool = False,
     bucket_step: int | None = None,
-    max_aspect: float = 2.0,
+    max_aspect: float = MAX_ASPECT,
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,

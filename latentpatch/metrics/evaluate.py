@@ -25,7 +25,7 @@ import torch
 
 import latentpatch
 from latentpatch.sampling import job_folder
-from latentpatch.sampling.options import DEFAULTS, SampleOptions
+from latentpatch.sampling.options import SampleOptions, sample_options
 from latentpatch.data.images import list_image_files, read_image
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
@@ -236,11 +236,13 @@ def evaluate_folders(
 
 def default_samples_folder(run: str | os.PathLike, loaded: Any, n: int, options: SampleOptions,
                            weights: str) -> Path:
-    """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>][-<W>x<H>]: one folder per job,
-    so a rerun resumes and other settings never collide with it."""
+    """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>][-churn<C>][-<W>x<H>]: one folder
+    per job, so a rerun resumes and other settings never collide with it."""
     name = f"{loaded.checkpoint.name}-{weights}-n{n}-seed{options.seed}-{options.sampler}{options.steps}"
     if options.guidance != 1.0:
         name += f"-g{options.guidance:g}"
+    if options.churn != 0.0:
+        name += f"-churn{options.churn:g}"
     if options.size is not None:
         name += f"-{options.size[1]}x{options.size[0]}"  # W x H, as --size is written
     return Path(run) / "eval" / name
@@ -273,26 +275,23 @@ def evaluate_run(
     ref: str | os.PathLike | None = None, latents: str | os.PathLike | None = None,
     metrics: str | Sequence[str] | None = None, report: str | os.PathLike | None = None,
     save_stats: str | os.PathLike | None = None, inception: str | os.PathLike | None = None,
-    extractor: InceptionFeatures | None = None, steps: int = DEFAULTS.steps, sampler: str = DEFAULTS.sampler,
-    guidance: float = DEFAULTS.guidance, seed: int = DEFAULTS.seed, weights: str = "ema",
-    checkpoint: str | int | None = None, batch_size: int = DEFAULTS.batch_size,
-    device: str | torch.device | None = None, loss_sigmas: int = 8, loss_seed: int = 0,
-    heldout_limit: int | None = None, size: tuple[int, int] | None = None, progress: bool = False,
+    extractor: InceptionFeatures | None = None, options: SampleOptions | None = None, weights: str = "ema",
+    checkpoint: str | int | None = None, device: str | torch.device | None = None, loss_sigmas: int = 8,
+    loss_seed: int = 0, heldout_limit: int | None = None, progress: bool = False, **settings: Any,
 ) -> dict[str, Any]:
     """Evaluate a run folder's checkpoint: generate `n` samples (into `samples`, default RUN/eval/...) through
-    latentpatch.sampling.generate, at pixel `size` (H, W; default the run's shape, as `sample`), or read
-    `samples` when n is None; image metrics against `ref`; the held-out
-    denoising loss on the latent store `latents`. Writes the report (default SAMPLES/eval-report.json, or
-    RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
-    from latentpatch.sampling.generate import generate
+    latentpatch.sampling.generate with the sampling `options` (or its fields as keywords, as `lp.sample` takes
+    them; `size` (H, W): default the run's shape), or read `samples` when n is None; image metrics against `ref`
+    (seeded by the options' seed); the held-out denoising loss on the latent store `latents`. Writes the report
+    (default SAMPLES/eval-report.json, or RUN/eval/loss-<checkpoint>.json without samples) and returns it."""
+    from latentpatch.sampling.generate import sample
     from latentpatch.sampling.shape import own_size
     from latentpatch.metrics.denoising import run_denoising_loss
     from latentpatch.runs import load_run
 
     start = time.perf_counter()
     chosen = parse_metrics(metrics, ref=ref, latents=latents is not None)
-    options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=batch_size,
-                            size=size)
+    options = sample_options(options, **settings)
     _check_run_inputs(chosen, n, samples, ref, latents, save_stats, options)
     run_dir, device = Path(run), resolve_device(device)
     loaded = load_run(run_dir, weights=weights, checkpoint=checkpoint, device=device)
@@ -308,14 +307,13 @@ def evaluate_run(
         if n is not None:
             folder = folder or default_samples_folder(run_dir, loaded, n, options, weights)
             t0 = time.perf_counter()
-            job = generate(loaded, n, options, out=folder, output="none", progress=progress)
+            job = sample(loaded, n, options=options, out=folder, output="none", progress=progress)
             timing["generate_s"] = time.perf_counter() - t0
-            inputs["generation"] = {"n": n, "written": job.written, "already_there": job.skipped, "steps": steps,
-                                    "sampler": sampler, "guidance": guidance, "seed": seed,
-                                    **({} if options.size is None else {"size": list(options.size)})}
+            inputs["generation"] = {"n": n, "written": job.written, "already_there": job.skipped,
+                                    **options.job_settings()}
         image_values, image_inputs, image_timing = _image_metrics(
             ImageFiles(folder, "samples folder"), ref, chosen, _Extractor(extractor, inception, device),
-            save_stats=save_stats, seed=seed, batch_size=32, progress=progress)
+            save_stats=save_stats, seed=options.seed, batch_size=32, progress=progress)
         values, inputs, timing = values | image_values, inputs | image_inputs, timing | image_timing
     else:
         folder = None  # no samples were judged: the report goes into the run folder

@@ -32,7 +32,7 @@ from latentpatch.io import lock_folder
 from latentpatch.sampling.prompts import PromptEntry
 from latentpatch.runs import LoadedRun, load_run
 from latentpatch.sampling.latents import generate_latents
-from latentpatch.sampling.options import DEFAULTS, SampleOptions
+from latentpatch.sampling.options import DEFAULTS, SampleOptions, sample_options
 from latentpatch.sampling.shape import own_size, sample_shape
 from latentpatch.seeding import image_seed
 
@@ -114,7 +114,9 @@ def make_job(
     if options.guidance != 1 and not loaded.spec.conditional:
         raise UserError(f"--guidance {options.guidance} needs a class- or text-conditioned model; this one is "
                         "unconditional")
-    shape = sample_shape(loaded, options.size)  # checked against the run (a Notice for an untrained shape)
+    images = plan_images(loaded, n, int(options.seed), prompts, class_labels)
+    # checked against the run and the device's memory (a Notice for a shape it never trained at full size)
+    shape = sample_shape(loaded, options.size, min(options.batch_size, len(images)))
     options = replace(options, size=own_size(loaded, options.size))  # the run's shape: one job, as job.json was
     cfg = loaded.cfg.edm
     settings = {
@@ -129,7 +131,7 @@ def make_job(
         "latent_shape": list(shape),
         "autoencoder": loaded.info["autoencoder"],
     }
-    return Job(json.loads(json.dumps(settings)), plan_images(loaded, n, int(options.seed), prompts, class_labels))
+    return Job(json.loads(json.dumps(settings)), images)
 
 
 def load_autoencoder_for(loaded: LoadedRun, device: torch.device | str) -> Any:
@@ -266,50 +268,32 @@ def sample(
     run: str | os.PathLike | LoadedRun,
     n: int = 1,
     *,
+    options: SampleOptions | None = None,
     prompts: str | Sequence[str | PromptEntry] | None = None,
     class_labels: int | Sequence[int] | None = None,
-    steps: int = DEFAULTS.steps,
-    guidance: float = DEFAULTS.guidance,
-    churn: float = DEFAULTS.churn,
-    seed: int = DEFAULTS.seed,
-    batch_size: int = DEFAULTS.batch_size,
-    size: int | tuple[int, int] | None = DEFAULTS.size,
     weights: str = "ema",
-    sampler: str = DEFAULTS.sampler,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     out: str | os.PathLike | None = None,
     output: str = "pil",
     progress: bool = False,
+    **settings: Any,
 ) -> list | Tensor | JobResult:
     """Generate n images per prompt / class label (n in all without either) from a run folder.
 
+    How it samples is a SampleOptions (latentpatch.sampling.options: steps, sampler, guidance, churn, seed,
+    batch_size, size), given whole as `options` or field by field as keywords (`guidance=4.0`), checked once here.
     `run` is a run folder or a `load_run` result (then weights/checkpoint/device are its own). Image i's noise
     comes from a generator seeded with image_seed(seed, i), so it is the same whatever batch_size or number of
-    processes. With `out` the images are written as a
-    resumable job (PNG + images.jsonl + grid.png, split over torchrun ranks) and read back from the PNGs.
-    output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32 in [0, 1]: the 8-bit pixels of the
-    PNGs, /255, with or without `out`) or, with `out`, "none" (a JobResult, nothing read back).
-    `size`: the images' (H, W) in pixels, height first as torch writes shapes (N: N x N; the command line's
-    `--size` is WxH, width first); None: the run's training shape. Each side must be a multiple of the
-    autoencoder's factor x the network's size multiple; a shape the run never trained at full size is sampled
-    with a Notice naming the nearest one it did.
+    processes. With `out` the images are written as a resumable job (PNG + images.jsonl + grid.png, split over
+    torchrun ranks) and read back from the PNGs. output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] float32
+    in [0, 1]: the 8-bit pixels of the PNGs, /255, with or without `out`) or, with `out`, "none" (a JobResult,
+    nothing read back). `size`: the images' (H, W) in pixels, height first as torch writes shapes (N: N x N; the
+    command line's `--size` is WxH, width first); None: the run's training shape.
 
-        >>> images = latentpatch.sampling.generate.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
+        >>> images = latentpatch.sample("runs/cifar", n=8, class_labels=3, guidance=2.0)
     """
-    options = SampleOptions(steps=steps, sampler=sampler, guidance=guidance, churn=churn, seed=seed,
-                            batch_size=batch_size, size=size)
-    return generate(run, n, options, prompts=prompts, class_labels=class_labels, weights=weights,
-                    checkpoint=checkpoint, device=device, out=out, output=output, progress=progress)
-
-
-def generate(
-    run: str | os.PathLike | LoadedRun, n: int, options: SampleOptions = DEFAULTS, *,
-    prompts: str | Sequence[str | PromptEntry] | None = None, class_labels: int | Sequence[int] | None = None,
-    weights: str = "ema", checkpoint: str | os.PathLike | None = None, device: str | torch.device | None = None,
-    out: str | os.PathLike | None = None, output: str = "pil", progress: bool = False,
-) -> list | Tensor | JobResult:
-    """`sample` with its sampling settings as one SampleOptions (checked here, once): the CLI's and eval's call."""
+    options = sample_options(options, **settings)
     if output not in ("pil", "tensor", "none") or (output == "none" and out is None):
         raise UserError(f"output must be 'pil' or 'tensor' ('none' only with out=), got {output!r}")
     options.check()
@@ -345,4 +329,4 @@ def generate(
     return [folder.to_pil(img) for img in pixels]
 
 
-__all__ = ["ImageSpec", "Job", "JobResult", "sample_batch", "make_job", "plan_images", "run_job", "sample", "generate"]
+__all__ = ["ImageSpec", "Job", "JobResult", "sample_batch", "make_job", "plan_images", "run_job", "sample"]

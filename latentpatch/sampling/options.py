@@ -7,25 +7,36 @@ checked here for its form only; whether it fits a run is latentpatch.sampling.sh
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from latentpatch.diffusion.samplers import get_sampler
 from latentpatch.errors import UserError
 
 
+def _option(default: Any, help: str) -> Any:
+    """A field with the help the commands show (cli/options.py makes one --flag of each field)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SampleOptions:
-    """How a job samples; batch_size alone does not change the pixels (per-image noise generators)."""
+    """How a job samples; batch_size alone does not change the pixels (per-image noise generators). The one home
+    of the sampling options: `lp.sample`, `evaluate_run`, the `sample` and `eval` commands and the job file."""
 
-    steps: int = 18          # noise levels of the Karras schedule (Heun: 2 * steps - 1 network calls)
-    sampler: str = "heun"    # heun (EDM), euler or dpmpp_2m (latentpatch.diffusion.samplers)
-    guidance: float = 1.0    # classifier-free guidance scale: 1 = none, 0 = unconditional
-    churn: float = 0.0       # EDM's S_churn (heun / euler)
-    seed: int = 0            # image i's noise comes from image_seed(seed, i)
-    batch_size: int = 16
-    size: tuple[int, int] | None = None  # (H, W) pixels, H first as torch writes shapes (N: N x N); None: the run's
+    steps: int = _option(18, "Noise levels of the Karras schedule (Heun uses 2*steps-1 network calls).")
+    sampler: str = _option("heun", "heun (EDM, 2nd order), euler, or dpmpp_2m (DPM-Solver++ 2M).")
+    guidance: float = _option(1.0, "Classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger.")
+    churn: float = _option(0.0, "EDM stochastic churn S_churn (0 = deterministic ODE; heun/euler only).")
+    seed: int = _option(0, "Image i's noise comes from a generator seeded by (seed, i), whatever the batch size "
+                           "(eval also seeds its KID subsets and SWD projections with it).")
+    batch_size: int = _option(16, "Images per network batch (does not change the images).")
+    size: tuple[int, int] | None = _option(
+        None, "Image size in pixels, WxH (width first, e.g. 64x32) or N for N x N; default: the run's training "
+              "shape. Each side a multiple of the autoencoder's factor x the network's size multiple (DiT patch "
+              "size, UNet downsampling); in Python size=(H, W), height first.")
 
     def __post_init__(self) -> None:
         # One spelling per size, so SampleOptions(size=16) == SampleOptions(size=(16, 16)); bad forms stay for check.
@@ -72,6 +83,17 @@ class SampleOptions:
         return cls(steps=int(settings["steps"]), sampler=settings["sampler"], guidance=float(settings["guidance"]),
                    churn=float(settings["churn"]), seed=int(settings["seed"]),
                    size=None if size is None else (int(size[0]), int(size[1])))
+
+
+def sample_options(options: SampleOptions | None = None, **settings: Any) -> SampleOptions:
+    """`options` (default DEFAULTS) with `settings` (steps=..., guidance=...) in place: what `lp.sample(run, n,
+    guidance=4)` and `evaluate_run(..., steps=32)` take; a name that is no sampling option is refused in one line."""
+    names = [f.name for f in dataclasses.fields(SampleOptions)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise UserError(f"unknown sampling option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the options "
+                        f"are {', '.join(names)}")
+    return dataclasses.replace(options or DEFAULTS, **settings)
 
 
 def _whole(value: Any) -> bool:

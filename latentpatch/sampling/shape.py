@@ -8,6 +8,7 @@ teaches positions, not the global layout of an unseen aspect ratio.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
@@ -57,11 +58,30 @@ def own_size(loaded: LoadedRun, size: Size | None) -> Size | None:
     return None if tuple(int(s) for s in size) == (h0 * factor, w0 * factor) else size
 
 
-def sample_shape(loaded: LoadedRun, size: Size | None) -> tuple[int, int, int]:
+# The sampler keeps a batch's latents in float64 (EDM's integration precision) several times over: x, the denoised
+# estimate, the derivative and the next x (Heun). Their bytes are a floor under what sampling a batch needs.
+SAMPLER_BUFFERS = 4
+
+
+def check_fits(shape: Sequence[int], batch: int, size: Size, device: Any) -> None:
+    """Refuse, before anything is written, a size whose sampler state alone cannot fit in `device`'s free memory
+    (a lower bound: the network's activations come on top), in one line."""
+    from latentpatch.device import free_memory
+
+    need = SAMPLER_BUFFERS * 8 * batch * math.prod(int(s) for s in shape)
+    free = free_memory(device)
+    if need > free:
+        raise UserError(f"--size {wxh(size)} (latent {shape[1]}x{shape[2]}) cannot be sampled on {device}: a batch of "
+                        f"{batch} needs at least {need / 2**30:.1f} GiB for the sampler's latents alone, and "
+                        f"{free / 2**30:.1f} GiB are free; choose a smaller --size or --batch-size")
+
+
+def sample_shape(loaded: LoadedRun, size: Size | None, batch: int = 1) -> tuple[int, int, int]:
     """The latent shape (C, H/f, W/f) of images of pixel `size` (None: the run's latent_shape).
 
     UserError unless each side is a positive multiple of f (the autoencoder's factor) x the network's size
-    multiple; a Notice naming the nearest trained size when the run never trained that shape at full size.
+    multiple and a `batch` of it can fit (check_fits); a Notice naming the nearest trained size when the run
+    never trained that shape at full size.
     """
     c, h0, w0 = (int(s) for s in loaded.info["latent_shape"])
     if size is None:
@@ -77,6 +97,7 @@ def sample_shape(loaded: LoadedRun, size: Size | None) -> tuple[int, int, int]:
             f"multiple {net}); a valid size near it is --size {wxh(near)} (size={near})"
         )
     latent = (size[0] // factor, size[1] // factor)
+    check_fits((c, *latent), batch, size, loaded.device)
     trained = trained_sizes(loaded.info)
     if latent not in trained and is_main_process():  # one notice for a torchrun job, not one per rank
         th, tw = trained[nearest_bucket(*latent, trained)]
