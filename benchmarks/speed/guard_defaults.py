@@ -2,11 +2,11 @@
 settings (10% of the 20 training faces held out, 40 evaluations, BEST kept, early stop after 10 without a new
 best) against a run to max_steps without them (the old defaults: `sample` took the last checkpoint).
 
-Both are scored on faces 80-99 (never seen by either; the same 20 held-out faces as speed_to_quality.py) by
-`latentpatch eval`'s held-out loss, for the full-size and the default patch schedule (paper+sigma), one seed.
-Run from benchmarks/:
+Both are scored on faces 80-99 (never seen by either; the same 20 held-out faces as speed to quality) by
+`latentpatch eval`'s held-out loss, for the full-size and the default patch schedule (half-crops), one seed.
+From the repository root:
 
-    python guard_defaults.py --out guard20 --steps 2400 --jobs 2 --settings guarded
+    python -m benchmarks.speed.guard_defaults --out guard20 --steps 2400 --jobs 2 --settings guarded
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from speed_to_quality import ARMS, COMMON
-from stq_data import prepare_data
+from .arms import ARMS, COMMON
+from .data import prepare_data
+from .renames import folder_name, rename_folders, unknown_arm_hint
 
 GUARDED = ["heldout.latents=null", "heldout.share=null", "heldout.every=null", "train.patience=null"]
 UNGUARDED = ["heldout.latents=null", "heldout.share=0", "heldout.every=0", "train.patience=0"]
@@ -44,16 +45,22 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="full-size,paper+sigma")
+    ap.add_argument("--arms", default="full-size,half-crops")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--settings", default="guarded,unguarded", help="guarded (the defaults) and/or unguarded")
     args = ap.parse_args()
+    unknown = [unknown_arm_hint(a) for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        print(f"error: {'; '.join(unknown)} (arms: {', '.join(ARMS)})", file=sys.stderr)
+        sys.exit(2)
     from latentpatch.checkpoints import latest_checkpoint
     from latentpatch.metrics.denoising import run_denoising_loss
     from latentpatch.runs import load_run
 
     data = prepare_data(args.out, "faces20")
-    runs = {(arm, kind): (args.out / f"{arm}-{kind}", COMMON + ARMS[arm] + extra + [
+    for kind in ("guarded", "unguarded"):  # folders written under the arms' old names
+        rename_folders(args.out, lambda arm, kind=kind: f"{folder_name(arm)}-{kind}")
+    runs = {(arm, kind): (args.out / f"{folder_name(arm)}-{kind}", COMMON + ARMS[arm] + extra + [
         f"train.seed={args.seed}", f"train.max_steps={args.steps}"])
         for arm in args.arms.split(",") for kind, extra in (("guarded", GUARDED), ("unguarded", UNGUARDED))
         if kind in args.settings.split(",")}

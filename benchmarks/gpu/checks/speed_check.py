@@ -1,7 +1,7 @@
 """Check 8: a short speed-to-quality run: DiT-B/2, full-size training against the default patch schedule, the
 same training seconds each, judged by the EMA's held-out loss (the trainer's own evaluation).
 
-Data as benchmarks/speed_to_quality.py's (stq_data.write_faces): scikit-image's 100 LFW faces, encoded with the
+Data as speed to quality's (benchmarks.speed.data.write_faces): scikit-image's 100 LFW faces, encoded with the
 builtin VAE by lp.encode; 20% held out. One seed and one short budget: a smoke test of the claim at GPU scale, not the
 claim itself (docs/benchmarks.md has the full curves on the CPU).
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import latentpatch as lp
 from latentpatch.training.logging import read_log
-from stq_data import write_faces  # benchmarks/ is on the path (gpu_suite.py)
 
+from ...speed.data import write_faces
 from .common import Context, Row
 
 ARMS = {"full-size": ["patches.real_p=1", "patches.sizes=[]"], "patch schedule": []}  # [] = library defaults

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one command for the GPU machine (run from the repository root, with .whl carried; see gpu_wheels.sh):
-#   bash benchmarks/gpu_suite.sh
+# The one command for the GPU machine (run from the repository root, with .whl carried; see wheels.sh):
+#   bash benchmarks/gpu/suite.sh
 # Installs the carried wheels and this checkout (built from the working tree, offline: pyproject maps the
 # top-level autoencoders/, cli/, configs/ into latentpatch.*, so the bare checkout does not import), then runs
-# the suite into $OUT (the device tool brings $OUT back). Extra arguments go to gpu_suite.py.
+# the suite (python -m benchmarks.gpu.suite: the repository root is on PYTHONPATH) into $OUT (the device tool
+# brings $OUT back). Extra arguments go to the suite.
 set -uo pipefail
 export PIP_NO_INDEX=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -11,4 +12,4 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-gpu-suite-out}
 mkdir -p "$OUT"
-python3 benchmarks/gpu_suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+python3 -m benchmarks.gpu.suite --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"

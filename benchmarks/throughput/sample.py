@@ -6,8 +6,8 @@ the ratio is what the job costs on top: per-image generators, conditioning, PNG 
 writes, images.jsonl, job.json, the lock, grid.png, and loading the autoencoder. Aim: overhead under 5%.
 A random DiT and a random AutoencoderTiny built from configs (no downloads) stand in for a trained run.
 
-    python benchmarks/sample.py --n 64 --batch-size 16 --steps 18 --latent 16 --threads 1
-    python benchmarks/sample.py --device cuda --n 1024 --batch-size 256
+    python -m benchmarks.throughput.sample --n 64 --batch-size 16 --steps 18 --latent 16 --threads 1
+    python -m benchmarks.throughput.sample --device cuda --n 1024 --batch-size 256
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Post-hoc EMA curves for speed_to_quality.py (EDM2's lever for an EMA that does not lag any arm).
+"""Post-hoc EMA curves for speed to quality (EDM2's lever for an EMA that does not lag any arm).
 
 An arm ending in `+phema` trains exactly as its base arm (the profiles read the weights, never change them) and
 snapshots two power-function EMA profiles (relative std 0.05 and 0.10) at every held-out evaluation. At every

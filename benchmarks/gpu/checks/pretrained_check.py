@@ -2,14 +2,13 @@
 
 The pretrained denoiser wrapper (built as lp.finetune builds it: widened network, the scheduler's own
 preconditioning) against diffusers' model + DDPMScheduler's x0 prediction, as tests/test_pretrained.py does on
-the CPU with the same tiny models (tests/pretrained_helpers.py), plus a random DiTTransformer2DModel of
+the CPU with tiny models of the same shapes (tiny_bases.py), plus a random DiTTransformer2DModel of
 DiT-XL/2's size. The error is max|D - x0| over the largest |x| compared (the CPU test's 1e-6 scale).
 fp32 runs with TF32 off: "exact" means no reduced-precision matmuls.
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from latentpatch.finetuning.starting_points import diffusers_base  # what lp.fin
 from latentpatch.patches import full_coordinates
 
 from .common import C, Context, Row
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from pretrained_helpers import DIT_SCHEDULER, SD_SCHEDULER, tiny_dit, tiny_sd_unet  # noqa: E402
+from .tiny_bases import DIT_SCHEDULER, SD_SCHEDULER, TEXT_WIDTH, tiny_dit, tiny_sd_unet
 
 TIMESTEPS = (0, 100, 500, 999)
 AIMS = {"fp32": 1e-5, "bf16": 2e-2}
@@ -56,7 +53,7 @@ def max_error(ctx: Context, root: Path, bf16: bool) -> float:
     cfg.edm.sigma_data, cfg.model.attention = 1.0, "sdpa"
     unet = found.class_name == "UNet2DConditionModel"
     if unet:
-        cfg.model.text_dim = 32
+        cfg.model.text_dim = TEXT_WIDTH
     precond = build_precond(cfg, C, device=ctx.device, init_state=found.state).to(ctx.device).eval()
     theirs_net = found.pipeline.load_network().to(ctx.device).eval()
     scheduler = DDPMScheduler.from_config(cfg.edm.scheduler, clip_sample=False)
@@ -64,7 +61,7 @@ def max_error(ctx: Context, root: Path, bf16: bool) -> float:
     side = theirs_net.config.sample_size
     g = torch.Generator().manual_seed(0)
     x0, noise = (torch.randn(2, C, side, side, generator=g) for _ in range(2))
-    text = torch.randn(2, 77, 32, generator=g).to(ctx.device)
+    text = torch.randn(2, 77, TEXT_WIDTH, generator=g).to(ctx.device)
     labels = torch.tensor([3, 7], device=ctx.device)
     cond = Conditioning(text_tokens=text, text_mask=torch.ones(2, 77, dtype=torch.bool, device=ctx.device)) if unet \
         else Conditioning(class_labels=labels)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters  # graphs compiled so far: the only record of recompiles there is
-from train_step import make_store, matmul_peak, plain_inputs, step_flops
 
 import latentpatch as lp
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.edm import denoising_loss_at
 
+from ...throughput.measure import matmul_peak, step_flops
+from ...throughput.synthetic import make_store, plain_inputs
 from .common import C, Context, Row, clock, median, ratio_row
 
 

@@ -2,7 +2,7 @@
 
 An AutoencoderKL of Stable Diffusion's shape (block_out_channels 128,256,512,512, two layers per block, 4 latent
 channels; random weights, built from diffusers' class and saved as a folder) at 256 px. The plain loop gets
-the same images already decoded and on the device (benchmarks/encode.py's), so the ratio is what the pipeline
+the same images already decoded and on the device (benchmarks.throughput.encode's), so the ratio is what the pipeline
 adds: reading, hashing, decoding, copying, writing shards. Runs alternate; the best of each counts.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from encode import make_vae, plain_loop
 from PIL import Image
 
 import latentpatch as lp
 
+from ...throughput.encode import make_vae, plain_loop
 from .common import Context, Row, ratio_row
 
 DISTINCT = 32  # distinct pictures; the other files are byte copies under new names

@@ -1,18 +1,17 @@
-"""Every GPU figure in one prepared command: each check of benchmarks/gpu_checks beside its aim.
+"""Every GPU figure in one prepared command: each check of benchmarks/gpu/checks beside its aim.
 
-    python benchmarks/gpu_suite.py --out DIR            # on one H200, at most --deadline seconds (480)
-    python benchmarks/gpu_suite.py --smoke --out DIR    # on the CPU at toy sizes, in under 3 minutes
+    python -m benchmarks.gpu.suite --out DIR            # on one H200, at most --deadline seconds (480)
+    python -m benchmarks.gpu.suite --smoke --out DIR    # on the CPU at toy sizes, in under 3 minutes
 
 Writes DIR/results.json and DIR/results.md (check, figure, aim, met?) after every check, so a kill still leaves
 what was measured. Each check runs under its own time budget (an alarm ends it) and its own try/except: a
 failure or an overrun is a row that says so, and the checks after it still run. A check whose budget no longer
-fits before the deadline is skipped with that reason. On the device: benchmarks/gpu_suite.sh.
+fits before the deadline is skipped with that reason. On the device: benchmarks/gpu/suite.sh.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -25,11 +24,10 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_checks and the benchmarks it reuses
-
-from gpu_checks import attention_check, encode_check, pretrained_check, sample_check, training  # noqa: E402
-from gpu_checks import stq_check, stq_mnist_check  # noqa: E402
-from gpu_checks.common import GPU, SMOKE, Context, Row, free_memory  # noqa: E402
+from .checks import attention_check, encode_check, pretrained_check, sample_check, speed_check, speed_mnist_check
+from .checks import trainer_check
+from .checks.common import GPU, SMOKE, Context, Row, free_memory
+from .tables import write_tables
 
 
 @dataclass
@@ -43,19 +41,19 @@ class Check:
 
 
 CHECKS = [
-    Check("matmul", ["0 matmul rate"], 20, 10, training.run_matmul),
+    Check("matmul", ["0 matmul rate"], 20, 10, trainer_check.run_matmul),
     Check("trainer DiT-B/2", ["1 trainer/plain step, full", "1 trainer/plain step, half",
                               "2 DiT-B/2 training, share of matmul rate", "2 schedule images/s vs full-size steps",
-                              "3 compiled graphs per stage", "3 recompiles after warm-up"], 170, 40, training.run_b),
+                              "3 compiled graphs per stage", "3 recompiles after warm-up"], 170, 40, trainer_check.run_b),
     Check("sample", ["5 sample/plain Heun"], 45, 15, sample_check.run),
     Check("pretrained", ["7 pretrained x0 vs diffusers, fp32", "7 pretrained x0 vs diffusers, bf16"], 45, 20,
           pretrained_check.run),
     Check("attention", ["6 xformers/SDPA step, DiT", "6 xformers/SDPA step, UNet"], 30, 15, attention_check.run),
     Check("encode", ["4 encode/plain vae.encode"], 60, 20, encode_check.run),
-    Check("trainer DiT-XL/2", ["2 DiT-XL/2 training, share of matmul rate"], 100, 20, training.run_xl),
+    Check("trainer DiT-XL/2", ["2 DiT-XL/2 training, share of matmul rate"], 100, 20, trainer_check.run_xl),
     Check("speed to quality mnist5k-128", ["9 speed to quality, mnist5k-128: time to full-size's best, full/patch"],
-          170, 40, stq_mnist_check.run, optional=True),
-    Check("speed to quality", ["8 speed to quality"], 110, 30, stq_check.run, optional=True),
+          170, 40, speed_mnist_check.run, optional=True),
+    Check("speed to quality", ["8 speed to quality"], 110, 30, speed_check.run, optional=True),
 ]
 
 
@@ -89,32 +87,6 @@ def run_check(check: Check, ctx: Context, budget: float) -> list[Row]:
             free_memory()
         except Exception:  # noqa: BLE001
             pass
-
-
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def write_tables(out: Path, header: dict, rows: list[Row]) -> None:
-    """results.json and results.md, each written whole and renamed into place."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: r.check.split()[0])  # by check number; stable within a check
-    data = {**header, "rows": [r.to_dict() for r in rows]}
-    lines = [f"# GPU suite: {header['device_name']}", "",
-             f"{header['mode']}; torch {header['torch']}; {header['elapsed_s']:.0f} s of {header['deadline_s']:.0f}",
-             "", "| check | figure | aim | met? | note |", "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        met = {True: "yes", False: "NO", None: "-"}[r.met]
-        figure = f"{fmt(r.figure)} {r.unit}".strip() if r.figure is not None else "-"
-        lines.append(f"| {r.check} | {figure} | {r.aim or '-'} | {met} | {r.note.replace('|', '/')} |")
-    for name, text in (("results.json", json.dumps(data, indent=1)), ("results.md", "\n".join(lines) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
 
 
 def main() -> None:

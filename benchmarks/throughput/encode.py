@@ -5,7 +5,7 @@ everything else costs: reading, hashing, decoding, resizing, copying, writing sh
 Aim: pipeline time per image at most 1.10 x the plain loop's. A random AutoencoderKL built from a config
 (no downloads) stands in for a real VAE; skimage photos stand in for a dataset.
 
-    python benchmarks/encode.py --images 64 --resolution 128 --batch-size 16 --workers 2
+    python -m benchmarks.throughput.encode --images 64 --resolution 128 --batch-size 16 --workers 2
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ three alike), timed with the same clock (process CPU time on the CPU, CUDA-synch
 medians. Achieved FLOP/s (torch.utils.flop_counter on one forward + backward) over the measured matmul peak of
 this device (fp32 on the CPU, bf16 on CUDA).
 
-    OMP_NUM_THREADS=1 python benchmarks/train_step.py --device cpu --threads 1 --size S --batch 16 --steps 4 --rounds 2
-    OMP_NUM_THREADS=1 python benchmarks/train_step.py --device cpu --threads 1 --size B --batch 8 --steps 3 --rounds 2
+    OMP_NUM_THREADS=1 python -m benchmarks.throughput.train_step --device cpu --threads 1 --size S --batch 16 --steps 4 --rounds 2
+    OMP_NUM_THREADS=1 python -m benchmarks.throughput.train_step --device cpu --threads 1 --size B --batch 8 --steps 3 --rounds 2
 
 (One thread on a shared CPU: with two, OpenMP's spinning threads make the process time of every arm vary by
 tens of percent with the machine's load.)
-    python benchmarks/train_step.py --device cuda --size B --batch 256 --rounds 5      # and --size XL
+    python -m benchmarks.throughput.train_step --device cuda --size B --batch 256 --rounds 5      # and --size XL
 """
 
 from __future__ import annotations
@@ -27,64 +27,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from latentpatch.config import load_config
 from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.edm import denoising_loss_at
 from latentpatch.models.presets import DIT_SIZES
-from latentpatch.patches import random_crops
 from latentpatch.training.results import StepInfo
 from latentpatch.training.trainer import train
 
-C = 4  # latent channels
-
-
-class Clock:
-    """Process CPU time on the CPU (a shared machine's load does not count); synchronised wall time on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __call__(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return time.perf_counter()
-        return time.process_time()
-
-
-def matmul_peak(device: torch.device, clock: Clock) -> float:
-    """FLOP/s of a large square matmul in the dtype training's matmuls use (fp32 CPU, bf16 CUDA)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1536, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    reps, start = 0, clock()
-    while clock() - start < 3.0:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (clock() - start)
-
-
-def make_store(root: Path, side: int, n: int = 64) -> Path:
-    """A latent store of n random 4-channel latents (the step's cost does not depend on their values)."""
-    from latentpatch.autoencoders import AutoencoderInfo
-    from latentpatch.data.manifest import Item, Manifest
-    from latentpatch.data.store import StoreWriter
-
-    info = AutoencoderInfo("kl", "synthetic", None, C, 8, 1.0, 0.0)
-    manifest = Manifest(autoencoder=info.to_dict(), resolution=[side * 8] * 2, latent_shape=[C, side, side],
-                        dtype="float16", stores_std=True)
-    writer = StoreWriter(root, manifest, shard_size=n, background=False)
-    items = [Item(file=f"{i}.png", sha256=f"{i:064x}", caption=None, flip=False, shard=0, row=0) for i in range(n)]
-    writer.add({"mean": torch.randn(n, C, side, side).half(), "std": torch.full((n, C, side, side), 0.1).half()},
-               items)
-    writer.close()
-    return root
+from .measure import Clock, matmul_peak, step_flops
+from .synthetic import C, make_store, plain_inputs
 
 
 def config(size: str, batch: int, stage: str, device: torch.device):
@@ -138,14 +93,6 @@ def time_interleaved(cfg, store: Path, steps: int, clock: Clock, device: torch.d
     return times
 
 
-def plain_inputs(side: int, batch: int, full: int, device: torch.device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, C, full, full, generator=g)
-    x0, coords = random_crops(latents, side, side, g, multiple=2)
-    sigma = (torch.randn(batch, generator=g) * 1.2 - 1.2).exp()
-    return [t.to(device) for t in (x0, coords, sigma, torch.randn(x0.shape, generator=g))]
-
-
 def ours(cfg, device):
     torch.manual_seed(0)
     return build_precond(cfg, C, device=device).to(device).train()
@@ -160,13 +107,7 @@ def diffusers_dit(size: str, full: int, device):
                                  out_channels=C, num_layers=depth, sample_size=full, patch_size=2).to(device).train()
 
 
-def step_flops(loss_fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        loss_fn().backward()
-    return float(counter.get_total_flops())
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -175,15 +116,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="full-size batch; half-side steps use twice it")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per arm and stage in each round")
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return ap.parse_args()
+
+
+def measure(args, stages: dict[str, tuple[int, int]], device: torch.device) -> tuple[dict, dict, float]:
+    """({arm: {stage: step times}}, {stage: FLOPs of ours and diffusers'}, matmul peak) over the rounds."""
     clock = Clock(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
         (lambda: torch.autocast("cpu", enabled=False))
-    full, half = args.latent, args.latent // 2
-    stages = {"full": (full, args.batch), "half": (half, 2 * args.batch)}
+    full = args.latent
     results = {arm: {s: [] for s in stages} for arm in ("trainer", "plain", "diffusers")}
     flops = {}
     peaks = [matmul_peak(device, clock)]  # measured again at the end: the best of the two is the peak
@@ -215,6 +156,10 @@ def main() -> None:
                     results[arm][stage] += times
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         peak = max(peaks + [matmul_peak(device, clock)])
+    return results, flops, peak
+
+
+def print_report(args, stages: dict[str, tuple[int, int]], results: dict, flops: dict, peak: float) -> None:
     med = {arm: {s: statistics.median(v) for s, v in by.items()} for arm, by in results.items()}
     print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; medians of {args.rounds * args.steps} steps per cell")
     print(f"{'stage':10s} {'trainer s':>10s} {'plain s':>9s} {'diffusers s':>12s} {'trainer/plain':>14s} "
@@ -229,6 +174,16 @@ def main() -> None:
     print(f"schedule (real_p 0.5): full-size-equivalent images/s trainer {img['trainer']:.2f}, plain "
           f"{img['plain']:.2f}, diffusers {img['diffusers']:.2f}; vs full-size only: trainer x"
           f"{img['trainer'] / img_full['trainer']:.2f}, plain x{img['plain'] / img_full['plain']:.2f}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    stages = {"full": (args.latent, args.batch), "half": (args.latent // 2, 2 * args.batch)}
+    results, flops, peak = measure(args, stages, device)
+    print_report(args, stages, results, flops, peak)
 
 
 if __name__ == "__main__":

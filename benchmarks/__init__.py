@@ -1,0 +1,13 @@
+"""latentpatch's benchmarks: one package per thing measured, each command a module run from the repository root.
+
+    python -m benchmarks.speed.to_quality ...      speed to quality: patch against full-size training
+    python -m benchmarks.speed.guard_defaults ...  the checkpoint the small-store guard makes `sample` load
+    python -m benchmarks.throughput.train_step ... the trainer's step against a plain loop and diffusers' DiT
+    python -m benchmarks.throughput.encode ...     the encode pipeline against a plain `vae.encode` loop
+    python -m benchmarks.throughput.encode_text .. encode with captions: text tower rows and CPU time
+    python -m benchmarks.throughput.sample ...     the sample pipeline against a plain sampler loop
+    python -m benchmarks.shapes.aspect_buckets ... aspect buckets against centre cropping
+    python -m benchmarks.gpu.suite ...             every GPU figure in one prepared command
+
+Not part of the installed `latentpatch` package; results and how they were run: docs/benchmarks.md.
+"""

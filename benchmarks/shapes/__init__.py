@@ -1,0 +1,1 @@
+"""Images of any shape: aspect buckets against centre cropping, on a mixed-shape set (issue 23)."""
