@@ -1,13 +1,15 @@
 """The export folder: which checkpoint it takes and what its model card says, what it refuses (each in one line,
-nothing written or lost) and LoRA modes by network."""
+nothing written or lost), LoRA modes by network, and the `latentpatch export` command."""
 
 import json
+import sys
 
 import pytest
 import torch
 from export_helpers import dit_run, finetune_run
 from pretrained_helpers import make_dit_pipeline
 from safetensors.torch import load_file, save
+from typer.testing import CliRunner
 
 import latentpatch as lp
 from latentpatch import checkpoints as ckpt
@@ -130,3 +132,22 @@ def test_a_fine_tuned_base_exports_heun_or_euler_only(tmp_path):
         lp.export(run, tmp_path / "a", sampler="dpmpp_2m")
     card = (lp.export(run, tmp_path / "b") / "README.md").read_text()
     assert "fine-tune of" in card and "DiTTransformer2DModel" in card and "the base's own VP (epsilon)" in card
+
+
+def test_the_export_command_writes_the_folder_and_refuses_an_existing_one(run, tmp_path, monkeypatch, capsys):
+    from latentpatch.cli.app import app, main
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["export", str(run), str(out), "--checkpoint", "latest"])
+    assert done.exit_code == 0, done.output
+    assert "LatentPatchDiT + EDMHeunScheduler from step-00000003 (latest, step 3)" in done.output
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == ["pipeline_latentpatch",
+                                                                                 "LatentPatchPipeline"]
+    monkeypatch.setattr(sys, "argv", ["latentpatch", "export", str(run), str(out)])
+    with pytest.raises(SystemExit) as refused:
+        main()
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {out} exists; pass --force (force=True) to replace it"
+    assert runner.invoke(app, ["export", str(run), str(out), "--force", "--sampler", "euler"]).exit_code == 0
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == ["diffusers", "EDMEulerScheduler"]
