@@ -90,7 +90,7 @@ def test_a_class_conditional_dit_gives_the_images_sample_gives_with_guidance(tmp
 
 
 def test_a_text_dit_gives_the_images_sample_gives_through_its_converted_open_clip_tower(tmp_path, clip_json):
-    run = dit_run(tmp_path / "run", text=text_encoder_record(clip_json))
+    run = dit_run(tmp_path / "run", num_classes=2, text=text_encoder_record(clip_json))  # prompts: the null label
     pipe = export_of(run, tmp_path)
     assert type(pipe.text_encoder).__name__ == "CLIPTextModelWithProjection"
     assert pipe.config.text_pooled and pipe.config.text_padding == "masked"

@@ -26,6 +26,11 @@ from latentpatch.exporting.shipped import PIPELINE_CLASS, PIPELINE_MODULE
 from latentpatch.runs import LoadedRun
 
 
+def serves(loaded: LoadedRun) -> bool:
+    """Every network latentpatch trains today reads coordinate channels (DiT, UNets, widened pretrained bases)."""
+    return True
+
+
 def _network(loaded: LoadedRun, lora: str | None, folder: Path) -> ExportedNetwork:
     """The network with its adapters merged, or (lora "separate") its base weights with the adapters written
     to folder/lora/."""

@@ -19,6 +19,11 @@ from latentpatch.exporting.lora import lora_mode
 from latentpatch.exporting.model_card import export_record, write_model_card
 from latentpatch.sampling.options import DEFAULTS
 
+# The folder kinds, first match wins: each module has serves(loaded) and write(loaded, folder, sampler, lora). A
+# base whose weights stay stock (SDXL, SD3, FLUX: positions in its own language, no coordinate channels) gets a
+# module writing its stock pipeline, placed before the coordinate pipeline, which serves every run with channels.
+TARGETS = (coordinate_pipeline,)
+
 
 def _checkpoint(checkpoint: str | int | os.PathLike | None) -> str | int | os.PathLike | None:
     """BEST / LATEST spelt as the pointer files are, read as `best` / `latest`."""
@@ -52,7 +57,8 @@ def export(
     check_format_version(read_run_info(run), run)
     loaded = load_run(run, weights=weights, checkpoint=_checkpoint(checkpoint), device="cpu")
     mode = lora_mode(loaded.cfg.model.lora_rank, loaded.precond.net, lora)
+    target = next(t for t in TARGETS if t.serves(loaded))
     with staged(out) as folder:
-        written = coordinate_pipeline.write(loaded, folder, sampler, mode)
+        written = target.write(loaded, folder, sampler, mode)
         write_model_card(folder, {**export_record(loaded, written), "folder": str(out)})
     return out

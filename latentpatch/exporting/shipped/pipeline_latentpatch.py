@@ -138,7 +138,7 @@ class LatentPatchPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if class_labels is None:
             if self.text_encoder is None:
                 raise ValueError(f"this model is class-conditional: pass class_labels (0..{k - 1})")
-            return None, None  # a text model with classes: the null label, as latentpatch samples it
+            return None, None  # a text model with classes: the null label (_conditioning), as latentpatch samples it
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if bool(((labels < 0) | (labels >= k)).any()):
             raise ValueError(f"class_labels must be in 0..{k - 1}, got {labels.tolist()}")
@@ -164,6 +164,8 @@ class LatentPatchPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         elif prompt is not None:
             raise ValueError("this model is not text-conditioned; drop prompt")
         labels, null = self._labels(class_labels, count, device)
+        if labels is None and self.config.num_classes:
+            labels = null = torch.full((batch,), self.config.num_classes, dtype=torch.long, device=device)
         if labels is not None:
             if cond and labels.shape[0] != batch:
                 raise ValueError("give one class label per prompt")
