@@ -14,6 +14,13 @@ RECORD_FILE = "export.json"
 CARD_FILE = "README.md"
 
 
+def _shown(source: str | None) -> str | None:
+    """A hub id or builtin name as it is; a local folder by its last two parts (a card is for others to read)."""
+    if source is None or not Path(source).is_absolute():
+        return source
+    return "…/" + "/".join(Path(source).parts[-2:])
+
+
 def _which_checkpoint(loaded: LoadedRun) -> str:
     found = Path(loaded.checkpoint).resolve()
     best, latest = ckpt.best_checkpoint(loaded.run_dir), ckpt.latest_checkpoint(loaded.run_dir)
@@ -44,7 +51,7 @@ def _base(loaded: LoadedRun) -> str:
             base = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             base = {}
-        return f"fine-tune of {base.get('base', '?')} ({base.get('kind', '?')})"
+        return f"fine-tune of {_shown(str(base.get('base', '?')))} ({base.get('kind', '?')})"
     model = loaded.cfg.model
     name = {"dit": "DiT", "unet": "UNet"}.get(model.arch) or model.pretrained.class_name
     return f"{name} trained from scratch by latentpatch"
@@ -63,7 +70,7 @@ def export_record(loaded: LoadedRun, written: dict[str, Any]) -> dict[str, Any]:
                      str((loaded.cfg.edm.scheduler or {}).get("prediction_type", "epsilon")) + ")",
         "data": {"images": (info.get("store") or {}).get("images"), "resolution": info.get("resolution"),
                  "latent_shape": info.get("latent_shape"),
-                 "autoencoder": (info.get("autoencoder") or {}).get("source")},
+                 "autoencoder": _shown((info.get("autoencoder") or {}).get("source"))},
         "checkpoint": {"name": Path(loaded.checkpoint).name, "which": _which_checkpoint(loaded),
                        "weights": loaded.weights, "step": loaded.step, "sha256_16": loaded.checkpoint_id},
         "heldout_loss": heldout_loss(loaded),
