@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; the order is the order of the pipeline.
-COMMAND_MODULES = ("train_vae", "encode", "train", "ema", "sample", "eval", "demo")
+COMMAND_MODULES = ("train_vae", "encode", "train", "ema", "sample", "eval", "export", "demo")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"latentpatch.cli.{_name}").register(app)

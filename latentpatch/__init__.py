@@ -3,7 +3,7 @@
 The Python API follows the pipeline: ``encode`` an image folder into a latent store, ``train`` a
 patch-wise EDM denoiser on it, ``sample`` full-size images from the run (``load_run`` gives its denoiser),
 ``evaluate_run`` judges it; ``finetune`` continues a run or a pretrained diffusers model on your own
-(captioned) images. Heavy modules load lazily.
+(captioned) images; ``export`` writes a run as a diffusers pipeline folder. Heavy modules load lazily.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _API = {
     "train": "latentpatch.training.trainer",
     "sample": "latentpatch.sampling.generate",
     "finetune": "latentpatch.finetuning.finetune",
+    "export": "latentpatch.exporting.exporter",
     "load_config": "latentpatch.config",
     "load_run": "latentpatch.runs",
     "evaluate_run": "latentpatch.metrics.evaluate",

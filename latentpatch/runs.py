@@ -101,6 +101,14 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {e}") from e
 
 
+def check_format_version(info: dict[str, Any], run_dir: str | os.PathLike) -> None:
+    """UserError for a run.json written by a newer latentpatch (a run format this one does not know)."""
+    version = info.get("format_version", RUN_FORMAT_VERSION)
+    if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+        raise UserError(f"{Path(run_dir) / RUN_FILE} has run format_version {version!r}; latentpatch "
+                        f"{latentpatch.__version__} reads format {RUN_FORMAT_VERSION}: upgrade latentpatch")
+
+
 @dataclass
 class LoadedRun:
     """A run's denoiser, ready to sample: its config, run.json, conditioning spec and a verified checkpoint."""

@@ -1,0 +1,77 @@
+"""A LoRA run's adapters in an export: merged into the weights, or kept separate as the diffusers/peft LoRA file
+that `pipe.load_lora_weights` reads.
+
+`separate` serves a UNet2DConditionModel (a text UNet trained here, a Stable Diffusion 1.x/2.x fine-tune): the
+one network class whose diffusers loader (StableDiffusionLoraLoaderMixin, which the exported pipeline has)
+takes adapters. The folder's unet/ then holds the base weights and the layers the fine-tune trained whole
+(conv_in with its coordinate channels); lora/pytorch_lora_weights.safetensors holds the adapters, at the scale
+latentpatch trained them (lora_alpha = rank). latentpatch's DiT, UNet2DModel and DiTTransformer2DModel have no
+diffusers LoRA loader: their adapters are merged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentpatch.errors import UserError
+
+LORA_MODES = ("merged", "separate")
+LORA_DIR = "lora"
+SEPARATE_CLASSES = ("UNet2DConditionModel",)
+
+
+def network_class(net: nn.Module) -> str:
+    inner = getattr(net, "unet", None) or getattr(net, "transformer", None) or net
+    return type(inner).__name__
+
+
+def lora_mode(lora_rank: int, net: nn.Module, asked: str | None) -> str | None:
+    """None for a run without adapters; else the mode asked for, by default `separate` where it applies."""
+    if asked is not None and asked not in LORA_MODES:
+        raise UserError(f"--lora must be one of {', '.join(LORA_MODES)}, got {asked!r}")
+    if lora_rank <= 0:
+        if asked is not None:
+            raise UserError(f"--lora {asked}: this run has no LoRA adapters (model.lora_rank is 0)")
+        return None
+    separable = network_class(net) in SEPARATE_CLASSES
+    if asked == "separate" and not separable:
+        raise UserError(f"--lora separate needs a UNet2DConditionModel, whose diffusers loader takes LoRA files; this "
+                        f"run's network is a {network_class(net)}: export it with --lora merged")
+    return asked or ("separate" if separable else "merged")
+
+
+def unmerged_network(cfg, latent_channels: int, weights_file: Path) -> nn.Module:
+    """The run's network with its adapters as trained (load_run folds them in): built and loaded afresh."""
+    from latentpatch import checkpoints as ckpt
+    from latentpatch.denoiser import build_precond
+
+    precond = build_precond(cfg, latent_channels, device="cpu")
+    ckpt.load_weights(precond, weights_file)
+    return precond.net.eval()
+
+
+def split_adapters(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base weights, adapters) of the UNet inside `net`: the base under its plain names (adapters left out,
+    not merged), the adapters as peft names them (`...to_q.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    prefix = "unet."
+    adapters = {k[len(prefix):]: v.detach().clone() for k, v in get_peft_model_state_dict(net).items()}
+    base = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in net.unet.state_dict().items()
+            if ".lora_" not in k}
+    return base, adapters
+
+
+def write_lora_file(folder: Path, adapters: dict[str, torch.Tensor], rank: int) -> Path:
+    """folder/pytorch_lora_weights.safetensors in diffusers' format, with the adapter config beside the tensors."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    from latentpatch.models.lora import DIFFUSERS_TARGETS
+
+    metadata = {"r": rank, "lora_alpha": rank, "target_modules": list(DIFFUSERS_TARGETS), "lora_dropout": 0.0}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=adapters,
+                                                     unet_lora_adapter_metadata=metadata)
+    return folder / "pytorch_lora_weights.safetensors"
