@@ -22,3 +22,13 @@ def test_configuration_md_documents_every_config_key_and_preset():
     missing = [k for k in _keys(RunConfig()) if f"`{k}`" not in text]
     assert not missing, f"docs/configuration.md lacks {missing}"
     assert not [p for p in builtin_config_names() if f"`{p}`" not in text]
+
+
+def test_configuration_md_lists_each_removed_key_with_its_evidence_and_no_longer_as_a_key():
+    from latentpatch.config import REMOVED_KEYS
+
+    text = (DOCS / "configuration.md").read_text()
+    live, removed = text.split("## Removed keys")
+    for key in REMOVED_KEYS:
+        assert f"| `{key}` (" in removed, key  # a row: the key, its old default, what it did, the evidence
+        assert f"| `{key}` |" not in live, key  # no longer in the tables of keys a config takes
