@@ -278,3 +278,16 @@ def test_the_stores_latent_std_reaches_the_preconditioning(tmp_path, std):
     explicit = train(tiny(**{"train.max_steps": 1, "edm.sigma_data": 0.7}), path, tmp_path / "set", progress=False,
                      device="cpu")
     assert load_run(explicit.run_dir).precond.sigma_data == 0.7  # a value the config sets wins
+
+
+def test_the_runs_own_training_time_is_logged_and_continues_on_resume(store, tmp_path):
+    """train_s: the process's CPU seconds of optimisation steps on the CPU (training.clock), in every log record and
+    checkpoint; a resumed run's clock starts from its checkpoint's."""
+    cfg = tiny(**{"train.max_steps": 10, "train.ckpt_every": 5, "train.log_every": 5})
+    train(cfg, store, tmp_path / "run", max_steps=5, progress=False, device="cpu")
+    saved = read_state(latest_checkpoint(tmp_path / "run"))["train_s"]
+    train(None, store, tmp_path / "run", resume=True, max_steps=10, progress=False, device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    times = [r["train_s"] for r in records if "loss" in r]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10] and times[0] == saved
+    assert 0 < times[0] < times[1]

@@ -51,7 +51,7 @@ class StepInfo:
     loss_tensor: torch.Tensor  # this rank's mean loss of the step, on the device (reading it is a sync)
     patch: tuple[int, int]  # (height, width) of this step's crops
     batch_size: int  # samples in this step's global batch
-    train_seconds: float  # wall time spent in optimisation steps so far (not logging, sampling, saving)
+    train_seconds: float  # the run's own time in optimisation steps so far, resumes included (training.clock)
     precond: torch.nn.Module  # the trained preconditioned denoiser (EDM, or a pretrained base's VP)
     ema: torch.nn.Module
 

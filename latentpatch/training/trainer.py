@@ -34,6 +34,7 @@ from latentpatch.patches import PatchSchedule, PatchStage
 from latentpatch.runs import run_latent_shape, trained_shapes
 from latentpatch.seeding import derive_seed
 from latentpatch.training.batches import BatchSpec, conditioning_rows, draw_batch
+from latentpatch.training.clock import TrainClock
 from latentpatch.training.ema import ema_beta, make_ema, update_ema
 from latentpatch.training.heldout import HeldoutEval
 from latentpatch.training.logging import LogInterval, RunLogger, memory_stats, progress_postfix
@@ -111,6 +112,7 @@ class _Session:
     autoencoder: object = None  # loaded on the first preview grid
     unchecked: list = field(default_factory=list)  # (step, loss, grad norm) on the device, not yet read
     posthoc: PosthocProfiles | None = None  # post-hoc EMA profiles (train.posthoc_stds)
+    clock: TrainClock | None = None  # the run's own training time (training.clock), continued on resume
 
     @classmethod
     def start(cls, run: ResolvedRun, dist: DistInfo, init_state=None) -> _Session:
@@ -164,7 +166,8 @@ class _Session:
         batch_spec = BatchSpec.from_config(cfg, run.spec, multiple, objective)
         return cls(cfg, run.spec, batch_spec, run.run_dir, dist, store, rows, cond_rows, precond, ema, precond,
                    optimizer, schedule, objective,
-                   posthoc=PosthocProfiles(precond, tc.posthoc_stds) if tc.posthoc_stds else None)
+                   posthoc=PosthocProfiles(precond, tc.posthoc_stds) if tc.posthoc_stds else None,
+                   clock=TrainClock(dist.device))
 
     def warn_if_nothing_to_train(self) -> None:
         if self.heldout is not None and self.heldout.should_stop:
@@ -178,6 +181,7 @@ class _Session:
     def restore(self, found: Path) -> None:
         state = ckpt_io.load_checkpoint(found, self.precond, self.ema, self.optimizer, self.posthoc)
         self.step, self.nimg, self.last_ckpt = int(state["step"]), float(state["nimg"]), found
+        self.clock = TrainClock(self.dist.device, float(state.get("train_s", 0.0)))
         if self.heldout is not None:
             self.heldout.restore(state)
 
@@ -251,21 +255,21 @@ class _Session:
         logger = RunLogger(self.run_dir, enabled=dist.is_main)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (dist.is_main and progress), unit="step")
         interval = LogInterval()
-        last_loss, train_seconds, t_start, ok = None, 0.0, time.perf_counter(), False
+        last_loss, t_start, ok = None, time.perf_counter(), False
         stop = self.heldout is not None and self.heldout.should_stop  # a resumed run that had stopped early
         first_step = self.step
         try:
             if self.heldout is not None and self.step == 0:
                 self.evaluate(logger, autocast)  # where the curve starts
             while self.step < tc.max_steps and not stop:
-                t0 = time.perf_counter()
+                self.clock.start()
                 loss, _, stage, lr, batch_nimg = self.optimisation_step(autocast)
-                train_seconds += time.perf_counter() - t0
+                self.clock.stop()
                 interval.add(stage.batch_size, batch_nimg)
                 bar.update(1)
                 if callback is not None:
                     stop = bool(callback(StepInfo(self.step, self.nimg, loss, (stage.height, stage.width),
-                                                  stage.batch_size, train_seconds, self.precond, self.ema)))
+                                                  stage.batch_size, self.clock.seconds, self.precond, self.ema)))
                 final = self.step == tc.max_steps or stop
                 best = False
                 if self.heldout is not None and (self.step % self.cfg.heldout.every == 0 or final):
@@ -274,8 +278,9 @@ class _Session:
                         stop = final = True
                 if self.step % tc.log_every == 0 or final:
                     losses, grad_norm = self.read_losses()
-                    record = interval.record(losses, kimg=self.nimg / 1000, lr=lr, patch=stage.height,
-                                             patch_w=stage.width, batch=stage.batch_size, grad_norm=grad_norm,
+                    record = interval.record(losses, kimg=self.nimg / 1000, train_s=self.clock.seconds, lr=lr,
+                                             patch=stage.height, patch_w=stage.width, batch=stage.batch_size,
+                                             grad_norm=grad_norm,
                                              **({"zoom": True} if stage.zoom else {}), **memory_stats(dist.device))
                     logger.log(self.step, **record)
                     last_loss = record["loss"]
@@ -316,8 +321,8 @@ class _Session:
         with autocast():
             loss, better = self.heldout.evaluate(self.ema, self.step)
         per_bucket = {} if loss.per_bucket is None else {"heldout_per_bucket": loss.per_bucket}
-        logger.log(self.step, kimg=self.nimg / 1000, heldout_loss=loss.mean, heldout_per_sigma=loss.per_sigma,
-                   **per_bucket, time=time.time())
+        logger.log(self.step, kimg=self.nimg / 1000, train_s=self.clock.seconds, heldout_loss=loss.mean,
+                   heldout_per_sigma=loss.per_sigma, **per_bucket, time=time.time())
         return better
 
     def save_preview(self, autocast) -> None:
@@ -341,7 +346,8 @@ class _Session:
         if not (_all_finite(self.precond) and _all_finite(self.ema)):
             raise _diverged("the weights are no longer finite", self.step, self.last_ckpt)
         if self.dist.is_main:
-            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, **trained_shapes(self.store)}
+            state = {"nimg": self.nimg, "kimg": self.nimg / 1000, "train_s": self.clock.seconds,
+                     **trained_shapes(self.store)}
             if self.heldout is not None:
                 state.update(self.heldout.state())
             self.last_ckpt = ckpt_io.save_checkpoint(
