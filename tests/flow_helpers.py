@@ -144,6 +144,6 @@ def load_pipeline(root: Path):
     """The folder loaded back the way a user's folder is: DiffusionPipeline.from_pretrained, float32."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(root, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(root, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
