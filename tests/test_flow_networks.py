@@ -168,3 +168,21 @@ def test_the_wrappers_keep_the_stock_state_dict():
     sd3, flux = tiny_sd3_transformer(), tiny_flux_transformer()
     assert {k.removeprefix("transformer.") for k in SD3Network(sd3).state_dict()} == set(sd3.state_dict())
     assert {k.removeprefix("transformer.") for k in FluxNetwork(flux).state_dict()} == set(flux.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    def grads(checkpointing: bool):
+        if kind == "sd3":
+            net, pooled = SD3Network(tiny_sd3_transformer()), sum(CLIP_WIDTHS)
+        else:
+            net, pooled = FluxNetwork(tiny_flux_transformer()), CLIP_WIDTHS[0]
+        if checkpointing:
+            net.transformer.enable_gradient_checkpointing()
+        latent, cond, timestep = _inputs(2, 4, 4, pooled=pooled)
+        coords = _crop_coords([(2, 0), (4, 4)], 4, 4, 8, 8)
+        net(torch.cat([latent, coords], 1), timestep[:2], cond).square().mean().backward()
+        return [p.grad for p in net.parameters()]
+
+    for plain, checkpointed in zip(grads(False), grads(True)):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)

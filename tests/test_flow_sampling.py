@@ -84,3 +84,32 @@ def test_the_schedules_are_the_pipelines_set_timesteps():
     large = flow_time(pipeline_sigmas(FLUX_SCHEDULER, 7, (128, 128), "FluxPipeline")).to(torch.float32)
     assert small[0] == large[0] == 1.0 and small[-1] == large[-1] == 0.0
     assert bool((large[1:-1] > small[1:-1]).all())
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_prompts_through_latentpatchs_encoder_sample_as_the_pipeline_does(folders, name):
+    """End to end: the pipeline's text encoders as a latentpatch encoder, the request's conditioning (the prompt
+    and, for guidance, the empty caption), the base's schedule, Euler: the pipeline's latents for those prompts."""
+    from diffusers import FluxPipeline
+
+    from latentpatch.conditioning import ConditioningSpec
+    from latentpatch.conditioning.requested import request_conditioning
+    from latentpatch.text.loader import load_text_encoder
+
+    h, w, steps = 8, 8, 3
+    flux = name == "flux"
+    encoder = load_text_encoder(f"transformers:{folders[name]}", max_length=32, device="cpu")
+    spec = ConditioningSpec(text_encoder=encoder.record, pooled=True)
+    cond, uncond = request_conditioning(spec, encoder, PROMPTS)
+    base = load_flow_base(folders[name], guidance_scale=3.5)
+    got = generate_latents(base.precond, SEEDS, (LATENT_CHANNELS, h, w), cond, uncond, sampler="euler",
+                           guidance=1.0 if flux else 4.0, sigmas=base.sampling_sigmas(steps, (h, w)))
+    pipe = load_pipeline(folders[name])
+    noise = _noise(h, w)
+    latents = FluxPipeline._pack_latents(noise, 2, LATENT_CHANNELS, h, w) if flux else noise
+    with torch.no_grad():
+        want = pipe(prompt=PROMPTS, height=2 * h, width=2 * w, latents=latents, num_inference_steps=steps,
+                    guidance_scale=3.5 if flux else 4.0, max_sequence_length=32, output_type="latent").images
+    if flux:
+        want = FluxPipeline._unpack_latents(want, 2 * h, 2 * w, pipe.vae_scale_factor)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
