@@ -28,8 +28,9 @@ What is done differently:
   A crop is shifted by its full image's tokens, never its own.
 - the index is clamped to the table (u = 1 exactly, possible under "mode" and in float32 rounding, is out of
   range in the examples);
-- x_t and the loss are computed in float32 from float64 sigmas (the examples compute x_t in the weight dtype,
-  bf16 under mixed precision); prior preservation and the text-encoder training of the examples are not here.
+- x_t is formed in float64 and given to the network in float32, the loss is float32 (the examples form x_t in
+  the weight dtype, bf16 under mixed precision); prior preservation and the text-encoder training of the
+  examples are not here.
 """
 
 from __future__ import annotations

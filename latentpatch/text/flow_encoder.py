@@ -79,8 +79,8 @@ class FlowPipelineTextEncoder(TextEncoder):
         pipe = self.pipe
         with _pipeline_logs_quiet(pipe):
             if self.record["pipeline"] == "StableDiffusion3Pipeline":
-                tokens, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=self.device,
-                                                          do_classifier_free_guidance=False,
+                tokens, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None,
+                                                          device=self.device, do_classifier_free_guidance=False,
                                                           max_sequence_length=self.max_length)
             else:
                 tokens, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=self.device,
