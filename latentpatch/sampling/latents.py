@@ -41,6 +41,7 @@ def generate_latents(
     dtype: torch.dtype = torch.float64,
     autocast: bool | None = None,
     progress: bool = False,
+    sigmas: Tensor | None = None,
 ) -> Tensor:
     """Sample one latent per seed: [len(seeds), *shape] float32 (shape = [C, h, w], any shape the network
     takes) on `device`, the network seeing the full h x w grid normalised as the run's `coordinate_scale`.
@@ -49,6 +50,8 @@ def generate_latents(
     one generator per seed, so an image does not depend on its batch, and matches across devices up to
     the network's arithmetic. The sampler integrates in `dtype` (float64 like EDM); bf16 autocast on CUDA.
     The settings are the caller's to check (`SampleOptions.check`, or the training config's).
+    `sigmas` (1-D, decreasing, ending in 0) replaces the Karras schedule of `steps`, sigma_min, sigma_max and rho:
+    a base's own schedule (latentpatch.diffusion.flow_schedule.pipeline_sigmas); x starts as noise * sigmas[0].
     """
     device = torch.device(device)
     c, h, w = (int(s) for s in shape)
@@ -62,7 +65,10 @@ def generate_latents(
 
     denoise = guided_denoiser(precond_amp, coords, cond, uncond, guidance)
     noise_fn = per_image_noise_fn(list(seeds), device="cpu")
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device=device)
+    if sigmas is None:
+        sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device=device)
+    else:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=device)
     x = noise_fn(torch.empty((len(seeds), c, h, w), device=device, dtype=dtype)) * sigmas[0].to(dtype)
     x = get_sampler(sampler)(denoise, x, sigmas, noise_fn=noise_fn, churn=churn, progress=progress)
     return x.to(torch.float32)

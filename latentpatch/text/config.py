@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from latentpatch.errors import UserError
 
 LAYERS = ("last", "penultimate")
-PADDINGS = ("masked", "eot", "zero")
+PADDINGS = ("masked", "eot", "zero", "pipeline")  # "pipeline": SD3 / FLUX encoders only (text.flow_encoder)
 
 
 @dataclass
@@ -24,6 +24,7 @@ class TextConfig:
     # penultimate/zero). layer "last": tokens after the final layer norm; "penultimate": the second-to-last
     # block's output, then the final norm. padding "masked": padding is masked out of cross-attention;
     # "eot" / "zero": padded with the end-of-text token / id 0 and every position attended.
+    # "pipeline": an SD3 / FLUX pipeline's own features (its encode_prompt, every position attended).
     layer: str = "last"
     padding: str = "masked"
 

@@ -1,5 +1,6 @@
-"""One loader for every text encoder: an open_clip tower by name, or a diffusers pipeline's own CLIP text model
-("transformers:PIPELINE"). The two encoders never import each other; this module chooses between them."""
+"""One loader for every text encoder: an open_clip tower by name, a diffusers pipeline's own CLIP text model, or
+an SD3 / FLUX pipeline's text encoders ("transformers:PIPELINE"). The encoders never import each other; this
+module chooses between them."""
 
 from __future__ import annotations
 
@@ -10,24 +11,34 @@ import torch
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.text.config import check_features
+from latentpatch.text.flow_encoder import PIPELINE_PADDING, flow_pipeline_class, load_flow_text_encoder
 from latentpatch.text.identity import FEATURE_DEFAULTS, TRANSFORMERS_PREFIX, record_features
 from latentpatch.text.open_clip_encoder import TextEncoder, load_open_clip_encoder
 
 
 def load_text_encoder(
     model: str, pretrained: str | None = None, *, max_length: int | None = None,
-    device: torch.device | str | None = None, layer: str = FEATURE_DEFAULTS["layer"],
-    padding: str = FEATURE_DEFAULTS["padding"],
+    device: torch.device | str | None = None, layer: str | None = None, padding: str | None = None,
 ) -> TextEncoder:
     """A frozen text tower. `model` is an open_clip name (or a model config `.json`
     file), `pretrained` a tag, a checkpoint file, or None for random weights (seeded, for tests);
     `max_length` tokens are kept (default: the model's context length, 77 for CLIP). `layer` and `padding`:
-    TextConfig's. "transformers:PIPELINE" is a diffusers pipeline's own encoder (latentpatch.text.pipeline_encoder)."""
+    TextConfig's (None: the encoder's own, FEATURE_DEFAULTS but for SD3 / FLUX's "pipeline"). "transformers:PIPELINE"
+    is a diffusers pipeline's own encoder (latentpatch.text.pipeline_encoder; SD3 / FLUX: text.flow_encoder)."""
 
     if not model:
         raise UserError("no text encoder given (text.model is empty)")
-    check_features(layer, padding)
     device = resolve_device(device)
+    if model.startswith(TRANSFORMERS_PREFIX):
+        from latentpatch.text.pipeline_encoder import split_source
+
+        if flow_pipeline_class(split_source(model)) is not None:
+            return load_flow_text_encoder(model, max_length=max_length, device=device, layer=layer, padding=padding)
+    layer, padding = layer or FEATURE_DEFAULTS["layer"], padding or FEATURE_DEFAULTS["padding"]
+    check_features(layer, padding)
+    if padding == PIPELINE_PADDING:
+        raise UserError(f"text.padding={PIPELINE_PADDING} is the padding of an SD3 / FLUX pipeline's own text "
+                        f"encoders; {model} is not one")
     if model.startswith(TRANSFORMERS_PREFIX):
         from latentpatch.text.pipeline_encoder import load_pipeline_text_encoder
 

@@ -80,13 +80,15 @@ class TextEncoder:
         ids = self.tokenizer([text], context_length=max(4 * self.max_length, 512))
         return int(self._real(ids).sum())
 
-    def _warn_if_cut(self, text: str, n: int) -> None:
-        """Warn, saying how much, when `text` (n tokens) is longer than max_length and so loses its end."""
-        if n > self.max_length:
+    def _warn_if_cut(self, text: str, n: int, limit: int | None = None, tower: str = "the text encoder") -> None:
+        """Warn, saying how much, when `text` (n tokens) is longer than max_length (or `limit`, of the named
+        `tower` of several) and so loses its end."""
+        limit = self.max_length if limit is None else limit
+        if n > limit:
             short = text if len(text) <= 60 else text[:57] + "..."
             # A Notice, attributed here: the CLI says it once per text, as one line without a source location.
-            warnings.warn(f"text {short!r} is {n} tokens, longer than the text encoder's {self.max_length}: its "
-                          f"last {n - self.max_length} tokens were dropped", Notice, stacklevel=1)
+            warnings.warn(f"text {short!r} is {n} tokens, longer than {tower}'s {limit}: its "
+                          f"last {n - limit} tokens were dropped", Notice, stacklevel=1)
 
     def _end_of_text(self) -> int | None:
         """The tokenizer's end-of-text id (None: a tokenizer without one)."""

@@ -57,9 +57,14 @@ def padding_of(tokenizer: Any) -> str:
 
 
 def pipeline_padding(model: str) -> str:
-    """The padding of the tokenizer of "transformers:SOURCE" (loads the tokenizer only)."""
+    """The padding of the tokenizer of "transformers:SOURCE" (loads the tokenizer only); an SD3 / FLUX pipeline's
+    encoders have their own ("pipeline": latentpatch.text.flow_encoder)."""
+    from latentpatch.text.flow_encoder import PIPELINE_PADDING, flow_pipeline_class
+
     transformers = _need_transformers()
     source = split_source(model)
+    if flow_pipeline_class(source) is not None:
+        return PIPELINE_PADDING
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     except (OSError, ValueError) as e:
