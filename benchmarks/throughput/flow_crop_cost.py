@@ -17,7 +17,7 @@ Text: SD3's joint sequence of 333 tokens (77 CLIP + 256 T5) of width 4096, poole
 tokens, pooled 768, and its distilled guidance input. Arms interleaved (full, crop, full, crop, ...) within
 each depth, depths within each round, fixed seeds; medians and ranges over rounds; raw times as JSON.
 
-    OMP_NUM_THREADS=1 python benchmarks/flow_crop_cost.py --rounds 3 --out flow_crop_cost.json
+    OMP_NUM_THREADS=1 python -m benchmarks.throughput.flow_crop_cost --rounds 3 --out flow_crop_cost.json
 """
 
 from __future__ import annotations
