@@ -16,6 +16,7 @@ import yaml
 
 # Each section lives beside the code it configures; all are re-exported here.
 from latentpatch.diffusion.edm import EDMConfig
+from latentpatch.diffusion.flow import FlowConfig
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import DiTConfig, ModelConfig, UNetConfig, migrate_legacy  # noqa: F401
 from latentpatch.patches import PatchConfig
@@ -27,6 +28,7 @@ from latentpatch.train_config import HeldoutConfig, OptimConfig, RoutingConfig, 
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)  # the objective of a flow-matching base (edm.precond=flow)
     patches: PatchConfig = field(default_factory=PatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -36,9 +38,12 @@ class RunConfig:
 
     def check(self) -> RunConfig:
         """Every check that needs no data, once, when the config is loaded; returns self."""
-        for section in (self.model, self.edm, self.patches, self.optim, self.train, self.heldout, self.routing,
-                        self.text):
+        for section in (self.model, self.edm, self.flow, self.patches, self.optim, self.train, self.heldout,
+                        self.routing, self.text):
             section.check()
+        if self.edm.precond == "flow" and (not self.patches.aligned or self.patches.coordinate_scale != "per-axis"):
+            raise UserError("a flow-matching base (edm.precond=flow) reads each crop's place on its token grid from "
+                            "per-axis coordinates: set patches.aligned=true and patches.coordinate_scale=per-axis")
         if self.routing.share > 0:
             if self.model.arch != "dit":
                 raise UserError(f"routing.share={self.routing.share} routes DiT tokens; model.arch={self.model.arch} "

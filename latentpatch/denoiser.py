@@ -3,6 +3,8 @@ and fine-tuning build the same thing."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -29,6 +31,10 @@ def build_precond(
     net = build_network(cfg.model, latent_channels, device=device)
     if cfg.edm.precond == "vp":
         precond = VPPrecond(net, cfg.edm.scheduler)
+    elif cfg.edm.precond == "flow":
+        from latentpatch.diffusion.flow import FlowPrecond
+
+        precond = FlowPrecond(net, int(cfg.edm.scheduler.get("num_train_timesteps", 1000)))
     else:
         precond = EDMPrecond(net, sigma_data=cfg.edm.sigma_data)
     if init_state is not None:
@@ -43,10 +49,39 @@ def build_precond(
     return precond
 
 
-def build_objective(cfg: RunConfig) -> EDMObjective:
-    """What training draws noise levels from and minimises: EDM's objective, for models trained here and for the
-    VP bases (their own preconditioning under EDM's loss and truncated log-normal, diffusion/vp.py)."""
+def build_objective(cfg: RunConfig) -> Any:
+    """What training draws noise levels from and minimises (draw_sigmas, loss): EDM's objective, for models trained
+    here and for the VP bases (their own preconditioning under EDM's loss and truncated log-normal,
+    diffusion/vp.py); a flow-matching base's own (diffusion/flow.py, as diffusers' training examples train it)."""
+    if cfg.edm.precond == "flow":
+        from latentpatch.diffusion.flow import FlowMatching
+        from latentpatch.models.flow_base import flow_patch
+
+        return FlowMatching(cfg.flow, cfg.edm.scheduler, patch=flow_patch(cfg.model))
     return EDMObjective(cfg.edm)
+
+
+def sampling_sigmas(cfg: RunConfig, steps: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+    """The noise levels a run samples at: a flow-matching base's own pipeline schedule (its shift, FLUX's from
+    the image's token count; diffusion.flow_schedule) for an h x w latent, else None: the Karras schedule over
+    edm.sigma_min..sigma_max that every sampler builds."""
+    if cfg.edm.precond != "flow":
+        return None
+    from latentpatch.diffusion.flow_schedule import pipeline_sigmas
+    from latentpatch.models.flow_base import flow_patch, flow_pipeline
+
+    return pipeline_sigmas(cfg.edm.scheduler, steps, tuple(int(s) for s in latent_hw),
+                           flow_pipeline(cfg.model.pretrained.class_name), flow_patch(cfg.model))
+
+
+def heldout_grid(cfg: RunConfig) -> Callable[[int, tuple[int, int]], torch.Tensor] | None:
+    """The fixed noise levels a run's held-out loss is scored at, (levels, latent (h, w)) -> [levels]: a flow base's
+    own (the mid-quantiles of its training levels for an image of that shape: FLUX's shift depends on it); None:
+    the mid-quantiles of EDM's log-normal (edm.P_mean, edm.P_std), for every other run."""
+    if cfg.edm.precond != "flow":
+        return None
+    objective = build_objective(cfg)
+    return lambda n, hw: objective.heldout_sigmas(n, hw)
 
 
 def size_multiple(net: nn.Module) -> int:

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from latentpatch.errors import UserError
 
 
+PRECONDS = ("edm", "vp", "flow")
+
+
 @dataclass
 class EDMConfig:
     """Noise-level hyper-parameters; the defaults are the paper's (Table 1, "EDM" column)."""
@@ -27,7 +30,8 @@ class EDMConfig:
     sigma_min: float = 0.002  # sampling range (with precond "vp" also the range training sigmas are drawn in)
     sigma_max: float = 80.0
     # "edm": Karras et al.'s preconditioning, for models trained here. "vp": a pretrained DDPM network's own
-    # (latentpatch.diffusion.vp), read from `scheduler`; fine-tuning a diffusers pipeline writes it.
+    # (latentpatch.diffusion.vp), "flow": a flow-matching base's (SD3, FLUX.1: latentpatch.diffusion.flow), both
+    # read from `scheduler`; fine-tuning a diffusers pipeline writes them.
     precond: str = "edm"
     scheduler: Any = None  # dict: the base's diffusers scheduler_config.json (betas, timesteps, prediction_type)
 
@@ -35,10 +39,14 @@ class EDMConfig:
         if (self.sigma_data is not None and not self.sigma_data > 0) or not 0 < self.sigma_min < self.sigma_max \
                 or not self.P_std > 0:
             raise UserError(f"edm: need sigma_data > 0, 0 < sigma_min < sigma_max and P_std > 0, got {self}")
-        if self.precond not in ("edm", "vp"):
-            raise UserError(f"edm.precond must be 'edm' or 'vp', got {self.precond!r}")
+        if self.precond not in PRECONDS:
+            raise UserError(f"edm.precond must be one of {', '.join(PRECONDS)}, got {self.precond!r}")
         if self.precond == "vp":
             self._check_vp()
+        if self.precond == "flow" and not (isinstance(self.scheduler, dict)
+                                           and self.scheduler.get("_class_name", "").startswith("FlowMatch")):
+            raise UserError("edm.precond=flow needs edm.scheduler: the base's FlowMatchEulerDiscreteScheduler config "
+                            "(written by fine-tuning an SD3 or FLUX pipeline)")
 
     def _check_vp(self) -> None:
         """The scheduler is one diffusers can build, and sampling stays inside its noise levels."""

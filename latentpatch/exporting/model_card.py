@@ -66,8 +66,7 @@ def export_record(loaded: LoadedRun, written: dict[str, Any]) -> dict[str, Any]:
         "run": loaded.run_dir.resolve().name,
         "run_latentpatch_version": info.get("latentpatch_version"),
         "base": _base(loaded),
-        "objective": "EDM" if loaded.cfg.edm.precond == "edm" else "the base's own VP (" +
-                     str((loaded.cfg.edm.scheduler or {}).get("prediction_type", "epsilon")) + ")",
+        "objective": _objective(loaded),
         "data": {"images": (info.get("store") or {}).get("images"), "resolution": info.get("resolution"),
                  "latent_shape": info.get("latent_shape"),
                  "autoencoder": _shown((info.get("autoencoder") or {}).get("source"))},
@@ -79,6 +78,15 @@ def export_record(loaded: LoadedRun, written: dict[str, Any]) -> dict[str, Any]:
                                                                      ("model", "pretrained", "layer", "padding")}},
         **written,
     }
+
+
+def _objective(loaded: LoadedRun) -> str:
+    edm = loaded.cfg.edm
+    if edm.precond == "flow":
+        return f"the base's own flow matching ({loaded.cfg.flow.weighting_scheme} noise levels)"
+    if edm.precond == "vp":
+        return f"the base's own VP ({(edm.scheduler or {}).get('prediction_type', 'epsilon')})"
+    return "EDM"
 
 
 def render_card(record: dict[str, Any]) -> str:
@@ -101,6 +109,8 @@ def render_card(record: dict[str, Any]) -> str:
     if record["lora"] == "separate":
         lora = (f'pipe.load_lora_weights("{record["folder"]}/lora")   # the adapters; without them: the base\n')
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if record.get("stock"):
+        return _stock_card(record, table)
     return f"""---
 library_name: diffusers
 tags: [latentpatch, patch-diffusion, diffusers]
@@ -127,6 +137,37 @@ pipe = DiffusionPipeline.from_pretrained("{record['folder']}", trust_remote_code
 
 `latentpatch sample` gives the same image i when image i's generator is seeded with
 `latentpatch.seeding.image_seed(seed, i)` (`generator=[...]`, one per image).
+"""
+
+
+def _stock_card(record: dict[str, Any], table: str) -> str:
+    """The card of a base's own pipeline folder: no remote code, the stock class."""
+    return f"""---
+library_name: diffusers
+tags: [latentpatch, patch-diffusion, diffusers]
+---
+
+# {record['run']}
+
+Fine-tuned with Patch Diffusion by latentpatch: every crop was told its place through the base's own position
+encoding, so the transformer's weights are stock and this is a plain `{record['pipeline']}` folder.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+import torch
+from diffusers import {record['pipeline']}
+
+pipe = {record['pipeline']}.from_pretrained("{record['folder']}")
+images = pipe({record['example_call']}, generator=torch.Generator().manual_seed(0)).images
+```
+
+`latentpatch sample --sampler euler` samples the same schedule: image i is the pipeline's for the initial
+latents latentpatch draws with `latentpatch.seeding.image_seed(seed, i)`.
 """
 
 

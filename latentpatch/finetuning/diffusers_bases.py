@@ -22,11 +22,12 @@ from torch import nn
 
 from latentpatch.errors import UserError
 from latentpatch.hub import load_kwargs
-from latentpatch.models.model_config import PRETRAINED_CLASSES
+from latentpatch.models.model_config import FLOW_CLASSES, PRETRAINED_CLASSES
 
 NETWORK_FOLDERS = ("unet", "transformer")
 SUPPORTED = PRETRAINED_CLASSES  # the classes a run can hold (model.arch=pretrained), named once
 PIXART = ("PixArtTransformer2DModel",)
+NO_POSITIONS = ("SanaTransformer2DModel",)  # transformers with no position encoding to carry a crop's place
 TRANSFORMER2D_REMAP = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
 
 
@@ -104,12 +105,19 @@ class DiffusersBase:
         return size * 2 ** (len(blocks) - 1)
 
     def default_text(self) -> TextChoice | None:
-        """The pipeline's own encoder when transformers can serve it, else the matching open_clip tower."""
+        """The pipeline's own encoder when transformers can serve it, else the matching open_clip tower; an SD3 /
+        FLUX pipeline's own encoders (CLIP and T5), which nothing else can stand for."""
+        from latentpatch.text.identity import TRANSFORMERS_PREFIX
+
+        if self.class_name in FLOW_CLASSES:
+            if not _has_transformers():
+                raise UserError(f"the {self.class_name}'s text encoders (CLIP and T5) load through transformers: "
+                                "pip install 'latentpatch[transformers]'")
+            return TextChoice(TRANSFORMERS_PREFIX + self.root, None, "last", "pipeline",
+                              "the pipeline's own text encoders (transformers)")
         if self.class_name != "UNet2DConditionModel":
             return None
         if self.text_encoder is not None and self.has_tokenizer and _has_transformers():
-            from latentpatch.text.identity import TRANSFORMERS_PREFIX
-
             return TextChoice(TRANSFORMERS_PREFIX + self.root, None, "last", self.tokenizer_padding(),
                               "the pipeline's own text encoder (transformers)")
         width = self.config.get("cross_attention_dim")
@@ -214,6 +222,11 @@ def _hub_base(source: str, revision: str | None) -> DiffusersBase:
 
 def _check_class(base: DiffusersBase) -> None:
     name = base.class_name
+    flow_scheduler = base.scheduler is not None and base.scheduler.get("_class_name", "").startswith("FlowMatch")
+    if name in NO_POSITIONS:
+        raise UserError(f"{base.source} holds a {name}, whose transformer has no position encoding a crop could carry "
+                        "its place through (linear attention, no position table or rotary ids), and latentpatch does "
+                        "not yet give it coordinate channels; it cannot be fine-tuned with patches here")
     if name in PIXART or base.config.get("caption_channels"):
         raise UserError(
             f"{base.source} is a PixArt-style transformer ({name}); its text path (T5-XXL features through "
@@ -224,6 +237,12 @@ def _check_class(base: DiffusersBase) -> None:
     if name not in SUPPORTED:
         raise UserError(f"{base.source} holds a {name or 'model without _class_name'}; fine-tuning supports "
                         f"{', '.join(SUPPORTED)}")
-    if base.scheduler is not None and base.scheduler.get("_class_name", "").startswith("FlowMatch"):
-        raise UserError(f"{base.source} is a flow-matching model ({base.scheduler['_class_name']}); edm.precond=vp "
-                        "serves DDPM-style (epsilon / v_prediction / sample) models")
+    if name in FLOW_CLASSES:
+        if not (base.is_pipeline and flow_scheduler and base.has_vae):
+            raise UserError(f"a {name} is fine-tuned from its pipeline folder (StableDiffusion3Pipeline / FluxPipeline: "
+                            "transformer/, a FlowMatchEulerDiscreteScheduler in scheduler/, vae/ and its text "
+                            f"encoders); {base.source} is not one")
+    elif flow_scheduler:
+        raise UserError(f"{base.source} is a flow-matching model ({base.scheduler['_class_name']}) with a {name}; "
+                        "flow matching is served for SD3Transformer2DModel and FluxTransformer2DModel, edm.precond=vp "
+                        "for DDPM-style (epsilon / v_prediction / sample) models")

@@ -32,6 +32,7 @@ from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.finetuning.starting_points import FinetuneBase, diffusers_base, load_choice, run_base
 from latentpatch.io import write_json_atomic
+from latentpatch.models.model_config import pretrained_latent_channels
 from latentpatch.runs import is_run_folder
 from latentpatch.training.guard import CHOSEN_KEYS
 
@@ -161,10 +162,11 @@ def _prepare_data(
     if found.autoencoder is not None:
         store.require_latent_space(found.autoencoder, None, f"the base run {found.describe['base']} was trained on",
                                    "encode the images with the base's autoencoder")
-    net_cfg = _pretrained_config(found.cfg)
-    if net_cfg is not None and store.latent_shape[0] != net_cfg["in_channels"] - 2:
-        raise UserError(f"the base network takes {net_cfg['in_channels'] - 2}-channel latents but {store.path} holds "
-                        f"{store.latent_shape[0]}-channel ones; encode with the autoencoder it was trained with")
+    if found.cfg.model.arch == "pretrained":
+        channels = pretrained_latent_channels(found.cfg.model.pretrained)
+        if store.latent_shape[0] != channels:
+            raise UserError(f"the base network takes {channels}-channel latents but {store.path} holds "
+                            f"{store.latent_shape[0]}-channel ones; encode with the autoencoder it was trained with")
     if found.cfg.model.num_classes > 0 and any(item.label is None for item in store.items):
         raise UserError(f"the base is class-conditional ({found.cfg.model.num_classes} classes) but {store.path} has "
                         "no class labels; put each image in a subfolder per class (encode --labels folders: the store's class k "
@@ -200,6 +202,10 @@ def _finetune_config(found: FinetuneBase, store: LatentStore, text_encoder, step
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     cfg, _, _ = with_store(cfg, store)  # text widths from the encoder, sigma_data from the latents
+    if cfg.edm.precond == "flow":
+        from latentpatch.finetuning.flow_bases import check_text_widths
+
+        check_text_widths(cfg)
     unet_cfg = _pretrained_config(cfg) or {}
     if unet_cfg.get("cross_attention_dim") and cfg.model.text_dim != unet_cfg["cross_attention_dim"]:
         raise UserError(

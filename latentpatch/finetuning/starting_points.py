@@ -22,6 +22,7 @@ from latentpatch.finetuning.diffusers_bases import SD_TEXT, DiffusersBase, TextC
 from latentpatch.config import RunConfig, load_config
 from latentpatch.conditioning.spec import NO_TEXT
 from latentpatch.errors import UserError
+from latentpatch.models.model_config import FLOW_CLASSES
 
 
 @dataclass
@@ -64,6 +65,10 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
     from latentpatch.models.widen import json_config
 
     found = resolve_base(source)
+    if found.class_name in FLOW_CLASSES:
+        from latentpatch.finetuning.flow_bases import flow_base
+
+        return flow_base(found, config, text_encoder)
     net = found.load_network()
     name = found.class_name
     if name == "DiTTransformer2DModel":

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from latentpatch.seeding import derive_seed
 
 if TYPE_CHECKING:
     from latentpatch.runs import LoadedRun
+
+Grid = Callable[[int, tuple[int, int]], Tensor]  # (levels, latent (h, w)) -> [levels] ascending
 
 
 def store_sigma_data(store: LatentStore) -> float:
@@ -82,16 +84,21 @@ class HeldoutSet:
     def __init__(
         self, latents: Tensor, *, num_sigmas: int = 8, seed: int = 0, P_mean: float = -1.2, P_std: float = 1.2,
         cond: Conditioning | None = None, sigma_data: float | None = None, ids: Tensor | None = None,
-        coordinate_scale: str = "per-axis",
+        coordinate_scale: str = "per-axis", grid: Grid | None = None,
     ) -> None:
         """`ids`: each image's number in a larger set it is part of (a bucket of a BucketedHeldoutSet), which
-        names its noise seed; `coordinate_scale`: the run's patches.coordinate_scale (non-square latents)."""
+        names its noise seed; `coordinate_scale`: the run's patches.coordinate_scale (non-square latents); `grid`:
+        the run's own fixed noise levels, (n, (h, w)) -> [n] ascending (a flow base's, denoiser.heldout_grid),
+        else the mid-quantiles of EDM's log-normal (P_mean, P_std)."""
         if latents.ndim != 4 or len(latents) == 0:
             raise UserError(f"held-out latents must be a non-empty [n, C, h, w] tensor, got {tuple(latents.shape)}")
         if num_sigmas < 1:
             raise UserError(f"the held-out loss needs at least 1 noise level, got {num_sigmas}")
         self.x0 = latents.detach().to("cpu", torch.float32)
-        self.sigmas = heldout_sigma_grid(num_sigmas, P_mean, P_std)
+        h, w = self.x0.shape[2:]
+        grid_sigmas = None if grid is None else grid(num_sigmas, (h, w))
+        self.sigmas = (heldout_sigma_grid(num_sigmas, P_mean, P_std) if grid_sigmas is None
+                       else grid_sigmas.to(torch.float32))
         self.seed = int(seed)
         self.cond = cond
         self.ids = ids
@@ -206,6 +213,7 @@ def scored_rows(store: LatentStore, rows: Tensor, limit: int, seed: int) -> Tens
 def bucketed_heldout_set(
     store: LatentStore, rows: Tensor, cond: Conditioning | None, *, num_sigmas: int = 8, seed: int = 0,
     P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float | None = None, coordinate_scale: str = "per-axis",
+    grid: Grid | None = None,
 ) -> BucketedHeldoutSet:
     """Rows `rows` of a store with aspect buckets (posterior means) and their conditioning `cond`, a HeldoutSet
     per bucket; image k of `rows` keeps noise seed k, as in a single-shape set."""
@@ -218,14 +226,14 @@ def bucketed_heldout_set(
         parts.append((b, HeldoutSet(latents, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std,
                                     cond=None if cond is None else cond.select(at),
                                     sigma_data=sigma_data, ids=at,
-                                    coordinate_scale=coordinate_scale)))
+                                    coordinate_scale=coordinate_scale, grid=grid)))
     return BucketedHeldoutSet(parts)
 
 
 def store_heldout_set(
     store: LatentStore | str | os.PathLike, spec: ConditioningSpec | None = None, *, num_sigmas: int = 8,
     seed: int = 0, limit: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
-    sigma_data: float | None = None, coordinate_scale: str = "per-axis",
+    sigma_data: float | None = None, coordinate_scale: str = "per-axis", grid: Grid | None = None,
 ) -> HeldoutSet | BucketedHeldoutSet:
     """A HeldoutSet of a latent store's first `limit` items (all by default), at their posterior means; of a
     store with aspect buckets, a BucketedHeldoutSet (each image at its own bucket's shape).
@@ -257,12 +265,13 @@ def store_heldout_set(
     cached = store.load(names=(*TEXT_FIELDS, HASH_KEY)) if text is not None and text.cached else {}
     rows = condition_rows(spec, store, cached, text, missing_label="null")
     return heldout_set(store, chosen, select_rows(spec, rows, chosen), num_sigmas=num_sigmas, seed=seed,
-                       P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, coordinate_scale=coordinate_scale)
+                       P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, coordinate_scale=coordinate_scale, grid=grid)
 
 
 def heldout_set(
     store: LatentStore, rows: Tensor, cond: Conditioning | None, *, num_sigmas: int = 8, seed: int = 0,
     P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float | None = None, coordinate_scale: str = "per-axis",
+    grid: Grid | None = None,
 ) -> HeldoutSet | BucketedHeldoutSet:
     """Store rows `rows` (their posterior means) and their conditioning `cond` as a held-out set: a HeldoutSet,
     or of a store with aspect buckets a BucketedHeldoutSet (each image at its own bucket's shape). The weighting's
@@ -270,9 +279,10 @@ def heldout_set(
     sigma_data = store.latent_std() if sigma_data is None else sigma_data
     if store.bucketed:
         return bucketed_heldout_set(store, rows, cond, num_sigmas=num_sigmas, seed=seed, P_mean=P_mean, P_std=P_std,
-                                    sigma_data=sigma_data, coordinate_scale=coordinate_scale)
+                                    sigma_data=sigma_data, coordinate_scale=coordinate_scale, grid=grid)
     return HeldoutSet(store.load(rows.tolist(), names=("mean",))["mean"], num_sigmas=num_sigmas, seed=seed,
-                      P_mean=P_mean, P_std=P_std, cond=cond, sigma_data=sigma_data, coordinate_scale=coordinate_scale)
+                      P_mean=P_mean, P_std=P_std, cond=cond, sigma_data=sigma_data, coordinate_scale=coordinate_scale,
+                      grid=grid)
 
 
 def _existing_store(path: str | os.PathLike) -> Path:
@@ -293,10 +303,12 @@ def run_denoising_loss(
     store.require_latent_space(loaded.info.get("autoencoder") or {}, store_latent_shape(loaded.info),
                                f"the run {loaded.run_dir} was trained on",
                                "encode the held-out images with the run's autoencoder, at its resolution")
+    from latentpatch.denoiser import heldout_grid
+
     edm = loaded.cfg.edm
     heldout = store_heldout_set(store, loaded.spec, num_sigmas=num_sigmas, seed=seed, limit=limit,
                                 P_mean=edm.P_mean, P_std=edm.P_std, sigma_data=run_weight_sd(loaded),
-                                coordinate_scale=loaded.cfg.patches.coordinate_scale)
+                                coordinate_scale=loaded.cfg.patches.coordinate_scale, grid=heldout_grid(loaded.cfg))
     return denoising_loss(loaded.precond, heldout, batch_size=batch_size)
 
 

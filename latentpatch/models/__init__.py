@@ -7,7 +7,7 @@ from torch import nn
 
 from latentpatch.device import resolve_device
 from latentpatch.models.attention import resolve_backend
-from latentpatch.models.model_config import DiTConfig, ModelConfig, PretrainedConfig, UNetConfig
+from latentpatch.models.model_config import FLOW_CLASSES, DiTConfig, ModelConfig, PretrainedConfig, UNetConfig
 
 __all__ = ["DiTConfig", "ModelConfig", "PretrainedConfig", "UNetConfig", "build_network"]
 
@@ -39,6 +39,10 @@ def build_network(
         from latentpatch.models.pretrained_dit import PretrainedDiT
 
         return PretrainedDiT(cfg, latent_channels, backend)
+    if cfg.arch == "pretrained" and cfg.pretrained.class_name in FLOW_CLASSES:
+        from latentpatch.models.flow_base import flow_network
+
+        return flow_network(cfg, latent_channels)
     from latentpatch.models.unet import UNetDenoiser
 
     return UNetDenoiser(cfg, latent_channels, backend)

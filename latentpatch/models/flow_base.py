@@ -34,6 +34,39 @@ def wrap_flow_transformer(transformer: nn.Module, **kwargs: Any) -> nn.Module:
                     f"({', '.join(FLOW_PIPELINES.values())})")
 
 
+def flow_network(cfg: Any, latent_channels: int) -> nn.Module:
+    """The SD3Network / FluxNetwork of a run's model config (model.arch=pretrained, a flow class), stock weights to
+    come from a checkpoint; its latent channels must be the store's."""
+    from latentpatch.models.flux import FluxNetwork
+    from latentpatch.models.sd3 import SD3Network
+
+    config = cfg.pretrained.config
+    if cfg.num_classes:
+        raise UserError(f"the {cfg.pretrained.class_name} is text-conditioned, not class-conditional; set "
+                        "model.num_classes=0")
+    net = (SD3Network if cfg.pretrained.class_name == "SD3Transformer2DModel" else FluxNetwork).from_config(config)
+    if net.latent_channels != latent_channels:
+        raise UserError(f"the {cfg.pretrained.class_name} takes {net.latent_channels}-channel latents but the store "
+                        f"holds {latent_channels}-channel ones; encode with the base pipeline's vae/")
+    if cfg.grad_checkpointing:
+        net.transformer.enable_gradient_checkpointing()
+    return net
+
+
+def flow_patch(cfg: Any) -> int:
+    """Latent pixels per token side of a flow base (model config): SD3's patch_size, FLUX's 2x2 packing."""
+    from latentpatch.models.flux import FLUX_PACKING
+
+    if cfg.pretrained.class_name == "SD3Transformer2DModel":
+        return int(cfg.pretrained.config.get("patch_size", 2))
+    return FLUX_PACKING
+
+
+def flow_pipeline(class_name: str) -> str:
+    """The pipeline class of a flow transformer class (its sampling schedule and export follow it)."""
+    return {v: k for k, v in FLOW_PIPELINES.items()}[class_name]
+
+
 @dataclass
 class FlowBase:
     """The denoiser of a flow-matching pipeline folder and what sampling it needs."""

@@ -64,6 +64,11 @@ class FluxNetwork(nn.Module):
 
         return cls(FluxTransformer2DModel.from_config(config), guidance_scale)
 
+    @property
+    def embeds_guidance(self) -> bool:
+        """FLUX.1-dev: guidance is a distilled input of the network (guidance_scale), not two calls per step."""
+        return bool(self.transformer.config.guidance_embeds)
+
     def _guidance(self, batch: int, guidance: Tensor | float | None, device: torch.device) -> Tensor | None:
         if not self.transformer.config.guidance_embeds:
             return None

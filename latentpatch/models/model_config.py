@@ -69,16 +69,28 @@ class UNetConfig:
 
 
 # The pretrained diffusers networks fine-tuning can drive (latentpatch.models.widen / pretrained_dit).
-PRETRAINED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+PRETRAINED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
+                      "FluxTransformer2DModel")
+# The flow-matching transformers (latentpatch.models.sd3 / flux): stock weights, no coordinate channels.
+FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 @dataclass
 class PretrainedConfig:
-    """A pretrained diffusers network widened by the coordinate channels (written by fine-tuning): its
-    class and diffusers config; the weights are in the run's checkpoints."""
+    """A pretrained diffusers network (written by fine-tuning): its class and diffusers config; the weights are in
+    the run's checkpoints. UNets and DiTs are widened by the coordinate channels; the flow transformers are not."""
 
     class_name: str = ""  # one of PRETRAINED_CLASSES
     config: Any = None  # dict: the diffusers config.json of the widened network
+
+
+def pretrained_latent_channels(pretrained: PretrainedConfig) -> int:
+    """The latent channels a pretrained network takes: a widened UNet's or DiT's inputs less the 2 coordinate
+    channels; an SD3 transformer's own; FLUX's packed 2x2 tokens, a quarter of its inputs."""
+    in_channels = int(pretrained.config["in_channels"])
+    if pretrained.class_name == "FluxTransformer2DModel":
+        return in_channels // 4
+    return in_channels if pretrained.class_name in FLOW_CLASSES else in_channels - 2
 
 
 @dataclass

@@ -27,6 +27,7 @@ from latentpatch import distributed as dist
 from latentpatch.sampling import job_folder as folder
 from latentpatch.conditioning.requested import check_request, request_conditioning
 from latentpatch.device import resolve_device
+from latentpatch.denoiser import sampling_sigmas
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
 from latentpatch.sampling.prompts import PromptEntry
@@ -157,11 +158,14 @@ def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[
     prompts = [x.prompt for x in specs] if specs[0].prompt is not None else None
     classes = [x.class_label for x in specs] if specs[0].class_label is not None else None
     cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), prompts, classes, device)
+    guidance, net = options.guidance, loaded.precond.net
+    if getattr(net, "embeds_guidance", False):  # FLUX.1-dev: the guidance is the network's own input
+        net.guidance_scale, guidance = guidance, 1.0
     latents = generate_latents(
         loaded.precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
-        sampler=options.sampler, steps=options.steps, guidance=options.guidance, churn=options.churn,
+        sampler=options.sampler, steps=options.steps, guidance=guidance, churn=options.churn,
         sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], coordinate_scale=loaded.cfg.patches.coordinate_scale,
-        device=device, progress=progress,
+        device=device, progress=progress, sigmas=sampling_sigmas(loaded.cfg, options.steps, s["latent_shape"][1:]),
     )
     return autoencoder.decode(latents)
 

@@ -19,6 +19,7 @@ from latentpatch.conditioning import ConditioningSpec
 from latentpatch.conditioning.stored import select_rows
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
+from latentpatch.denoiser import heldout_grid
 from latentpatch.errors import UserError
 from latentpatch.metrics.denoising import (BucketedHeldoutSet, DenoisingLoss, HeldoutSet, denoising_loss, heldout_set,
                                            scored_rows, store_heldout_set, store_sigma_data)
@@ -57,7 +58,8 @@ class HeldoutEval:
         (metrics.denoising.store_sigma_data) in both cases, as `latentpatch eval` uses, so the two agree."""
         h, edm = cfg.heldout, cfg.edm
         settings = dict(num_sigmas=h.sigmas, seed=h.seed, P_mean=edm.P_mean, P_std=edm.P_std,
-                        sigma_data=store_sigma_data(store), coordinate_scale=cfg.patches.coordinate_scale)
+                        sigma_data=store_sigma_data(store), coordinate_scale=cfg.patches.coordinate_scale,
+                        grid=heldout_grid(cfg))
         if h.latents:
             other = LatentStore(_existing(h.latents))
             other.require_latent_space(store.info.to_dict(), store.latent_shape,

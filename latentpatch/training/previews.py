@@ -22,6 +22,7 @@ def save_preview_grid(
     precond: torch.nn.Module, autoencoder, latent_shape: tuple[int, int, int], path: str | os.PathLike,
     device: torch.device, *, n: int, steps: int, sigma_min: float, sigma_max: float,
     cond: Conditioning | None = None, label: str | None = None, coordinate_scale: str = "per-axis",
+    sigmas: torch.Tensor | None = None,
 ) -> None:
     """n samples (EDM Heun) with the images 0..n-1 of a seed-0 `latentpatch sample` job's noise and a fixed
     `cond`, the same at every step, so a run's grids show one set of samples evolve; `label` (the step and its
@@ -30,7 +31,7 @@ def save_preview_grid(
     x = generate_latents(precond, [image_seed(0, i) for i in range(n)], latent_shape,
                          None if cond is None else cond.to(device), sampler=DEFAULTS.sampler, steps=steps,
                          sigma_min=sigma_min, sigma_max=sigma_max, device=device, dtype=torch.float32, autocast=False,
-                         coordinate_scale=coordinate_scale)
+                         coordinate_scale=coordinate_scale, sigmas=sigmas)
     picture = to_pil(make_grid(to_uint8(autoencoder.decode(x))))  # as `sample` writes its images and grid.png
     if label:
         picture = labelled(picture, label)

@@ -25,7 +25,7 @@ from latentpatch import checkpoints as ckpt_io
 from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import RunConfig
 from latentpatch.data.store import LatentStore
-from latentpatch.denoiser import build_objective, build_precond, size_multiple
+from latentpatch.denoiser import build_objective, build_precond, sampling_sigmas, size_multiple
 from latentpatch.device import training_autocast
 from latentpatch.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from latentpatch.errors import UserError
@@ -334,12 +334,14 @@ class _Session:
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder_from_info(self.store.info, device=self.dist.device)
         cond = preview_conditioning(self.spec, self.cond_rows, self.store.captions, tc.sample_n)
+        shape = run_latent_shape(self.store)
         with autocast():
-            save_preview_grid(self.ema, self.autoencoder, run_latent_shape(self.store),
+            save_preview_grid(self.ema, self.autoencoder, shape,
                               self.run_dir / "samples" / f"step-{self.step:08d}.png", self.dist.device,
                               n=tc.sample_n, steps=tc.sample_steps, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max,
                               cond=cond, label=preview_label(self.step, self.heldout),
-                              coordinate_scale=self.cfg.patches.coordinate_scale)
+                              coordinate_scale=self.cfg.patches.coordinate_scale,
+                              sigmas=sampling_sigmas(self.cfg, tc.sample_steps, shape[1:]))
 
     def checkpoint(self, logger: RunLogger, best: bool = False) -> None:
         """Rank 0 writes; weights that are not finite are never written (the last good checkpoint stays)."""

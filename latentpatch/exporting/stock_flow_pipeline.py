@@ -1,0 +1,57 @@
+"""The export target for a fine-tune of a flow-matching base (SD3 / SD3.5, FLUX.1): the base's own pipeline folder
+with the fine-tuned transformer in it, so that StableDiffusion3Pipeline / FluxPipeline.from_pretrained(OUT) load it
+with no remote code. Its weights stay stock: a crop told its place through the base's own position encoding
+(models/sd3.py, models/flux.py), never through extra channels.
+
+    OUT/model_index.json, transformer/, scheduler/, vae/, text_encoder*/, tokenizer*/   as the base's pipeline
+
+The stock pipeline samples with its own FlowMatchEulerDiscreteScheduler: `latentpatch sample --sampler euler`
+(over the same schedule, diffusion/flow_schedule.py) gives its images for the same initial noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from latentpatch.errors import UserError
+from latentpatch.runs import LoadedRun
+
+
+def serves(loaded: LoadedRun) -> bool:
+    return loaded.cfg.edm.precond == "flow"
+
+
+def base_pipeline(loaded: LoadedRun) -> str:
+    """The folder of the base pipeline: its text encoders' record names it (transformers:FOLDER)."""
+    from latentpatch.text.pipeline_encoder import split_source
+
+    record = loaded.spec.text_encoder or {}
+    source = split_source(record.get("model", ""))
+    if not source or not (Path(source).is_dir() or record.get("pipeline")):
+        raise UserError(f"run {loaded.run_dir} was fine-tuned from a pipeline latentpatch cannot find again "
+                        f"({source or 'not recorded'}); its vae/, scheduler/ and text encoders go into the export")
+    return source
+
+
+def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
+    """Save the base pipeline with the run's transformer (the checkpoint's weights, adapters merged) into `folder`."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if lora == "separate":
+        raise UserError("--lora separate: a flow transformer's adapters are exported merged into its weights")
+    source = base_pipeline(loaded)
+    transformer = loaded.precond.net.transformer
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the base pipeline {source} to export beside the fine-tuned transformer: "
+                        f"{e}") from e
+    pipe.save_pretrained(folder)
+    name = type(pipe).__name__
+    return {"stock": True, "pipeline": name, "network": type(transformer).__name__,
+            "coordinate_scale": "none (the base's own positions)", "scheduler": type(pipe.scheduler).__name__,
+            "sampler": "euler (the pipeline's own FlowMatchEulerDiscreteScheduler)", "lora": "merged" if lora else None,
+            "base_pipeline": source, "components": sorted(k for k, v in pipe.components.items() if v is not None),
+            "example_call": 'prompt="a red brick wall", num_inference_steps=28'}

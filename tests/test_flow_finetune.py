@@ -1,0 +1,163 @@
+"""Fine-tuning the flow-matching bases (SD3 / SD3.5, FLUX.1) with patches: the run the pipeline folder resolves
+to, the first step exactly the stock denoiser, the noise-level shift of the full image for every crop, exact
+resume, the CLI, and the export that the stock pipeline loads and samples as `latentpatch sample` does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flow_helpers import LATENT_CHANNELS, make_flux_pipeline, make_sd3_pipeline
+from text_helpers import colour_folder
+from trainer_helpers import assert_same_weights
+from typer.testing import CliRunner
+
+import latentpatch as lp
+from latentpatch.config import load_config
+from latentpatch.errors import UserError
+from latentpatch.runs import load_run
+
+pytest.importorskip("transformers")
+FAST = dict(device="cpu", progress=False)
+SHORT = ["train.batch_size=4", "train.log_every=2", "heldout.share=0"]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow-bases")
+    return {"sd3": make_sd3_pipeline(root / "sd3"), "flux": make_flux_pipeline(root / "flux")}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return colour_folder(tmp_path_factory.mktemp("colours") / "images", n=12, size=16)
+
+
+@pytest.fixture(scope="module")
+def runs(pipelines, images, tmp_path_factory):
+    """A 4-step fine-tune of each base (encoded once into its run's latents/)."""
+    root = tmp_path_factory.mktemp("flow-runs")
+    return {name: lp.finetune(pipelines[name], images, root / name, steps=4, resolution=16, overrides=SHORT, **FAST)
+            for name in ("sd3", "flux")}
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_flow_pipeline_resolves_to_its_own_objective_schedule_encoders_and_stock_transformer(runs, pipelines, name):
+    run = runs[name].run_dir
+    cfg, info = load_config(run / "config.yaml"), json.loads((run / "run.json").read_text())
+    klass = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[name]
+    assert cfg.model.arch == "pretrained" and cfg.model.pretrained.class_name == klass
+    assert cfg.model.pretrained.config["in_channels"] in (LATENT_CHANNELS, 4 * LATENT_CHANNELS)  # stock: no channels
+    assert cfg.edm.precond == "flow" and cfg.edm.scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert cfg.flow.weighting_scheme == ("logit_normal" if name == "sd3" else "none")  # each example's default
+    assert cfg.patches.aligned and cfg.patches.coordinate_scale == "per-axis"
+    assert info["autoencoder"]["source"] == str(pipelines[name] / "vae") and info["latent_shape"][0] == 16
+    text = info["conditioning"]["text_encoder"]
+    assert text["model"] == f"transformers:{pipelines[name]}" and text["padding"] == "pipeline"
+    assert text["max_length"] == {"sd3": 256, "flux": 512}[name]  # the pipelines' own T5 lengths
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_the_first_step_starts_from_exactly_the_stock_denoiser(runs, pipelines, name):
+    from latentpatch.conditioning import Conditioning
+    from latentpatch.denoiser import build_precond
+    from latentpatch.finetuning.starting_points import diffusers_base
+    from latentpatch.models.flow_base import load_flow_base
+    from latentpatch.patches import full_coordinates
+
+    found = diffusers_base(str(pipelines[name]), None, None)
+    cfg = load_config(runs[name].run_dir / "config.yaml")
+    ours = build_precond(cfg, LATENT_CHANNELS, device="cpu", init_state=found.state).eval()
+    stock = load_flow_base(pipelines[name]).precond
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, LATENT_CHANNELS, 8, 8, generator=g) * 2
+    width = cfg.model.pretrained.config["joint_attention_dim"]
+    cond = Conditioning(text_tokens=torch.randn(2, 5, width, generator=g),
+                        text_pooled=torch.randn(2, cfg.model.pretrained.config["pooled_projection_dim"], generator=g))
+    sigma, coords = torch.tensor([0.3, 4.0]), full_coordinates(2, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(ours(x, sigma, coords, cond), stock(x, sigma, coords, cond))
+
+
+def test_every_crop_of_a_flux_step_takes_the_shift_of_its_full_images_tokens():
+    """A crop's noise level is drawn as a full-size image's: FLUX's shift reads the full latent's token count."""
+    from flow_helpers import FLUX_SCHEDULER
+
+    from latentpatch.conditioning import ConditioningSpec
+    from latentpatch.diffusion.flow import FLUX_DEFAULTS, FlowMatching
+    from latentpatch.patches import PatchStage
+    from latentpatch.seeding import make_generator
+    from latentpatch.training.batches import BatchSpec, draw_batch
+    from latentpatch.training.rows import TrainingRows
+
+    objective = FlowMatching(FLUX_DEFAULTS, FLUX_SCHEDULER)
+    latents = {"mean": torch.zeros(6, 16, 32, 32)}
+    rows = TrainingRows.split([latents], torch.zeros(6, dtype=torch.long), {}, None, (32, 32))
+    spec = BatchSpec(seed=3, objective=objective, conditioning=ConditioningSpec(), label_dropout=0.0,
+                     caption_dropout=0.0, crop_multiple=2)
+    crop = draw_batch(rows, spec, PatchStage(8, 8, 1.0, 4), 4, 0, 0, 0, 1, torch.device("cpu"))
+    g = make_generator(torch.device("cpu"), 3, 0, 0, "batch")
+    torch.randint(0, 13, (4,), generator=g), torch.randint(0, 13, (4,), generator=g)  # the crop offsets' draws
+    full = objective.draw_sigmas(4, g, "cpu", torch.tensor([[32, 32]] * 4))
+    assert torch.equal(crop.sigma, full)
+    assert not torch.equal(full, objective.draw_sigmas(4, make_generator(torch.device("cpu"), 3, 0, 0, "batch"),
+                                                       "cpu", torch.tensor([[8, 8]] * 4)))
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_flow_fine_tune_stopped_and_resumed_equals_an_uninterrupted_one(pipelines, images, tmp_path, name):
+    whole = lp.finetune(pipelines[name], images, tmp_path / "whole", steps=4, resolution=16, overrides=SHORT, **FAST)
+    store = whole.latents  # the same store: the split run encodes nothing
+    lp.finetune(pipelines[name], store, tmp_path / "split", steps=2, resolution=16, overrides=SHORT, **FAST)
+    resumed = lp.finetune(pipelines[name], store, tmp_path / "split", steps=4, resume=True, **FAST)
+    assert resumed.step == 4
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
+
+
+def test_the_cli_fine_tunes_an_sd3_pipeline_and_samples_it(pipelines, images, tmp_path):
+    from latentpatch.cli.app import app
+
+    out = tmp_path / "ft"
+    done = CliRunner().invoke(app, ["train", "--base", str(pipelines["sd3"]), "--data", str(images), "--out", str(out),
+                                    "--max-steps", "2", "--device", "cpu", "--no-progress", *SHORT])
+    assert done.exit_code == 0, done.output
+    sampled = CliRunner().invoke(app, ["sample", str(out), "--prompt", "red", "--n", "1", "--steps", "2",
+                                       "--sampler", "euler", "--out", str(tmp_path / "s"), "--device", "cpu",
+                                       "--no-progress"])
+    assert sampled.exit_code == 0, sampled.output
+    assert (tmp_path / "s" / "00000000.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_the_export_is_the_stock_pipeline_and_samples_as_latentpatch_does(runs, tmp_path, name):
+    """StableDiffusion3Pipeline / FluxPipeline.from_pretrained(OUT) with no remote code; for the same initial noise
+    and prompt, latentpatch's Euler over the pipeline's schedule gives its image (within 1/255)."""
+    import diffusers
+    from diffusers import FluxPipeline
+
+    from latentpatch.diffusion.samplers import per_image_noise_fn
+    from latentpatch.seeding import image_seed
+
+    out = lp.export(runs[name].run_dir, tmp_path / "export")
+    klass = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == klass
+    assert not (out / "pipeline_latentpatch.py").exists() and f"{klass}.from_pretrained" in (out / "README.md").read_text()
+    pipe = getattr(diffusers, klass).from_pretrained(out, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = 3.5 if name == "flux" else 2.0
+    ours = lp.sample(runs[name].run_dir, prompts=["red"], n=1, steps=3, sampler="euler", guidance=guidance,
+                     output="tensor", device="cpu")
+    noise = per_image_noise_fn([image_seed(0, 0)], device="cpu")(torch.empty(1, LATENT_CHANNELS, 8, 8))
+    latents = FluxPipeline._pack_latents(noise, 1, LATENT_CHANNELS, 8, 8) if name == "flux" else noise
+    with torch.no_grad():
+        theirs = pipe(prompt=["red"], height=16, width=16, latents=latents, num_inference_steps=3,
+                      guidance_scale=guidance, output_type="pt").images
+    assert torch.allclose(ours, (theirs.float() * 255).round() / 255, atol=1.01 / 255)
+
+
+def test_a_sana_style_transformer_is_refused_in_one_line(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
+    with pytest.raises(UserError, match=r"^.* holds a SanaTransformer2DModel, whose transformer has no position "):
+        lp.finetune(tmp_path, tmp_path, tmp_path / "ft", steps=1, **FAST)
