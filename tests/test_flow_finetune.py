@@ -161,3 +161,64 @@ def test_a_sana_style_transformer_is_refused_in_one_line(tmp_path):
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
     with pytest.raises(UserError, match=r"^.* holds a SanaTransformer2DModel, whose transformer has no position "):
         lp.finetune(tmp_path, tmp_path, tmp_path / "ft", steps=1, **FAST)
+
+
+@pytest.mark.parametrize("mode", ["separate", "merged"])
+def test_a_lora_fine_tune_trains_adapters_only_and_exports_for_the_stock_loader(pipelines, runs, tmp_path, mode):
+    """LoRA on the SD3 transformer's attention: the base stays stock (nothing widened trains); exported separate,
+    the stock pipeline's load_lora_weights reads the file and samples what latentpatch samples."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from latentpatch.diffusion.samplers import per_image_noise_fn
+    from latentpatch.seeding import image_seed
+
+    run = lp.finetune(pipelines["sd3"], runs["sd3"].latents, tmp_path / "ft", steps=3, lora_rank=2, lr=1e-2,
+                      overrides=SHORT, **FAST)
+    from diffusers import SD3Transformer2DModel
+
+    trained = load_file(run.checkpoint / "model.safetensors")
+    stock = SD3Transformer2DModel.from_pretrained(pipelines["sd3"], subfolder="transformer").state_dict()
+    frozen = {k.replace(".base_layer.", ".").removeprefix("net.transformer."): v for k, v in trained.items()
+              if ".lora_" not in k}
+    assert any(".lora_" in k for k in trained) and frozen.keys() == stock.keys()
+    assert all(torch.equal(frozen[k], stock[k]) for k in stock)  # the base stays stock: adapters alone trained
+    out = lp.export(run.run_dir, tmp_path / "export", lora=mode)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if mode == "separate":
+        assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        pipe.load_lora_weights(out / "lora")
+    ours = lp.sample(run.run_dir, prompts=["red"], n=1, steps=3, sampler="euler", guidance=2.0, output="tensor",
+                     device="cpu")
+    noise = per_image_noise_fn([image_seed(0, 0)], device="cpu")(torch.empty(1, LATENT_CHANNELS, 8, 8))
+    with torch.no_grad():
+        theirs = pipe(prompt=["red"], height=16, width=16, latents=noise, num_inference_steps=3, guidance_scale=2.0,
+                      output_type="pt").images
+    assert torch.allclose(ours, (theirs.float() * 255).round() / 255, atol=1.01 / 255)
+
+
+def test_a_short_sd3_fine_tune_learns_its_captions(pipelines, tmp_path):
+    """The prompt-colour test of the text path, on SD3's objective and encoders: the tiny transformer starts from
+    random weights, so its captions are learnt from scratch in 300 steps; samples for each colour land nearest
+    that colour's latents (chance: 6 of 18)."""
+    from latentpatch.conditioning.requested import request_conditioning
+    from latentpatch.data.store import LatentStore
+    from latentpatch.denoiser import sampling_sigmas
+    from latentpatch.sampling.latents import generate_latents
+
+    colours = colour_folder(tmp_path / "images", n=24, size=16)
+    run = lp.finetune(pipelines["sd3"], colours, tmp_path / "ft", steps=300, lr=3e-3, batch_size=8,
+                      overrides=["train.log_every=10", "train.ema_halflife_kimg=0.05", "optim.warmup_steps=10",
+                                 "heldout.share=0"], **FAST)
+    loaded = load_run(run)
+    store = LatentStore(run.latents)
+    latents, captions = store.load()["mean"].float(), store.captions
+    names = ["red", "green", "blue"]
+    means = torch.stack([latents[[i for i, c in enumerate(captions) if c == k]].mean(0) for k in names])
+    cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), [k for k in names for _ in range(6)])
+    shape = tuple(loaded.info["latent_shape"])
+    x = generate_latents(loaded.precond, list(range(18)), shape, cond, uncond, sampler="euler", guidance=2.0,
+                         sigmas=sampling_sigmas(loaded.cfg, 12, shape[1:]))
+    nearest = ((x[:, None] - means[None]) ** 2).mean((2, 3, 4)).argmin(1)
+    assert int((nearest == torch.arange(3).repeat_interleave(6)).sum()) >= 11

@@ -19,7 +19,7 @@ from typing import Any
 from latentpatch import checkpoints as ckpt
 from latentpatch.exporting import folder as out_folder
 from latentpatch.exporting.autoencoder import export_autoencoder
-from latentpatch.exporting.lora import LORA_DIR, split_adapters, unmerged_network, write_lora_file
+from latentpatch.exporting.lora import LORA_DIR, network_class, split_adapters, unmerged_network, write_lora_file
 from latentpatch.exporting.network import ExportedNetwork, export_network
 from latentpatch.exporting.schedulers import export_scheduler
 from latentpatch.exporting.shipped import PIPELINE_CLASS, PIPELINE_MODULE
@@ -39,7 +39,7 @@ def _network(loaded: LoadedRun, lora: str | None, folder: Path) -> ExportedNetwo
     weights_file = Path(loaded.checkpoint) / ckpt.WEIGHT_FILES[loaded.weights]  # verified by load_run
     net = unmerged_network(loaded.cfg, int(loaded.info["latent_shape"][0]), weights_file)
     base, adapters = split_adapters(net)
-    write_lora_file(folder / LORA_DIR, adapters, loaded.cfg.model.lora_rank)
+    write_lora_file(folder / LORA_DIR, adapters, loaded.cfg.model.lora_rank, network_class(net))
     return export_network(net, weights=base)
 
 

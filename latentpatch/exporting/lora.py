@@ -5,8 +5,9 @@ that `pipe.load_lora_weights` reads.
 one network class whose diffusers loader (StableDiffusionLoraLoaderMixin, which the exported pipeline has)
 takes adapters. The folder's unet/ then holds the base weights and the layers the fine-tune trained whole
 (conv_in with its coordinate channels); lora/pytorch_lora_weights.safetensors holds the adapters, at the scale
-latentpatch trained them (lora_alpha = rank). latentpatch's DiT, UNet2DModel and DiTTransformer2DModel have no
-diffusers LoRA loader: their adapters are merged.
+latentpatch trained them (lora_alpha = rank). It serves the flow transformers too (SD3Transformer2DModel,
+FluxTransformer2DModel: the stock pipelines' SD3 / FLUX LoRA loaders), whose weights stay stock. latentpatch's DiT,
+UNet2DModel and DiTTransformer2DModel have no diffusers LoRA loader: their adapters are merged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from latentpatch.errors import UserError
 
 LORA_MODES = ("merged", "separate")
 LORA_DIR = "lora"
-SEPARATE_CLASSES = ("UNet2DConditionModel",)
+SEPARATE_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+# The pipeline whose LoRA loader reads a network class's adapters (and whose save_lora_weights writes them).
+LOADERS = {"UNet2DConditionModel": ("StableDiffusionLoraLoaderMixin", "unet"),
+           "SD3Transformer2DModel": ("SD3LoraLoaderMixin", "transformer"),
+           "FluxTransformer2DModel": ("FluxLoraLoaderMixin", "transformer")}
 
 
 def network_class(net: nn.Module) -> str:
@@ -38,8 +43,9 @@ def lora_mode(lora_rank: int, net: nn.Module, asked: str | None) -> str | None:
         return None
     separable = network_class(net) in SEPARATE_CLASSES
     if asked == "separate" and not separable:
-        raise UserError(f"--lora separate needs a UNet2DConditionModel, whose diffusers loader takes LoRA files; this "
-                        f"run's network is a {network_class(net)}: export it with --lora merged")
+        raise UserError(f"--lora separate needs a network whose diffusers pipeline loads LoRA files "
+                        f"({', '.join(SEPARATE_CLASSES)}); this run's network is a {network_class(net)}: export it "
+                        "with --lora merged")
     return asked or ("separate" if separable else "merged")
 
 
@@ -54,24 +60,28 @@ def unmerged_network(cfg, latent_channels: int, weights_file: Path) -> nn.Module
 
 
 def split_adapters(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(base weights, adapters) of the UNet inside `net`: the base under its plain names (adapters left out,
-    not merged), the adapters as peft names them (`...to_q.lora_A.weight`)."""
+    """(base weights, adapters) of the diffusers model inside `net` (its UNet or transformer): the base under its
+    plain names (adapters left out, not merged), the adapters as peft names them (`...to_q.lora_A.weight`)."""
     from peft import get_peft_model_state_dict
 
-    prefix = "unet."
+    name = LOADERS[network_class(net)][1]
+    prefix = name + "."
     adapters = {k[len(prefix):]: v.detach().clone() for k, v in get_peft_model_state_dict(net).items()}
-    base = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in net.unet.state_dict().items()
+    base = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in getattr(net, name).state_dict().items()
             if ".lora_" not in k}
     return base, adapters
 
 
-def write_lora_file(folder: Path, adapters: dict[str, torch.Tensor], rank: int) -> Path:
-    """folder/pytorch_lora_weights.safetensors in diffusers' format, with the adapter config beside the tensors."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def write_lora_file(folder: Path, adapters: dict[str, torch.Tensor], rank: int,
+                    network: str = "UNet2DConditionModel") -> Path:
+    """folder/pytorch_lora_weights.safetensors in diffusers' format, with the adapter config beside the tensors,
+    written by the save_lora_weights of the pipeline that loads a `network`'s adapters."""
+    import diffusers.loaders
 
     from latentpatch.models.lora import DIFFUSERS_TARGETS
 
+    loader, component = LOADERS[network]
     metadata = {"r": rank, "lora_alpha": rank, "target_modules": list(DIFFUSERS_TARGETS), "lora_dropout": 0.0}
-    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=adapters,
-                                                     unet_lora_adapter_metadata=metadata)
+    getattr(diffusers.loaders, loader).save_lora_weights(
+        folder, **{f"{component}_lora_layers": adapters, f"{component}_lora_adapter_metadata": metadata})
     return folder / "pytorch_lora_weights.safetensors"

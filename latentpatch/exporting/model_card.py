@@ -110,7 +110,7 @@ def render_card(record: dict[str, Any]) -> str:
         lora = (f'pipe.load_lora_weights("{record["folder"]}/lora")   # the adapters; without them: the base\n')
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     if record.get("stock"):
-        return _stock_card(record, table)
+        return _stock_card(record, table, lora)
     return f"""---
 library_name: diffusers
 tags: [latentpatch, patch-diffusion, diffusers]
@@ -140,7 +140,7 @@ pipe = DiffusionPipeline.from_pretrained("{record['folder']}", trust_remote_code
 """
 
 
-def _stock_card(record: dict[str, Any], table: str) -> str:
+def _stock_card(record: dict[str, Any], table: str, lora: str) -> str:
     """The card of a base's own pipeline folder: no remote code, the stock class."""
     return f"""---
 library_name: diffusers
@@ -163,7 +163,7 @@ import torch
 from diffusers import {record['pipeline']}
 
 pipe = {record['pipeline']}.from_pretrained("{record['folder']}")
-images = pipe({record['example_call']}, generator=torch.Generator().manual_seed(0)).images
+{lora}images = pipe({record['example_call']}, generator=torch.Generator().manual_seed(0)).images
 ```
 
 `latentpatch sample --sampler euler` samples the same schedule: image i is the pipeline's for the initial

@@ -34,15 +34,41 @@ def base_pipeline(loaded: LoadedRun) -> str:
     return source
 
 
+def _transformer(loaded: LoadedRun, lora: str | None, folder: Path) -> Any:
+    """The checkpoint's transformer, adapters merged; with `lora` "separate" the base's weights (the stock
+    pretrained ones: nothing else trained) and the adapters written to folder/lora/ for load_lora_weights."""
+    import diffusers
+
+    if lora is None:
+        return loaded.precond.net.transformer
+    if lora == "merged":  # a stock module with the adapters folded into its weights, no peft layers left
+        from latentpatch.models.lora import plain_state_dict
+
+        transformer = getattr(diffusers, loaded.cfg.model.pretrained.class_name).from_config(
+            loaded.cfg.model.pretrained.config)
+        plain = plain_state_dict(loaded.precond.net)
+        transformer.load_state_dict({k.removeprefix("transformer."): v for k, v in plain.items()})
+        return transformer
+    from latentpatch import checkpoints as ckpt
+    from latentpatch.exporting.lora import LORA_DIR, network_class, split_adapters, unmerged_network, write_lora_file
+
+    net = unmerged_network(loaded.cfg, int(loaded.info["latent_shape"][0]),
+                           Path(loaded.checkpoint) / ckpt.WEIGHT_FILES[loaded.weights])
+    base, adapters = split_adapters(net)
+    write_lora_file(folder / LORA_DIR, adapters, loaded.cfg.model.lora_rank, network_class(net))
+    transformer = getattr(diffusers, network_class(net)).from_config(loaded.cfg.model.pretrained.config)
+    transformer.load_state_dict(base)  # without adapters, the base: the stock pretrained weights
+    return transformer
+
+
 def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
-    """Save the base pipeline with the run's transformer (the checkpoint's weights, adapters merged) into `folder`."""
+    """Save the base pipeline with the run's transformer (the checkpoint's weights, adapters merged or separate)
+    into `folder`."""
     import torch
     from diffusers import DiffusionPipeline
 
-    if lora == "separate":
-        raise UserError("--lora separate: a flow transformer's adapters are exported merged into its weights")
     source = base_pipeline(loaded)
-    transformer = loaded.precond.net.transformer
+    transformer = _transformer(loaded, lora, folder)
     try:
         pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -51,7 +77,8 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
     pipe.save_pretrained(folder)
     name = type(pipe).__name__
     return {"stock": True, "pipeline": name, "network": type(transformer).__name__,
-            "coordinate_scale": "none (the base's own positions)", "scheduler": type(pipe.scheduler).__name__,
-            "sampler": "euler (the pipeline's own FlowMatchEulerDiscreteScheduler)", "lora": "merged" if lora else None,
+            "coordinate_scale": "none (the base's own positions)",
+            "scheduler": type(pipe.scheduler).__name__,
+            "sampler": "euler (the pipeline's own FlowMatchEulerDiscreteScheduler)", "lora": lora,
             "base_pipeline": source, "components": sorted(k for k, v in pipe.components.items() if v is not None),
             "example_call": 'prompt="a red brick wall", num_inference_steps=28'}

@@ -47,6 +47,8 @@ def crop_image_ids(grid: TokenGrid, index: int, gh: int, gw: int, device: torch.
 class FluxNetwork(nn.Module):
     """FluxPipeline's packing and ids around the stock FluxTransformer2DModel."""
 
+    stock_weights = True  # nothing widened or added: a LoRA fine-tune trains its adapters alone
+
     def __init__(self, transformer: nn.Module, guidance_scale: float = TRAINING_GUIDANCE) -> None:
         super().__init__()
         if transformer.config.patch_size != 1:

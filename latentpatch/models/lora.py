@@ -48,8 +48,9 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None = None) -> nn.Module
         inject_adapter_in_model(config, net)
     except ValueError as e:
         raise UserError(f"could not add LoRA adapters to the {type(net).__name__}: {e}") from e
+    trainable = () if getattr(net, "stock_weights", False) else TRAINABLE_PREFIXES  # nothing widened: adapters only
     for name, p in net.named_parameters():
-        p.requires_grad_("lora_" in name or _leaf(name).startswith(TRAINABLE_PREFIXES))
+        p.requires_grad_("lora_" in name or _leaf(name).startswith(trainable))
     return net
 
 

@@ -42,6 +42,8 @@ def crop_pos_embed(patch_embed: nn.Module, grid: TokenGrid, gh: int, gw: int) ->
 class SD3Network(nn.Module):
     """SD3Transformer2DModel.forward with the crop's window of the position table; the transformer is stock."""
 
+    stock_weights = True  # nothing widened or added: a LoRA fine-tune trains its adapters alone
+
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__()
         if getattr(transformer.pos_embed, "pos_embed_max_size", None) is None:
