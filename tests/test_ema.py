@@ -72,3 +72,21 @@ def test_a_run_of_updates_follows_the_closed_form_average():
         update_ema(ema, net, beta)
     expected = 2.0 + beta**5 * (start - 2.0)
     assert math.isclose(ema.weight.item(), expected, rel_tol=1e-6)
+
+
+def test_the_ema_of_a_partly_frozen_module_holds_its_frozen_weights_once():
+    """A LoRA fine-tune's base does not train: the EMA shares those tensors (one copy of a 12 B base, not two) and
+    averages only what trains."""
+    from torch import nn
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    module[0].requires_grad_(False)
+    ema = make_ema(module)
+    assert ema[0].weight is module[0].weight and ema[0].bias is module[0].bias
+    assert ema[1].weight is not module[1].weight and torch.equal(ema[1].weight, module[1].weight)
+    before = ema[1].weight.clone()
+    with torch.no_grad():
+        module[1].weight.add_(1.0)
+    update_ema(ema, module, beta=0.5)
+    torch.testing.assert_close(ema[1].weight, before + 0.5)
+    assert ema[0].weight is module[0].weight

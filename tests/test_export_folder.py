@@ -118,7 +118,7 @@ def test_lora_modes_by_network(tmp_path):
     with pytest.raises(UserError, match="no LoRA adapters"):
         lp.export(plain, tmp_path / "a", lora="merged")
     lora_dit = dit_run(tmp_path / "lora", overrides=("model.lora_rank=2",))
-    with pytest.raises(UserError, match="separate needs a UNet2DConditionModel.*DiT: export it with --lora merged"):
+    with pytest.raises(UserError, match="separate needs a network whose diffusers pipeline loads LoRA files.*DiT: export it with --lora merged"):
         lp.export(lora_dit, tmp_path / "a", lora="separate")
     out = lp.export(lora_dit, tmp_path / "a")  # merged: the default where separate cannot apply
     assert json.loads((out / "export.json").read_text())["lora"] == "merged" and not (out / "lora").exists()

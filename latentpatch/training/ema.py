@@ -25,17 +25,21 @@ def ema_beta(cur_nimg: float, batch_nimg: float, halflife_kimg: float, rampup: f
 
 
 def make_ema(module: nn.Module) -> nn.Module:
-    """A frozen copy of `module` in eval mode that holds the average."""
-    return copy.deepcopy(module).eval().requires_grad_(False)
+    """A frozen copy of `module` in eval mode that holds the average. Parameters that do not train (a LoRA
+    fine-tune's frozen base) are the module's own tensors, not copies: their average is themselves, and a base of
+    billions of parameters (FLUX.1: 12 B) is then held once, not twice."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    ema = copy.deepcopy(module, memo={id(p): p for p in frozen})  # deepcopy's memo: those tensors are not copied
+    return ema.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, module: nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * module for parameters; buffers are copied as they are."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in module.parameters()]
-    if len(ema_params) != len(params):
+    """ema <- beta * ema + (1 - beta) * module for the parameters that train; buffers are copied as they are."""
+    pairs = [(e, p.detach()) for e, p in zip(ema.parameters(), module.parameters()) if p.requires_grad]
+    if len(list(ema.parameters())) != len(list(module.parameters())):
         raise ValueError("the EMA copy and the module have different parameters")
-    torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), module.buffers()):
         b_ema.copy_(b)
