@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 # Each section lives beside the code it configures; all are re-exported here.
+from latentpatch.diffusion.ddpm import VPConfig
 from latentpatch.diffusion.edm import EDMConfig
 from latentpatch.diffusion.flow import FlowConfig
 from latentpatch.errors import UserError
@@ -29,6 +30,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)  # the objective of a flow-matching base (edm.precond=flow)
+    vp: VPConfig = field(default_factory=VPConfig)  # the objective of a DDPM base (edm.precond=vp)
     patches: PatchConfig = field(default_factory=PatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -38,18 +40,36 @@ class RunConfig:
 
     def check(self) -> RunConfig:
         """Every check that needs no data, once, when the config is loaded; returns self."""
-        for section in (self.model, self.edm, self.flow, self.patches, self.optim, self.train, self.heldout,
+        for section in (self.model, self.edm, self.flow, self.vp, self.patches, self.optim, self.train, self.heldout,
                         self.routing, self.text):
             section.check()
         if self.edm.precond == "flow" and (not self.patches.aligned or self.patches.coordinate_scale != "per-axis"):
             raise UserError("a flow-matching base (edm.precond=flow) reads each crop's place on its token grid from "
                             "per-axis coordinates: set patches.aligned=true and patches.coordinate_scale=per-axis")
+        if self.vp.objective == "ddpm" and self.edm.precond != "vp":
+            raise UserError(f"vp.objective=ddpm trains a DDPM base's own prediction; it needs edm.precond=vp (got "
+                            f"{self.edm.precond})")
+        self._check_sdxl()
         if self.routing.share > 0:
             if self.model.arch != "dit":
                 raise UserError(f"routing.share={self.routing.share} routes DiT tokens; model.arch={self.model.arch} "
                                 "has none (set routing.share=0)")
             self.routing.blocks(self.model.dit.depth)
         return self
+
+
+    def _check_sdxl(self) -> None:
+        """An SDXL UNet reads each crop's place (offset, full size) back from per-axis coordinates."""
+        from latentpatch.models.sdxl import is_sdxl_unet
+
+        if self.model.arch != "pretrained" or not is_sdxl_unet(self.model.pretrained.config):
+            return
+        if self.patches.coordinate_scale != "per-axis":
+            raise UserError("an SDXL base reads each crop's offset and its image's size from per-axis coordinates: set "
+                            "patches.coordinate_scale=per-axis")
+        if self.model.pretrained.vae_scale_factor < 1:
+            raise UserError("an SDXL base needs model.pretrained.vae_scale_factor (its VAE's pixels per latent pixel): "
+                            "its micro-conditioning is in pixels")
 
 
 def builtin_config_names() -> list[str]:

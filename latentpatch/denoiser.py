@@ -52,12 +52,17 @@ def build_precond(
 def build_objective(cfg: RunConfig) -> Any:
     """What training draws noise levels from and minimises (draw_sigmas, loss): EDM's objective, for models trained
     here and for the VP bases (their own preconditioning under EDM's loss and truncated log-normal,
-    diffusion/vp.py); a flow-matching base's own (diffusion/flow.py, as diffusers' training examples train it)."""
+    diffusion/vp.py); a flow-matching base's own (diffusion/flow.py) or, with vp.objective=ddpm, a VP base's DDPM
+    loss (diffusion/ddpm.py), as diffusers' training examples train them."""
     if cfg.edm.precond == "flow":
         from latentpatch.diffusion.flow import FlowMatching
         from latentpatch.models.flow_base import flow_patch
 
         return FlowMatching(cfg.flow, cfg.edm.scheduler, patch=flow_patch(cfg.model))
+    if cfg.edm.precond == "vp" and cfg.vp.objective == "ddpm":
+        from latentpatch.diffusion.ddpm import DDPMObjective
+
+        return DDPMObjective(cfg.vp, cfg.edm.scheduler)
     return EDMObjective(cfg.edm)
 
 
@@ -76,9 +81,10 @@ def sampling_sigmas(cfg: RunConfig, steps: int, latent_hw: tuple[int, int]) -> t
 
 def heldout_grid(cfg: RunConfig) -> Callable[[int, tuple[int, int]], torch.Tensor] | None:
     """The fixed noise levels a run's held-out loss is scored at, (levels, latent (h, w)) -> [levels]: a flow base's
-    own (the mid-quantiles of its training levels for an image of that shape: FLUX's shift depends on it); None:
-    the mid-quantiles of EDM's log-normal (edm.P_mean, edm.P_std), for every other run."""
-    if cfg.edm.precond != "flow":
+    own (the mid-quantiles of its training levels for an image of that shape: FLUX's shift depends on it), a DDPM
+    objective's (the mid-quantiles of its uniform timesteps); None: the mid-quantiles of EDM's log-normal
+    (edm.P_mean, edm.P_std), for every other run."""
+    if cfg.edm.precond != "flow" and not (cfg.edm.precond == "vp" and cfg.vp.objective == "ddpm"):
         return None
     objective = build_objective(cfg)
     return lambda n, hw: objective.heldout_sigmas(n, hw)

@@ -95,10 +95,17 @@ class VPPrecond(nn.Module):
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
         return (1 - w) * low + w * (low + 1)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, coords: Tensor, cond=None, **net_kwargs) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, coords: Tensor, cond=None, *, ddpm: bool = False,
+                **net_kwargs) -> Tensor:
+        """D(x; sigma); `ddpm=True` makes DDPM's own call instead (the DDPM objective, diffusion/ddpm.py): x is x_t,
+        the scheduler's sqrt(a_t) x0 + sqrt(1 - a_t) eps, given to the network as it is, and the network's own
+        prediction (eps / v / x0) is returned, float32."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        if ddpm:
+            net_in = torch.cat([x, coords.to(torch.float32)], dim=1)
+            return self.net(net_in, self.timestep(sigma.flatten()), cond, **net_kwargs).to(torch.float32)
         c_skip, c_out, c_in = vp_coefficients(sigma, self.prediction_type)
         net_in = torch.cat([c_in * x, coords.to(torch.float32)], dim=1)
         F_x = self.net(net_in, self.timestep(sigma.flatten()), cond, **net_kwargs)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from latentpatch.errors import UserError
-from latentpatch.exporting import coordinate_pipeline, stock_flow_pipeline
+from latentpatch.exporting import coordinate_pipeline, stock_flow_pipeline, stock_sdxl_pipeline
 from latentpatch.exporting.folder import check_out, staged
 from latentpatch.exporting.lora import lora_mode
 from latentpatch.exporting.model_card import export_record, write_model_card
@@ -22,7 +22,7 @@ from latentpatch.sampling.options import DEFAULTS
 # The folder kinds, first match wins: each module has serves(loaded) and write(loaded, folder, sampler, lora). A
 # base whose weights stay stock (SDXL, SD3, FLUX: positions in its own language, no coordinate channels) gets a
 # module writing its stock pipeline, placed before the coordinate pipeline, which serves every run with channels.
-TARGETS = (stock_flow_pipeline, coordinate_pipeline)
+TARGETS = (stock_flow_pipeline, stock_sdxl_pipeline, coordinate_pipeline)
 
 
 def _checkpoint(checkpoint: str | int | os.PathLike | None) -> str | int | os.PathLike | None:

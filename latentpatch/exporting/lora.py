@@ -6,7 +6,8 @@ one network class whose diffusers loader (StableDiffusionLoraLoaderMixin, which 
 takes adapters. The folder's unet/ then holds the base weights and the layers the fine-tune trained whole
 (conv_in with its coordinate channels); lora/pytorch_lora_weights.safetensors holds the adapters, at the scale
 latentpatch trained them (lora_alpha = rank). It serves the flow transformers too (SD3Transformer2DModel,
-FluxTransformer2DModel: the stock pipelines' SD3 / FLUX LoRA loaders), whose weights stay stock. latentpatch's DiT,
+FluxTransformer2DModel: the stock pipelines' SD3 / FLUX LoRA loaders) and SDXL's UNet (StableDiffusionXLPipeline's
+loader), whose weights stay stock. latentpatch's DiT,
 UNet2DModel and DiTTransformer2DModel have no diffusers LoRA loader: their adapters are merged.
 """
 
@@ -26,6 +27,7 @@ SEPARATE_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransf
 LOADERS = {"UNet2DConditionModel": ("StableDiffusionLoraLoaderMixin", "unet"),
            "SD3Transformer2DModel": ("SD3LoraLoaderMixin", "transformer"),
            "FluxTransformer2DModel": ("FluxLoraLoaderMixin", "transformer")}
+SDXL_LOADER = ("StableDiffusionXLLoraLoaderMixin", "unet")  # an SDXL UNet's: StableDiffusionXLPipeline's loader
 
 
 def network_class(net: nn.Module) -> str:
@@ -73,14 +75,15 @@ def split_adapters(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 
 def write_lora_file(folder: Path, adapters: dict[str, torch.Tensor], rank: int,
-                    network: str = "UNet2DConditionModel") -> Path:
+                    network: str = "UNet2DConditionModel", loader: tuple[str, str] | None = None) -> Path:
     """folder/pytorch_lora_weights.safetensors in diffusers' format, with the adapter config beside the tensors,
-    written by the save_lora_weights of the pipeline that loads a `network`'s adapters."""
+    written by the save_lora_weights of the pipeline that loads a `network`'s adapters (or of `loader`: the mixin's
+    name and the component, SDXL_LOADER)."""
     import diffusers.loaders
 
     from latentpatch.models.lora import DIFFUSERS_TARGETS
 
-    loader, component = LOADERS[network]
+    loader, component = loader or LOADERS[network]
     metadata = {"r": rank, "lora_alpha": rank, "target_modules": list(DIFFUSERS_TARGETS), "lora_dropout": 0.0}
     getattr(diffusers.loaders, loader).save_lora_weights(
         folder, **{f"{component}_lora_layers": adapters, f"{component}_lora_adapter_metadata": metadata})

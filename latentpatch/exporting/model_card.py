@@ -85,7 +85,8 @@ def _objective(loaded: LoadedRun) -> str:
     if edm.precond == "flow":
         return f"the base's own flow matching ({loaded.cfg.flow.weighting_scheme} noise levels)"
     if edm.precond == "vp":
-        return f"the base's own VP ({(edm.scheduler or {}).get('prediction_type', 'epsilon')})"
+        loss = ", DDPM loss" if loaded.cfg.vp.objective == "ddpm" else ""
+        return f"the base's own VP ({(edm.scheduler or {}).get('prediction_type', 'epsilon')}{loss})"
     return "EDM"
 
 
@@ -150,7 +151,8 @@ tags: [latentpatch, patch-diffusion, diffusers]
 # {record['run']}
 
 Fine-tuned with Patch Diffusion by latentpatch: every crop was told its place through the base's own position
-encoding, so the transformer's weights are stock and this is a plain `{record['pipeline']}` folder.
+encoding (SDXL: its crop conditioning), so the network's weights are stock and this is a plain
+`{record['pipeline']}` folder.
 
 | | |
 |---|---|
@@ -166,8 +168,8 @@ pipe = {record['pipeline']}.from_pretrained("{record['folder']}")
 {lora}images = pipe({record['example_call']}, generator=torch.Generator().manual_seed(0)).images
 ```
 
-`latentpatch sample --sampler euler` samples the same schedule: image i is the pipeline's for the initial
-latents latentpatch draws with `latentpatch.seeding.image_seed(seed, i)`.
+`latentpatch sample --sampler {record['sampler'].split()[0]}` samples the same schedule: image i is the pipeline's
+for the initial latents latentpatch draws with `latentpatch.seeding.image_seed(seed, i)`.
 """
 
 

@@ -34,31 +34,33 @@ def base_pipeline(loaded: LoadedRun) -> str:
     return source
 
 
-def _transformer(loaded: LoadedRun, lora: str | None, folder: Path) -> Any:
-    """The checkpoint's transformer, adapters merged; with `lora` "separate" the base's weights (the stock
-    pretrained ones: nothing else trained) and the adapters written to folder/lora/ for load_lora_weights."""
+def stock_network(loaded: LoadedRun, lora: str | None, folder: Path, component: str = "transformer",
+                  loader: tuple[str, str] | None = None) -> Any:
+    """The checkpoint's stock diffusers network (its `component`: transformer, or SDXL's unet), adapters merged;
+    with `lora` "separate" the base's weights (the stock pretrained ones: nothing else trained) and the adapters
+    written to folder/lora/ for load_lora_weights (by `loader`, else the network class's: exporting/lora.py)."""
     import diffusers
 
     if lora is None:
-        return loaded.precond.net.transformer
+        return getattr(loaded.precond.net, component)
     if lora == "merged":  # a stock module with the adapters folded into its weights, no peft layers left
         from latentpatch.models.lora import plain_state_dict
 
-        transformer = getattr(diffusers, loaded.cfg.model.pretrained.class_name).from_config(
+        network = getattr(diffusers, loaded.cfg.model.pretrained.class_name).from_config(
             loaded.cfg.model.pretrained.config)
         plain = plain_state_dict(loaded.precond.net)
-        transformer.load_state_dict({k.removeprefix("transformer."): v for k, v in plain.items()})
-        return transformer
+        network.load_state_dict({k.removeprefix(component + "."): v for k, v in plain.items()})
+        return network
     from latentpatch import checkpoints as ckpt
     from latentpatch.exporting.lora import LORA_DIR, network_class, split_adapters, unmerged_network, write_lora_file
 
     net = unmerged_network(loaded.cfg, int(loaded.info["latent_shape"][0]),
                            Path(loaded.checkpoint) / ckpt.WEIGHT_FILES[loaded.weights])
     base, adapters = split_adapters(net)
-    write_lora_file(folder / LORA_DIR, adapters, loaded.cfg.model.lora_rank, network_class(net))
-    transformer = getattr(diffusers, network_class(net)).from_config(loaded.cfg.model.pretrained.config)
-    transformer.load_state_dict(base)  # without adapters, the base: the stock pretrained weights
-    return transformer
+    write_lora_file(folder / LORA_DIR, adapters, loaded.cfg.model.lora_rank, network_class(net), loader)
+    network = getattr(diffusers, network_class(net)).from_config(loaded.cfg.model.pretrained.config)
+    network.load_state_dict(base)  # without adapters, the base: the stock pretrained weights
+    return network
 
 
 def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
     from diffusers import DiffusionPipeline
 
     source = base_pipeline(loaded)
-    transformer = _transformer(loaded, lora, folder)
+    transformer = stock_network(loaded, lora, folder)
     try:
         pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, dtype=torch.float32)
     except (OSError, ValueError) as e:

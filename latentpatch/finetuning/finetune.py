@@ -167,6 +167,10 @@ def _prepare_data(
         if store.latent_shape[0] != channels:
             raise UserError(f"the base network takes {channels}-channel latents but {store.path} holds "
                             f"{store.latent_shape[0]}-channel ones; encode with the autoencoder it was trained with")
+        factor = found.cfg.model.pretrained.vae_scale_factor  # an SDXL UNet's time ids are in pixels
+        if factor and int(store.manifest.autoencoder["factor"]) != factor:
+            raise UserError(f"the base's VAE has {factor} pixels per latent pixel but {store.path} was encoded with "
+                            f"{store.manifest.autoencoder['factor']}; encode with the base pipeline's vae/")
     if found.cfg.model.num_classes > 0 and any(item.label is None for item in store.items):
         raise UserError(f"the base is class-conditional ({found.cfg.model.num_classes} classes) but {store.path} has "
                         "no class labels; put each image in a subfolder per class (encode --labels folders: the store's class k "

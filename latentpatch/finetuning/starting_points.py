@@ -1,7 +1,8 @@
 """The starting point of a fine-tune: a latentpatch run, or a pretrained diffusers base (latentpatch.finetuning.diffusers_bases) made
 into a config and weights that compute exactly what the base computed.
 
-A diffusers network gains zero-initialised coordinate channels (models/widen.py, models/pretrained_dit.py);
+A diffusers network gains zero-initialised coordinate channels (models/widen.py, models/pretrained_dit.py), but for
+the bases that carry a crop's place in their own language (SD3 / FLUX: flow_bases.py, SDXL: sdxl_base.py);
 with the pipeline's scheduler config it keeps its own preconditioning (edm.precond "vp", diffusion/vp.py) and
 its own noise levels; the pipeline's vae/ is the default autoencoder and its text encoder (or the open_clip
 tower whose features match) the default text encoder.
@@ -23,6 +24,7 @@ from latentpatch.config import RunConfig, load_config
 from latentpatch.conditioning.spec import NO_TEXT
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import FLOW_CLASSES
+from latentpatch.models.sdxl import is_sdxl_unet
 
 
 @dataclass
@@ -69,6 +71,10 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
         from latentpatch.finetuning.flow_bases import flow_base
 
         return flow_base(found, config, text_encoder)
+    if is_sdxl_unet({**found.config, "_class_name": found.class_name}):
+        from latentpatch.finetuning.sdxl_base import sdxl_base
+
+        return sdxl_base(found, config, text_encoder)
     net = found.load_network()
     name = found.class_name
     if name == "DiTTransformer2DModel":

@@ -8,6 +8,7 @@ from torch import nn
 from latentpatch.device import resolve_device
 from latentpatch.models.attention import resolve_backend
 from latentpatch.models.model_config import FLOW_CLASSES, DiTConfig, ModelConfig, PretrainedConfig, UNetConfig
+from latentpatch.models.sdxl import is_sdxl_unet
 
 __all__ = ["DiTConfig", "ModelConfig", "PretrainedConfig", "UNetConfig", "build_network"]
 
@@ -43,6 +44,10 @@ def build_network(
         from latentpatch.models.flow_base import flow_network
 
         return flow_network(cfg, latent_channels)
+    if cfg.arch == "pretrained" and is_sdxl_unet(cfg.pretrained.config):
+        from latentpatch.models.sdxl import sdxl_network
+
+        return sdxl_network(cfg, latent_channels, backend)
     from latentpatch.models.unet import UNetDenoiser
 
     return UNetDenoiser(cfg, latent_channels, backend)

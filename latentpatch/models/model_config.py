@@ -78,16 +78,24 @@ FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 @dataclass
 class PretrainedConfig:
     """A pretrained diffusers network (written by fine-tuning): its class and diffusers config; the weights are in
-    the run's checkpoints. UNets and DiTs are widened by the coordinate channels; the flow transformers are not."""
+    the run's checkpoints. UNets and DiTs are widened by the coordinate channels; the flow transformers and SDXL's
+    UNet are not."""
 
     class_name: str = ""  # one of PRETRAINED_CLASSES
     config: Any = None  # dict: the diffusers config.json of the widened network
+    # Pixels per latent pixel of the base's VAE (diffusers' vae_scale_factor), for a network conditioned in pixels
+    # (SDXL's time ids: models/sdxl.py); 0: not used.
+    vae_scale_factor: int = 0
 
 
 def pretrained_latent_channels(pretrained: PretrainedConfig) -> int:
     """The latent channels a pretrained network takes: a widened UNet's or DiT's inputs less the 2 coordinate
-    channels; an SD3 transformer's own; FLUX's packed 2x2 tokens, a quarter of its inputs."""
+    channels; an SD3 transformer's own; FLUX's packed 2x2 tokens, a quarter of its inputs; an SDXL UNet's outputs."""
+    from latentpatch.models.sdxl import is_sdxl_unet
+
     in_channels = int(pretrained.config["in_channels"])
+    if is_sdxl_unet({**pretrained.config, "_class_name": pretrained.class_name}):
+        return int(pretrained.config.get("out_channels") or in_channels)
     if pretrained.class_name == "FluxTransformer2DModel":
         return in_channels // 4
     return in_channels if pretrained.class_name in FLOW_CLASSES else in_channels - 2

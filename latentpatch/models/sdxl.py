@@ -1,0 +1,136 @@
+"""A stock diffusers SDXL UNet (UNet2DConditionModel with `addition_embed_type="text_time"`) as a Patch Diffusion
+network: `net(x[B, C+2, h, w], timestep[B], cond) -> [B, C, h, w]`, the base's own prediction (eps or v).
+
+SDXL was pretrained on random crops, told through its micro-conditioning (Podell et al. 2023, Sec. 2.2): the
+time ids (original_size, crops_coords_top_left, target_size) in pixels, embedded beside the pooled text. A patch
+cut at latent offset (y0, x0) of an h x w crop of an H x W latent is such a crop, so the 2 coordinate channels
+never reach the weights: the crop's place is read back from them (per-axis coordinates, models/token_grid.py with
+a "token" of one latent pixel) and given as
+
+    time_ids = (H, W, y0, x0, h, w) * vae_scale_factor        (StableDiffusionXLPipeline._get_add_time_ids' order)
+
+per sample. At full size that is the pipeline's default (original_size = target_size = (height, width), crop
+(0, 0)); the weights stay stock and export to StableDiffusionXLPipeline. Text: cond.text_tokens [B, 77, D] (both
+CLIP towers' penultimate states concatenated), cond.text_pooled [B, P] (the second tower's projection), as the
+pipeline's encode_prompt builds them (latentpatch.text.flow_encoder).
+
+Whether coordinate channels would still pay on top of the time ids (the measurement issue 33 asks for) is not
+measured; until it is, an SDXL UNet is never widened.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from latentpatch.conditioning import Conditioning
+from latentpatch.errors import UserError
+from latentpatch.models.token_grid import token_grid
+from latentpatch.models.widen import COORD_CHANNELS
+
+TIME_IDS = 6  # original_size (2), crops_coords_top_left (2), target_size (2)
+
+
+def is_sdxl_unet(config: dict[str, Any] | None) -> bool:
+    """Whether a diffusers UNet config is SDXL's: a UNet2DConditionModel conditioned on text and time ids."""
+    config = config or {}
+    return config.get("_class_name") == "UNet2DConditionModel" and config.get("addition_embed_type") == "text_time"
+
+
+def sdxl_pooled_width(config: dict[str, Any]) -> int:
+    """The pooled text width the UNet's added embedding takes beside its 6 time ids."""
+    return int(config["projection_class_embeddings_input_dim"]) - TIME_IDS * int(config["addition_time_embed_dim"])
+
+
+def check_sdxl_unet(config: dict[str, Any]) -> None:
+    """UserError for an SDXL-family UNet this wrapper cannot drive, each in one line."""
+    if config.get("time_cond_proj_dim"):
+        raise UserError("this SDXL UNet takes a guidance embedding (time_cond_proj_dim: an LCM-distilled model), which "
+                        "latentpatch does not give it; fine-tune the undistilled base")
+    latent = int(config.get("out_channels") or config["in_channels"])
+    if int(config["in_channels"]) != latent:
+        raise UserError(f"this SDXL UNet takes {config['in_channels']} input channels for {latent}-channel latents "
+                        "(an inpainting or instruct model: extra image inputs latentpatch does not give)")
+    if sdxl_pooled_width(config) <= 0:
+        raise UserError("this SDXL UNet's added embedding has no room for 6 time ids beside the pooled text (the "
+                        "refiner conditions on an aesthetic score instead); fine-tune the SDXL base or its fine-tunes")
+
+
+class SDXLNetwork(nn.Module):
+    """UNet2DConditionModel.forward with SDXL's added conditioning computed from the crop's coordinates."""
+
+    stock_weights = True  # nothing widened or added: a LoRA fine-tune trains its adapters alone
+
+    def __init__(self, unet: nn.Module, vae_scale_factor: int, attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        from latentpatch.models.unet import PROCESSORS
+
+        check_sdxl_unet(dict(unet.config))
+        if vae_scale_factor < 1:
+            raise UserError("an SDXL UNet needs model.pretrained.vae_scale_factor (pixels per latent pixel of its VAE): "
+                            "its micro-conditioning is in pixels")
+        self.unet = unet
+        self.latent_channels = int(unet.config.out_channels)
+        self.vae_scale_factor = int(vae_scale_factor)
+        self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)  # one downsampling per level
+        processor = PROCESSORS[attention_backend]()
+        for module in unet.modules():
+            if isinstance(module, Attention):
+                module.set_processor(processor)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], vae_scale_factor: int, attention_backend: str = "sdpa"
+                    ) -> SDXLNetwork:
+        """The UNet built from its diffusers config (the weights come from a checkpoint)."""
+        from diffusers import UNet2DConditionModel
+
+        return cls(UNet2DConditionModel.from_config(config), vae_scale_factor, attention_backend)
+
+    def time_ids(self, coords: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, 6] (H, W, y0, x0, h, w) in pixels of each crop with per-axis coordinates `coords` [B, 2, h, w]."""
+        grid = token_grid(coords, 1)  # a latent pixel per "token": offsets and full sides in latent pixels
+        h, w = coords.shape[-2:]
+        size = torch.tensor([h, w], device=coords.device).expand(len(coords), 2)
+        ids = torch.cat([torch.stack([grid.full_h, grid.full_w, grid.top, grid.left], 1), size], 1)
+        return (ids * self.vae_scale_factor).to(dtype)
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning | None = None) -> Tensor:
+        c = self.latent_channels
+        if x.shape[1] != c + COORD_CHANNELS:
+            raise UserError(f"the SDXL UNet takes {c} latent channels (+{COORD_CHANNELS} coordinates), got "
+                            f"{x.shape[1]} in all")
+        if cond is None or cond.text_tokens is None or cond.text_pooled is None:
+            raise UserError("SDXL is text-conditioned: it needs the prompt's token and pooled embeddings (the empty "
+                            "caption's for an unconditional call)")
+        h, w = x.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise UserError(f"latent size {h}x{w} is not divisible by {self.size_multiple}, the SDXL UNet's total "
+                            "downsampling; use crop sizes that are multiples of it")
+        dtype = self.unet.dtype
+        tokens = cond.text_tokens.to(dtype)
+        added = {"text_embeds": cond.text_pooled.to(dtype), "time_ids": self.time_ids(x[:, c:], tokens.dtype)}
+        return self.unet(x[:, :c], timestep, tokens, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def sdxl_network(cfg: Any, latent_channels: int, attention_backend: str) -> SDXLNetwork:
+    """The SDXLNetwork of a run's model config (model.arch=pretrained, an SDXL UNet); its text widths must be the
+    encoder's and its latent channels the store's."""
+    config = cfg.pretrained.config
+    if cfg.num_classes:
+        raise UserError("the SDXL UNet is text-conditioned, not class-conditional; set model.num_classes=0")
+    net = SDXLNetwork.from_config(config, cfg.pretrained.vae_scale_factor, attention_backend)
+    if net.latent_channels != latent_channels:
+        raise UserError(f"the SDXL UNet takes {net.latent_channels}-channel latents but the store holds "
+                        f"{latent_channels}-channel ones; encode with the base pipeline's vae/")
+    want = (int(config["cross_attention_dim"]), sdxl_pooled_width(config))
+    if (cfg.text_dim, cfg.pooled_text_dim) != want:
+        raise UserError(f"the text encoder gives tokens {cfg.text_dim} wide and a pooled embedding "
+                        f"{cfg.pooled_text_dim} wide, but the SDXL UNet takes {want[0]} and {want[1]}; encode with "
+                        "the pipeline's own text encoders")
+    if cfg.grad_checkpointing:
+        net.unet.enable_gradient_checkpointing()
+    return net
