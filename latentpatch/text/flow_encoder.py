@@ -122,9 +122,9 @@ def load_flow_text_encoder(model: str, *, max_length: int | None, device: torch.
     from diffusers import DiffusionPipeline
 
     from latentpatch.text.identity import TRANSFORMERS_PREFIX
-    from latentpatch.text.pipeline_encoder import _need_transformers, split_source
+    from latentpatch.text.identity import need_transformers, split_source
 
-    _need_transformers()
+    need_transformers()
     source = split_source(model)
     pipeline = flow_pipeline_class(source)
     if pipeline is None:
