@@ -89,16 +89,18 @@ def sd_run(tmp_path_factory):
     return finetune_run(root / "run", make_sd_pipeline(root / "pipeline"))
 
 
-@pytest.mark.parametrize("run,cache,kw", [("dit_xl_run", "step", dict(class_labels=[3], guidance=4.0)),
-                                          ("sd_run", "deepcache", dict(prompts=["red"], guidance=2.0))])
-def test_the_pretrained_bases_take_their_cache(run, cache, kw, request):
+@pytest.mark.parametrize("run,caches,refused,kw", [
+    ("dit_xl_run", ("step", "ras"), "deepcache", dict(class_labels=[3], guidance=4.0)),
+    ("sd_run", ("deepcache",), "ras", dict(prompts=["red"], guidance=2.0))])
+def test_the_pretrained_bases_take_their_caches(run, caches, refused, kw, request):
     run = request.getfixturevalue(run)
     kw = dict(n=1, **kw, **FAST)
     plain = sample(run, **kw)
-    assert torch.equal(sample(run, cache=f"{cache}:interval=1", **kw), plain)
-    assert not torch.equal(sample(run, cache=cache, **kw), plain)
-    with pytest.raises(UserError, match=r"^--cache ras is for DiTs; this run's network is "):
-        sample(run, cache="ras", **kw)
+    for cache in caches:
+        assert torch.equal(sample(run, cache=f"{cache}:interval=1", **kw), plain)
+        assert not torch.equal(sample(run, cache=cache, **kw), plain)
+    with pytest.raises(UserError, match=rf"^--cache {refused} is for (DiTs|UNets); this run's network is "):
+        sample(run, cache=refused, **kw)
 
 
 def test_the_cache_is_recorded_in_the_job_and_each_png_and_the_job_resumes_with_it(tiny_class_run, tmp_path):

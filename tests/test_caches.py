@@ -46,9 +46,21 @@ def unet():
     return _precond(UNET3 + ["model.num_classes=3"])
 
 
-def _inputs(n: int, batch: int = 2, side: int = 8, seed: int = 1):
+@pytest.fixture(scope="module")
+def dit_xl(tmp_path_factory):
+    """A fine-tune of a tiny diffusers DiTTransformer2DModel (DiT-XL/2's classes) on 4 x 8 x 8 latents."""
+    from export_helpers import finetune_run
+    from pretrained_helpers import make_dit_pipeline
+
+    from latentpatch.runs import load_run
+
+    root = tmp_path_factory.mktemp("dit_xl")
+    return load_run(finetune_run(root / "run", make_dit_pipeline(root / "pipeline")), device="cpu").precond
+
+
+def _inputs(n: int, batch: int = 2, side: int = 8, seed: int = 1, channels: int = 3):
     gen = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(batch, 3, side, side, generator=gen) for _ in range(n)]
+    xs = [torch.randn(batch, channels, side, side, generator=gen) for _ in range(n)]
     sigmas = torch.linspace(2.0, 0.5, n)
     return xs, sigmas, full_coordinates(batch, side, side)
 
@@ -67,10 +79,11 @@ def _run(precond, cache, xs, sigmas, coords, cond):
 
 
 @pytest.mark.parametrize("net,cache", [("dit", "step:interval=1"), ("dit", "ras:interval=1"),
-                                       ("text_dit", "step:interval=1,order=2"), ("unet", "deepcache:interval=1")])
+                                       ("text_dit", "step:interval=1,order=2"), ("unet", "deepcache:interval=1"),
+                                       ("dit_xl", "step:interval=1"), ("dit_xl", "ras:interval=1")])
 def test_interval_1_computes_every_call_and_is_the_uncached_denoiser(net, cache, request):
     precond = request.getfixturevalue(net)
-    xs, sigmas, coords = _inputs(5)
+    xs, sigmas, coords = _inputs(5, channels=4 if net == "dit_xl" else 3)
     cond = _cond("text" if net == "text_dit" else "class")
     plain = _run(precond, None, xs, sigmas, coords, cond)
     for a, b in zip(_run(precond, cache, xs, sigmas, coords, cond), plain):
@@ -81,12 +94,13 @@ def test_interval_1_computes_every_call_and_is_the_uncached_denoiser(net, cache,
     ("dit", "step:interval=2,order=0,warmup=1", 1), ("dit", "step:interval=2,order=1,warmup=2", 2),
     ("text_dit", "step:interval=3,order=2,warmup=3", 3), ("dit", "ras:ratio=0.5,interval=3,warmup=2", 2),
     ("text_dit", "ras:ratio=0.25,interval=3,warmup=2", 2), ("unet", "deepcache:level=0,interval=2", 1),
-    ("unet", "deepcache:level=1,interval=2", 1)])
+    ("unet", "deepcache:level=1,interval=2", 1), ("dit_xl", "step:interval=2,order=1,warmup=2", 2),
+    ("dit_xl", "ras:ratio=0.5,interval=3,warmup=2", 2)])
 def test_a_cached_call_on_the_last_full_calls_input_gives_their_output(net, cache, cached_call, request):
     # Everything reused was computed from this very input, so reusing it must change nothing (to float rounding):
     # this checks what each cache recomputes (shallow path, routed tokens and their keys) is wired to what it reuses.
     precond = request.getfixturevalue(net)
-    xs, sigmas, coords = _inputs(1)
+    xs, sigmas, coords = _inputs(1, channels=4 if net == "dit_xl" else 3)
     cond = _cond("text" if net == "text_dit" else "class")
     n = cached_call + 1
     assert not is_full(cached_call, parse_cache(cache).settings["warmup"], parse_cache(cache).settings["interval"])
@@ -133,11 +147,12 @@ def test_the_reused_parts_run_on_the_full_calls_of_the_schedule_only(cache, unet
 
 @pytest.mark.parametrize("net,cache", [("dit", "step:interval=2,order=0,warmup=1"), ("text_dit", "step:warmup=1"),
                                        ("dit", "ras:warmup=2"), ("unet", "deepcache:level=0"),
-                                       ("unet", "deepcache:level=1")])
+                                       ("unet", "deepcache:level=1"), ("dit_xl", "ras:warmup=2"),
+                                       ("dit_xl", "step:warmup=1")])
 def test_a_cached_call_on_a_new_input_is_neither_the_last_output_nor_the_full_networks(net, cache, request):
     precond = request.getfixturevalue(net)
     warmup = parse_cache(cache).settings["warmup"]
-    xs, sigmas, coords = _inputs(warmup + 1)
+    xs, sigmas, coords = _inputs(warmup + 1, channels=4 if net == "dit_xl" else 3)
     cond = _cond("text" if net == "text_dit" else "class")
     outs = _run(precond, cache, xs, sigmas, coords, cond)
     plain = _run(precond, None, xs, sigmas, coords, cond)
@@ -167,11 +182,13 @@ def test_ras_reuses_the_left_out_tokens_outputs_and_updates_the_chosen_ones(dit)
     assert (now[changed] - before[changed]).abs().amax() > 1e-3
 
 
-def test_ras_with_every_token_chosen_is_the_full_network(dit):
-    xs, sigmas, coords = _inputs(4)
+@pytest.mark.parametrize("net", ["dit", "dit_xl"])
+def test_ras_with_every_token_chosen_is_the_full_network(net, request):
+    precond = request.getfixturevalue(net)
+    xs, sigmas, coords = _inputs(4, channels=4 if net == "dit_xl" else 3)
     cond = _cond("class")
-    outs = _run(dit, "ras:ratio=1,interval=4,warmup=2", xs, sigmas, coords, cond)
-    plain = _run(dit, None, xs, sigmas, coords, cond)
+    outs = _run(precond, "ras:ratio=1,interval=4,warmup=2", xs, sigmas, coords, cond)
+    plain = _run(precond, None, xs, sigmas, coords, cond)
     for a, b in zip(outs, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -182,8 +199,8 @@ def test_tokens_and_back_is_the_identity():
     assert torch.equal(to_tokens(out, 2)[0, 1], out[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1))
 
 
-def test_the_hooks_are_gone_after_the_job_and_the_network_is_as_loaded(dit, unet):
-    for precond, cache in ((dit, "step"), (dit, "ras"), (unet, "deepcache")):
+def test_the_hooks_are_gone_after_the_job_and_the_network_is_as_loaded(dit, unet, dit_xl):
+    for precond, cache in ((dit, "step"), (dit, "ras"), (unet, "deepcache"), (dit_xl, "step"), (dit_xl, "ras")):
         keys = {k: v.clone() for k, v in precond.state_dict().items()}
         with job_cache(precond, cache):
             assert any("_diffusers_hook" in m.__dict__ for m in precond.modules())

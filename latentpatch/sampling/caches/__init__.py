@@ -4,7 +4,7 @@ ends, so the loaded run is left as it was.
 
     step       DiTs: diffusers' TaylorSeer hook on each block's attention and MLP      (caches/step.py)
     deepcache  UNets: DeepCache, the deep path's features reused                      (caches/deepcache.py)
-    ras        this project's DiT: region-adaptive sampling, a share of tokens updated  (caches/ras.py)
+    ras        DiTs: region-adaptive sampling, a share of each image's tokens updated  (caches/ras.py)
 
 `spec.py` is the option's language (and its defaults), `schedule.py` the one rule of which calls run in full.
 """
@@ -59,9 +59,10 @@ def _methods(net: nn.Module) -> dict[str, Callable[[nn.Module, dict[str, Any]], 
 
         return {"step": StepCache, "ras": RegionCache}
     if isinstance(net, PretrainedDiT):
+        from latentpatch.sampling.caches.ras import RegionCache
         from latentpatch.sampling.caches.step import StepCache
 
-        return {"step": StepCache}
+        return {"step": StepCache, "ras": RegionCache}
     if isinstance(net, UNetDenoiser):
         from latentpatch.sampling.caches.deepcache import DeepCache
 

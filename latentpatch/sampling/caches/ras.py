@@ -1,9 +1,10 @@
-"""Region-adaptive sampling for this project's DiT (RAS: Liu et al. 2025, arXiv:2502.10389, microsoft/RAS).
+"""Region-adaptive sampling for the DiTs (RAS: Liu et al. 2025, arXiv:2502.10389, microsoft/RAS).
 
-On a cached call only a `ratio` share of each image's tokens goes through the blocks (the DiT's own token route,
+On a cached call only a `ratio` share of each image's tokens goes through the blocks (the DiTs' token route,
 models/routing.py, from the first block to the last); the other tokens keep the output of their last computation.
 In self-attention the routed tokens see every token: the keys and values of the tokens left out are the ones kept
-from their last computation, as RAS does. A full call (the first `warmup`, then one in `interval`) computes every
+from their last computation, as RAS does (this project's DiT keeps them; diffusers' DiT-XL/2 keeps each
+attention's input and computes them again from it, through its own attention processor). A full call (the first `warmup`, then one in `interval`) computes every
 token and refreshes every cache.
 
 Which tokens: RAS ranks them by how much their output moves; here a token's score is the change of its output
@@ -65,6 +66,9 @@ class _Keys(ModelHook):
     def __init__(self, cache: RegionCache) -> None:
         super().__init__()
         self.cache = cache
+        self.clear()
+
+    def clear(self) -> None:
         self.k = self.v = None
 
     def new_forward(self, module: nn.Module, x: Tensor) -> Tensor:
@@ -77,14 +81,47 @@ class _Keys(ModelHook):
         return module.project(attention(q, k, v, backend=module.backend))
 
 
+class _Inputs(ModelHook):
+    """On each self-attention of diffusers' DiT: the inputs of the tokens a cached call leaves out, from their last
+    computation, given as the attention's key/value input (diffusers' `encoder_hidden_states`)."""
+
+    def __init__(self, cache: RegionCache) -> None:
+        super().__init__()
+        self.cache = cache
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs = None
+
+    def new_forward(self, module: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                    **kwargs: Any) -> Tensor:
+        keep = self.cache.keep
+        if keep is None:
+            self.inputs = hidden_states
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, **kwargs)
+        index = keep[..., None].expand(-1, -1, hidden_states.shape[-1])
+        self.inputs = self.inputs.scatter(1, index, hidden_states)
+        return self.fn_ref.original_forward(hidden_states, self.inputs, **kwargs)
+
+
+def _attentions(net: nn.Module) -> tuple[list[nn.Module], type[ModelHook]]:
+    """Each block's self-attention and the hook that lets routed tokens see the others."""
+    from latentpatch.models.pretrained_dit import PretrainedDiT
+
+    if isinstance(net, PretrainedDiT):
+        return [block.attn1 for block in net.transformer.transformer_blocks], _Inputs
+    return [block.attn for block in net.blocks], _Keys
+
+
 class RegionCache:
     def __init__(self, net: nn.Module, settings: dict[str, Any]) -> None:
-        self.net, self.ratio, self.depth, self.p = net, float(settings["ratio"]), len(net.blocks), net.patch_size
+        attentions, hook = _attentions(net)
+        self.net, self.ratio, self.depth, self.p = net, float(settings["ratio"]), len(attentions), net.patch_size
         self.counter = CallCounter(int(settings["warmup"]), int(settings["interval"]))
-        self.keys = [_Keys(self) for _ in net.blocks]
+        self.keys = [hook(self) for _ in attentions]
         register(net, _Regions(self), HOOK)
-        for block, hook in zip(net.blocks, self.keys):
-            register(block.attn, hook, HOOK)
+        for attention_module, key_hook in zip(attentions, self.keys):
+            register(attention_module, key_hook, HOOK)
         self.reset()
 
     def reset(self) -> None:
@@ -94,7 +131,7 @@ class RegionCache:
         self.rate: Tensor | None = None  # [B, T] its output's change per call, measured then (inf: not yet)
         self.since: Tensor | None = None  # [B, T] calls since then
         for hook in self.keys:
-            hook.k = hook.v = None
+            hook.clear()
 
     def choose(self) -> Tensor:
         """[B, k] ascending: the tokens with the largest expected change since their last computation."""
