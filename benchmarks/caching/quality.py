@@ -33,10 +33,17 @@ def paired_distance(folder: Path, reference: Path) -> dict[str, float]:
     return {"mean_abs_8bit": float((a - b).abs().mean()) * 255, "psnr_db": 10 * math.log10(1 / mse) if mse else math.inf}
 
 
+def _report(folder: Path, name: str, make) -> dict:
+    """The metrics of folder/NAME.json, computed by `make(path)` unless a finished rerun left them there."""
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text())["metrics"] if path.exists() else make(path)["metrics"]
+
+
 def scores(folder: Path, ref: Path, ref_stats: Path, extractor) -> dict[str, float]:
-    inception = evaluate_folders(folder, ref_stats, metrics="fid,kid", extractor=extractor, device="cpu",
-                                 report=folder / "eval-inception.json")["metrics"]
-    swd = evaluate_folders(folder, ref, metrics="swd", device="cpu", report=folder / "eval-swd.json")["metrics"]
+    inception = _report(folder, "eval-inception", lambda path: evaluate_folders(
+        folder, ref_stats, metrics="fid,kid", extractor=extractor, device="cpu", report=path))
+    swd = _report(folder, "eval-swd", lambda path: evaluate_folders(folder, ref, metrics="swd", device="cpu",
+                                                                    report=path))
     return {"fid": inception["fid"], "kid": inception["kid"], "kid_std": inception["kid_std"],
             "swd": swd["swd"]["mean"]}
 
@@ -56,7 +63,7 @@ def measure(args: argparse.Namespace) -> dict:
     for arm, spec in arms.items():
         for seed in seeds if spec is None else seeds[:1]:
             folder = args.work / f"{arm.replace(' ', '-')}-seed{seed}"
-            sample(loaded, cache=spec, out=folder, output="none", **job_kwargs(args, args.n, seed))
+            sample(loaded, cache=spec, out=folder, output="none", **job_kwargs(args, args.n, seed))  # or resume
             row = {"cache": spec, "seed": seed, "n": len(job_folder.done_indices(folder, 10**7)),
                    **scores(folder, Path(args.ref), ref_stats, extractor)}
             if spec is not None:
