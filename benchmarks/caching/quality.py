@@ -58,7 +58,7 @@ def measure(args: argparse.Namespace) -> dict:
     ref_stats = args.work / "reference-stats.npz"
     if not ref_stats.exists():
         save_reference_stats(args.ref, ref_stats, extractor=extractor, device="cpu")
-    result = {"run": str(Path(args.run).resolve()), "reference": str(Path(args.ref).resolve()),
+    result = {"run": str(args.run), "reference": str(args.ref),
               "settings": {k: str(v) for k, v in vars(args).items() if k not in ("run", "out", "work")}, "arms": {}}
     for arm, spec in arms.items():
         for seed in seeds if spec is None else seeds[:1]:

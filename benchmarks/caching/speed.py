@@ -63,7 +63,7 @@ def measure(args: argparse.Namespace) -> dict:
         print(f"round {r}: " + ", ".join(f"{a} {images / seconds[a][-1]:.2f}" for a in arms) + " images/s; "
               f"fixed {fixed[-1]:.1f} s", flush=True)
     base = seconds["uncached"]
-    result = {"run": str(Path(args.run).resolve()), "images_per_round": images, "latent_shape": shape,
+    result = {"run": str(args.run), "images_per_round": images, "latent_shape": shape,
               "settings": {k: v for k, v in vars(args).items() if k not in ("run", "out")},
               "torch_threads": torch.get_num_threads(), "fixed_s": fixed, "arms": {}}
     for arm, spec in arms.items():
