@@ -57,11 +57,16 @@ def needs_zoom(arms: list[str]) -> bool:
     return any("ZOOM" in o for arm in arms for o in ARMS[arm])
 
 
-def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str):
-    """The arm's config: COMMON, the arm's overrides, the regime's labels, the seed and the held-out store."""
+def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str,
+               heldout_every: int | None = None, heldout_limit: int | None = None):
+    """The arm's config: COMMON, the arm's overrides, the regime's labels, the seed and the held-out store.
+    `eval_every`: the steps between post-hoc EMA snapshots (+phema) and, unless `heldout_every` is given (runs
+    evaluated on a grid of training time ask for their evaluations), between held-out evaluations."""
     from latentpatch.config import load_config
 
     over = [o.replace("EVAL", str(eval_every or 1000)).replace("ZOOM", str(data.get("zoom"))) for o in ARMS[arm]]
-    return load_config(None, COMMON + over + [
+    limit = [] if heldout_limit is None else [f"heldout.limit={heldout_limit}"]
+    return load_config(None, COMMON + over + limit + [
         f"model.num_classes={REGIMES[regime].num_classes}", f"train.seed={seed}",
-        f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
+        f"heldout.latents={data['heldout']}",
+        f"heldout.every={eval_every if heldout_every is None else heldout_every}"])

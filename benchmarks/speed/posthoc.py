@@ -22,12 +22,14 @@ GRID = (0.02, 0.035, 0.05, 0.07, 0.1, 0.13, 0.17, 0.22)
 CACHE = "posthoc-curve.json"
 
 
-def posthoc_curve(run: Path, times: list[float], stride: int) -> list[tuple[float, float, float]]:
+def posthoc_curve(run: Path, seconds: dict[int, float], budget_s: float,
+                  stride: int) -> list[tuple[float, float, float]]:
     """(training seconds, lowest held-out loss over GRID, its std) at every `stride`-th snapshot within the
-    planned steps and the last; cached in the run folder (a rerun reads it)."""
+    budget and the last; `seconds` maps a logged step to the run's training seconds (snapshots fall on logged
+    steps). Cached in the run folder (a rerun reads it)."""
     cache = run / CACHE
     done = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
-    steps = [s.step for s in read_snapshots(run) if 0 < s.step < len(times)]
+    steps = [s.step for s in read_snapshots(run) if 0 < s.step and seconds.get(s.step, float("inf")) <= budget_s]
     chosen = sorted(set(steps[stride - 1::stride]) | set(steps[-1:]))
     for step in chosen:
         if step not in done:
@@ -37,7 +39,7 @@ def posthoc_curve(run: Path, times: list[float], stride: int) -> list[tuple[floa
             for x in scores:  # the reconstructions are checkpoint folders: keep the disk small
                 shutil.rmtree(x.checkpoint, ignore_errors=True)
             cache.write_text(json.dumps(done, indent=1))
-    return [(times[s], done[s][0], done[s][1]) for s in chosen]
+    return [(seconds[s], done[s][0], done[s][1]) for s in chosen]
 
 
 def posthoc_table(curves: dict[str, dict[int, list]], ema_curves: dict[str, dict[int, list]], budget_s: float) -> str:
