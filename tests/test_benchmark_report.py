@@ -81,3 +81,13 @@ def test_the_cost_table_axis_prices_each_step_taken_before_an_evaluation_by_its_
     prices = {(16, 16, 16, False): 1.0, (8, 8, 32, False): 0.25}
     curve = cost_table.priced_curve(records, half, 16, prices)
     assert curve[1] == (sum(prices[k] for k in kinds[:3]), 0.5) and curve[2][0] == sum(prices[k] for k in kinds)
+
+
+def test_posthoc_table_takes_the_training_emas_last_evaluation_before_a_snapshot_between_evaluations():
+    from benchmarks.speed import posthoc
+
+    curves = {"patch+phema": {0: [(41.5, 0.50, 0.05), (83.0, 0.30, 0.1)]}}  # snapshots every N steps
+    ema = {"patch+phema": {0: [(0.0, 1.0), (20.2, 0.9), (40.1, 0.6), (60.3, 0.45), (80.4, 0.4)]}}  # a time grid
+    lines = posthoc.posthoc_table(curves, ema, budget_s=83.0).splitlines()
+    assert lines[2] == "| 42 | patch+phema | 0.6000 | 0.5000 | 0.050 |"  # half the budget: 41.5 s
+    assert lines[3] == "| 83 | patch+phema | 0.4000 | 0.3000 | 0.100 |"

@@ -44,7 +44,8 @@ def posthoc_curve(run: Path, seconds: dict[int, float], budget_s: float,
 
 def posthoc_table(curves: dict[str, dict[int, list]], ema_curves: dict[str, dict[int, list]], budget_s: float) -> str:
     """Per +phema arm, mean over seeds: at the last post-hoc point at or before a quarter, half and all of the
-    budget, the training EMA's held-out loss at that same evaluation and the best post-hoc one (its std)."""
+    budget, the training EMA's held-out loss at its last evaluation at or before that snapshot and the best
+    post-hoc one (its std)."""
     import statistics
 
     lines = ["| at s | arm | training EMA (half-life) | best post-hoc EMA | its std (per seed) |",
@@ -56,7 +57,9 @@ def posthoc_table(curves: dict[str, dict[int, list]], ema_curves: dict[str, dict
             if not all(ph.values()):  # a seed with no post-hoc point yet
                 continue
             ph = {seed: p[0] for seed, p in ph.items()}
-            ema = [dict(ema_curves[arm][seed])[p[0]] for seed, p in ph.items()]
+            # the training EMA's last evaluation at or before the snapshot (on a grid of training time the
+            # snapshots, every N steps, fall between evaluations)
+            ema = [[loss for s, loss in ema_curves[arm][seed] if s <= p[0] + 1e-9][-1] for seed, p in ph.items()]
             lines.append(f"| {t:.0f} | {arm} | {statistics.fmean(ema):.4f} | "
                          f"{statistics.fmean(p[1] for p in ph.values()):.4f} | "
                          f"{', '.join(f'{p[2]:.3f}' for p in ph.values())} |")
