@@ -26,6 +26,10 @@ def test_sigma_table_takes_the_evaluation_of_each_time_averages_seeds_and_bolds_
     # at 100 s: patch seed 1 ended before it (no evaluation of 100 s): seed 0 alone.
     assert lines[4] == "| 100 | full-size | 0.5000 | 1.0000 |"
     assert lines[5] == "| 100 | patch | **0.4500** | **0.7000** |"
+    # On a grid of 30 s, a quarter of 100 s names the grid point 30 s and takes the evaluation of 30 s.
+    grid = {"a": {0: [(0.0, [1.0]), (30.4, [0.8]), (60.1, [0.6]), (90.2, [0.5]), (120.3, [0.45])]}}
+    lines = report.sigma_table(grid, [0.1], budget_s=100.0, fractions=(0.25, 0.5), every=30.0).splitlines()
+    assert lines[2:] == ["| 30 | a | 0.8000 |", "| 60 | a | 0.6000 |"]
 
 
 def test_posthoc_table_compares_the_training_ema_at_the_same_evaluation_as_the_post_hoc_point():

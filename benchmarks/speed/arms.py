@@ -42,6 +42,7 @@ ARMS: dict[str, list[str]] = {
     # At 32x32 latents (mnist5k-128) a smaller crop is cheaper per pixel still: quarter-side crops (8x8) too, or
     # fewer full-size steps.
     "half-crops/quarter": QUARTER,
+    "half-crops/routing": ROUTING,  # TREAD on the default schedule (64x64 latents: 1024 tokens at full size)
     "half-crops/real_p0.25": ["patches.real_p=0.25"],
     # Zoomed-out views (issue 21): a quarter of the steps are whole images at half the side (the same images
     # encoded at half the resolution: data.py's zoom store), taken from the full-size half.

