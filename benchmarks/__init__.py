@@ -7,6 +7,9 @@
     python -m benchmarks.throughput.encode_text .. encode with captions: text tower rows and CPU time
     python -m benchmarks.throughput.sample ...     the sample pipeline against a plain sampler loop
     python -m benchmarks.shapes.aspect_buckets ... aspect buckets against centre cropping
+    python -m benchmarks.caching.speed ...         sampling caches (--cache): images/s against the uncached sampler
+    python -m benchmarks.caching.quality ...       sampling caches: FID/KID/SWD and distance to uncached samples
+    python -m benchmarks.caching.figure ...        sampling caches: the same seeds, a row per arm
     python -m benchmarks.gpu.suite ...             every GPU figure in one prepared command
 
 Not part of the installed `latentpatch` package; results and how they were run: docs/benchmarks.md.

@@ -25,7 +25,7 @@ def _flag(field: dataclasses.Field) -> str:
 def _parameter(field: dataclasses.Field) -> inspect.Parameter:
     """A Typer option for one SampleOptions field: --size is text on the command line (WxH or N)."""
     annotation = Optional[str] if field.name == "size" else field.type
-    annotation = {"int": int, "float": float, "str": str}.get(annotation, annotation)
+    annotation = {"int": int, "float": float, "str": str, "str | None": Optional[str]}.get(annotation, annotation)
     option = typer.Option(field.default, _flag(field), help=field.metadata["help"])
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 

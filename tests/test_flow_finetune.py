@@ -222,3 +222,22 @@ def test_a_short_sd3_fine_tune_learns_its_captions(pipelines, tmp_path):
                          sigmas=sampling_sigmas(loaded.cfg, 12, shape[1:]))
     nearest = ((x[:, None] - means[None]) ** 2).mean((2, 3, 4)).argmin(1)
     assert int((nearest == torch.arange(3).repeat_interleave(6)).sum()) >= 11
+
+
+def test_an_sd3_fine_tune_on_aspect_buckets_trains_and_samples_another_shape(pipelines, tmp_path):
+    """Each image's own full latent on the token grid (its own window of the position table), a crop step mixing
+    shapes, and a sample at a shape of the buckets."""
+    from helpers import photo, save_image
+
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for i, size in enumerate([(24, 12), (12, 24), (16, 16)] * 3):  # W x H: landscape, portrait, square
+        save_image(photo(i % 5, size), folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["red", "green", "blue"][i % 3])
+    run = lp.finetune(pipelines["sd3"], folder, tmp_path / "ft", steps=3, resolution=16, buckets=True,
+                      overrides=[*SHORT, "patches.sizes=[0.5]"], **FAST)
+    info = json.loads((run.run_dir / "run.json").read_text())
+    assert len(info["buckets"]) == 3
+    images = lp.sample(run, prompts=["red"], n=1, steps=2, sampler="euler", size=(12, 20), output="tensor",
+                       device="cpu")
+    assert images.shape == (1, 3, 12, 20)

@@ -7,13 +7,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks.gpu.suite` runs from the repository root
-CHECKS = [str(n) for n in range(10)]  # 0 matmul rate ... 9 speed to quality on MNIST
+CHECKS = [str(n) for n in range(11)]  # 0 matmul rate ... 9, 10 speed to quality on MNIST (32x32, 64x64 latents)
 
 
 def test_smoke_run_writes_a_figure_or_a_named_skip_for_every_check_in_agreeing_tables(tmp_path):
+    # The smoke budgets are process CPU seconds (a shared CPU slows the wall clock, not them): the suite's own
+    # deadline keeps it under 3 minutes of CPU; the wall timeout is only a net for a hang.
     subprocess.run([sys.executable, "-m", "benchmarks.gpu.suite", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                   check=True, timeout=170)
+                   check=True, timeout=900)
     data = json.loads((tmp_path / "results.json").read_text())
+    assert data["elapsed_s"] < 180
     markdown = (tmp_path / "results.md").read_text()
     rows = data["rows"]
     for number in CHECKS:

@@ -21,10 +21,11 @@ def fmt(value) -> str:
 def write_tables(out: Path, header: dict, rows: list[Row]) -> None:
     """results.json and results.md, each written whole and renamed into place."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: r.check.split()[0])  # by check number; stable within a check
+    rows = sorted(rows, key=lambda r: int(r.check.split()[0]))  # by check number; stable within a check
     data = {**header, "rows": [r.to_dict() for r in rows]}
     lines = [f"# GPU suite: {header['device_name']}", "",
-             f"{header['mode']}; torch {header['torch']}; {header['elapsed_s']:.0f} s of {header['deadline_s']:.0f}",
+             f"{header['mode']}; torch {header['torch']}; {header['elapsed_s']:.0f} s of {header['deadline_s']:.0f} "
+             f"({header.get('wall_s', header['elapsed_s']):.0f} wall s)",
              "", "| check | figure | aim | met? | note |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         met = {True: "yes", False: "NO", None: "-"}[r.met]

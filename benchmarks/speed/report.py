@@ -1,8 +1,8 @@
-"""The analysis of speed to quality: time axes from measured step times, curves, crossings, tables.
+"""The analysis of speed to quality: curves of held-out loss against training seconds, crossings, tables.
 
-Training is deterministic given its steps, so a run's held-out loss is recorded against steps (the same on any
-machine) and its time axis is built from the step times measured separately: the cumulative sum, over the
-steps the schedule drew, of the median time of each step's kind (patch size, batch, routed or not).
+A curve is [(training seconds, loss)] at a run's held-out evaluations; the seconds are the run's own (its logged
+`train_s`), or, for the old time model (cost_table.py), the cumulative price of its steps in a table of step
+times measured apart (the helpers for that table are here too).
 """
 
 from __future__ import annotations
@@ -127,19 +127,23 @@ SigmaCurve = list[tuple[float, list[float]]]  # (training seconds, held-out loss
 
 
 def sigma_at(curve: SigmaCurve, t: float) -> list[float] | None:
-    """The per-noise-level losses of the last evaluation at or before time t (None before the first)."""
-    done = [losses for s, losses in curve if s <= t]
-    return done[-1] if done else None
+    """The per-noise-level losses of the evaluation of time t: the first at or after it (a run is evaluated after
+    the first step whose training time reaches each point of its grid, and stops after the first to reach its
+    budget); None if the curve ends before t."""
+    due = [losses for s, losses in curve if s >= t]
+    return due[0] if due else None
 
 
 def sigma_table(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[float], budget_s: float,
-                fractions: tuple[float, ...] = (0.25, 0.5, 1.0)) -> str:
-    """Markdown: per arm and fixed time (fractions of the budget), the held-out loss at each noise level, mean
-    over seeds; the lowest of the arms at each (time, sigma) in bold. Where patch training wins or loses."""
+                fractions: tuple[float, ...] = (0.25, 0.5, 1.0), every: float | None = None) -> str:
+    """Markdown: per arm and fixed time (fractions of the budget), the held-out loss at each noise level at the
+    evaluation of that time, mean over seeds; the lowest of the arms at each (time, sigma) in bold. Where patch
+    training wins or loses. With `every` (the evaluation grid's interval) each time is the grid point nearest to
+    its fraction of the budget (at least the first), so that a row is the evaluation of the time it names."""
     head = "| at s | arm | " + " | ".join(f"σ {s:.3g}" for s in sigmas) + " |"
     lines = [head, "|---:|---|" + "---:|" * len(sigmas)]
     for f in fractions:
-        t = f * budget_s
+        t = f * budget_s if every is None else every * max(1, round(f * budget_s / every))
         rows = {}
         for arm, by_seed in per_sigma.items():
             found = [v for v in (sigma_at(c, t) for c in by_seed.values()) if v is not None]

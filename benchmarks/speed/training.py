@@ -1,7 +1,8 @@
-"""Training each (arm, seed) for the steps its budget holds, and reading its held-out curves back.
+"""Training each (arm, seed) for a budget of its own measured training time, and reading its curves back.
 
-Each run trains in its own process with one thread; steps and losses do not depend on the machine's load, and
-its time axis is the cumulative measured cost of the steps its schedule drew (timing.py).
+Each run trains in its own process with one torch thread (timed_run.py): the trainer's clock (process CPU seconds
+of the optimisation steps) decides when it is evaluated (every --eval-every-s) and when it stops (--budget-s), and
+is logged as `train_s` in every record. The time axis of every curve is that logged time: the run's own.
 """
 
 from __future__ import annotations
@@ -10,76 +11,81 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from latentpatch.checkpoints import latest_checkpoint, read_state
 from latentpatch.config import config_to_dict
 from latentpatch.diffusion.edm import heldout_sigma_grid
 from latentpatch.training.logging import read_log
 
-from . import report
 from .arms import arm_config
-from .data import REGIMES
 from .renames import folder_name
-from .timing import step_kinds
+
+NO_STEP_EVALUATIONS = 10**9  # heldout.every: the run evaluates when its time grid asks (and at steps 0 and last)
 
 
-@dataclass
-class Plan:
-    """One (arm, seed): its config, the steps the budget holds, and t[s] = training seconds after s steps."""
-
-    cfg: object
-    steps: int
-    times: list[float]
+def run_config(arm: str, seed: int, data: dict, regime: str, snapshot_every: int, heldout_limit: int | None):
+    """The arm's config for a run evaluated on a grid of training time, not of steps."""
+    return arm_config(arm, seed, data, snapshot_every, regime, heldout_every=NO_STEP_EVALUATIONS,
+                      heldout_limit=heldout_limit)
 
 
-def plan_run(arm: str, seed: int, data: dict, eval_every: int, seconds: dict, budget_s: float, regime: str) -> Plan:
-    """The steps the budget holds under the arm's own schedule draws, and their cumulative seconds."""
-    cfg = arm_config(arm, seed, data, eval_every, regime)
-    latent = REGIMES[regime].latent
-    steps = report.steps_within(step_kinds(cfg, 10**6, latent), seconds, budget_s)
-    return Plan(cfg, steps, report.cumulative_seconds(list(step_kinds(cfg, steps, latent)), seconds))
-
-
-def run_training(arm: str, seed: int, plan: Plan, data: dict, out: Path) -> Path:
+def run_training(arm: str, seed: int, cfg, data: dict, out: Path, budget_s: float, eval_every_s: float) -> Path:
     """One (arm, seed) in its own process with one thread; resumes a killed run, skips a finished one."""
-    run = out / "runs" / folder_name(arm) / f"seed{seed}"
-    found = latest_checkpoint(run)
-    if found is not None and int(read_state(found)["step"]) >= plan.steps:
-        return run
-    plan.cfg.train.ckpt_every = 1000
-    config = out / "configs" / f"{folder_name(arm)}-seed{seed}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    config.write_text(yaml.safe_dump(config_to_dict(plan.cfg), sort_keys=False))
-    cmd = [sys.executable, "-m", "latentpatch.cli", "train", "--latents", str(data["train"]), "--out", str(run),
-           "--device", "cpu", "--no-progress", "--max-steps", str(plan.steps)]
-    cmd += ["--resume"] if found is not None else ["--config", str(config)]
+    run = out / "runs" / folder_name(arm) / f"seed{seed}"
+    cfg.train.ckpt_every = 1000
+    config = out / "configs" / f"{folder_name(arm)}-seed{seed}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    cmd = [sys.executable, "-m", "benchmarks.speed.timed_run", str(config), str(data["train"]), str(run),
+           "--budget-s", str(budget_s), "--eval-every-s", str(eval_every_s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     if proc.returncode != 0:
         raise RuntimeError(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    print(f"  trained {arm} seed {seed}: {plan.steps} steps in {time.perf_counter() - t0:.0f} s wall", flush=True)
+    print(f"  trained {arm} seed {seed}: {time.perf_counter() - t0:.0f} s wall", flush=True)
     return run
 
 
-def heldout_records(run: Path, times: list[float]) -> list[tuple[float, dict]]:
-    """(training seconds, log record) of the run's held-out evaluations within its planned steps (a run trained
-    for a longer budget in the same --out serves a shorter one: training is deterministic, so it is a prefix)."""
-    return [(times[r["step"]], r) for r in read_log(run / "log.jsonl") if "heldout_loss" in r and r["step"] < len(times)]
+def within_budget(records: list[dict], budget_s: float) -> list[dict]:
+    """The records of one run up to its first at or past `budget_s` training seconds (a run trained for a longer
+    budget serves a shorter one: its clock and grid are the same up to there); a step logged twice (a resume
+    repeats the steps after its checkpoint) counts once, as last logged."""
+    by_step: dict[int, dict] = {}
+    for r in records:
+        by_step[r["step"]] = r
+    out = []
+    for r in sorted(by_step.values(), key=lambda r: r["train_s"]):
+        out.append(r)
+        if r["train_s"] >= budget_s:
+            break
+    return out
 
 
-def heldout_curve(run: Path, times: list[float]) -> list[tuple[float, float]]:
-    """(training seconds, held-out loss averaged over the noise levels)."""
-    return [(t, r["heldout_loss"]) for t, r in heldout_records(run, times)]
+def heldout_records(run: Path, budget_s: float) -> list[dict]:
+    return within_budget([r for r in read_log(run / "log.jsonl") if "heldout_loss" in r], budget_s)
 
 
-def sigma_curves(run: Path, times: list[float]) -> list[tuple[float, list[float]]]:
-    """(training seconds, held-out loss at each noise level of the fixed grid, ascending)."""
-    return [(t, r["heldout_per_sigma"]) for t, r in heldout_records(run, times)]
+def heldout_curve(run: Path, budget_s: float) -> list[tuple[float, float]]:
+    """(the run's own training seconds, held-out loss averaged over the noise levels)."""
+    return [(r["train_s"], r["heldout_loss"]) for r in heldout_records(run, budget_s)]
+
+
+def sigma_curves(run: Path, budget_s: float) -> list[tuple[float, list[float]]]:
+    """(the run's own training seconds, held-out loss at each noise level of the fixed grid, ascending)."""
+    return [(r["train_s"], r["heldout_per_sigma"]) for r in heldout_records(run, budget_s)]
+
+
+def steps_taken(run: Path, budget_s: float) -> int:
+    records = heldout_records(run, budget_s)
+    return records[-1]["step"] if records else 0
+
+
+def seconds_of_steps(run: Path) -> dict[int, float]:
+    """{step: training seconds} of every logged step (post-hoc snapshots fall on logged steps)."""
+    return {r["step"]: r["train_s"] for r in read_log(run / "log.jsonl") if "train_s" in r}
 
 
 def heldout_sigmas(cfg) -> list[float]:

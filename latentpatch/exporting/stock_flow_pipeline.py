@@ -24,7 +24,7 @@ def serves(loaded: LoadedRun) -> bool:
 
 def base_pipeline(loaded: LoadedRun) -> str:
     """The folder of the base pipeline: its text encoders' record names it (transformers:FOLDER)."""
-    from latentpatch.text.pipeline_encoder import split_source
+    from latentpatch.text.identity import split_source
 
     record = loaded.spec.text_encoder or {}
     source = split_source(record.get("model", ""))

@@ -14,17 +14,17 @@ from latentpatch.errors import UserError
 
 if TYPE_CHECKING:
     from latentpatch.finetuning.diffusers_bases import DiffusersBase
-    from latentpatch.finetuning.starting_points import FinetuneBase
 
 # The pipelines' own T5 sequence lengths (max_sequence_length's defaults): what their text was trained with.
 TEXT_LENGTH = {"SD3Transformer2DModel": 256, "FluxTransformer2DModel": 512}
 
 
-def flow_base(found: DiffusersBase, config: str | os.PathLike | None, text_encoder: str | None) -> FinetuneBase:
-    """A fine-tune's config and weights for the flow transformer of pipeline `found`."""
+def flow_base(found: DiffusersBase, config: str | os.PathLike | None,
+              text_encoder: str | None) -> tuple[RunConfig, dict[str, Any], dict[str, Any]]:
+    """A fine-tune's config, starting weights and provenance (finetune.json) for the flow transformer of pipeline
+    `found` (starting_points.diffusers_base makes them its FinetuneBase)."""
     from latentpatch.diffusion.flow import FLUX_DEFAULTS, SD3_DEFAULTS
     from latentpatch.diffusion.flow_schedule import SIGMA_AT_T1, edm_sigma, flow_scheduler
-    from latentpatch.finetuning.starting_points import FinetuneBase
     from latentpatch.models import PretrainedConfig
     from latentpatch.models.widen import json_config
 
@@ -49,11 +49,7 @@ def flow_base(found: DiffusersBase, config: str | os.PathLike | None, text_encod
     describe: dict[str, Any] = {"base": found.source, "kind": name, "pipeline": found.root, "precond": "flow",
                                 "scheduler": scheduler.get("_class_name"), "text_encoder": {"model": choice.model,
                                                                                            "why": choice.reason}}
-    size = found.default_resolution()
-    return FinetuneBase(cfg=cfg, state={"net.transformer." + k: v for k, v in net.state_dict().items()},
-                        autoencoder=None, resolution=[size, size] if size else None, text_record=None,
-                        describe=describe, vae=found.root if found.has_vae else None, text_choice=choice,
-                        pipeline=found)
+    return cfg, {"net.transformer." + k: v for k, v in net.state_dict().items()}, describe
 
 
 def check_text_widths(cfg: RunConfig) -> None:

@@ -15,8 +15,7 @@ from latentpatch.config import RunConfig, load_config
 from latentpatch.errors import UserError
 
 if TYPE_CHECKING:
-    from latentpatch.finetuning.diffusers_bases import DiffusersBase
-    from latentpatch.finetuning.starting_points import FinetuneBase
+    from latentpatch.finetuning.diffusers_bases import DiffusersBase, TextChoice
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 
@@ -51,12 +50,13 @@ def _check_pipeline(found: DiffusersBase) -> None:
                         "image-to-image ones)")
 
 
-def sdxl_base(found: DiffusersBase, config: str | os.PathLike | None, text_encoder: str | None) -> FinetuneBase:
-    """A fine-tune's config and weights for the SDXL UNet of pipeline `found`."""
+def sdxl_base(found: DiffusersBase, config: str | os.PathLike | None, text_encoder: str | None
+              ) -> tuple[RunConfig, dict[str, Any], dict[str, Any], TextChoice]:
+    """A fine-tune's config, initial state, description and text encoder for the SDXL UNet of pipeline `found`
+    (starting_points makes its FinetuneBase of them)."""
     from latentpatch.diffusion.ddpm import VPConfig
     from latentpatch.diffusion.vp import prediction_type, sigma_range
     from latentpatch.finetuning.diffusers_bases import TextChoice, _has_transformers
-    from latentpatch.finetuning.starting_points import FinetuneBase
     from latentpatch.models import PretrainedConfig
     from latentpatch.models.sdxl import check_sdxl_unet
     from latentpatch.models.widen import json_config
@@ -93,7 +93,4 @@ def sdxl_base(found: DiffusersBase, config: str | os.PathLike | None, text_encod
         "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)), "sigma_range": [low, high],
         "crop_place": "time ids (original_size, crops_coords_top_left, target_size)", "vae_scale_factor": factor,
         "text_encoder": {"model": choice.model, "why": choice.reason}}
-    size = found.default_resolution()
-    return FinetuneBase(cfg=cfg, state={"net.unet." + k: v for k, v in net.state_dict().items()},
-                        autoencoder=None, resolution=[size, size] if size else None, text_record=None,
-                        describe=describe, vae=found.root, text_choice=choice, pipeline=found)
+    return cfg, {"net.unet." + k: v for k, v in net.state_dict().items()}, describe, choice

@@ -70,11 +70,18 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
     if found.class_name in FLOW_CLASSES:
         from latentpatch.finetuning.flow_bases import flow_base
 
-        return flow_base(found, config, text_encoder)
+        cfg, state, describe = flow_base(found, config, text_encoder)
+        size = found.default_resolution()
+        return FinetuneBase(cfg=cfg, state=state, autoencoder=None, resolution=[size, size] if size else None,
+                            text_record=None, describe=describe, vae=found.root if found.has_vae else None,
+                            text_choice=found.default_text(), pipeline=found)
     if is_sdxl_unet({**found.config, "_class_name": found.class_name}):
         from latentpatch.finetuning.sdxl_base import sdxl_base
 
-        return sdxl_base(found, config, text_encoder)
+        cfg, state, describe, choice = sdxl_base(found, config, text_encoder)
+        size = found.default_resolution()
+        return FinetuneBase(cfg=cfg, state=state, autoencoder=None, resolution=[size, size] if size else None,
+                            text_record=None, describe=describe, vae=found.root, text_choice=choice, pipeline=found)
     net = found.load_network()
     name = found.class_name
     if name == "DiTTransformer2DModel":

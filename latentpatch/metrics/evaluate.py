@@ -236,8 +236,8 @@ def evaluate_folders(
 
 def default_samples_folder(run: str | os.PathLike, loaded: Any, n: int, options: SampleOptions,
                            weights: str) -> Path:
-    """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>][-churn<C>][-<W>x<H>]: one folder
-    per job, so a rerun resumes and other settings never collide with it."""
+    """RUN/eval/<checkpoint>-<weights>-n<N>-seed<S>-<sampler><steps>[-g<guidance>][-churn<C>][-<W>x<H>][-<cache>]:
+    one folder per job, so a rerun resumes and other settings never collide with it."""
     name = f"{loaded.checkpoint.name}-{weights}-n{n}-seed{options.seed}-{options.sampler}{options.steps}"
     if options.guidance != 1.0:
         name += f"-g{options.guidance:g}"
@@ -245,6 +245,8 @@ def default_samples_folder(run: str | os.PathLike, loaded: Any, n: int, options:
         name += f"-churn{options.churn:g}"
     if options.size is not None:
         name += f"-{options.size[1]}x{options.size[0]}"  # W x H, as --size is written
+    if options.cache is not None:  # ras:ratio=0.5,interval=4 -> ras-ratio0.5-interval4
+        name += "-" + options.cache.replace(":", "-").replace(",", "-").replace("=", "")
     return Path(run) / "eval" / name
 
 

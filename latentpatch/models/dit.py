@@ -33,10 +33,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.project(attention(*self.heads(x), backend=self.backend))
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, heads, n, d / heads] of the tokens x [B, n, d] (apart, so a sampling cache can keep k, v)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return q, k, v
+
+    def project(self, out: Tensor) -> Tensor:
+        """The heads' outputs [B, heads, n, d / heads] -> [B, n, d]."""
+        b, _, n, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class CrossAttention(nn.Module):

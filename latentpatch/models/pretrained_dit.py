@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import ModelConfig
+from latentpatch.models.routing import TokenRoute, route_in, route_out
 from latentpatch.models.widen import COORD_CHANNELS, CoordinateConv2d
 
 DIT_CLASSES = ("DiTTransformer2DModel",)
@@ -108,7 +109,9 @@ class PretrainedDiT(nn.Module):
         if cfg.grad_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning | None = None,
+                route: TokenRoute | None = None) -> Tensor:
+        """`route`: the tokens that go through blocks route.start..route.end (a sampling cache's, as the DiT's)."""
         tr, p = self.transformer, self.patch_size
         h, w = x.shape[-2:]
         if h % p or w % p:
@@ -124,12 +127,16 @@ class PretrainedDiT(nn.Module):
         labels = None if cond is None else cond.class_labels
         if labels is None:  # no label given: the null label, i.e. unconditional
             labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        for block in tr.transformer_blocks:
+        for i, block in enumerate(tr.transformer_blocks):
+            if route is not None and i == route.start:
+                before, tokens = tokens, route_in(tokens, route)
             if torch.is_grad_enabled() and tr.gradient_checkpointing:
                 tokens = tr._gradient_checkpointing_func(block, tokens, None, None, None, c_noise, None, labels)
             else:
                 tokens = block(tokens, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                                timestep=c_noise, cross_attention_kwargs=None, class_labels=labels)
+            if route is not None and i == route.end:
+                tokens = route_out(tokens, before, route)
         conditioning = tr.transformer_blocks[0].norm1.emb(c_noise, labels, hidden_dtype=tokens.dtype)
         shift, scale = tr.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
         tokens = tr.proj_out_2(tr.norm_out(tokens) * (1 + scale[:, None]) + shift[:, None])

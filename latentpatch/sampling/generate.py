@@ -30,6 +30,7 @@ from latentpatch.device import resolve_device
 from latentpatch.denoiser import sampling_sigmas
 from latentpatch.errors import UserError
 from latentpatch.io import lock_folder
+from latentpatch.sampling.caches import check_cache, job_cache
 from latentpatch.sampling.prompts import PromptEntry
 from latentpatch.runs import LoadedRun, load_run
 from latentpatch.sampling.latents import generate_latents
@@ -116,6 +117,7 @@ def make_job(
         raise UserError(f"--guidance {options.guidance} needs a class- or text-conditioned model; this one is "
                         "unconditional")
     images = plan_images(loaded, n, int(options.seed), prompts, class_labels)
+    check_cache(loaded.precond, options.cache)  # a method this network has, before a file is written
     # checked against the run and the device's memory (a Notice for a shape it never trained at full size)
     shape = sample_shape(loaded, options.size, min(options.batch_size, len(images)))
     options = replace(options, size=own_size(loaded, options.size))  # the run's shape: one job, as job.json was
@@ -152,9 +154,11 @@ def load_autoencoder_for(loaded: LoadedRun, device: torch.device | str) -> Any:
 
 
 def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[ImageSpec], device: torch.device,
-                 progress: bool = False) -> Tensor:
-    """Sample the latents of `specs` and decode them: [B, 3, H, W] float32 in [-1, 1]."""
+                 progress: bool = False, *, cache: Any = None) -> Tensor:
+    """Sample the latents of `specs` and decode them: [B, 3, H, W] float32 in [-1, 1]. `cache`: the job's
+    `job_cache(...)` (its options' --cache), cleared here for this batch; None: the run's denoiser as loaded."""
     s, options = job.settings, job.options
+    precond = loaded.precond if cache is None else cache.fresh()
     prompts = [x.prompt for x in specs] if specs[0].prompt is not None else None
     classes = [x.class_label for x in specs] if specs[0].class_label is not None else None
     cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), prompts, classes, device)
@@ -162,7 +166,7 @@ def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[
     if getattr(net, "embeds_guidance", False):  # FLUX.1-dev: the guidance is the network's own input
         net.guidance_scale, guidance = guidance, 1.0
     latents = generate_latents(
-        loaded.precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
+        precond, [x.image_seed for x in specs], s["latent_shape"], cond, uncond,
         sampler=options.sampler, steps=options.steps, guidance=guidance, churn=options.churn,
         sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], coordinate_scale=loaded.cfg.patches.coordinate_scale,
         device=device, progress=progress, sigmas=sampling_sigmas(loaded.cfg, options.steps, s["latent_shape"][1:]),
@@ -236,10 +240,11 @@ def run_job(
         # PNG encoding and fsync'd writes run on threads (zlib and I/O release the GIL) while the next batch
         # samples; waiting for batch k's writes before submitting batch k+1's bounds memory to two batches.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-                tqdm(total=len(mine), unit="img", disable=not (progress and d.is_main), desc="sampling") as bar:
+                tqdm(total=len(mine), unit="img", disable=not (progress and d.is_main), desc="sampling") as bar, \
+                job_cache(loaded.precond, job.options.cache) as cache:
             pending: list = []
             for specs in _batched(mine, batch_size):
-                images = folder.to_uint8(sample_batch(loaded, autoencoder, job, specs, device))
+                images = folder.to_uint8(sample_batch(loaded, autoencoder, job, specs, device, cache=cache))
                 for future in pending:
                     future.result()
                 pending = [pool.submit(_write_image, out, img, image_metadata(job, spec, class_names))
@@ -286,7 +291,7 @@ def sample(
     """Generate n images per prompt / class label (n in all without either) from a run folder.
 
     How it samples is a SampleOptions (latentpatch.sampling.options: steps, sampler, guidance, churn, seed,
-    batch_size, size), given whole as `options` or field by field as keywords (`guidance=4.0`), checked once here.
+    batch_size, size, cache), given whole as `options` or field by field as keywords (`guidance=4.0`), checked once here.
     `run` is a run folder or a `load_run` result (then weights/checkpoint/device are its own). Image i's noise
     comes from a generator seeded with image_seed(seed, i), so it is the same whatever batch_size or number of
     processes. With `out` the images are written as a resumable job (PNG + images.jsonl + grid.png, split over
@@ -325,8 +330,9 @@ def sample(
     dev = loaded.device
     autoencoder = load_autoencoder_for(loaded, dev)
     batches = list(_batched(job.images, options.batch_size))
-    images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev).cpu()
-                        for specs in tqdm(batches, unit="batch", disable=not progress, desc="sampling")])
+    with job_cache(loaded.precond, job.options.cache) as cache:
+        images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev, cache=cache).cpu()
+                            for specs in tqdm(batches, unit="batch", disable=not progress, desc="sampling")])
     pixels = folder.to_uint8(images)  # what a job's PNGs hold, so `out` never changes the values
     if output == "tensor":
         return pixels.float() / 255

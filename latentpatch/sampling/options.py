@@ -14,6 +14,7 @@ from typing import Any
 
 from latentpatch.diffusion.samplers import get_sampler
 from latentpatch.errors import UserError
+from latentpatch.sampling.caches.spec import cache_help, canonical_cache, parse_cache
 
 
 def _option(default: Any, help: str) -> Any:
@@ -37,6 +38,7 @@ class SampleOptions:
         None, "Image size in pixels, WxH (width first, e.g. 64x32) or N for N x N; default: the run's training "
               "shape. Each side a multiple of the autoencoder's factor x the network's size multiple (DiT patch "
               "size, UNet downsampling); in Python size=(H, W), height first.")
+    cache: str | None = _option(None, cache_help())
 
     def __post_init__(self) -> None:
         # One spelling per size, so SampleOptions(size=16) == SampleOptions(size=(16, 16)); bad forms stay for check.
@@ -45,6 +47,7 @@ class SampleOptions:
             object.__setattr__(self, "size", (int(size), int(size)))
         elif isinstance(size, (list, tuple)) and len(size) == 2 and all(_whole(s) for s in size):
             object.__setattr__(self, "size", (int(size[0]), int(size[1])))
+        object.__setattr__(self, "cache", canonical_cache(self.cache))  # one spelling per cache: job.json's
 
     def check(self) -> None:
         """UserError for options no sampler can run, before anything is loaded."""
@@ -65,24 +68,29 @@ class SampleOptions:
                                           and all(_whole(s) for s in self.size)):
             raise UserError(f"size must be (H, W) in pixels (height first) or N for a square (--size WxH or N on "
                             f"the command line), got {self.size!r}")
+        if self.cache is not None:
+            parse_cache(self.cache)
 
     def job_settings(self) -> dict[str, Any]:
         """The options that decide the pixels, as a job file (job.json) and each PNG record them; `size` only
-        when one is asked, so a job at the run's own shape writes the job.json it always did."""
+        when one is asked and `cache` when one is on, so a job at the run's own shape without a cache writes the
+        job.json it always did."""
         settings = {"sampler": self.sampler, "steps": int(self.steps), "guidance": float(self.guidance),
                     "churn": float(self.churn), "seed": int(self.seed)}
         if self.size is not None:
             settings["size"] = [int(s) for s in self.size]
+        if self.cache is not None:
+            settings["cache"] = self.cache
         return settings
 
     @classmethod
     def from_job_settings(cls, settings: dict[str, Any]) -> SampleOptions:
         """The options a job file recorded (every job.json format so far holds these five keys; "size" when one
-        was asked)."""
+        was asked, "cache" when one was on)."""
         size = settings.get("size")
         return cls(steps=int(settings["steps"]), sampler=settings["sampler"], guidance=float(settings["guidance"]),
                    churn=float(settings["churn"]), seed=int(settings["seed"]),
-                   size=None if size is None else (int(size[0]), int(size[1])))
+                   size=None if size is None else (int(size[0]), int(size[1])), cache=settings.get("cache"))
 
 
 def sample_options(options: SampleOptions | None = None, **settings: Any) -> SampleOptions:

@@ -38,7 +38,7 @@ PIPELINE_PADDING = "pipeline"  # text.padding of these encoders: the pipeline's 
 
 
 def flow_pipeline_class(source: str) -> str | None:
-    """The pipeline class of a local folder or cached hub id if it is SD3 / FLUX, else None."""
+    """The pipeline class of a local folder or cached hub id if it is SD3 / FLUX / SDXL, else None."""
     local = Path(source).expanduser()
     index = local / "model_index.json"
     if local.exists() and not index.is_file():
@@ -153,9 +153,9 @@ def load_flow_text_encoder(model: str, *, max_length: int | None, device: torch.
     from diffusers import DiffusionPipeline
 
     from latentpatch.text.identity import TRANSFORMERS_PREFIX
-    from latentpatch.text.pipeline_encoder import _need_transformers, split_source
+    from latentpatch.text.identity import need_transformers, split_source
 
-    _need_transformers()
+    need_transformers()
     source = split_source(model)
     pipeline = flow_pipeline_class(source)
     if pipeline is None:

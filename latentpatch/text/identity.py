@@ -86,3 +86,20 @@ def cache_serves(cached: dict[str, Any] | None, model: str, pretrained: str | No
 def record_features(record: dict[str, Any]) -> tuple[str, str]:
     """(layer, padding) of a record; records written before these keys mean FEATURE_DEFAULTS."""
     return record.get("layer", FEATURE_DEFAULTS["layer"]), record.get("padding", FEATURE_DEFAULTS["padding"])
+
+
+def need_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise UserError("a pipeline's own text encoder needs transformers: pip install 'latentpatch[transformers]' "
+                        "(or name an open_clip tower with --text-encoder)") from e
+    return transformers
+
+
+def split_source(model: str) -> str:
+    """The pipeline folder or hub id of a "transformers:SOURCE" text.model."""
+    source = model[len(TRANSFORMERS_PREFIX):].strip()
+    if not source:
+        raise UserError(f"text.model {model!r} names no pipeline; use transformers:PIPELINE_FOLDER_OR_HUB_ID")
+    return source

@@ -30,7 +30,7 @@ def load_text_encoder(
         raise UserError("no text encoder given (text.model is empty)")
     device = resolve_device(device)
     if model.startswith(TRANSFORMERS_PREFIX):
-        from latentpatch.text.pipeline_encoder import split_source
+        from latentpatch.text.identity import split_source
 
         if flow_pipeline_class(split_source(model)) is not None:
             return load_flow_text_encoder(model, max_length=max_length, device=device, layer=layer, padding=padding)

@@ -17,27 +17,10 @@ import torch
 from torch import Tensor
 
 from latentpatch.errors import UserError
-from latentpatch.text.identity import TRANSFORMERS_PREFIX
+from latentpatch.text.identity import TRANSFORMERS_PREFIX, need_transformers, split_source
 from latentpatch.text.open_clip_encoder import TextEncoder
 
 SUPPORTED = ("CLIPTextModel",)
-
-
-def _need_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:
-        raise UserError("a pipeline's own text encoder needs transformers: pip install 'latentpatch[transformers]' "
-                        "(or name an open_clip tower with --text-encoder)") from e
-    return transformers
-
-
-def split_source(model: str) -> str:
-    """The pipeline folder or hub id of a "transformers:SOURCE" text.model."""
-    source = model[len(TRANSFORMERS_PREFIX):].strip()
-    if not source:
-        raise UserError(f"text.model {model!r} names no pipeline; use transformers:PIPELINE_FOLDER_OR_HUB_ID")
-    return source
 
 
 def text_encoder_config(source: str) -> dict[str, Any] | None:
@@ -61,7 +44,7 @@ def pipeline_padding(model: str) -> str:
     encoders have their own ("pipeline": latentpatch.text.flow_encoder)."""
     from latentpatch.text.flow_encoder import PIPELINE_PADDING, flow_pipeline_class
 
-    transformers = _need_transformers()
+    transformers = need_transformers()
     source = split_source(model)
     if flow_pipeline_class(source) is not None:
         return PIPELINE_PADDING
@@ -101,7 +84,7 @@ def load_pipeline_text_encoder(
     """The text_encoder/ and tokenizer/ of the pipeline `model` names ("transformers:SOURCE")."""
     from latentpatch.hub import transformers_load_kwargs
 
-    transformers = _need_transformers()
+    transformers = need_transformers()
     source = split_source(model)
     local = Path(source).expanduser()
     if local.exists():

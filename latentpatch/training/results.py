@@ -42,6 +42,10 @@ class TrainResult:
                 f"`latentpatch sample` uses that checkpoint ({where})")
 
 
+# What a step callback returns to ask for a held-out evaluation after this step (True: stop after a checkpoint).
+EVALUATE = "evaluate"
+
+
 @dataclass
 class StepInfo:
     """What a `callback` sees after each optimisation step (benchmarks evaluate and stop with it)."""

@@ -41,7 +41,7 @@ from latentpatch.training.logging import LogInterval, RunLogger, memory_stats, p
 from latentpatch.training.posthoc_ema import PosthocProfiles, snapshot_path
 from latentpatch.training.record import record_run
 from latentpatch.training.resolve import ResolvedRun, resolve_run
-from latentpatch.training.results import StepInfo, TrainingDiverged, TrainResult
+from latentpatch.training.results import EVALUATE, StepInfo, TrainingDiverged, TrainResult
 from latentpatch.training.rows import TrainingRows, check_bucket_sides
 
 LOCK_FILE = ".train.lock"
@@ -55,7 +55,8 @@ def train(
 ) -> TrainResult:
     """Train on a latent store into run folder `out` (see latentpatch.runs); `cfg` None resumes.
 
-    `callback(info)` runs on every rank after each step; returning True ends the run after a checkpoint.
+    `callback(info)` runs on every rank after each step; returning True ends the run after a checkpoint, returning
+    EVALUATE (training.results) evaluates on the held-out set now (benchmarks: at equal intervals of training time).
     `init_state` (plain state-dict keys of the preconditioned denoiser) replaces the random initial weights:
     fine-tuning. A small store is held out from and evaluated on by default, with early stopping (guard.py).
     """
@@ -267,12 +268,13 @@ class _Session:
                 self.clock.stop()
                 interval.add(stage.batch_size, batch_nimg)
                 bar.update(1)
-                if callback is not None:
-                    stop = bool(callback(StepInfo(self.step, self.nimg, loss, (stage.height, stage.width),
-                                                  stage.batch_size, self.clock.seconds, self.precond, self.ema)))
+                asked = None if callback is None else callback(StepInfo(
+                    self.step, self.nimg, loss, (stage.height, stage.width), stage.batch_size, self.clock.seconds,
+                    self.precond, self.ema))
+                stop = bool(asked) and asked != EVALUATE  # EVALUATE: a held-out evaluation now, not a stop
                 final = self.step == tc.max_steps or stop
                 best = False
-                if self.heldout is not None and (self.step % self.cfg.heldout.every == 0 or final):
+                if self.heldout is not None and (self.step % self.cfg.heldout.every == 0 or final or asked == EVALUATE):
                     best = self.evaluate(logger, autocast) and self.cfg.heldout.keep_best
                     if self.heldout.should_stop and not final:  # patience spent: this checkpoint ends the run
                         stop = final = True

@@ -59,7 +59,8 @@ class Sizes:
     mnist_side: int  # pixels (latents side / 4)
     mnist_batch: int
     mnist_seconds: float  # training seconds per arm
-    mnist_eval_every: int  # steps between held-out evaluations
+    mnist_heldout: int  # held-out digits scored at each evaluation (evaluations: every twentieth of the budget)
+    mnist64_side: int  # pixels of check 10 (64x64 latents on the GPU)
 
 
 TINY_DIT = ["model.dit.preset=null", "model.dit.hidden_size=64", "model.dit.depth=2", "model.dit.num_heads=2",
@@ -73,7 +74,7 @@ GPU = Sizes(
     vae_channels=(128, 256, 512, 512), encode_batch=64, sample_n=256, sample_steps=18, attention_batch=64,
     unet=SMALL_UNET, xl_diffusers=dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
     stq_side=64, stq_batch=64, stq_seconds=40.0,
-    mnist_images=5000, mnist_side=128, mnist_batch=64, mnist_seconds=50.0, mnist_eval_every=100,
+    mnist_images=5000, mnist_side=128, mnist_batch=64, mnist_seconds=50.0, mnist_heldout=256, mnist64_side=256,
 )
 SMOKE = Sizes(
     dit_b=TINY_DIT, dit_xl=TINY_DIT, latent=8, batch=4, xl_batch=4, train_steps=10, xl_steps=3, warmup=1,
@@ -83,7 +84,7 @@ SMOKE = Sizes(
           "model.unet.attention_levels=[false,true]", "model.unet.attention_head_dim=8"],
     xl_diffusers=dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8),
     stq_side=32, stq_batch=8, stq_seconds=3.0,
-    mnist_images=100, mnist_side=32, mnist_batch=8, mnist_seconds=3.0, mnist_eval_every=10,
+    mnist_images=100, mnist_side=32, mnist_batch=8, mnist_seconds=3.0, mnist_heldout=8, mnist64_side=64,
 )
 
 
