@@ -188,3 +188,29 @@ def test_every_crop_of_a_bucketed_batch_is_conditioned_on_its_own_images_size(un
     want = torch.cat([sizes, top[:, None], left[:, None], torch.full((16, 2), 4)], 1) * FACTOR
     assert torch.equal(got, want.float())
     assert len(set(sizes[:, 0].tolist())) == 2  # both buckets in the one batch
+
+
+def _deepcache_run(precond, cache, xs, sigmas, coords, cond):
+    from latentpatch.sampling.caches import job_cache
+
+    with job_cache(precond, cache) as source, torch.no_grad():
+        denoiser = source.fresh()
+        return [denoiser(x, s.expand(len(x)), coords, cond) for x, s in zip(xs, sigmas)]
+
+
+def test_deepcache_serves_the_sdxl_unet_through_its_own_blocks(unet):
+    """--cache deepcache on SDXL's UNet: every call full (interval=1) is the plain denoiser bit for bit; a cached
+    call on the last full call's input gives its output (the shallow path is wired to what it reuses); on a new
+    input it differs from the plain denoiser (the deep blocks were reused)."""
+    precond = VPPrecond(SDXLNetwork(unet, FACTOR), SDXL_SCHEDULER).eval()
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(2, LATENT_CHANNELS, 8, 8, generator=g) for _ in range(3)]
+    sigmas, coords, cond = torch.tensor([10.0, 3.0, 1.0]), full_coordinates(2, 8, 8), _cond(2)
+    plain = _deepcache_run(precond, None, xs, sigmas, coords, cond)
+    every = _deepcache_run(precond, "deepcache:interval=1", xs, sigmas, coords, cond)
+    assert all(torch.equal(a, b) for a, b in zip(every, plain))
+    same = _deepcache_run(precond, "deepcache:interval=2,warmup=1", xs[:1] * 2, sigmas[:1].repeat(2), coords, cond)
+    torch.testing.assert_close(same[1], plain[0], rtol=0, atol=1e-5)
+    new = _deepcache_run(precond, "deepcache:interval=2,warmup=1", xs[:2], sigmas[:2], coords, cond)
+    assert torch.equal(new[0], plain[0]) and (new[1] - plain[1]).abs().amax() > 1e-4
+    assert not any(hasattr(m, "_diffusers_hook") for m in unet.modules())  # removed: the UNet as it was

@@ -51,6 +51,7 @@ def _methods(net: nn.Module) -> dict[str, Callable[[nn.Module, dict[str, Any]], 
     """The methods that fit this network, by name -> their installer."""
     from latentpatch.models.dit import DiT
     from latentpatch.models.pretrained_dit import PretrainedDiT
+    from latentpatch.models.sdxl import SDXLNetwork
     from latentpatch.models.unet import UNetDenoiser
 
     if isinstance(net, DiT):
@@ -63,7 +64,7 @@ def _methods(net: nn.Module) -> dict[str, Callable[[nn.Module, dict[str, Any]], 
         from latentpatch.sampling.caches.step import StepCache
 
         return {"step": StepCache, "ras": RegionCache}
-    if isinstance(net, UNetDenoiser):
+    if isinstance(net, (UNetDenoiser, SDXLNetwork)):  # both call a diffusers UNet's own blocks (net.unet)
         from latentpatch.sampling.caches.deepcache import DeepCache
 
         return {"deepcache": DeepCache}
@@ -72,7 +73,7 @@ def _methods(net: nn.Module) -> dict[str, Callable[[nn.Module, dict[str, Any]], 
 
 def _kind(net: nn.Module) -> str:
     return {"DiT": "this project's DiT", "PretrainedDiT": "a pretrained DiT (DiT-XL/2)",
-            "UNetDenoiser": "a UNet"}.get(type(net).__name__, type(net).__name__)
+            "UNetDenoiser": "a UNet", "SDXLNetwork": "SDXL's UNet"}.get(type(net).__name__, type(net).__name__)
 
 
 def check_cache(precond: nn.Module, cache: str | None) -> CacheSpec | None:
