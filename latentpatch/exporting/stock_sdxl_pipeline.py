@@ -7,7 +7,7 @@ was told its place through SDXL's own time ids (models/sdxl.py), never through e
 
 scheduler/ takes the steps latentpatch's sampler takes over the base's own noise schedule (exporting/schedulers.py:
 EulerDiscreteScheduler or HeunDiscreteScheduler with Karras sigmas over the run's range), so that for the same
-initial noise the pipeline gives `latentpatch sample`'s image; the base's own scheduler class and betas are kept.
+initial noise the pipeline gives `latentpatch sample`'s image; the base's own betas are kept.
 """
 
 from __future__ import annotations
