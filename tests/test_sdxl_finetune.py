@@ -243,3 +243,33 @@ def test_another_text_encoder_or_coordinate_scale_is_refused_in_one_line(pipelin
     with pytest.raises(UserError, match=r"^an SDXL base reads each crop's offset and its image's size from per-axis"):
         lp.finetune(pipelines["eps"], images, tmp_path / "b", steps=1, resolution=16,
                     overrides=["patches.coordinate_scale=longer-side"], **FAST)
+
+
+def test_an_sdxl_fine_tune_on_aspect_buckets_gives_each_crop_its_own_images_size(pipelines, tmp_path, monkeypatch):
+    """Through the trainer: every UNet call of a bucketed fine-tune gets time ids whose original_size is one of the
+    buckets' (in pixels), whose crop lies inside it and whose target_size is the crop's; the run samples another
+    shape with the pipeline's full-size defaults."""
+    from helpers import photo, save_image
+
+    from latentpatch.models.sdxl import SDXLNetwork
+
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for i, size in enumerate([(24, 12), (12, 24), (16, 16)] * 3):  # W x H: landscape, portrait, square
+        save_image(photo(i % 5, size), folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["red", "green", "blue"][i % 3])
+    seen = []
+    time_ids = SDXLNetwork.time_ids
+    monkeypatch.setattr(SDXLNetwork, "time_ids", lambda self, c, d: seen.append(time_ids(self, c, d)) or seen[-1])
+    run = lp.finetune(pipelines["eps"], folder, tmp_path / "ft", steps=3, resolution=16, buckets=True,
+                      overrides=[*SHORT, "patches.sizes=[0.5]"], **FAST)
+    info = json.loads((run.run_dir / "run.json").read_text())
+    buckets = {(2 * h, 2 * w) for h, w in info["buckets"]}  # latent (h, w) x the tiny VAE's 2 pixels
+    assert buckets == {(12, 20), (16, 16), (20, 12)}
+    ids = torch.cat(seen)
+    sizes = {tuple(r) for r in ids[:, :2].long().tolist()}
+    assert len(sizes) >= 2 and sizes <= buckets
+    assert bool((ids[:, 2:4] + ids[:, 4:6] <= ids[:, :2]).all())  # each crop inside its own image
+    seen.clear()
+    lp.sample(run, prompts=["red"], n=1, steps=1, sampler="euler", size=(12, 20), output="tensor", device="cpu")
+    assert seen and all(torch.equal(t, torch.tensor([[12.0, 20.0, 0, 0, 12.0, 20.0]]).expand_as(t)) for t in seen)
