@@ -16,12 +16,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.throughput.flow_crop_cost import MODELS
-from latentpatch.conditioning import Conditioning
+from benchmarks.throughput.flow_crop_cost import MODELS, step_inputs
 from latentpatch.diffusion.flow import FlowMatching, FlowPrecond
-from latentpatch.diffusion.flow_schedule import edm_sigma
 from latentpatch.models.flow_base import wrap_flow_transformer
-from latentpatch.patches import crop_coordinates, full_coordinates
 
 from .common import Context, Row, clock, median
 
@@ -43,21 +40,9 @@ def build(name: str, ctx: Context) -> tuple[FlowPrecond, FlowMatching, dict[str,
 
 
 def inputs(name: str, config: dict[str, Any], side: int, arm: str, ctx: Context) -> dict[str, Any]:
-    """One step's tensors from a fixed seed: full size at the batch, or half-side crops at twice it, each crop at
-    its own offset on the token grid."""
-    g = torch.Generator().manual_seed(1)
-    batch, tokens = ctx.sizes.flow_batch, ctx.sizes.flow_text_tokens.get(name, MODELS[name]["text"])
-    n, crop = (batch, side) if arm == "full" else (2 * batch, side // 2)
-    if arm == "full":
-        coords = full_coordinates(n, side, side)
-    else:
-        offsets = torch.arange(n) * 2 % (side - crop + 1)
-        coords = crop_coordinates(offsets, offsets.flip(0), crop, crop, side, side)
-    cond = Conditioning(text_tokens=torch.randn(n, tokens, config["joint_attention_dim"], generator=g),
-                        text_pooled=torch.randn(n, config["pooled_projection_dim"], generator=g))
-    tensors = dict(x0=torch.randn(n, C, crop, crop, generator=g), coords=coords,
-                   noise=torch.randn(n, C, crop, crop, generator=g), sigma=edm_sigma(torch.full((n,), 0.6)))
-    return {**{k: v.to(ctx.device) for k, v in tensors.items()}, "cond": cond.to(ctx.device)}
+    """One step's tensors (flow_crop_cost's, from its fixed seed) on the check's device."""
+    step = step_inputs(MODELS[name], side, arm, ctx.sizes.flow_batch, config, ctx.sizes.flow_text_tokens.get(name))
+    return {k: v.to(ctx.device) for k, v in step.items()}
 
 
 def timed(precond: FlowPrecond, objective: FlowMatching, step: dict[str, Any], ctx: Context) -> tuple[float, float]:
