@@ -35,7 +35,7 @@ def test_cache_off_is_no_option_in_the_job_file_and_none_or_off_mean_off():
     assert SampleOptions(cache="none").cache is None and SampleOptions(cache=" Off ").cache is None
     assert "cache" not in SampleOptions(cache="none").job_settings()
     assert SampleOptions(cache="ras").cache == RAS == SampleOptions(cache="ras:interval=4, ratio=.5").cache
-    assert SampleOptions(cache="step:order=0").job_settings()["cache"] == "step:interval=2,order=0,warmup=3"
+    assert SampleOptions(cache="step:order=0").job_settings()["cache"] == "step:interval=3,order=0,warmup=3"
 
 
 @pytest.mark.parametrize("sampler", ["heun", "euler", "dpmpp_2m"])
@@ -131,7 +131,7 @@ def test_the_cache_is_recorded_in_the_job_and_each_png_and_the_job_resumes_with_
     ("step:interval=2.5", r"^--cache step: interval must be a whole number >= 1, got '2.5'$"),
     ("step:order=3", r"^--cache step: order must be a whole number >= 0 and <= 2, got '3'$"),
     ("step:depth=2", r"^--cache step: 'depth=2' is not a setting; step takes interval=, order=, warmup= "
-                     r"\(defaults: interval=2,order=1,warmup=3\)$"),
+                     r"\(defaults: interval=3,order=1,warmup=3\)$"),
     ("ras:ratio", r"^--cache ras: 'ratio' is not a setting"),
     ("", r"^--cache must be a method name \(step, deepcache, ras\) with optional settings, got ''$"),
     ("deepcache", r"^--cache deepcache is for UNets; this run's network is this project's DiT: use --cache step "
@@ -150,7 +150,7 @@ def test_the_sample_and_eval_commands_take_the_cache_flag(tmp_path, monkeypatch,
     code, stdout, _ = run_main(monkeypatch, capsys, "sample", tiny_run, "--n", 2, "--out", out, "--steps", 3,
                                "--cache", "step:order=0", "--device", "cpu", "--no-progress")
     assert code == 0 and "2 new here" in stdout
-    assert json.loads((out / "job.json").read_text())["settings"]["cache"] == "step:interval=2,order=0,warmup=3"
+    assert json.loads((out / "job.json").read_text())["settings"]["cache"] == "step:interval=3,order=0,warmup=3"
     ref = tmp_path / "ref"
     make_image_folder(ref, 4, 16, formats=("png",))
     code, stdout, _ = run_main(monkeypatch, capsys, "eval", tiny_run, "--n", 2, "--ref", ref, "--metrics", "swd",

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .checks import attention_check, encode_check, pretrained_check, sample_check, speed_check, speed_mnist_check
-from .checks import trainer_check
+from .checks import flow_check, trainer_check
 from .checks.common import GPU, SMOKE, Context, Row, free_memory
 from .tables import write_tables
 
@@ -53,6 +53,9 @@ CHECKS = [
     Check("attention", ["6 xformers/SDPA step, DiT", "6 xformers/SDPA step, UNet"], 30, 15, attention_check.run),
     Check("encode", ["4 encode/plain vae.encode"], 60, 20, encode_check.run),
     Check("trainer DiT-XL/2", ["2 DiT-XL/2 training, share of matmul rate"], 100, 20, trainer_check.run_xl),
+    Check("flow bases", [f"11 {m} half-crop/full step, {s} latents" for m in ("sd3-medium", "flux")
+                         for s in ("smaller", "larger")],
+          60, 15, flow_check.run),
     Check("speed to quality mnist5k-128", ["9 speed to quality, mnist5k-128: time to full-size's best, full/patch"],
           170, 40, speed_mnist_check.run, optional=True),
     Check("speed to quality mnist5k-256", ["10 speed to quality, mnist5k-256: time to full-size's best, full/patch"],

@@ -66,9 +66,12 @@ def build(model: dict[str, Any], depth: dict[str, int]) -> tuple[FlowPrecond, Fl
     return precond, FlowMatching(model["objective"], model["scheduler"])
 
 
-def step_inputs(model: dict[str, Any], side: int, arm: str, batch: int) -> dict[str, Any]:
+def step_inputs(model: dict[str, Any], side: int, arm: str, batch: int, config: dict[str, Any] | None = None,
+                tokens: int | None = None) -> dict[str, Any]:
     """The tensors of one step, from a fixed seed: full size at `batch`, or half-side crops at 2 * batch, each
-    crop at its own offset on the token grid."""
+    crop at its own offset on the token grid. `config`, `tokens`: a smaller transformer's widths and caption
+    length (the GPU suite's smoke run), else the model's."""
+    config, tokens = config or model["config"], tokens or model["text"]
     g = torch.Generator().manual_seed(1)
     n, crop = (batch, side) if arm == "full" else (2 * batch, side // 2)
     if arm == "full":
@@ -76,8 +79,8 @@ def step_inputs(model: dict[str, Any], side: int, arm: str, batch: int) -> dict[
     else:
         offsets = torch.arange(n) * 2 % (side - crop + 1)
         coords = crop_coordinates(offsets, offsets.flip(0), crop, crop, side, side)
-    cond = Conditioning(text_tokens=torch.randn(n, model["text"], 4096, generator=g),
-                        text_pooled=torch.randn(n, model["pooled"], generator=g))
+    cond = Conditioning(text_tokens=torch.randn(n, tokens, config["joint_attention_dim"], generator=g),
+                        text_pooled=torch.randn(n, config["pooled_projection_dim"], generator=g))
     return dict(x0=torch.randn(n, C, crop, crop, generator=g), coords=coords, noise=torch.randn(n, C, crop, crop,
                 generator=g), sigma=edm_sigma(torch.full((n,), 0.6)), cond=cond)
 

@@ -61,6 +61,11 @@ class Sizes:
     mnist_seconds: float  # training seconds per arm
     mnist_heldout: int  # held-out digits scored at each evaluation (evaluations: every twentieth of the budget)
     mnist64_side: int  # pixels of check 10 (64x64 latents on the GPU)
+    flow_sides: tuple[int, ...]  # latent sides of check 11 (full size; crops are half of it)
+    flow_batch: int  # its full-size batch (crops: twice it)
+    flow_depths: dict[str, dict[str, int]]  # its transformers' block counts, by model
+    flow_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # smoke: smaller widths
+    flow_text_tokens: dict[str, int] = field(default_factory=dict)  # smoke: shorter captions
 
 
 TINY_DIT = ["model.dit.preset=null", "model.dit.hidden_size=64", "model.dit.depth=2", "model.dit.num_heads=2",
@@ -75,6 +80,8 @@ GPU = Sizes(
     unet=SMALL_UNET, xl_diffusers=dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
     stq_side=64, stq_batch=64, stq_seconds=40.0,
     mnist_images=5000, mnist_side=128, mnist_batch=64, mnist_seconds=50.0, mnist_heldout=256, mnist64_side=256,
+    flow_sides=(64, 128), flow_batch=1,
+    flow_depths={"sd3-medium": dict(num_layers=24), "flux": dict(num_layers=5, num_single_layers=10)},
 )
 SMOKE = Sizes(
     dit_b=TINY_DIT, dit_xl=TINY_DIT, latent=8, batch=4, xl_batch=4, train_steps=10, xl_steps=3, warmup=1,
@@ -85,6 +92,14 @@ SMOKE = Sizes(
     xl_diffusers=dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8),
     stq_side=32, stq_batch=8, stq_seconds=3.0,
     mnist_images=100, mnist_side=32, mnist_batch=8, mnist_seconds=3.0, mnist_heldout=8, mnist64_side=64,
+    flow_sides=(8, 16), flow_batch=1,
+    flow_depths={"sd3-medium": dict(num_layers=2), "flux": dict(num_layers=1, num_single_layers=1)},
+    flow_configs={"sd3-medium": dict(num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16,
+                                     joint_attention_dim=32, pooled_projection_dim=16, pos_embed_max_size=16,
+                                     sample_size=16),
+                  "flux": dict(num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
+                               joint_attention_dim=32, pooled_projection_dim=16)},
+    flow_text_tokens={"sd3-medium": 8, "flux": 8},
 )
 
 
