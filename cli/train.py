@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         vae: Optional[str] = typer.Option(None, "--vae", help="With --base and an image folder: the autoencoder (default: the base run's, or the pipeline's vae/)."),
         resolution: Optional[int] = typer.Option(None, "--resolution", help="With --base and an image folder: pixel size to encode at (default: the base run's, or the pipeline network's own size)."),
         buckets: bool = typer.Option(False, "--buckets", help="With --base and an image folder: keep each image's aspect ratio: encode it into the aspect bucket nearest its shape, of about --resolution squared pixels (as `encode --buckets`)."),
-        bucket_step: Optional[int] = typer.Option(None, "--bucket-step", help="With --buckets: bucket sides are multiples of this many pixels (default: the autoencoder's factor x 2)."),
+        bucket_step: Optional[int] = typer.Option(None, "--bucket-step", help="With --buckets: bucket sides are multiples of this many pixels (default: the autoencoder's factor x 2, or x the base network's size multiple where that is larger: a UNet's downsampling, e.g. 32 px for SDXL)."),
         max_aspect: float = typer.Option(MAX_ASPECT, "--max-aspect", help="With --buckets: the longest bucket side over the shortest, at most (a finite number >= 1)."),
         lora_rank: int = typer.Option(0, "--lora-rank", help="With --base: train rank-r LoRA adapters on the attention projections only (0 = all weights)."),
         overrides: Optional[List[str]] = typer.Argument(

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from sdxl_helpers import CLIP_WIDTHS, LATENT_CHANNELS, ZSNR_SCHEDULER, load_sdxl, make_sdxl_pipeline
+from sdxl_helpers import CLIP_WIDTHS, LATENT_CHANNELS, TIME_DIM, ZSNR_SCHEDULER, load_sdxl, make_sdxl_pipeline
 from text_helpers import colour_folder
 from trainer_helpers import assert_same_weights
 from typer.testing import CliRunner
@@ -273,3 +273,33 @@ def test_an_sdxl_fine_tune_on_aspect_buckets_gives_each_crop_its_own_images_size
     seen.clear()
     lp.sample(run, prompts=["red"], n=1, steps=1, sampler="euler", size=(12, 20), output="tensor", device="cpu")
     assert seen and all(torch.equal(t, torch.tensor([[12.0, 20.0, 0, 0, 12.0, 20.0]]).expand_as(t)) for t in seen)
+
+
+def test_buckets_alone_take_a_step_the_unet_divides_into(tmp_path):
+    """A UNet of three levels takes latent sides in multiples of 4: `buckets=True` without a step encodes buckets
+    of sides in steps of 4 latent pixels (8 px through the tiny VAE), where the default step (2 latent pixels)
+    would be refused before training, after encoding."""
+    from diffusers import UNet2DConditionModel
+    from helpers import photo, save_image
+
+    from latentpatch.data.store import LatentStore
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(8, 16, 16),
+        layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
+        cross_attention_dim=sum(CLIP_WIDTHS), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=6 * TIME_DIM + CLIP_WIDTHS[1])
+    base = make_sdxl_pipeline(tmp_path / "three-levels", unet=unet)
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for i, size in enumerate([(40, 24), (24, 40), (32, 32)] * 2):  # W x H
+        save_image(photo(i % 5, size), folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["red", "green", "blue"][i % 3])
+    run = lp.finetune(base, folder, tmp_path / "ft", steps=1, resolution=32, buckets=True, overrides=SHORT, **FAST)
+    store = LatentStore(run.latents)
+    assert store.manifest.bucket_step == 8  # 4 latent pixels x the VAE's 2
+    assert {tuple(s) for s in store.manifest.buckets} == {(24, 40), (32, 32), (40, 24)}
+    assert all(h % 4 == 0 and w % 4 == 0 for _, h, w in store.bucket_latent_shapes)

@@ -22,9 +22,10 @@ MAX_ASPECT = 2.0
 STEP_LATENTS = 2
 
 
-def default_bucket_step(factor: int) -> int:
-    """The bucket sides' step in pixels when none is given: STEP_LATENTS latent pixels of an autoencoder of `factor`."""
-    return STEP_LATENTS * int(factor)
+def default_bucket_step(factor: int, multiple: int = 1) -> int:
+    """The bucket sides' step in pixels when none is given: STEP_LATENTS latent pixels of an autoencoder of `factor`,
+    or the network's `multiple` (the side its inputs divide into: a UNet's downsampling) where it is coarser."""
+    return math.lcm(STEP_LATENTS, int(multiple)) * int(factor)
 
 
 def aspect(size: Sequence[int]) -> Fraction:

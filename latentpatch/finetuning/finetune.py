@@ -25,14 +25,14 @@ import torch
 
 from latentpatch.config import RunConfig, apply_overrides, load_saved_config
 from latentpatch.conditioning.spec import NO_TEXT
-from latentpatch.data.buckets import MAX_ASPECT
+from latentpatch.data.buckets import MAX_ASPECT, default_bucket_step
 from latentpatch.data.manifest import MANIFEST_NAME
 from latentpatch.data.store import LatentStore
 from latentpatch.device import resolve_device
 from latentpatch.errors import UserError
 from latentpatch.finetuning.starting_points import FinetuneBase, diffusers_base, load_choice, run_base
 from latentpatch.io import write_json_atomic
-from latentpatch.models.model_config import pretrained_latent_channels
+from latentpatch.models.model_config import pretrained_latent_channels, pretrained_multiple
 from latentpatch.runs import is_run_folder
 from latentpatch.training.guard import CHOSEN_KEYS
 
@@ -150,6 +150,10 @@ def _prepare_data(
             raise UserError(f"the base {found.describe['base']} has no vae/ beside the network: give vae= (--vae), "
                             "the autoencoder whose latents it was trained on (e.g. stabilityai/sd-vae-ft-mse)")
         autoencoder = vae or found.vae or _load_vae(found.autoencoder, device)
+        if bucketing["buckets"] and bucketing["bucket_step"] is None and found.cfg.model.arch == "pretrained":
+            autoencoder = _loaded(autoencoder, device)  # its factor gives the pixels of a latent pixel
+            bucketing = {**bucketing, "bucket_step": default_bucket_step(autoencoder.info.factor,
+                                                                         pretrained_multiple(found.cfg.model.pretrained))}
         size = resolution or (tuple(found.resolution) if found.resolution else None)
         if size is None:
             raise UserError("give resolution= (--resolution): the pixel size to encode the images at")
@@ -176,6 +180,15 @@ def _prepare_data(
                         "no class labels; put each image in a subfolder per class (encode --labels folders: the store's class k "
                         "trains the base's label k)")
     return store
+
+
+def _loaded(vae: Any, device: str | None) -> Any:
+    """An autoencoder given as a spec (hub id, folder, "builtin"), loaded; a loaded one as it is."""
+    if not isinstance(vae, (str, os.PathLike)):
+        return vae
+    from latentpatch.autoencoders import load_autoencoder
+
+    return load_autoencoder(str(vae), device=resolve_device(device))
 
 
 def _load_vae(info: dict[str, Any], device: str | None) -> Any:

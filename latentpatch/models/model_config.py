@@ -101,6 +101,18 @@ def pretrained_latent_channels(pretrained: PretrainedConfig) -> int:
     return in_channels if pretrained.class_name in FLOW_CLASSES else in_channels - 2
 
 
+def pretrained_multiple(pretrained: PretrainedConfig) -> int:
+    """The side (latent pixels) a pretrained network's inputs divide into: a transformer's patch (FLUX: its 2x2
+    packing), a UNet's downsampling (one per level: SDXL's 4, SD 1.x/2.x's 8). Read from the config, so that a
+    bucket step can be chosen before any weights are loaded."""
+    config = pretrained.config
+    if pretrained.class_name == "FluxTransformer2DModel":
+        return 2  # FluxPipeline packs 2x2 latent pixels into a token (models/flux.py, FLUX_PACKING)
+    if config.get("patch_size"):
+        return int(config["patch_size"])
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 @dataclass
 class ModelConfig:
     """Which denoiser to build and how big; conditioning widths are shared by every architecture."""
