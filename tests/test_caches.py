@@ -212,7 +212,7 @@ def test_the_hooks_are_gone_after_the_job_and_the_network_is_as_loaded(dit, unet
     ("dit", "deepcache", r"^--cache deepcache is for UNets; this run's network is this project's DiT: use --cache "
                          r"step or ras$"),
     ("unet", "ras", r"^--cache ras is for DiTs; this run's network is a UNet: use --cache deepcache$"),
-    ("unet", "step", r"^--cache step is for DiTs; this run's network is a UNet: use --cache deepcache$"),
+    ("unet", "step", r"^--cache step is for DiTs, SD3 / FLUX; this run's network is a UNet: use --cache deepcache$"),
     ("unet", "deepcache:level=2", r"^--cache deepcache: level=2 leaves nothing to reuse in this UNet of 3 levels; "
                                   r"use a level from 0 to 1$"),
 ])

@@ -2,7 +2,7 @@
 job (`job_cache`), installed as hooks on the denoiser's network, reset before each batch and removed when the job
 ends, so the loaded run is left as it was.
 
-    step       DiTs: diffusers' TaylorSeer hook on each block's attention and MLP      (caches/step.py)
+    step       DiTs, SD3 / FLUX: diffusers' TaylorSeer hook on each block's attention and MLP (caches/step.py)
     deepcache  UNets: DeepCache, the deep path's features reused                      (caches/deepcache.py)
     ras        DiTs: region-adaptive sampling, a share of each image's tokens updated  (caches/ras.py)
 
@@ -49,31 +49,24 @@ class InstalledCache:
 
 def _methods(net: nn.Module) -> dict[str, Callable[[nn.Module, dict[str, Any]], Any]]:
     """The methods that fit this network, by name -> their installer."""
-    from latentpatch.models.dit import DiT
-    from latentpatch.models.pretrained_dit import PretrainedDiT
-    from latentpatch.models.sdxl import SDXLNetwork
-    from latentpatch.models.unet import UNetDenoiser
+    from latentpatch.sampling.caches.deepcache import DeepCache
+    from latentpatch.sampling.caches.ras import RegionCache
+    from latentpatch.sampling.caches.step import StepCache
 
-    if isinstance(net, DiT):
-        from latentpatch.sampling.caches.ras import RegionCache
-        from latentpatch.sampling.caches.step import StepCache
-
-        return {"step": StepCache, "ras": RegionCache}
-    if isinstance(net, PretrainedDiT):
-        from latentpatch.sampling.caches.ras import RegionCache
-        from latentpatch.sampling.caches.step import StepCache
-
-        return {"step": StepCache, "ras": RegionCache}
-    if isinstance(net, (UNetDenoiser, SDXLNetwork)):  # both call a diffusers UNet's own blocks (net.unet)
-        from latentpatch.sampling.caches.deepcache import DeepCache
-
-        return {"deepcache": DeepCache}
-    return {}
+    return {"DiT": {"step": StepCache, "ras": RegionCache},
+            "PretrainedDiT": {"step": StepCache, "ras": RegionCache},
+            # the flow transformers: the step cache only (region-adaptive sampling needs a token route through
+            # their joint blocks, which their wrappers do not have)
+            "SD3Network": {"step": StepCache}, "FluxNetwork": {"step": StepCache},
+            # both call a diffusers UNet's own blocks (net.unet)
+            "UNetDenoiser": {"deepcache": DeepCache}, "SDXLNetwork": {"deepcache": DeepCache},
+            }.get(type(net).__name__, {})
 
 
 def _kind(net: nn.Module) -> str:
     return {"DiT": "this project's DiT", "PretrainedDiT": "a pretrained DiT (DiT-XL/2)",
-            "UNetDenoiser": "a UNet", "SDXLNetwork": "SDXL's UNet"}.get(type(net).__name__, type(net).__name__)
+            "UNetDenoiser": "a UNet", "SDXLNetwork": "SDXL's UNet", "SD3Network": "an SD3 transformer",
+            "FluxNetwork": "a FLUX transformer"}.get(type(net).__name__, type(net).__name__)
 
 
 def check_cache(precond: nn.Module, cache: str | None) -> CacheSpec | None:

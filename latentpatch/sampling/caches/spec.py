@@ -48,7 +48,7 @@ class Method:
 METHODS: dict[str, Method] = {
     # diffusers' TaylorSeer hook on each block's attention and MLP: reuse (order 0) or extrapolate their outputs.
     # interval 3: the measured best trade (docs/benchmarks.md, "Sampling caches": 1.49x, FID within the seed spread)
-    "step": Method("DiTs", (Setting("interval", int, 3, 1), Setting("order", int, 1, 0, 2),
+    "step": Method("DiTs, SD3 / FLUX", (Setting("interval", int, 3, 1), Setting("order", int, 1, 0, 2),
                             Setting("warmup", int, 3, 1))),
     # DeepCache: the UNet's deep path (below `level`) reused, the shallow levels recomputed every call.
     "deepcache": Method("UNets", (Setting("interval", int, 3, 1), Setting("level", int, 0, 0),

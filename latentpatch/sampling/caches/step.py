@@ -20,18 +20,23 @@ from diffusers.hooks.hooks import CacheContext, StateManager
 from torch import nn
 
 from latentpatch.models.dit import DiT
-from latentpatch.models.pretrained_dit import PretrainedDiT
 from latentpatch.sampling.caches.hooks import remove
 
 HOOK = "taylorseer_cache"  # the name apply_taylorseer_cache registers its hooks under
-# re.fullmatch patterns (names under the hooked module) of the sub-modules whose outputs are cached
-PATTERNS = {DiT: [r"blocks\.\d+\.(attn|cross_attn|mlp)"],
-            PretrainedDiT: [r"transformer_blocks\.\d+\.(attn1|attn2|ff)"]}
+# re.fullmatch patterns (names under the hooked module) of the sub-modules whose outputs are cached, by the
+# wrapper's class name: this project's DiT; the diffusers transformer inside PretrainedDiT, SD3Network and
+# FluxNetwork (the joint blocks' attention and both feed-forwards; FLUX's single blocks' attention, as diffusers'
+# own TaylorSeer defaults hook FLUX)
+JOINT = [r"transformer_blocks\.\d+\.(attn|ff|ff_context)"]
+PATTERNS = {"DiT": [r"blocks\.\d+\.(attn|cross_attn|mlp)"],
+            "PretrainedDiT": [r"transformer_blocks\.\d+\.(attn1|attn2|ff)"],
+            "SD3Network": JOINT,
+            "FluxNetwork": JOINT + [r"single_transformer_blocks\.\d+\.attn"]}
 
 
 def _target(net: nn.Module) -> nn.Module:
     """The module holding the blocks: the DiT itself, or the diffusers transformer inside the wrapper."""
-    return net.transformer if isinstance(net, PretrainedDiT) else net
+    return net if isinstance(net, DiT) else net.transformer
 
 
 class StepCache:
@@ -40,7 +45,7 @@ class StepCache:
         config = TaylorSeerCacheConfig(
             cache_interval=int(settings["interval"]), disable_cache_before_step=int(settings["warmup"]),
             max_order=int(settings["order"]), taylor_factors_dtype=torch.float32,
-            cache_identifiers=PATTERNS[type(net)])
+            cache_identifiers=PATTERNS[type(net).__name__])
         apply_taylorseer_cache(self.root, config)
         self.managers: list[StateManager] = [m._diffusers_hook.get_hook(HOOK).state_manager
                                              for m in self.root.modules()
