@@ -10,7 +10,7 @@ import pytest
 import torch
 from flow_helpers import LATENT_CHANNELS, make_flux_pipeline, make_sd3_pipeline
 from text_helpers import colour_folder
-from trainer_helpers import assert_same_weights
+from trainer_helpers import assert_adapters_only, assert_same_weights
 from typer.testing import CliRunner
 
 import latentpatch as lp
@@ -168,7 +168,6 @@ def test_a_lora_fine_tune_trains_adapters_only_and_exports_for_the_stock_loader(
     """LoRA on the SD3 transformer's attention: the base stays stock (nothing widened trains); exported separate,
     the stock pipeline's load_lora_weights reads the file and samples what latentpatch samples."""
     from diffusers import StableDiffusion3Pipeline
-    from safetensors.torch import load_file
 
     from latentpatch.diffusion.samplers import per_image_noise_fn
     from latentpatch.seeding import image_seed
@@ -177,12 +176,8 @@ def test_a_lora_fine_tune_trains_adapters_only_and_exports_for_the_stock_loader(
                       overrides=SHORT, **FAST)
     from diffusers import SD3Transformer2DModel
 
-    trained = load_file(run.checkpoint / "model.safetensors")
     stock = SD3Transformer2DModel.from_pretrained(pipelines["sd3"], subfolder="transformer").state_dict()
-    frozen = {k.replace(".base_layer.", ".").removeprefix("net.transformer."): v for k, v in trained.items()
-              if ".lora_" not in k}
-    assert any(".lora_" in k for k in trained) and frozen.keys() == stock.keys()
-    assert all(torch.equal(frozen[k], stock[k]) for k in stock)  # the base stays stock: adapters alone trained
+    assert_adapters_only(run.checkpoint, stock, "net.transformer.")
     out = lp.export(run.run_dir, tmp_path / "export", lora=mode)
     pipe = StableDiffusion3Pipeline.from_pretrained(out, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -97,3 +97,14 @@ def training_rows(path, spec=None, text=None, held=None):
 
     store = LatentStore(path)
     return TrainingRows.from_store(store, conditioning_rows(store, spec or ConditioningSpec(), text), held)
+
+
+def assert_adapters_only(checkpoint: Path, stock: dict[str, torch.Tensor], prefix: str) -> None:
+    """A LoRA fine-tune's checkpoint holds adapters and, under them, the stock network's weights unchanged
+    (`stock`: the diffusers model's state dict; `prefix`: where the wrapper keeps it, e.g. "net.unet.")."""
+    from safetensors.torch import load_file
+
+    trained = load_file(Path(checkpoint) / "model.safetensors")
+    frozen = {k.replace(".base_layer.", ".").removeprefix(prefix): v for k, v in trained.items() if ".lora_" not in k}
+    assert any(".lora_" in k for k in trained) and frozen.keys() == stock.keys()
+    assert all(torch.equal(frozen[k], stock[k]) for k in stock)  # the base stays stock: adapters alone trained

@@ -4,6 +4,8 @@ samples the same job (prompts or classes, guidance, sampler, steps, seeds), so o
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 ARMS: dict[str, str | None] = {
@@ -60,3 +62,10 @@ def job_kwargs(args: argparse.Namespace, per_prompt: int, seed: int) -> dict[str
     if args.size:
         kw["size"] = args.size
     return kw
+
+
+def write_result(path: Path | None, result: dict[str, Any]) -> None:
+    """The raw results as JSON at `path` (--out), if one was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")

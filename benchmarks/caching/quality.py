@@ -21,7 +21,7 @@ from latentpatch.runs import load_run
 from latentpatch.sampling import job_folder
 from latentpatch.sampling.generate import sample
 
-from .arms import add_job_arguments, arms_for, job_kwargs
+from .arms import add_job_arguments, arms_for, job_kwargs, write_result
 
 
 def paired_distance(folder: Path, reference: Path) -> dict[str, float]:
@@ -98,9 +98,7 @@ def main() -> None:
     args = p.parse_args()
     result = measure(args)
     print_table(result)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ conditioning and decoding of the same images), so the sampler's own speed-up is 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from latentpatch.conditioning.requested import request_conditioning
 from latentpatch.runs import load_run
 from latentpatch.sampling.generate import load_autoencoder_for, sample
 
-from .arms import add_job_arguments, arms_for, job_kwargs
+from .arms import add_job_arguments, arms_for, job_kwargs, write_result
 
 
 def fixed_cost(loaded, autoencoder, kw: dict, shape: list[int]) -> float:
@@ -95,9 +94,7 @@ def main() -> None:
     args = p.parse_args()
     result = measure(args)
     print_table(result)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
