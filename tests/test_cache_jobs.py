@@ -12,6 +12,7 @@ from export_helpers import TINY_UNET, finetune_run, write_run
 from helpers import make_image_folder, run_main
 from pretrained_helpers import make_dit_pipeline, make_sd_pipeline
 from tiny_runs import make_tiny_run
+from trainer_helpers import assert_within_one_level
 
 from latentpatch.conditioning import ConditioningSpec
 from latentpatch.config import load_config
@@ -70,9 +71,10 @@ def test_an_image_is_the_same_alone_first_or_second_and_in_batches_of_any_size(r
     one_by_one = sample(run, n=3, batch_size=1, seed=7, **kw)
     together = sample(run, n=3, batch_size=3, seed=7, **kw)
     two_and_one = sample(run, n=3, batch_size=2, seed=7, **kw)
-    # what is left is float32 GEMM rounding, which follows the batch shape (test_generate: same without a cache)
-    torch.testing.assert_close(one_by_one, together, rtol=0, atol=1e-4)
-    torch.testing.assert_close(two_and_one, together, rtol=0, atol=1e-4)
+    # what is left is float32 GEMM rounding, which follows the batch shape (test_generate: same without a cache);
+    # the images are 8-bit, so a rounding on either side of a level's edge moves a rare pixel by one level
+    assert_within_one_level(one_by_one, together)
+    assert_within_one_level(two_and_one, together)
     torch.testing.assert_close(sample(run, n=1, seed=7, batch_size=1, **kw)[0], one_by_one[0], rtol=0, atol=0)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_runs import make_tiny_run
+from trainer_helpers import assert_within_one_level
 from filelock import FileLock
 from PIL import Image
 
@@ -46,10 +47,11 @@ def test_images_do_not_depend_on_batch_size(tiny_run):
     assert one.shape == (5, 3, 8, 8) and one.dtype == torch.float32
     assert 0 <= one.min() and one.max() <= 1
     # The noise is the same bit for bit (test_sampling checks torch.equal with an exact denoiser); what is
-    # left is the network's float32 GEMM rounding, which differs with the batch shape (~1e-7 per call).
-    assert torch.allclose(one, five, rtol=0, atol=1e-4)
+    # left is the network's float32 GEMM rounding, which differs with the batch shape (~1e-7 per call); the
+    # images are 8-bit, so a rounding on either side of a level's edge moves a rare pixel by one level.
+    assert_within_one_level(one, five)
     first_two = sample(tiny_run, n=2, steps=4, batch_size=2, output="tensor", device="cpu")
-    assert torch.allclose(first_two, one[:2], rtol=0, atol=1e-4)  # image i does not depend on n either
+    assert_within_one_level(first_two, one[:2])  # image i does not depend on n either
 
 
 def test_ema_and_raw_weights_give_different_images(tiny_run):

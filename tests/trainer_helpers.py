@@ -108,3 +108,11 @@ def assert_adapters_only(checkpoint: Path, stock: dict[str, torch.Tensor], prefi
     frozen = {k.replace(".base_layer.", ".").removeprefix(prefix): v for k, v in trained.items() if ".lora_" not in k}
     assert any(".lora_" in k for k in trained) and frozen.keys() == stock.keys()
     assert all(torch.equal(frozen[k], stock[k]) for k in stock)  # the base stays stock: adapters alone trained
+
+
+def assert_within_one_level(a: torch.Tensor, b: torch.Tensor, share: float = 0.01) -> None:
+    """Two batches of 8-bit images ([0, 1] tensors) that differ by float rounding only: no pixel by more than one
+    level, and at most `share` of them by that."""
+    diff = (a - b).abs()
+    assert float(diff.max()) <= 1 / 255 + 1e-6, float(diff.max())
+    assert float((diff > 1e-6).float().mean()) <= share
