@@ -39,3 +39,30 @@ def colour_folder(root: Path, n: int = 24, size: int = 8, seed: int = 0, caption
     if captions:
         (root / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
     return root
+
+
+def colour_hits(run, per_colour: int = 6, steps: int = 12, guidance: float = 2.0) -> int:
+    """How many of `per_colour` samples per caption ("red", "green", "blue") of a run trained on a colour_folder
+    land nearest the mean latent of that caption's images (chance: a third). Euler with the run's own noise
+    levels (a flow base's schedule, else EDM's sigma_min..sigma_max) and its coordinate scale."""
+    import torch
+
+    from latentpatch.conditioning.requested import request_conditioning
+    from latentpatch.data.store import LatentStore
+    from latentpatch.denoiser import sampling_sigmas
+    from latentpatch.runs import load_run
+    from latentpatch.sampling.latents import generate_latents
+
+    loaded = load_run(run)
+    store = LatentStore(run.latents)
+    latents, captions = store.load()["mean"].float(), store.captions
+    names = list(COLOURS)
+    means = torch.stack([latents[[i for i, c in enumerate(captions) if c == k]].mean(0) for k in names])
+    prompts = [k for k in names for _ in range(per_colour)]
+    cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), prompts)
+    shape, cfg = tuple(loaded.info["latent_shape"]), loaded.cfg
+    x = generate_latents(loaded.precond, list(range(len(names) * per_colour)), shape, cond, uncond, sampler="euler",
+                         guidance=guidance, steps=steps, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max,
+                         coordinate_scale=cfg.patches.coordinate_scale, sigmas=sampling_sigmas(cfg, steps, shape[1:]))
+    nearest = ((x[:, None] - means[None]) ** 2).mean((2, 3, 4)).argmin(1)
+    return int((nearest == torch.arange(len(names)).repeat_interleave(per_colour)).sum())
