@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.token_grid import TokenGrid, token_grid
-from latentpatch.models.widen import COORD_CHANNELS
+from latentpatch.models.token_grid import TokenGrid, check_stock_inputs, token_grid
 
 FLUX_PACKING = 2  # FluxPipeline packs 2x2 latent pixels into one token
 TRAINING_GUIDANCE = 3.5  # diffusers' train_dreambooth(_lora)_flux.py --guidance_scale default
@@ -82,15 +81,10 @@ class FluxNetwork(nn.Module):
         from diffusers import FluxPipeline
 
         c, p = self.latent_channels, FLUX_PACKING
-        if x.shape[1] != c + COORD_CHANNELS:
-            raise UserError(f"the FLUX transformer takes {c} latent channels (+{COORD_CHANNELS} coordinates), got "
-                            f"{x.shape[1]} in all")
-        if cond is None or cond.text_tokens is None or cond.text_pooled is None:
-            raise UserError("FLUX is text-conditioned: it needs the prompt's T5 tokens and CLIP pooled embedding (the "
-                            "empty caption's for an unconditional call)")
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise UserError(f"latent size {h}x{w} is not divisible by FLUX's 2x2 packing")
+        h, w = check_stock_inputs(x, cond, c, p, network="FLUX transformer", short="FLUX",
+                                  multiple_is="FLUX's 2x2 packing",
+                                  text="the prompt's T5 tokens and CLIP pooled embedding")
+        b = x.shape[0]
         grid = token_grid(x[:, c:], p)
         packed = FluxPipeline._pack_latents(x[:, :c], b, c, h, w)
         inputs = dict(hidden_states=packed, encoder_hidden_states=cond.text_tokens.to(packed.dtype),

@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.token_grid import TokenGrid, token_grid
-from latentpatch.models.widen import COORD_CHANNELS
+from latentpatch.models.token_grid import TokenGrid, check_stock_inputs, token_grid
 
 
 def crop_pos_embed(patch_embed: nn.Module, grid: TokenGrid, gh: int, gw: int) -> Tensor:
@@ -62,15 +61,8 @@ class SD3Network(nn.Module):
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning | None = None) -> Tensor:
         tr, p, c = self.transformer, self.patch_size, self.latent_channels
-        if x.shape[1] != c + COORD_CHANNELS:
-            raise UserError(f"the SD3 transformer takes {c} latent channels (+{COORD_CHANNELS} coordinates), "
-                            f"got {x.shape[1]} in all")
-        if cond is None or cond.text_tokens is None or cond.text_pooled is None:
-            raise UserError("SD3 is text-conditioned: it needs the prompt's token and pooled embeddings (the empty "
-                            "caption's for an unconditional call)")
-        h, w = x.shape[-2:]
-        if h % p or w % p:
-            raise UserError(f"latent size {h}x{w} is not divisible by the SD3 patch size {p}")
+        h, w = check_stock_inputs(x, cond, c, p, network="SD3 transformer", short="SD3",
+                                  multiple_is=f"the SD3 patch size {p}")
         latent, coords = x[:, :c], x[:, c:]
         embed = tr.pos_embed
         tokens = embed.proj(latent).flatten(2).transpose(1, 2)

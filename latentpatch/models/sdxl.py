@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.token_grid import token_grid
-from latentpatch.models.widen import COORD_CHANNELS
+from latentpatch.models.token_grid import check_stock_inputs, token_grid
 
 TIME_IDS = 6  # original_size (2), crops_coords_top_left (2), target_size (2)
 
@@ -99,17 +98,9 @@ class SDXLNetwork(nn.Module):
         return (ids * self.vae_scale_factor).to(dtype)
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning | None = None) -> Tensor:
-        c = self.latent_channels
-        if x.shape[1] != c + COORD_CHANNELS:
-            raise UserError(f"the SDXL UNet takes {c} latent channels (+{COORD_CHANNELS} coordinates), got "
-                            f"{x.shape[1]} in all")
-        if cond is None or cond.text_tokens is None or cond.text_pooled is None:
-            raise UserError("SDXL is text-conditioned: it needs the prompt's token and pooled embeddings (the empty "
-                            "caption's for an unconditional call)")
-        h, w = x.shape[-2:]
-        if h % self.size_multiple or w % self.size_multiple:
-            raise UserError(f"latent size {h}x{w} is not divisible by {self.size_multiple}, the SDXL UNet's total "
-                            "downsampling; use crop sizes that are multiples of it")
+        c, m = self.latent_channels, self.size_multiple
+        check_stock_inputs(x, cond, c, m, network="SDXL UNet", short="SDXL", multiple_is=f"{m}, the SDXL UNet's "
+                           "total downsampling; use crop sizes that are multiples of it")
         dtype = self.unet.dtype
         tokens = cond.text_tokens.to(dtype)
         added = {"text_embeds": cond.text_pooled.to(dtype), "time_ids": self.time_ids(x[:, c:], tokens.dtype)}

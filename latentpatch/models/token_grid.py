@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
+from latentpatch.models.widen import COORD_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,21 @@ def token_grid(coords: Tensor, patch: int) -> TokenGrid:
     left, full_w = _axis(coords[:, 0, 0, :], patch, "horizontal")
     top, full_h = _axis(coords[:, 1, :, 0], patch, "vertical")
     return TokenGrid(top // patch, left // patch, full_h // patch, full_w // patch)
+
+
+def check_stock_inputs(x: Tensor, cond: Conditioning | None, channels: int, multiple: int, *, network: str,
+                       short: str, multiple_is: str,
+                       text: str = "the prompt's token and pooled embeddings") -> tuple[int, int]:
+    """The (h, w) of the input of a stock text-conditioned network that reads its place from coordinates (SD3,
+    FLUX, SDXL): `channels` latent channels and the coordinate channels, text tokens and pooled embedding, sides
+    divisible by `multiple`; else a UserError in one line (`network`, `short`, `multiple_is`: its words)."""
+    if x.shape[1] != channels + COORD_CHANNELS:
+        raise UserError(f"the {network} takes {channels} latent channels (+{COORD_CHANNELS} coordinates), got "
+                        f"{x.shape[1]} in all")
+    if cond is None or cond.text_tokens is None or cond.text_pooled is None:
+        raise UserError(f"{short} is text-conditioned: it needs {text} (the empty caption's for an unconditional "
+                        "call)")
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        raise UserError(f"latent size {h}x{w} is not divisible by {multiple_is}")
+    return h, w
