@@ -52,12 +52,3 @@ def make_sdxl_pipeline(root: Path, scheduler: dict | None = None, unet=None) -> 
         scheduler=EulerDiscreteScheduler(**(scheduler or SDXL_SCHEDULER)), add_watermarker=False)
     pipe.save_pretrained(root)
     return root
-
-
-def load_sdxl(root: Path):
-    """The folder loaded back as a user loads it: StableDiffusionXLPipeline.from_pretrained, float32."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(root, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

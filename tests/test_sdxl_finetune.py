@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 import torch
-from sdxl_helpers import CLIP_WIDTHS, LATENT_CHANNELS, TIME_DIM, ZSNR_SCHEDULER, load_sdxl, make_sdxl_pipeline
+from flow_helpers import load_pipeline
+from sdxl_helpers import CLIP_WIDTHS, LATENT_CHANNELS, TIME_DIM, ZSNR_SCHEDULER, make_sdxl_pipeline
 from text_helpers import colour_folder, colour_hits
 from trainer_helpers import assert_adapters_only, assert_same_weights
 from typer.testing import CliRunner
@@ -52,7 +53,7 @@ def runs(pipelines, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stock(pipelines):
-    return load_sdxl(pipelines["eps"])
+    return load_pipeline(pipelines["eps"])  # DiffusionPipeline.from_pretrained: a StableDiffusionXLPipeline
 
 
 @pytest.mark.parametrize("name", ["eps", "zsnr"])
