@@ -22,7 +22,7 @@ from torch import nn
 
 from latentpatch.errors import UserError
 from latentpatch.hub import load_kwargs
-from latentpatch.models.model_config import FLOW_CLASSES, PRETRAINED_CLASSES
+from latentpatch.models.model_config import FLOW_CLASSES, PRETRAINED_CLASSES, downsampling
 
 NETWORK_FOLDERS = ("unet", "transformer")
 SUPPORTED = PRETRAINED_CLASSES  # the classes a run can hold (model.arch=pretrained), named once
@@ -102,7 +102,7 @@ class DiffusersBase:
         blocks = (self.vae_config or {}).get("block_out_channels")
         if not isinstance(size, int) or not blocks:
             return None
-        return size * 2 ** (len(blocks) - 1)
+        return size * downsampling(self.vae_config)
 
     def default_text(self) -> TextChoice | None:
         """The pipeline's own encoder when transformers can serve it, else the matching open_clip tower; an SD3 /

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from latentpatch.config import RunConfig, load_config
 from latentpatch.errors import UserError
+from latentpatch.models.model_config import downsampling
 
 if TYPE_CHECKING:
     from latentpatch.finetuning.diffusers_bases import DiffusersBase, TextChoice
@@ -26,7 +27,7 @@ def vae_scale_factor(found: DiffusersBase) -> int:
     if not blocks:
         raise UserError(f"{found.source} has no readable vae/config.json: SDXL's micro-conditioning is in pixels, so "
                         "the fine-tune needs the pipeline's VAE")
-    return 2 ** (len(blocks) - 1)
+    return downsampling(found.vae_config)
 
 
 def _pipeline_class(root: str) -> str | None:

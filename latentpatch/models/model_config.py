@@ -101,6 +101,11 @@ def pretrained_latent_channels(pretrained: PretrainedConfig) -> int:
     return in_channels if pretrained.class_name in FLOW_CLASSES else in_channels - 2
 
 
+def downsampling(config: Any) -> int:
+    """The total downsampling of a diffusers UNet or VAE of this config: one halving per level after the first."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def pretrained_multiple(pretrained: PretrainedConfig) -> int:
     """The side (latent pixels) a pretrained network's inputs divide into: a transformer's patch (FLUX: its 2x2
     packing), a UNet's downsampling (one per level: SDXL's 4, SD 1.x/2.x's 8). Read from the config, so that a
@@ -110,7 +115,7 @@ def pretrained_multiple(pretrained: PretrainedConfig) -> int:
         return 2  # FluxPipeline packs 2x2 latent pixels into a token (models/flux.py, FLUX_PACKING)
     if config.get("patch_size"):
         return int(config["patch_size"])
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return downsampling(config)
 
 
 @dataclass

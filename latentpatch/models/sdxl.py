@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
+from latentpatch.models.model_config import downsampling
 from latentpatch.models.token_grid import check_stock_inputs, token_grid
 
 TIME_IDS = 6  # original_size (2), crops_coords_top_left (2), target_size (2)
@@ -75,7 +76,7 @@ class SDXLNetwork(nn.Module):
         self.unet = unet
         self.latent_channels = int(unet.config.out_channels)
         self.vae_scale_factor = int(vae_scale_factor)
-        self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)  # one downsampling per level
+        self.size_multiple = downsampling(unet.config)
         processor = PROCESSORS[attention_backend]()
         for module in unet.modules():
             if isinstance(module, Attention):

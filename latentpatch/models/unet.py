@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
-from latentpatch.models.model_config import ModelConfig
+from latentpatch.models.model_config import ModelConfig, downsampling
 
 PROCESSORS = {"sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor}  # diffusers attention backends
 
@@ -86,7 +86,7 @@ class UNetDenoiser(nn.Module):
             self.unet = _pretrained_unet(cfg, latent_channels)
         else:
             self.unet = _new_unet(cfg, latent_channels)
-        self.size_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)  # one downsampling per level
+        self.size_multiple = downsampling(self.unet.config)
         processor = PROCESSORS[attention_backend]()
         for module in self.unet.modules():  # UNet2DModel has no set_attn_processor; set each layer's
             if isinstance(module, Attention):
