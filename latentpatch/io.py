@@ -63,7 +63,9 @@ def lock_folder(folder: str | os.PathLike, lock_name: str, what: str) -> FileLoc
     """Create `folder` and hold its lock file `lock_name`, non-blocking, so a second `what` into it fails at once.
 
     The one folder lock of every stage (an encode's store, a train's run folder, a sample job's folder): two
-    writers would mix or delete each other's files. The caller releases the returned lock.
+    writers would mix or delete each other's files. Once it is held no other writer is live, so the leftovers of
+    a killed one's atomic writes (`.NAME.XXXX.tmp`, anywhere under `folder`) are removed. The caller releases
+    the returned lock.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -84,4 +86,12 @@ def lock_folder(folder: str | os.PathLike, lock_name: str, what: str) -> FileLoc
         ) from None
     except OSError as e:
         raise UserError(f"the output folder {folder} is not writable: {e.strerror or e}") from e
+    remove_temp_files(folder)
     return lock
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete what a killed atomic write left (`.NAME.XXXX.tmp`); the file it was replacing still stands."""
+    for tmp in folder.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)

@@ -174,9 +174,10 @@ def test_orphan_and_missing_shards_are_repaired_on_resume(folder, tmp_path):
     (out / "shards" / "shard-00000.safetensors").unlink()  # lost: its 4 items are encoded again
     (out / ".manifest.json.abc123.tmp").write_text('{"half": ')
     summary = encode(folder, out, "pixel", 32, **FAST)
-    assert summary.orphans_removed == 3 and summary.encoded == 4
+    # The orphan shard and the lost one; the half-written temporaries went when encode took the store's lock.
+    assert summary.orphans_removed == 2 and summary.encoded == 4
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00001.safetensors", "shard-00002.safetensors"]
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.rglob("*.tmp"))
     store = LatentStore(out)
     verify_store(store)
     assert sorted(i.file for i in store.items) == sorted(p.name for p in folder.iterdir())

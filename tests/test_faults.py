@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,20 @@ def test_train_killed_at_a_random_point_resumes_to_the_uninterrupted_weights(sto
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 31, 5))
     assert not _no_temp_files(run)
+
+
+def test_a_resume_removes_what_a_killed_write_left_even_with_nothing_to_train(store, whole_run, tmp_path):
+    """A kill inside an atomic write (the loss plot, LATEST) leaves `.NAME.XXXX.tmp`; taking the run's lock
+    clears them, also when the run is already at max_steps (the kill came after the last checkpoint)."""
+    run = tmp_path / "run"
+    shutil.copytree(whole_run, run)
+    leftovers = [run / ".loss.png.2tl2mkbd.tmp", run / "checkpoints" / ".LATEST.a1b2c3.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    with pytest.warns(UserWarning, match="nothing to train"):
+        result = train(None, store, run, resume=True, progress=False, device="cpu")
+    assert result.step == 30 and not _no_temp_files(run)
+    _same_weights(latest_checkpoint(whole_run), latest_checkpoint(run))
 
 
 @pytest.fixture(scope="module")

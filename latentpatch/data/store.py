@@ -22,7 +22,6 @@ from safetensors.torch import save as serialise
 from latentpatch.autoencoders import AutoencoderInfo
 from latentpatch.data.buckets import kept_share
 from latentpatch.data.manifest import (
-    MANIFEST_NAME,
     SHARD_DIR,
     Item,
     Manifest,
@@ -134,8 +133,6 @@ def remove_orphan_shards(root: str | Path, manifest: Manifest) -> int:
     live = {s.file for s in manifest.shards}
     orphans = [p for p in shard_dir.iterdir() if p.name not in live and p.is_file()] if shard_dir.is_dir() else []
     for path in orphans:
-        path.unlink()
-    for path in Path(root).glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest rewrite cut short; the old one stands
         path.unlink()
     lost = {i for i, s in enumerate(manifest.shards) if not (shard_dir / s.file).is_file()}
     manifest.drop_shards(lost)

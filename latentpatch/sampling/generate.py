@@ -225,7 +225,6 @@ def run_job(
             try:
                 lock = lock_folder(out, folder.LOCK_FILE, "sample job")
                 folder.check_or_write_job(out, job.to_dict())
-                folder.remove_temp_files(out)
                 folder.rebuild_index(out, total)
                 status = ("ok", len(folder.done_indices(out, total)))
             except UserError as e:

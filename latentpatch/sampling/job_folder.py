@@ -79,12 +79,6 @@ def check_or_write_job(out: Path, job: dict) -> None:
         )
 
 
-def remove_temp_files(out: Path) -> None:
-    """Leftovers of a killed job (`.NAME.XXXX.tmp` from atomic writes); only the lock holder calls this."""
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def done_indices(out: Path, total: int) -> list[int]:
     names = {p.name for p in out.glob("*.png")}
     return [i for i in range(total) if image_name(i) in names]
