@@ -98,12 +98,17 @@ def unet_run(root: Path, vae_folder: Path, *, text: dict[str, Any] | None = None
     return write_run(root, cfg, [4, 8, 8], autoencoder=load_autoencoder(vae_folder).info.to_dict(), spec=spec)
 
 
-def finetune_run(root: Path, pipeline: Path, *, lora_rank: int = 0) -> Path:
-    """A fine-tune of a tiny diffusers pipeline, as lp.finetune starts it (widened network, the base's own VP
-    preconditioning and noise levels, its VAE and text encoder), with nudged weights."""
+def finetune_run(root: Path, pipeline: Path, *, lora_rank: int = 0, widened: bool = False) -> Path:
+    """A fine-tune of a tiny diffusers pipeline, as lp.finetune starts it (a UNet widened, a DiT stock, the base's
+    own VP preconditioning and noise levels, its VAE and text encoder), with nudged weights. widened: a DiT as
+    fine-tunes before the stock DiT were (coordinate channels on its patch embedding)."""
+    from pretrained_helpers import widen_dit_base
+
     from latentpatch.finetuning.starting_points import diffusers_base, load_choice
 
     found = diffusers_base(str(pipeline), None, None)
+    if widened:
+        widen_dit_base(found)
     cfg = found.cfg
     cfg.edm.sigma_data, cfg.model.attention, cfg.model.lora_rank = 1.0, "sdpa", lora_rank
     text = None

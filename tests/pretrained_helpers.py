@@ -108,12 +108,28 @@ def tiny_dit(channels: int = 4, num_classes: int = 10):
                                  num_embeds_ada_norm=num_classes)
 
 
-def make_dit_pipeline(root: Path) -> Path:
-    """A DiTPipeline folder: learned-sigma DiT (8 output channels for 4 latent ones), DDIM scheduler."""
+def make_dit_pipeline(root: Path, num_classes: int = 10) -> Path:
+    """A DiTPipeline folder: learned-sigma DiT (8 output channels for 4 latent ones), DDIM scheduler. DiTPipeline's
+    own null label is 1000: guidance in it needs num_classes=1000, DiT-XL/2's."""
     from diffusers import DDIMScheduler, DiTPipeline
 
-    DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDIMScheduler(**DIT_SCHEDULER)).save_pretrained(root)
+    DiTPipeline(transformer=tiny_dit(num_classes=num_classes), vae=tiny_vae(),
+                scheduler=DDIMScheduler(**DIT_SCHEDULER)).save_pretrained(root)
     return root
+
+
+def widen_dit_base(found) -> None:
+    """A DiT base (starting_points.FinetuneBase) as latentpatch fine-tuned DiTs before it kept them stock: the patch
+    embedding widened by the two coordinate channels with zero weights, in_channels C+2 in the config. Runs
+    written so must still load, sample and export."""
+    from latentpatch.models.widen import COORD_CHANNELS
+
+    key = "net.transformer.pos_embed.proj.weight"
+    weight = found.state[key]
+    zeros = weight.new_zeros(weight.shape[0], COORD_CHANNELS, *weight.shape[2:])
+    found.state[key] = torch.cat([weight, zeros], dim=1)
+    config = found.cfg.model.pretrained.config
+    config["in_channels"] = weight.shape[1] + COORD_CHANNELS
 
 
 def make_pixel_dit_pipeline(root: Path) -> Path:

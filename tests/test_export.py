@@ -127,11 +127,20 @@ def test_a_stable_diffusion_fine_tune_gives_the_images_sample_gives(tmp_path, sd
     same_images(run, pipe, n=1, prompts=["red"], guidance=2.0)
 
 
-def test_a_dit_xl_style_fine_tune_gives_the_images_sample_gives(tmp_path):
-    run = finetune_run(tmp_path / "run", make_dit_pipeline(tmp_path / "dit"))
+def test_a_dit_fine_tune_of_other_than_1000_classes_gives_the_images_sample_gives_in_the_custom_pipeline(tmp_path):
+    run = finetune_run(tmp_path / "run", make_dit_pipeline(tmp_path / "dit"))  # 10 classes: DiTPipeline's null
+    pipe = export_of(run, tmp_path)  # label is 1000, so the coordinate pipeline serves it (tests/test_export_dit.py)
+    assert type(pipe.transformer).__name__ == "DiTTransformer2DModel" and pipe.transformer.config.in_channels == 4
+    assert pipe.config.coordinate_channels == 0  # stock: its positions from its own table, no grid appended
+    same_images(run, pipe, n=1, class_labels=[3, 7], guidance=4.0)
+    same_images(run, pipe, n=1, class_labels=[2], size=(24, 24))  # another (square) size: the table diffusers computes
+
+
+def test_a_dit_fine_tuned_with_coordinate_channels_before_still_samples_and_exports_them(tmp_path):
+    run = finetune_run(tmp_path / "run", make_dit_pipeline(tmp_path / "dit"), widened=True)
+    assert load_run(run).precond.net.coordinate_inputs == 2
     pipe = export_of(run, tmp_path)
-    assert type(pipe.transformer).__name__ == "DiTTransformer2DModel"  # stock, with 4 + 2 input channels
-    assert pipe.transformer.config.in_channels == 6
+    assert pipe.transformer.config.in_channels == 6 and pipe.config.coordinate_channels == 2  # stock class, 4 + 2
     same_images(run, pipe, n=1, class_labels=[3, 7], guidance=4.0)
 
 

@@ -88,6 +88,10 @@ def test_the_wrapped_dit_is_diffusers_dit_bit_for_bit_and_its_x0_prediction(dit)
     precond, found = wrapped(dit)
     assert found.cfg.model.num_classes == 10 and found.cfg.text.model == "none"
     transformer = DiTTransformer2DModel.from_pretrained(dit, subfolder="transformer").eval()
+    ours_state, theirs_state = precond.net.transformer.state_dict(), transformer.state_dict()
+    assert found.cfg.model.pretrained.config["in_channels"] == 4 and precond.net.coordinate_inputs == 0  # stock
+    assert type(precond.net.transformer.pos_embed.proj) is torch.nn.Conv2d
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in theirs_state) and ours_state.keys() == theirs_state.keys()
     g = torch.Generator().manual_seed(0)
     x, t, labels = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.0, 10.0, 700.0]), torch.tensor([3, 9, 10])
     with torch.no_grad():  # label 10 is the null class, what guidance's unconditional half uses
@@ -106,6 +110,50 @@ def test_the_wrapped_dit_is_diffusers_dit_bit_for_bit_and_its_x0_prediction(dit)
             x = x_t / scheduler.alphas_cumprod[step].sqrt()
             D = precond(x, sigmas[step], full_coordinates(1, 8, 8), cond)
         assert close(D, x0_diffusers, x.abs().max()), (step, float((D - x0_diffusers).abs().max()))
+
+
+def test_on_an_aligned_crop_the_stock_dit_is_diffusers_dit_with_the_crops_slice_of_the_table(dit):
+    from diffusers import DiTTransformer2DModel
+
+    precond, _ = wrapped(dit)
+    transformer = DiTTransformer2DModel.from_pretrained(dit, subfolder="transformer").eval()
+    full = transformer.pos_embed.pos_embed.reshape(4, 4, -1)  # the 8 x 8 latent's 4 x 4 tokens
+    x, t, labels = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([5.0, 600.0]), \
+        torch.tensor([1, 10])
+    tops, lefts = torch.tensor([2, 4]), torch.tensor([4, 0])  # latent pixels, on the token grid
+    coords = crop_coordinates(tops, lefts, 4, 4, 8, 8)
+    for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):  # one at a time: same batch, same kernels
+        one = slice(i, i + 1)
+        embed = transformer.pos_embed  # diffusers uses its buffer as is when the size is its own
+        embed.height = embed.width = 2
+        embed.pos_embed = full[top // 2: top // 2 + 2, left // 2: left // 2 + 2].reshape(1, 4, -1)
+        with torch.no_grad():
+            ours = precond.net(torch.cat([x[one], coords[one]], 1), t[one], Conditioning(class_labels=labels[one]))
+            theirs = transformer(x[one], timestep=t[one].long(), class_labels=labels[one]).sample
+        assert torch.equal(ours, theirs[:, :4])
+
+
+@pytest.mark.parametrize("widened", [False, True])
+def test_a_dit_fine_tuned_with_coordinate_channels_before_still_computes_the_pretrained_dit(dit, widened):
+    """Runs fine-tuned before DiT bases stayed stock hold a patch embedding widened by two coordinate inputs
+    (config in_channels C+2); their network builds from that config, and with zero coordinate weights it is the
+    pretrained DiT bit for bit, as the stock one is."""
+    from pretrained_helpers import widen_dit_base
+
+    found = diffusers_base(str(dit), None, None)
+    if widened:
+        widen_dit_base(found)
+    found.cfg.edm.sigma_data, found.cfg.model.attention = 1.0, "sdpa"
+    net = build_precond(found.cfg, 4, device="cpu", init_state=found.state).eval().net
+    assert net.coordinate_inputs == (2 if widened else 0)
+    assert net.transformer.pos_embed.proj.weight.shape[1] == (6 if widened else 4)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([3.0, 900.0])
+    with torch.no_grad():
+        out = net(torch.cat([x, full_coordinates(2, 8, 8)], 1), t, Conditioning(class_labels=torch.tensor([0, 10])))
+    stock, _ = wrapped(dit)
+    with torch.no_grad():
+        ref = stock.net(torch.cat([x, full_coordinates(2, 8, 8)], 1), t, Conditioning(class_labels=torch.tensor([0, 10])))
+    assert torch.equal(out, ref)
 
 
 def test_dit_positions_are_the_pretrained_table_at_full_size_and_its_slice_for_an_aligned_crop(dit):

@@ -40,6 +40,11 @@ def schedule_sigmas(scheduler: dict[str, Any]) -> Tensor:
     if alphas_cumprod is None:
         raise UserError(f"edm.scheduler: {name} has no DDPM noise schedule (alphas_cumprod); edm.precond=vp serves "
                         "DDPM-style (epsilon / v_prediction / sample) models, not flow-matching ones")
+    return vp_sigmas(alphas_cumprod)
+
+
+def vp_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """sigma = sqrt((1 - a) / a) of a scheduler's alphas_cumprod, in float32 as VPPrecond computes it."""
     a = alphas_cumprod.to(torch.float32).clamp(min=2**-24)  # a zero-terminal-SNR end: EulerDiscrete's convention
     return ((1 - a) / a) ** 0.5
 

@@ -1,5 +1,6 @@
-"""The export target for networks that read coordinate channels (every run latentpatch trains today): a diffusers
-pipeline folder whose custom pipeline (shipped/pipeline_latentpatch.py) adds the full coordinate grid.
+"""The export target for networks that read coordinate channels (every run latentpatch trains but a stock DiT
+fine-tune that DiTPipeline serves, dit_pipeline.py): a diffusers pipeline folder whose custom pipeline
+(shipped/pipeline_latentpatch.py) adds the full coordinate grid (none for a stock DiT: its own position table).
 
     OUT/model_index.json          names pipeline_latentpatch.LatentPatchPipeline, each component, the pipeline's
                                   config (coordinate scale, latent normalisation, text features)
@@ -27,7 +28,8 @@ from latentpatch.runs import LoadedRun
 
 
 def serves(loaded: LoadedRun) -> bool:
-    """Every network latentpatch trains today reads coordinate channels (DiT, UNets, widened pretrained bases)."""
+    """Every run: the networks that read coordinate channels (DiT, UNets, widened pretrained bases), and a stock
+    DiT fine-tune that DiTPipeline cannot reproduce (dit_pipeline.serves says which)."""
     return True
 
 
@@ -51,9 +53,12 @@ def _example_call(loaded: LoadedRun) -> str:
     return "num_images_per_prompt=1"
 
 
-def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
+def write(loaded: LoadedRun, folder: Path, sampler: str | None, lora: str | None) -> dict[str, Any]:
     """Write the pipeline folder of `loaded` into `folder`; what was written, for the record."""
+    from latentpatch.sampling.options import DEFAULTS
+
     info = loaded.info
+    sampler = sampler or DEFAULTS.sampler
     network = _network(loaded, lora, folder)
     scheduler = export_scheduler(loaded.cfg.edm, sampler)
     ae = export_autoencoder(info["autoencoder"])
@@ -71,7 +76,8 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
     latent_channels, h, w = (int(s) for s in info["latent_shape"])
     config = {
         "coordinate_scale": loaded.cfg.patches.coordinate_scale, "sample_size": [h, w],
-        "latent_channels": latent_channels, "autoencoder_factor": ae.factor, "size_multiple": network.size_multiple,
+        "latent_channels": latent_channels, "coordinate_channels": _coordinate_channels(loaded),
+        "autoencoder_factor": ae.factor, "size_multiple": network.size_multiple,
         "latent_scaling_factor": ae.scaling_factor, "latent_shift_factor": ae.shift_factor,
         "num_classes": loaded.spec.num_classes, "text_max_length": 77 if text is None else text.max_length,
         "text_layer": "last" if text is None else text.layer,
@@ -83,4 +89,16 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
     return {"pipeline": f"{PIPELINE_MODULE}.{PIPELINE_CLASS}", "network": entries[network.component][1],
             "scheduler": type(scheduler).__name__, "sampler": sampler, "lora": lora,
             "coordinate_scale": config["coordinate_scale"], "components": entries, "pipeline_config": config,
-            "example_call": _example_call(loaded)}
+            "example_call": _example_call(loaded),
+            "load": ("from diffusers import DiffusionPipeline",
+                     'DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)'),
+            "about": "A Patch Diffusion model exported by latentpatch: " + (
+                "its network sees two coordinate channels after the latent, and this folder's pipeline "
+                "(`pipeline_latentpatch.py`) adds the full coordinate grid of the size asked for."
+                if config["coordinate_channels"] else "a stock DiT whose positions come from its own sin-cos table, "
+                "in this folder's pipeline (`pipeline_latentpatch.py`), which samples any size and class count.")}
+
+
+def _coordinate_channels(loaded: LoadedRun) -> int:
+    """The coordinate channels the pipeline appends to the latent: none for a stock DiT (its own position table)."""
+    return int(getattr(loaded.precond.net, "coordinate_inputs", 2))

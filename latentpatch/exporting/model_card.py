@@ -106,6 +106,7 @@ def render_card(record: dict[str, Any]) -> str:
         ("trained with", f"latentpatch {record['run_latentpatch_version']}"),
     ]
     call = record["example_call"]
+    imports, loader = record["load"]
     lora = ""
     if record["lora"] == "separate":
         lora = (f'pipe.load_lora_weights("{record["folder"]}/lora")   # the adapters; without them: the base\n')
@@ -119,8 +120,7 @@ tags: [latentpatch, patch-diffusion, diffusers]
 
 # {record['run']}
 
-A Patch Diffusion model exported by latentpatch: its network sees two coordinate channels after the latent,
-and this folder's pipeline (`pipeline_latentpatch.py`) adds the full coordinate grid of the size asked for.
+{record['about']}
 
 | | |
 |---|---|
@@ -130,9 +130,9 @@ and this folder's pipeline (`pipeline_latentpatch.py`) adds the full coordinate 
 
 ```python
 import torch
-from diffusers import DiffusionPipeline
+{imports}
 
-pipe = DiffusionPipeline.from_pretrained("{record['folder']}", trust_remote_code=True)
+pipe = {loader.format(folder=record['folder'])}
 {lora}images = pipe({call}, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images
 ```
 

@@ -7,9 +7,10 @@
 `base` is a latentpatch run folder (its EMA or raw weights, same architecture; an unconditional DiT gains
 zero-initialised cross-attention when the data has captions) or a pretrained diffusers model: a pipeline
 folder or hub id (Stable Diffusion 1.x/2.x, DiT-XL/2) or a bare UNet2DModel / UNet2DConditionModel /
-DiTTransformer2DModel folder (latentpatch.finetuning.diffusers_bases). Its input gains zero-initialised coordinate channels and a
-pipeline keeps its own preconditioning (the scheduler's DDPM schedule and prediction type, edm.precond "vp"),
-so before the first step the fine-tune computes exactly the pretrained denoiser. `data` is an image folder
+DiTTransformer2DModel folder (latentpatch.finetuning.diffusers_bases). A UNet's input gains zero-initialised
+coordinate channels; a DiT stays stock, the crop's place given by its own position table; a pipeline keeps its
+own preconditioning (the scheduler's DDPM schedule and prediction type, edm.precond "vp"), so before the first
+step the fine-tune computes exactly the pretrained denoiser. `data` is an image folder
 (encoded into OUT/latents with the base's autoencoder, captions embedded) or an existing latent store.
 """
 
@@ -168,8 +169,8 @@ def _prepare_data(
                                    "encode the images with the base's autoencoder")
     if found.cfg.model.arch == "pretrained":
         channels = pretrained_latent_channels(found.cfg.model.pretrained)
-        if store.latent_shape[0] != channels:
-            raise UserError(f"the base network takes {channels}-channel latents but {store.path} holds "
+        if store.latent_shape[0] not in channels:
+            raise UserError(f"the base network takes {channels[0]}-channel latents but {store.path} holds "
                             f"{store.latent_shape[0]}-channel ones; encode with the autoencoder it was trained with")
         factor = found.cfg.model.pretrained.vae_scale_factor  # an SDXL UNet's time ids are in pixels
         if factor and int(store.manifest.autoencoder["factor"]) != factor:

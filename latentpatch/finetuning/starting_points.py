@@ -1,9 +1,10 @@
 """The starting point of a fine-tune: a latentpatch run, or a pretrained diffusers base (latentpatch.finetuning.diffusers_bases) made
 into a config and weights that compute exactly what the base computed.
 
-A diffusers network gains zero-initialised coordinate channels (models/widen.py, models/pretrained_dit.py), but for
-the bases that carry a crop's place in their own language (SD3 / FLUX: flow_bases.py, SDXL: sdxl_base.py);
-with the pipeline's scheduler config it keeps its own preconditioning (edm.precond "vp", diffusion/vp.py) and
+A diffusers UNet gains zero-initialised coordinate channels (models/widen.py), but for the bases that carry a
+crop's place in their own language (a DiT: its position table computed from the coordinates, models/pretrained_dit.py;
+SD3 / FLUX: flow_bases.py; SDXL: sdxl_base.py); with the pipeline's scheduler config it keeps its own
+preconditioning (edm.precond "vp", diffusion/vp.py) and
 its own noise levels; the pipeline's vae/ is the default autoencoder and its text encoder (or the open_clip
 tower whose features match) the default text encoder.
 """
@@ -84,10 +85,7 @@ def diffusers_base(source: str, config: str | os.PathLike | None, text_encoder: 
                             text_record=None, describe=describe, vae=found.root, text_choice=choice, pipeline=found)
     net = found.load_network()
     name = found.class_name
-    if name == "DiTTransformer2DModel":
-        from latentpatch.models.pretrained_dit import widen_dit
-
-        widen_dit(net, net.config.in_channels)
+    if name == "DiTTransformer2DModel":  # stock: the crop's place is in its position table (models/pretrained_dit.py)
         classes, prefix = int(net.config.num_embeds_ada_norm or 0), "net.transformer."
     else:
         from latentpatch.models.widen import widen_unet

@@ -2,8 +2,8 @@
 
 W x becomes W x + (alpha / r) B A x with A [r, in], B [out, r] and B = 0 at the start, so a model with
 fresh adapters computes what it computed before. Layers that a fine-tune adds or widens (the UNet's
-conv_in and a pretrained DiT's patch embedding with their coordinate channels, the DiT's text embedders)
-stay fully trainable.
+conv_in with its coordinate channels, the DiT's text embedders, and what a network names in its
+`lora_trainable`: the patch embedding of a DiT fine-tuned with coordinate inputs) stay fully trainable.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from latentpatch.errors import UserError
 DIT_TARGETS = ["qkv", "proj", "q", "kv"]  # self- and cross-attention projections (models/dit.py)
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers Attention: UNets and pretrained DiTs
 UNET_TARGETS = DIFFUSERS_TARGETS
-# Layers a fine-tune adds or widens: the UNet's conv_in, a pretrained DiT's patch embedding, the DiT's text maps.
-TRAINABLE_PREFIXES = ("conv_in.", "pos_embed.proj.", "text_embedder.", "pooled_embedder.")
+# Layers a fine-tune adds or widens: the UNet's conv_in, the DiT's text maps (a network adds its own in lora_trainable).
+TRAINABLE_PREFIXES = ("conv_in.", "text_embedder.", "pooled_embedder.")
 DIFFUSERS_WRAPPED = ("unet.", "transformer.")  # where UNetDenoiser / PretrainedDiT keep the diffusers model
 
 
@@ -48,9 +48,11 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None = None) -> nn.Module
         inject_adapter_in_model(config, net)
     except ValueError as e:
         raise UserError(f"could not add LoRA adapters to the {type(net).__name__}: {e}") from e
-    trainable = () if getattr(net, "stock_weights", False) else TRAINABLE_PREFIXES  # nothing widened: adapters only
+    # nothing widened: adapters only; else the layers a fine-tune widens or adds, and what the network names
+    trainable = () if getattr(net, "stock_weights", False) else TRAINABLE_PREFIXES
+    own = tuple(getattr(net, "lora_trainable", ()))
     for name, p in net.named_parameters():
-        p.requires_grad_("lora_" in name or _leaf(name).startswith(trainable))
+        p.requires_grad_("lora_" in name or _leaf(name).startswith(trainable) or name.startswith(own))
     return net
 
 

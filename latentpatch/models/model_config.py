@@ -78,8 +78,8 @@ FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 @dataclass
 class PretrainedConfig:
     """A pretrained diffusers network (written by fine-tuning): its class and diffusers config; the weights are in
-    the run's checkpoints. UNets and DiTs are widened by the coordinate channels; the flow transformers and SDXL's
-    UNet are not."""
+    the run's checkpoints. UNets are widened by the coordinate channels (and DiTs were, in earlier runs that
+    still load); DiTs, the flow transformers and SDXL's UNet stay stock."""
 
     class_name: str = ""  # one of PRETRAINED_CLASSES
     config: Any = None  # dict: the diffusers config.json of the widened network
@@ -88,17 +88,21 @@ class PretrainedConfig:
     vae_scale_factor: int = 0
 
 
-def pretrained_latent_channels(pretrained: PretrainedConfig) -> int:
-    """The latent channels a pretrained network takes: a widened UNet's or DiT's inputs less the 2 coordinate
-    channels; an SD3 transformer's own; FLUX's packed 2x2 tokens, a quarter of its inputs; an SDXL UNet's outputs."""
+def pretrained_latent_channels(pretrained: PretrainedConfig) -> tuple[int, ...]:
+    """The latent channels a pretrained network can take, what a fine-tune writes today first: a widened UNet's
+    inputs less the 2 coordinate channels; a DiT's own inputs (stock) or, in a run fine-tuned before, its inputs
+    less the 2 it was widened by; an SD3 transformer's own; FLUX's packed 2x2 tokens, a quarter of its inputs; an
+    SDXL UNet's outputs."""
     from latentpatch.models.sdxl import is_sdxl_unet
 
     in_channels = int(pretrained.config["in_channels"])
     if is_sdxl_unet({**pretrained.config, "_class_name": pretrained.class_name}):
-        return int(pretrained.config.get("out_channels") or in_channels)
+        return (int(pretrained.config.get("out_channels") or in_channels),)
     if pretrained.class_name == "FluxTransformer2DModel":
-        return in_channels // 4
-    return in_channels if pretrained.class_name in FLOW_CLASSES else in_channels - 2
+        return (in_channels // 4,)
+    if pretrained.class_name == "DiTTransformer2DModel":
+        return in_channels, in_channels - 2
+    return (in_channels,) if pretrained.class_name in FLOW_CLASSES else (in_channels - 2,)
 
 
 def downsampling(config: Any) -> int:

@@ -1,11 +1,14 @@
 """A pretrained diffusers DiTTransformer2DModel (class-conditional DiT-XL/2) as a Patch Diffusion denoiser.
 
-`net(x[B, C+2, h, w], t[B], cond) -> [B, C, h, w]` like every denoiser here. Two changes, both exact at the
-start: the patch embedding gains the coordinate channels as zero-initialised inputs (CoordinateConv2d, as the
-UNets' conv_in), and DiT's fixed 2-D sin-cos position table is computed from the coordinate channels: each
-token's place on the full latent grid is read from them and embedded with diffusers' own
-get_2d_sincos_pos_embed_from_grid, so at full size it equals the pretrained table bit for bit and an aligned
-crop gets exactly its slice. A learned-sigma DiT predicts 2C channels; the mean (first C) is used.
+`net(x[B, C+2, h, w], t[B], cond) -> [B, C, h, w]` like every denoiser here. The transformer stays stock (C
+input channels, its patch embedding untouched): only DiT's fixed 2-D sin-cos position table is computed from
+the coordinate channels, each token's place on the full latent grid read from them and embedded with
+diffusers' own get_2d_sincos_pos_embed_from_grid, so at full size it equals the pretrained table bit for bit
+and an aligned crop gets exactly its slice. The table carries everything the coordinates say; coordinate
+channels added to the patch embedding on top of it measured no better (docs/benchmarks.md, "DiT bases"), so a
+fine-tune keeps the weights stock-shaped and exports to the stock DiTPipeline. Runs fine-tuned before that
+have a patch embedding widened by two zero-initialised coordinate inputs (config in_channels C+2); they still
+load and sample. A learned-sigma DiT predicts 2C channels; the mean (first C) is used.
 """
 
 from __future__ import annotations
@@ -25,23 +28,26 @@ from latentpatch.models.widen import COORD_CHANNELS, CoordinateConv2d
 DIT_CLASSES = ("DiTTransformer2DModel",)
 
 
-def widen_dit(transformer: nn.Module, latent_channels: int) -> nn.Module:
-    """The DiT with its patch embedding widened by the coordinate channels (zero weights), config updated."""
-    proj = transformer.pos_embed.proj
-    if proj.in_channels != latent_channels:
-        raise UserError(f"the pretrained DiT takes {proj.in_channels} input channels but the latents have "
-                        f"{latent_channels}; encode with the autoencoder the DiT was trained with")
-    transformer.pos_embed.proj = CoordinateConv2d.widen(proj)
-    transformer.register_to_config(in_channels=latent_channels + COORD_CHANNELS, out_channels=transformer.out_channels)
-    return transformer
+def coordinate_inputs(config: dict[str, Any], latent_channels: int) -> int:
+    """How many coordinate channels the DiT of `config` reads through its patch embedding: 0 (stock, positions
+    from the table alone) or COORD_CHANNELS (a run fine-tuned with widened inputs); UserError otherwise."""
+    in_channels = config.get("in_channels")
+    if in_channels == latent_channels:
+        return 0
+    if in_channels == latent_channels + COORD_CHANNELS:
+        return COORD_CHANNELS
+    raise UserError(f"model.pretrained.config takes {in_channels} input channels, but the latents have "
+                    f"{latent_channels}; encode with the autoencoder the DiT was trained with")
 
 
-def dit_from_config(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a widened DiT from its saved config (weights come from a checkpoint)."""
+def dit_from_config(config: dict[str, Any], latent_channels: int) -> nn.Module:
+    """The DiT of a saved config (weights come from a checkpoint); a widened one computes its patch embedding
+    in the split form (models/widen.py)."""
     from diffusers import DiTTransformer2DModel
 
     transformer = DiTTransformer2DModel.from_config(config)
-    transformer.pos_embed.proj = CoordinateConv2d.from_plain(transformer.pos_embed.proj)
+    if coordinate_inputs(config, latent_channels):
+        transformer.pos_embed.proj = CoordinateConv2d.from_plain(transformer.pos_embed.proj)
     return transformer
 
 
@@ -87,13 +93,15 @@ class PretrainedDiT(nn.Module):
         from latentpatch.models.unet import PROCESSORS
 
         config = cfg.pretrained.config
-        if config.get("in_channels") != latent_channels + COORD_CHANNELS:
-            raise UserError(f"model.pretrained.config takes {config.get('in_channels')} input channels; a widened DiT "
-                            f"for {latent_channels} latent channels takes {latent_channels + COORD_CHANNELS}")
+        self.coordinate_inputs = coordinate_inputs(config, latent_channels)  # 0: stock; 2: widened (older runs)
         if cfg.text_dim or cfg.pooled_text_dim:
             raise UserError("a pretrained DiTTransformer2DModel is class-conditional and has no text input; "
                             "set text.model=none")
-        self.transformer = dit_from_config(config)
+        self.transformer = dit_from_config(config, latent_channels)
+        # LoRA trains the adapters and the layers a fine-tune widened (models/lora.py): here none, or the
+        # patch embedding of a run fine-tuned with coordinate inputs
+        self.lora_trainable = ("transformer.pos_embed.proj.",) if self.coordinate_inputs else ()
+        self.stock_weights = not self.coordinate_inputs
         self.latent_channels, self.num_classes = latent_channels, int(config.get("num_embeds_ada_norm") or 0)
         self.patch_size = self.size_multiple = int(self.transformer.patch_size)
         if cfg.num_classes != self.num_classes:
@@ -118,7 +126,8 @@ class PretrainedDiT(nn.Module):
             raise UserError(f"latent size {h}x{w} is not divisible by the DiT patch size {p}; use crop sizes that "
                             "are multiples of it")
         embed = tr.pos_embed
-        tokens = embed.proj(x).flatten(2).transpose(1, 2)
+        c = self.latent_channels + self.coordinate_inputs  # what the patch embedding reads
+        tokens = embed.proj(x[:, :c]).flatten(2).transpose(1, 2)
         if embed.layer_norm:
             tokens = embed.norm(tokens)
         pos = coordinate_pos_embed(x[:, self.latent_channels:], tokens.shape[-1], p, embed.base_size,

@@ -1,5 +1,6 @@
-"""Pretrained diffusers networks as Patch Diffusion denoisers: the input layer gains zero-initialised coordinate
-channels (the UNet's conv_in here; a DiT's patch embedding in pretrained_dit.py).
+"""Pretrained diffusers UNets as Patch Diffusion denoisers: the input layer gains zero-initialised coordinate
+channels. (A pretrained DiT stays stock, its position table computed from the coordinates: pretrained_dit.py;
+runs fine-tuned before that hold its patch embedding widened by CoordinateConv2d too.)
 
 Widening conv_in from C to C+2 input channels with zero weights on the two new ones leaves the network's
 function unchanged (Patch Diffusion, Wang et al. 2023, Sec. 3.2 adds coordinates as input channels), so

@@ -89,15 +89,17 @@ def trim_to_longest(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 class LatentPatchPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """A coordinate-channel denoiser (`unet`: a diffusers UNet with C+2 input channels, or `transformer`:
-    latentpatch's DiT or a diffusers DiT with C+2 input channels), its scheduler, VAE (None: pixel space),
-    and, for prompts, its text encoder and tokenizer. `load_lora_weights` serves a `unet`."""
+    latentpatch's DiT or a diffusers DiT with C+2 input channels, or a stock diffusers DiT with C, coordinate_channels
+    0), its scheduler, VAE (None: pixel space), and, for prompts, its text encoder and tokenizer.
+    `load_lora_weights` serves a `unet`."""
 
     model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
     _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
 
     def __init__(self, scheduler: Any, unet: Any = None, transformer: Any = None, vae: Any = None,
                  text_encoder: Any = None, tokenizer: Any = None, coordinate_scale: str = "per-axis",
-                 sample_size: list[int] | None = None, latent_channels: int = 4, autoencoder_factor: int = 1,
+                 sample_size: list[int] | None = None, latent_channels: int = 4, coordinate_channels: int = 2,
+                 autoencoder_factor: int = 1,
                  size_multiple: int = 1, latent_scaling_factor: float = 1.0, latent_shift_factor: float = 0.0,
                  num_classes: int = 0, text_max_length: int = 77, text_layer: str = "last",
                  text_padding: str = "masked", text_pooled: bool = False) -> None:
@@ -106,7 +108,8 @@ class LatentPatchPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                               text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(
             coordinate_scale=coordinate_scale, sample_size=list(sample_size or [32, 32]),
-            latent_channels=latent_channels, autoencoder_factor=autoencoder_factor, size_multiple=size_multiple,
+            latent_channels=latent_channels, coordinate_channels=coordinate_channels,
+            autoencoder_factor=autoencoder_factor, size_multiple=size_multiple,
             latent_scaling_factor=latent_scaling_factor, latent_shift_factor=latent_shift_factor,
             num_classes=num_classes, text_max_length=text_max_length, text_layer=text_layer,
             text_padding=text_padding, text_pooled=text_pooled)
@@ -177,7 +180,8 @@ class LatentPatchPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def _network(self, x_in: Tensor, t: Tensor, coords: Tensor, cond: dict) -> Tensor:
         """The raw network output (EDM's F, or a pretrained model's eps / v) for the latent channels, float32."""
         net = self.denoiser
-        x = torch.cat([x_in, coords], dim=1)
+        # a stock DiT (coordinate_channels 0) places its tokens with its own sin-cos table at the size it is given
+        x = torch.cat([x_in, coords], dim=1) if self.config.coordinate_channels else x_in
         if not getattr(net, "keeps_float32_coordinates", False):
             x = x.to(net.dtype)
         t = t.to(x.device).reshape(-1).expand(x.shape[0])

