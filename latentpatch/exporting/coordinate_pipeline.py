@@ -53,12 +53,9 @@ def _example_call(loaded: LoadedRun) -> str:
     return "num_images_per_prompt=1"
 
 
-def write(loaded: LoadedRun, folder: Path, sampler: str | None, lora: str | None) -> dict[str, Any]:
+def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
     """Write the pipeline folder of `loaded` into `folder`; what was written, for the record."""
-    from latentpatch.sampling.options import DEFAULTS
-
     info = loaded.info
-    sampler = sampler or DEFAULTS.sampler
     network = _network(loaded, lora, folder)
     scheduler = export_scheduler(loaded.cfg.edm, sampler)
     ae = export_autoencoder(info["autoencoder"])

@@ -32,6 +32,7 @@ from latentpatch.errors import UserError
 from latentpatch.exporting.autoencoder import export_autoencoder
 from latentpatch.exporting.folder import MODEL_INDEX
 from latentpatch.exporting.network import export_network
+from latentpatch.exporting.stock_flow_pipeline import stock_loader
 from latentpatch.runs import LoadedRun
 
 NULL_LABEL = 1000  # DiTPipeline's unconditional class, fixed
@@ -94,11 +95,10 @@ def pipeline_sigmas(scheduler: Any, steps: int) -> tuple[torch.Tensor, float]:
     return torch.cat([levels, end]), float((1 + levels[0] ** 2).sqrt())
 
 
-def write(loaded: LoadedRun, folder: Path, sampler: str | None, lora: str | None) -> dict[str, Any]:
+def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
     """DiTPipeline(transformer, vae, scheduler).save_pretrained(folder), id2label added; what was written."""
     from diffusers import DiTPipeline
 
-    sampler = sampler or DEFAULT_SAMPLER
     scheduler = dit_scheduler(sampler, loaded.cfg.edm.scheduler)
     network = export_network(loaded.precond.net)
     ae = export_autoencoder(loaded.info["autoencoder"])
@@ -112,6 +112,6 @@ def write(loaded: LoadedRun, folder: Path, sampler: str | None, lora: str | None
             "sampler": sampler, "lora": lora, "coordinate_scale": "none: the DiT's own sin-cos position table",
             "components": entries, "pipeline_config": {"id2label": f"{len(names)} class names"},
             "example_call": "class_labels=[0], guidance_scale=4.0",
-            "load": ("from diffusers import DiTPipeline", 'DiTPipeline.from_pretrained("{folder}")'),
+            "load": stock_loader("DiTPipeline"),
             "about": "A DiT fine-tuned by latentpatch with Patch Diffusion: each crop took its place from the DiT's own "
                      "sin-cos position table, so the weights stayed stock and this is a plain DiTPipeline folder."}

@@ -17,6 +17,7 @@ from latentpatch.exporting import coordinate_pipeline, dit_pipeline, stock_flow_
 from latentpatch.exporting.folder import check_out, staged
 from latentpatch.exporting.lora import lora_mode
 from latentpatch.exporting.model_card import export_record, write_model_card
+from latentpatch.sampling.options import DEFAULTS
 
 # The folder kinds, first match wins: each module has serves(loaded) and write(loaded, folder, sampler, lora). A
 # base whose weights stay stock (DiT-XL/2, SDXL, SD3, FLUX: positions in its own language, no coordinate
@@ -60,6 +61,7 @@ def export(
     loaded = load_run(run, weights=weights, checkpoint=_checkpoint(checkpoint), device="cpu")
     mode = lora_mode(loaded.cfg.model.lora_rank, loaded.precond.net, lora)
     target = next(t for t in TARGETS if t.serves(loaded))
+    sampler = sampler or getattr(target, "DEFAULT_SAMPLER", DEFAULTS.sampler)  # DiTPipeline's: euler (DDIM)
     with staged(out) as folder:
         written = target.write(loaded, folder, sampler, mode)
         write_model_card(folder, {**export_record(loaded, written), "folder": str(out)})

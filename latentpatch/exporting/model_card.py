@@ -106,13 +106,13 @@ def render_card(record: dict[str, Any]) -> str:
         ("trained with", f"latentpatch {record['run_latentpatch_version']}"),
     ]
     call = record["example_call"]
-    imports, loader = record["load"]
     lora = ""
     if record["lora"] == "separate":
         lora = (f'pipe.load_lora_weights("{record["folder"]}/lora")   # the adapters; without them: the base\n')
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     if record.get("stock"):
         return _stock_card(record, table, lora)
+    imports, loader = record["load"]
     return f"""---
 library_name: diffusers
 tags: [latentpatch, patch-diffusion, diffusers]

@@ -83,4 +83,9 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
             "scheduler": type(pipe.scheduler).__name__,
             "sampler": "euler (the pipeline's own FlowMatchEulerDiscreteScheduler)", "lora": lora,
             "base_pipeline": source, "components": sorted(k for k, v in pipe.components.items() if v is not None),
-            "example_call": 'prompt="a red brick wall", num_inference_steps=28'}
+            "example_call": 'prompt="a red brick wall", num_inference_steps=28', "load": stock_loader(name)}
+
+
+def stock_loader(pipeline: str) -> tuple[str, str]:
+    """(the import, the call with a {folder} slot) that loads a stock pipeline folder: no remote code."""
+    return f"from diffusers import {pipeline}", f'{pipeline}.from_pretrained("{{folder}}")'

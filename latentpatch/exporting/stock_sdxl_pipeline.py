@@ -34,7 +34,7 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
 
     from latentpatch.exporting.lora import SDXL_LOADER
     from latentpatch.exporting.schedulers import export_scheduler
-    from latentpatch.exporting.stock_flow_pipeline import base_pipeline, stock_network
+    from latentpatch.exporting.stock_flow_pipeline import base_pipeline, stock_loader, stock_network
 
     source = base_pipeline(loaded)
     scheduler = export_scheduler(loaded.cfg.edm, sampler)
@@ -48,4 +48,5 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
             "coordinate_scale": "none (SDXL's own time ids: original_size, crops_coords_top_left, target_size)",
             "scheduler": type(scheduler).__name__, "sampler": sampler, "lora": lora, "base_pipeline": source,
             "components": sorted(k for k, v in pipe.components.items() if v is not None),
-            "example_call": 'prompt="a red brick wall", guidance_scale=5.0, num_inference_steps=30'}
+            "example_call": 'prompt="a red brick wall", guidance_scale=5.0, num_inference_steps=30',
+            "load": stock_loader(type(pipe).__name__)}
