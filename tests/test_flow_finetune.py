@@ -168,6 +168,8 @@ def test_the_export_is_the_stock_pipeline_and_samples_as_latentpatch_does(runs, 
     klass = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == klass
     assert not (out / "pipeline_latentpatch.py").exists() and f"{klass}.from_pretrained" in (out / "README.md").read_text()
+    cache_call = json.loads((out / "export.json").read_text())["cache_call"]  # FluxPipeline's own step cache
+    assert (cache_call is None) == (name == "sd3") and (cache_call is None or cache_call in (out / "README.md").read_text())
     pipe = getattr(diffusers, klass).from_pretrained(out, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     guidance = 3.5 if name == "flux" else 2.0
