@@ -114,6 +114,32 @@ def test_a_flow_fine_tune_stopped_and_resumed_equals_an_uninterrupted_one(pipeli
     assert_same_weights(whole.checkpoint, resumed.checkpoint)
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_two_gloo_processes_continue_a_flow_fine_tune_as_one_process_does(pipelines, runs, tmp_path, name):
+    """The last 2 of the 4 steps on 2 processes (torchrun, each half the batch) reach the weights one process
+    reached: the noise levels, noise and crops of the global batch are drawn the same way on any world size."""
+    import os
+    import subprocess
+    import sys
+
+    split = tmp_path / "split"
+    lp.finetune(pipelines[name], runs[name].latents, split, steps=2, resolution=16, overrides=SHORT, **FAST)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "latentpatch.cli", "train", "--base", str(pipelines[name]), "--data", str(runs[name].latents), "--out",
+           str(split), "--resume", "--max-steps", "4", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(runs[name].checkpoint, split / "checkpoints" / "step-00000004", atol=1e-6)
+    with pytest.raises(AssertionError):  # the two steps moved the weights by far more than that tolerance
+        assert_same_weights(split / "checkpoints" / "step-00000002", split / "checkpoints" / "step-00000004",
+                            atol=1e-4)
+    log = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (runs[name].run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [r["step"] for r in whole] == [2, 4]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
+
+
 def test_the_cli_fine_tunes_an_sd3_pipeline_and_samples_it(pipelines, images, tmp_path):
     from latentpatch.cli.app import app
 
@@ -142,6 +168,8 @@ def test_the_export_is_the_stock_pipeline_and_samples_as_latentpatch_does(runs, 
     klass = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == klass
     assert not (out / "pipeline_latentpatch.py").exists() and f"{klass}.from_pretrained" in (out / "README.md").read_text()
+    cache_call = json.loads((out / "export.json").read_text())["cache_call"]  # FluxPipeline's own step cache
+    assert (cache_call is None) == (name == "sd3") and (cache_call is None or cache_call in (out / "README.md").read_text())
     pipe = getattr(diffusers, klass).from_pretrained(out, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     guidance = 3.5 if name == "flux" else 2.0

@@ -67,6 +67,34 @@ def test_flux_sampling_is_the_pipelines(folders, name, scale):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_exported_flux_pipelines_cache_line_gives_latentpatchs_step_cache(folders):
+    """The line a FLUX export's README gives (diffusers' own TaylorSeer in FluxPipeline, whose calls name a cache
+    context) makes the latents of latentpatch's `--cache step` with the same settings, not the uncached ones."""
+    from diffusers import FluxPipeline, TaylorSeerCacheConfig
+
+    from latentpatch.exporting.stock_flow_pipeline import cache_call
+    from latentpatch.sampling.caches import job_cache
+
+    h, w, steps, spec = 8, 8, 8, "step:interval=2,order=1,warmup=2"
+    pipe = load_pipeline(folders["flux"])
+    exec(cache_call(spec), {"pipe": pipe, "torch": torch, "TaylorSeerCacheConfig": TaylorSeerCacheConfig})
+    noise = _noise(h, w)
+    with torch.no_grad():
+        emb, pooled, _ = pipe.encode_prompt(PROMPTS, None, max_sequence_length=16)
+        packed = pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, height=2 * h, width=2 * w,
+                      latents=FluxPipeline._pack_latents(noise, 2, LATENT_CHANNELS, h, w), num_inference_steps=steps,
+                      guidance_scale=3.5, output_type="latent").images
+    want = FluxPipeline._unpack_latents(packed, 2 * h, 2 * w, pipe.vae_scale_factor)
+    base = load_flow_base(folders["flux"], guidance_scale=3.5)
+    cond = Conditioning(text_tokens=emb, text_pooled=pooled)
+    args = dict(sampler="euler", sigmas=base.sampling_sigmas(steps, (h, w)))
+    with job_cache(base.precond, spec) as cache:
+        got = generate_latents(cache.fresh(), SEEDS, (LATENT_CHANNELS, h, w), cond, **args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    uncached = generate_latents(base.precond, SEEDS, (LATENT_CHANNELS, h, w), cond, **args)
+    assert (got - uncached).abs().max() > 1e-3  # the cache moved the latents: the match is the cache's
+
+
 def test_the_schedules_are_the_pipelines_set_timesteps():
     """SD3: set_timesteps(steps) with the fixed shift 3; FLUX: sigmas linspace(1, 1/steps) shifted by mu of the
     image's tokens, so a larger image keeps more noise at every step."""

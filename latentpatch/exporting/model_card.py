@@ -170,6 +170,25 @@ pipe = {record['pipeline']}.from_pretrained("{record['folder']}")
 
 `latentpatch sample --sampler {record['sampler'].split()[0]}` samples the same schedule: image i is the pipeline's
 for the initial latents latentpatch draws with `latentpatch.seeding.image_seed(seed, i)`.
+""" + _cache_section(record)
+
+
+def _cache_section(record: dict[str, Any]) -> str:
+    """How to sample faster in the folder's own pipeline, where latentpatch's step cache runs there."""
+    if not record.get("cache_call"):
+        return ""
+    return f"""
+## Faster sampling
+
+The step cache of `latentpatch sample --cache step` (diffusers' TaylorSeer hook on the blocks' attention and
+feed-forwards, refreshed every third call after three full ones) runs in this pipeline as well, with the same
+images:
+
+```python
+from diffusers import TaylorSeerCacheConfig
+
+{record['cache_call']}
+```
 """
 
 

@@ -7,6 +7,12 @@ with no remote code. Its weights stay stock: a crop told its place through the b
 
 The stock pipeline samples with its own FlowMatchEulerDiscreteScheduler: `latentpatch sample --sampler euler`
 (over the same schedule, diffusion/flow_schedule.py) gives its images for the same initial noise.
+
+The step cache (`latentpatch sample --cache step`) is diffusers' TaylorSeer hook, so it runs in the exported FLUX
+pipeline too: FluxPipeline names a cache context for each transformer call, and `cache_call` is the line that
+enables the same cache there (its images are `--cache step`'s, tests/test_flow_finetune.py).
+StableDiffusion3Pipeline names no context, and diffusers' stateful hooks refuse to run without one: an SD3
+export samples uncached, and `latentpatch sample --cache step` is the way to cache it.
 """
 
 from __future__ import annotations
@@ -83,9 +89,23 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
             "scheduler": type(pipe.scheduler).__name__,
             "sampler": "euler (the pipeline's own FlowMatchEulerDiscreteScheduler)", "lora": lora,
             "base_pipeline": source, "components": sorted(k for k, v in pipe.components.items() if v is not None),
-            "example_call": 'prompt="a red brick wall", num_inference_steps=28', "load": stock_loader(name)}
+            "example_call": 'prompt="a red brick wall", num_inference_steps=28', "load": stock_loader(name),
+            "cache_call": cache_call() if name == "FluxPipeline" else None}
 
 
 def stock_loader(pipeline: str) -> tuple[str, str]:
     """(the import, the call with a {folder} slot) that loads a stock pipeline folder: no remote code."""
     return f"from diffusers import {pipeline}", f'{pipeline}.from_pretrained("{{folder}}")'
+
+
+def cache_call(spec: str = "step") -> str:
+    """The Python line that gives an exported FluxPipeline `latentpatch sample --cache SPEC`'s step cache (`pipe`,
+    `torch` and diffusers' `TaylorSeerCacheConfig` in scope)."""
+    from latentpatch.sampling.caches.spec import parse_cache
+    from latentpatch.sampling.caches.step import taylorseer_config
+
+    parsed = parse_cache(spec)
+    config = taylorseer_config(parsed.settings, "FluxNetwork")
+    return (f"pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval={config.cache_interval}, "
+            f"disable_cache_before_step={config.disable_cache_before_step}, max_order={config.max_order}, "
+            f"taylor_factors_dtype=torch.float32, cache_identifiers={config.cache_identifiers!r}))")

@@ -34,6 +34,14 @@ PATTERNS = {"DiT": [r"blocks\.\d+\.(attn|cross_attn|mlp)"],
             "FluxNetwork": JOINT + [r"single_transformer_blocks\.\d+\.attn"]}
 
 
+def taylorseer_config(settings: dict[str, Any], network: str) -> TaylorSeerCacheConfig:
+    """diffusers' TaylorSeer config of a `step` spec's settings for a network (a wrapper's class name in
+    PATTERNS). The exported FLUX pipeline takes the same config (exporting/stock_flow_pipeline.py)."""
+    return TaylorSeerCacheConfig(
+        cache_interval=int(settings["interval"]), disable_cache_before_step=int(settings["warmup"]),
+        max_order=int(settings["order"]), taylor_factors_dtype=torch.float32, cache_identifiers=PATTERNS[network])
+
+
 def _target(net: nn.Module) -> nn.Module:
     """The module holding the blocks: the DiT itself, or the diffusers transformer inside the wrapper."""
     return net if isinstance(net, DiT) else net.transformer
@@ -42,11 +50,7 @@ def _target(net: nn.Module) -> nn.Module:
 class StepCache:
     def __init__(self, net: nn.Module, settings: dict[str, Any]) -> None:
         self.root = _target(net)
-        config = TaylorSeerCacheConfig(
-            cache_interval=int(settings["interval"]), disable_cache_before_step=int(settings["warmup"]),
-            max_order=int(settings["order"]), taylor_factors_dtype=torch.float32,
-            cache_identifiers=PATTERNS[type(net).__name__])
-        apply_taylorseer_cache(self.root, config)
+        apply_taylorseer_cache(self.root, taylorseer_config(settings, type(net).__name__))
         self.managers: list[StateManager] = [m._diffusers_hook.get_hook(HOOK).state_manager
                                              for m in self.root.modules()
                                              if getattr(m, "_diffusers_hook", None) and m._diffusers_hook.get_hook(HOOK)]
