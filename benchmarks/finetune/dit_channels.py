@@ -13,7 +13,7 @@ eval_every steps; each run in its own single-threaded process, `--jobs` at once.
     python -m benchmarks.finetune.dit_channels --out /tmp/dit-channels-quick --quick     # the wiring, minutes
 
 Writes OUT/dit-channels-results.json, OUT/dit-channels-curves.png and OUT/dit-channels-samples.png
-(docs/benchmarks.md, "DiT bases: the position table alone or coordinate channels too").
+(docs/benchmarks.md, "DiT bases: the position table alone, or coordinate channels too").
 """
 
 from __future__ import annotations
