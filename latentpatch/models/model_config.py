@@ -82,14 +82,14 @@ class PretrainedConfig:
     still load); DiTs, the flow transformers and SDXL's UNet stay stock."""
 
     class_name: str = ""  # one of PRETRAINED_CLASSES
-    config: Any = None  # dict: the diffusers config.json of the widened network
+    config: Any = None  # dict: the diffusers config.json of the network (in_channels C+2 where widened)
     # Pixels per latent pixel of the base's VAE (diffusers' vae_scale_factor), for a network conditioned in pixels
     # (SDXL's time ids: models/sdxl.py); 0: not used.
     vae_scale_factor: int = 0
 
 
 def pretrained_latent_channels(pretrained: PretrainedConfig) -> tuple[int, ...]:
-    """The latent channels a pretrained network can take, what a fine-tune writes today first: a widened UNet's
+    """The latent channels a pretrained network can take (the first: what a fine-tune writes now): a widened UNet's
     inputs less the 2 coordinate channels; a DiT's own inputs (stock) or, in a run fine-tuned before, its inputs
     less the 2 it was widened by; an SD3 transformer's own; FLUX's packed 2x2 tokens, a quarter of its inputs; an
     SDXL UNet's outputs."""
