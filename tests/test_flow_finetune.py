@@ -183,6 +183,15 @@ def test_the_export_is_the_stock_pipeline_and_samples_as_latentpatch_does(runs, 
     assert torch.allclose(ours, (theirs.float() * 255).round() / 255, atol=1.01 / 255)
 
 
+def test_the_cli_export_names_the_stock_loader(runs, tmp_path):
+    from latentpatch.cli.app import app
+
+    done = CliRunner().invoke(app, ["export", str(runs["sd3"].run_dir), str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    assert f'StableDiffusion3Pipeline.from_pretrained("{tmp_path / "out"}")' in done.output
+    assert "trust_remote_code" not in done.output
+
+
 def test_a_sana_style_transformer_is_refused_in_one_line(tmp_path):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
