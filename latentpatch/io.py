@@ -63,9 +63,9 @@ def lock_folder(folder: str | os.PathLike, lock_name: str, what: str) -> FileLoc
     """Create `folder` and hold its lock file `lock_name`, non-blocking, so a second `what` into it fails at once.
 
     The one folder lock of every stage (an encode's store, a train's run folder, a sample job's folder): two
-    writers would mix or delete each other's files. Once it is held no other writer is live, so the leftovers of
-    a killed one's atomic writes (`.NAME.XXXX.tmp`, anywhere under `folder`) are removed. The caller releases
-    the returned lock.
+    writers would mix or delete each other's files. Once it is held no other writer of this folder is live, so the
+    leftovers of a killed one's atomic writes are removed (remove_temp_files). Every stage's `lock_name` ends in
+    `.lock`. The caller releases the returned lock.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -91,7 +91,11 @@ def lock_folder(folder: str | os.PathLike, lock_name: str, what: str) -> FileLoc
 
 
 def remove_temp_files(folder: Path) -> None:
-    """Delete what a killed atomic write left (`.NAME.XXXX.tmp`); the file it was replacing still stands."""
-    for tmp in folder.rglob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+    """Delete what a killed atomic write left (`.NAME.XXXX.tmp`; the file it was replacing still stands) in
+    `folder` and its subfolders, but not in a subfolder another stage locks (it holds a `*.lock` file, e.g. a sample
+    job written into a run folder): that stage may be writing there now, and cleans it when it takes its lock."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not any(Path(root, d).glob("*.lock"))]
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                Path(root, name).unlink(missing_ok=True)

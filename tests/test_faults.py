@@ -150,15 +150,22 @@ def test_train_killed_at_a_random_point_resumes_to_the_uninterrupted_weights(sto
 
 def test_a_resume_removes_what_a_killed_write_left_even_with_nothing_to_train(store, whole_run, tmp_path):
     """A kill inside an atomic write (the loss plot, LATEST) leaves `.NAME.XXXX.tmp`; taking the run's lock
-    clears them, also when the run is already at max_steps (the kill came after the last checkpoint)."""
+    clears them, also when the run is already at max_steps (the kill came after the last checkpoint), and leaves
+    those of a folder another stage locks."""
     run = tmp_path / "run"
     shutil.copytree(whole_run, run)
     leftovers = [run / ".loss.png.2tl2mkbd.tmp", run / "checkpoints" / ".LATEST.a1b2c3.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
+    # A sample job written into the run folder is another stage's folder (its own lock file): its temporary may be
+    # a live write, and is that job's to clean.
+    job = run / "samples"
+    job.mkdir()
+    (job / job_folder.LOCK_FILE).write_bytes(b"")
+    (job / ".00000001.png.x7y8z9.tmp").write_bytes(b"writing")
     with pytest.warns(UserWarning, match="nothing to train"):
         result = train(None, store, run, resume=True, progress=False, device="cpu")
-    assert result.step == 30 and not _no_temp_files(run)
+    assert result.step == 30 and _no_temp_files(run) == [str(job / ".00000001.png.x7y8z9.tmp")]
     _same_weights(latest_checkpoint(whole_run), latest_checkpoint(run))
 
 
