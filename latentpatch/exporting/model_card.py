@@ -162,9 +162,9 @@ encoding (SDXL: its crop conditioning), so the network's weights are stock and t
 
 ```python
 import torch
-from diffusers import {record['pipeline']}
+{record['load'][0]}
 
-pipe = {record['pipeline']}.from_pretrained("{record['folder']}")
+pipe = {record['load'][1].format(folder=record['folder'])}
 {lora}images = pipe({record['example_call']}, generator=torch.Generator().manual_seed(0)).images
 ```
 
