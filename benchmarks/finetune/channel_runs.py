@@ -31,6 +31,17 @@ EXPERIMENTS = {
 
 
 @dataclass(frozen=True)
+class Pretraining:
+    """The base's pretraining, fixed before running."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    warmup_steps: int = 300  # given, so a run continued to more steps (resume) is the longer run exactly
+
+
+@dataclass(frozen=True)
 class FinetunePlan:
     """Fixed before running: the same for every arm and seed."""
 
@@ -68,7 +79,7 @@ def run_one(arm: str, seed: int, out: Path, config: dict) -> None:
     stores = {k: Path(v) for k, v in config["stores"].items()}
     if arm == "base":
         made = {"dit": dit_base, "sdxl": sdxl_base}[experiment]
-        made.pretrain(Path(config["random_base"]), stores, out, made.Pretraining(**config["pretraining"]))
+        made.pretrain(Path(config["random_base"]), stores, out, Pretraining(**config["pretraining"]))
     else:
         plan = FinetunePlan(**config["finetune"])
         base = config["bases"][arm]

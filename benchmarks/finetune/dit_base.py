@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import latentpatch as lp
 from latentpatch.encoding.encode import encode
 
 from ..speed.data import mnist_split, write_mnist
+from .channel_runs import Pretraining
 
 SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16, 8 x 8 tokens of patch 2 (half-crops: 4 x 4)
 BASE_DIGITS, NEW_DIGITS = range(0, 5), range(5, 10)
@@ -29,15 +29,6 @@ DIT = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_chan
 # facebook/DiT-XL-2-256's scheduler_config.json
 DIT_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
                      clip_sample=False, set_alpha_to_one=True, steps_offset=0)
-
-
-@dataclass(frozen=True)
-class Pretraining:
-    steps: int
-    batch_size: int
-    lr: float
-    eval_every: int
-    warmup_steps: int = 300  # given, so a run continued to more steps (resume) is the longer run exactly
 
 
 def digit_stores(root: Path) -> dict[str, Path]:

@@ -18,26 +18,21 @@ Writes OUT/dit-channels-results.json, OUT/dit-channels-curves.png and OUT/dit-ch
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .channel_runs import EXPERIMENTS, FinetunePlan, launch
-from .dit_base import Pretraining, digit_stores, random_base, widened_copy
-from .results import cpu_seconds, curve, plot, run_record, summarise
-
-ARMS = EXPERIMENTS["dit"]
+from .channel_runs import FinetunePlan, Pretraining
+from .dit_base import digit_stores, random_base, widened_copy
+from .experiment import Plan, arguments, report, run_experiment
+from .results import plot
 
 # Fixed before running (issue 33): about an hour of process CPU, one thread per run (the base ~40 min, each
 # fine-tune ~3.5 min).
-PRETRAINING = Pretraining(steps=6000, batch_size=32, lr=5e-4, eval_every=300)
-FINETUNE = FinetunePlan(steps=800, batch_size=32, lr=3e-4, eval_every=100, heldout_limit=128)
-SEEDS = (0, 1, 2)
-QUICK = (Pretraining(steps=40, batch_size=8, lr=5e-4, eval_every=20),
-         FinetunePlan(steps=20, batch_size=8, lr=3e-4, eval_every=10, heldout_limit=16))
+PLAN = Plan("dit", "table", Pretraining(steps=6000, batch_size=32, lr=5e-4, eval_every=300),
+            FinetunePlan(steps=800, batch_size=32, lr=3e-4, eval_every=100, heldout_limit=128), seeds=(0, 1, 2))
+QUICK = Plan("dit", "table", Pretraining(steps=40, batch_size=8, lr=5e-4, eval_every=20),
+             FinetunePlan(steps=20, batch_size=8, lr=3e-4, eval_every=10, heldout_limit=16), seeds=(0, 1, 2))
 
 
 def patch_embedding(net: torch.nn.Module) -> torch.nn.Module:
@@ -56,40 +51,16 @@ def sample_picture(base: Path, runs: dict[str, Path], path: Path, per_class: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--jobs", type=int, default=2, help="fine-tunes at once (one thread each)")
-    ap.add_argument("--quick", action="store_true", help="tiny budgets: the wiring only")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    pretraining, finetune = QUICK if args.quick else (PRETRAINING, FINETUNE)
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args = arguments(__doc__)
+    plan, out = QUICK if args.quick else PLAN, args.out
     stores = digit_stores(out)
-    config = {"experiment": "dit", "stores": {k: str(v) for k, v in stores.items()}, "random_base": str(random_base(out / "random-base")),
-              "pretraining": asdict(pretraining), "finetune": asdict(finetune)}
-    launch([("base", 0, out / "base")], config, 1)
-    config["bases"] = {"table": str(out / "base"), "channels": str(widened_copy(out / "base", out / "base-widened"))}
-    jobs = [(arm, seed, out / "runs" / arm / f"seed{seed}") for seed in SEEDS for arm in ARMS]
-    launch(jobs, config, args.jobs)
-    runs = {arm: {seed: run_record(out / "runs" / arm / f"seed{seed}", patch_embedding) for seed in SEEDS}
-            for arm in ARMS}
-    base = curve(out / "base")
-    results = {
-        "command": "python -m benchmarks.finetune.dit_channels --out OUT --jobs 2" + (" --quick" if args.quick else ""),
-        "arms": ARMS, "seeds": list(SEEDS), "pretraining": asdict(pretraining), "finetune": asdict(finetune),
-        "base": {"curve": base, "best": min(p[1] for p in base), "cpu_s": cpu_seconds(out / "base")},
-        "runs": runs, "summary": summarise(runs, "table", "channels"),
-        "same_start": all(runs["table"][s]["curve"][0] == runs["channels"][s]["curve"][0] for s in SEEDS),
-        "total_cpu_s": cpu_seconds(out / "base") + sum(r["cpu_s"] for by in runs.values() for r in by.values()),
-    }
-    (out / "dit-channels-results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results = run_experiment(plan, out, random_base(out / "random-base"), stores, widened_copy, patch_embedding,
+                             args.jobs, args.quick)
     plot(results, out / "dit-channels-curves.png", "the base: pretraining on digits 0-4 (full size)",
          "fine-tuning on digits 5-9 (patches, aligned crops)", {"table": "tab:blue", "channels": "tab:orange"})
-    sample_picture(out / "base", {arm: out / "runs" / arm / "seed0" for arm in ARMS},
+    sample_picture(out / "base", {arm: out / "runs" / arm / "seed0" for arm in results["arms"]},
                    out / "dit-channels-samples.png", 2)
-    print(json.dumps(results["summary"], indent=1))
-    print(f"same start: {results['same_start']}; total CPU {results['total_cpu_s']:.0f} s")
+    report(results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import latentpatch as lp
 from latentpatch.encoding.encode import encode
 
 from ..speed.data import N_FACES, N_HELD_FACES, mnist_split, write_faces, write_mnist
+from .channel_runs import Pretraining
 
 SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16 (half-side crops 8 x 8: multiples of the UNet's 4)
 CLIP_WIDTHS = (32, 64)  # CLIP ViT-L's 768 and OpenCLIP ViT-bigG's 1280, shrunk: tokens 96 wide, pooled 64
@@ -39,15 +39,6 @@ SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
                       steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon")
 FACE_CAPTION = "a photo of a face"
-
-
-@dataclass(frozen=True)
-class Pretraining:
-    steps: int
-    batch_size: int
-    lr: float
-    eval_every: int
-    warmup_steps: int = 300  # given, so a run continued to more steps (resume) is the longer run exactly
 
 
 def _clip(width: int, seed: int, projection: bool) -> torch.nn.Module:
