@@ -127,14 +127,16 @@ def make_sd3_pipeline(root: Path, sd35: bool = False) -> Path:
     return root
 
 
-def make_flux_pipeline(root: Path, guidance_embeds: bool = True) -> Path:
-    """A FluxPipeline folder, saved by diffusers (dev-style by default; schnell-style without guidance input)."""
+def make_flux_pipeline(root: Path, guidance_embeds: bool = True, scaling_factor: float = 0.3611) -> Path:
+    """A FluxPipeline folder, saved by diffusers (dev-style by default; schnell-style without guidance input). The
+    VAE takes FLUX's shift and scaling factors; the tiny VAE's latents are far smaller than the real one's, so with
+    FLUX's 0.3611 they have a std of ~0.12 (a test that needs colours told apart scales them up)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     tokenizer, _, tokenizer_2 = _tokenizers(root)
     pipe = FluxPipeline(
         transformer=tiny_flux_transformer(guidance_embeds), scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-        vae=tiny_flow_vae(0.1159, 0.3611), text_encoder=tiny_clip(CLIP_WIDTHS[0], 8, False), tokenizer=tokenizer,
+        vae=tiny_flow_vae(0.1159, scaling_factor), text_encoder=tiny_clip(CLIP_WIDTHS[0], 8, False), tokenizer=tokenizer,
         text_encoder_2=tiny_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2)
     pipe.save_pretrained(root)
     return root
