@@ -243,9 +243,9 @@ def test_a_short_sd3_fine_tune_learns_its_captions(pipelines, tmp_path):
 @pytest.mark.slow
 def test_a_flux_fine_tune_learns_its_captions(tmp_path):
     """The prompt-colour test on FLUX's objective and encoders (~250 CPU-s: `pytest -m slow`). Schnell-style (no
-    distilled guidance input, so sampling guides with two calls; FLUX.1-dev's guidance input gave at most 9 of 18 at 300
-    steps), its VAE scaled as SD3's test VAE is (1.5305): with FLUX's 0.3611 the tiny VAE's colour latents have a
-    std of 0.12 and 300 steps learn the data but not the captions (8 of 18). Chance: 6 of 18."""
+    distilled guidance input, so sampling guides with two calls; FLUX.1-dev's guidance input gave at most 9 of 18
+    at 300 steps), its VAE scaled as SD3's test VAE is (1.5305): with FLUX's 0.3611 the tiny VAE's colour latents
+    have a std of 0.12 and 300 steps learn the data but not the captions (8 of 18). Chance: 6 of 18."""
     pipe = make_flux_pipeline(tmp_path / "flux", guidance_embeds=False, scaling_factor=1.5305)
     colours = colour_folder(tmp_path / "images", n=24, size=16)
     run = lp.finetune(pipe, colours, tmp_path / "ft", steps=600, lr=3e-3, batch_size=8, resolution=16,
