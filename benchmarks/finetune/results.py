@@ -75,7 +75,7 @@ def plot(results: dict, path: Path, base_title: str, finetune_title: str, colour
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
     base = results["base"]["curve"]
     ax0.plot([p[0] for p in base], [p[1] for p in base], "k.-")
-    ax0.set(title=base_title, xlabel="step", ylabel="held-out loss")
+    ax0.set(title=base_title, xlabel="step", ylabel="held-out loss", yscale="log")  # step 0 is far above the rest
     for arm, by_seed in results["runs"].items():
         for i, (_, r) in enumerate(sorted(by_seed.items())):
             ax1.plot([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], color=colours[arm], alpha=0.8,
