@@ -169,9 +169,9 @@ def test_a_run_widened_by_coordinate_channels_samples_as_its_base_then_trains_bu
     """The "channels" arm of benchmarks/finetune/sdxl_channels.py: the run with conv_in widened by two zero inputs
     gives its base's images, fine-tunes on (the coordinate weights move), and its export is refused in one line,
     leaving no folder."""
-    from benchmarks.finetune.sdxl_base import widened_copy
+    from benchmarks.finetune.experiment import widened_copy
 
-    wide = widened_copy(runs["eps"].run_dir, tmp_path / "wide")
+    wide = widened_copy(runs["eps"].run_dir, tmp_path / "wide", "net.unet.conv_in.weight")
     settings = dict(prompts=["red"], n=2, steps=2, sampler="euler", guidance=2.0, seed=3, output="tensor", device="cpu")
     assert torch.equal(lp.sample(wide, **settings), lp.sample(runs["eps"].run_dir, **settings))
     tuned = lp.finetune(wide, runs["eps"].latents, tmp_path / "tuned", steps=2, overrides=SHORT, **FAST)

@@ -1,14 +1,12 @@
 """The DiT base of the channels experiment, made here: MNIST stores split by digit, a small class-conditional
 DiTTransformer2DModel saved as a DiT pipeline folder (random weights, DiT-XL/2's DDIM scheduler, the shipped VAE),
 pretrained by latentpatch on digits 0-4 at full size (as DiT-XL/2 was pretrained: whole images, positions from
-its table), and that base with its patch embedding widened by two zero-initialised coordinate inputs, the way
-latentpatch fine-tuned DiT bases before (the "channels" arm's starting point).
+its table). The channels arm starts from it with its patch embedding widened (experiment.widened_copy), the way
+latentpatch fine-tuned DiT bases before.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -76,39 +74,3 @@ def pretrain(folder: Path, stores: dict[str, Path], out: Path, plan: Pretraining
                 resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
     return out
 
-
-def widened_copy(base: Path, out: Path) -> Path:
-    """`base` (a run) as latentpatch fine-tuned DiT bases before: the patch embedding widened by the two coordinate
-    channels with zero weights (models/widen.py's CoordinateConv2d.widen), in_channels C+2 in its config. A run
-    folder holding that at the base's step: fine-tuning it takes the old path (PretrainedDiT with coordinate
-    inputs), which runs fine-tuned so still load through."""
-    from latentpatch.checkpoints import save_checkpoint
-    from latentpatch.config import load_saved_config, save_config
-    from latentpatch.denoiser import build_precond
-    from latentpatch.models.widen import CoordinateConv2d
-    from latentpatch.runs import load_run
-
-    if (out / "done").is_file():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    loaded = load_run(base, weights="ema")  # the checkpoint a fine-tune of `base` starts from (BEST)
-    cfg = load_saved_config(base / "config.yaml")
-    latent_channels = int(loaded.info["latent_shape"][0])
-    config = dict(cfg.model.pretrained.config)
-    config["in_channels"] = latent_channels + 2
-    cfg.model.pretrained.config = config
-    save_config(cfg, out / "config.yaml")
-    shutil.copyfile(base / "run.json", out / "run.json")
-    state = {}
-    for k, v in loaded.precond.state_dict().items():
-        if k == "net.transformer.pos_embed.proj.weight":
-            conv = torch.nn.Conv2d(v.shape[1], v.shape[0], v.shape[2:], stride=v.shape[2:])
-            conv.weight.data.copy_(v)
-            v = CoordinateConv2d.widen(conv).weight.detach()
-        state[k] = v.clone()
-    widened = build_precond(cfg, latent_channels, device="cpu", init_state=state)
-    save_checkpoint(out, loaded.step, widened, widened, torch.optim.AdamW(widened.parameters()), {"nimg": 0})
-    (out / "widened.json").write_text(json.dumps({"from": base.name, "step": loaded.step}) + "\n")
-    (out / "done").write_text("")
-    return out

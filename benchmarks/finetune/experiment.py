@@ -1,15 +1,15 @@
 """One channels experiment end to end, the same for every base: the base's pretraining, its widened copy, the
 fine-tunes of both arms over the seeds (channel_runs.py), and the results every table and figure is drawn from,
-written as OUT/NAME-channels-results.json. What differs per base (its stores, its random pipeline, how it is
-widened, which layer reads the coordinates) is given."""
+written as OUT/NAME-channels-results.json. What differs per base (its stores, its random pipeline, which layer
+would read the coordinates) is given."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -23,6 +23,7 @@ class Plan:
 
     experiment: str  # a key of EXPERIMENTS: "dit" or "sdxl"
     control: str  # the arm that stays stock; the other is "channels"
+    first_layer: str  # the state key of the conv weight the channels arm widens (the network's first layer)
     pretraining: Pretraining
     finetune: FinetunePlan
     seeds: tuple[int, ...]
@@ -40,19 +41,51 @@ def arguments(doc: str) -> argparse.Namespace:
     return args
 
 
-def run_experiment(plan: Plan, out: Path, random_base: Path, stores: dict[str, Path],
-                   widen: Callable[[Path, Path], Path], layer: Callable[[torch.nn.Module], torch.nn.Module],
-                   jobs: int, quick: bool) -> dict:
-    """Pretrain the base, fine-tune both arms from it (`widen` makes the channels arm's start), and gather every
-    run's record; the results are also written to OUT/NAME-channels-results.json."""
+def widened_copy(base: Path, out: Path, weight: str) -> Path:
+    """`base` (a run) with its first layer (the conv whose state key is `weight`) reading the two coordinate
+    channels too, with zero weights (CoordinateConv2d.widen: the same function), in_channels C+2 in the network's
+    config: a run folder at the base's step, which the channels arm fine-tunes. A DiT so widened takes the path of
+    the runs fine-tuned with channels before (they still load); an SDXL UNet, models/sdxl.py's widened form."""
+    from latentpatch.checkpoints import save_checkpoint
+    from latentpatch.config import load_saved_config, save_config
+    from latentpatch.denoiser import build_precond
+    from latentpatch.models.widen import COORD_CHANNELS, CoordinateConv2d
+    from latentpatch.runs import load_run
+
+    if (out / "done").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    loaded = load_run(base, weights="ema")  # the checkpoint a fine-tune of `base` starts from (BEST)
+    cfg = load_saved_config(base / "config.yaml")
+    latent_channels = int(loaded.info["latent_shape"][0])
+    cfg.model.pretrained.config = {**cfg.model.pretrained.config, "in_channels": latent_channels + COORD_CHANNELS}
+    save_config(cfg, out / "config.yaml")
+    shutil.copyfile(base / "run.json", out / "run.json")
+    state = {k: v.clone() for k, v in loaded.precond.state_dict().items()}
+    w = state[weight]
+    conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], bias=False)
+    conv.weight.data.copy_(w)
+    state[weight] = CoordinateConv2d.widen(conv).weight.detach().clone()
+    widened = build_precond(cfg, latent_channels, device="cpu", init_state=state)
+    save_checkpoint(out, loaded.step, widened, widened, torch.optim.AdamW(widened.parameters()), {"nimg": 0})
+    (out / "widened.json").write_text(json.dumps({"from": base.name, "step": loaded.step}) + "\n")
+    (out / "done").write_text("")
+    return out
+
+
+def run_experiment(plan: Plan, out: Path, random_base: Path, stores: dict[str, Path], jobs: int, quick: bool) -> dict:
+    """Pretrain the base, fine-tune both arms from it, and gather every run's record; the results are also written
+    to OUT/NAME-channels-results.json."""
     arms = EXPERIMENTS[plan.experiment]
     config = {"experiment": plan.experiment, "stores": {k: str(v) for k, v in stores.items()},
               "random_base": str(random_base), "pretraining": asdict(plan.pretraining),
               "finetune": asdict(plan.finetune)}
     launch([("base", 0, out / "base")], config, 1)
-    config["bases"] = {plan.control: str(out / "base"), "channels": str(widen(out / "base", out / "base-widened"))}
+    widened = widened_copy(out / "base", out / "base-widened", plan.first_layer)
+    config["bases"] = {plan.control: str(out / "base"), "channels": str(widened)}
     launch([(arm, seed, out / "runs" / arm / f"seed{seed}") for seed in plan.seeds for arm in arms], config, jobs)
-    runs = {arm: {seed: run_record(out / "runs" / arm / f"seed{seed}", layer) for seed in plan.seeds} for arm in arms}
+    runs = {arm: {seed: run_record(out / "runs" / arm / f"seed{seed}", plan.first_layer) for seed in plan.seeds} for arm in arms}
     base = curve(out / "base")
     name = f"{plan.experiment}_channels"
     results = {

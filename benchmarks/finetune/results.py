@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 from latentpatch.training.logging import read_log
 
@@ -22,23 +19,23 @@ def cpu_seconds(run: Path) -> float:
     return json.loads((run / "cpu.json").read_text())["process_cpu_s"]
 
 
-def coordinate_weight_share(run: Path, layer: Callable[[torch.nn.Module], torch.nn.Module]) -> float | None:
-    """|W_coords| / |W_latent| of the layer reading the coordinates (`layer(net)`, fine-tuned, EMA): how much the
-    channels came to be used; None where the network reads none."""
+def coordinate_weight_share(run: Path, weight: str) -> float | None:
+    """|W_coords| / |W_latent| of the layer reading the coordinates (state key `weight`, fine-tuned, EMA): how much
+    the channels came to be used; None where the network reads none."""
     from latentpatch.runs import load_run
 
-    net = load_run(run, checkpoint="latest").precond.net
-    if not net.coordinate_inputs:
+    precond = load_run(run, checkpoint="latest").precond
+    if not precond.net.coordinate_inputs:
         return None
-    w = layer(net).weight
-    return float(w[:, net.latent_channels:].norm() / w[:, :net.latent_channels].norm())
+    w, c = precond.state_dict()[weight], precond.net.latent_channels
+    return float(w[:, c:].norm() / w[:, :c].norm())
 
 
-def run_record(run: Path, layer: Callable[[torch.nn.Module], torch.nn.Module]) -> dict:
+def run_record(run: Path, weight: str) -> dict:
     points = curve(run)
     best = min(points, key=lambda p: p[1])
     return {"curve": points, "best": best[1], "best_step": best[0], "final": points[-1][1],
-            "cpu_s": cpu_seconds(run), "coordinate_weight_share": coordinate_weight_share(run, layer)}
+            "cpu_s": cpu_seconds(run), "coordinate_weight_share": coordinate_weight_share(run, weight)}
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -2,8 +2,8 @@
 levels, no attention on the first, text_time added conditioning of 6 time ids beside the pooled text; two CLIP
 towers, the second with its projection; SDXL's own scheduler; the shipped VAE) with random weights, pretrained by
 latentpatch on captioned MNIST digits with the default patch schedule, each crop told its place through the time
-ids alone (as SDXL was pretrained on random crops told through them), so the base has learnt to read them; and that
-base with its conv_in widened by two zero-initialised coordinate inputs (the "channels" arm's starting point).
+ids alone (as SDXL was pretrained on random crops told through them), so the base has learnt to read them. The
+channels arm starts from it with its conv_in widened by two zero-initialised inputs (experiment.widened_copy).
 
 The fine-tune data is another domain, faces, which the base denoises far worse than digits: a fine-tune has
 something to learn, and where it learns the crop's place may matter (a face's top half is not its bottom half).
@@ -12,7 +12,6 @@ something to learn, and where it learns the crop's place may matter (a face's to
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -116,32 +115,3 @@ def pretrain(folder: Path, data: dict[str, Path], out: Path, plan: Pretraining) 
                 resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
     return out
 
-
-def widened_copy(base: Path, out: Path) -> Path:
-    """`base` (a run) with its UNet's conv_in widened by the two coordinate channels with zero weights
-    (CoordinateConv2d.widen), in_channels C+2 in its config: a run folder holding that at the base's step, which a
-    fine-tune continues from with the same function (the "channels" arm)."""
-    from latentpatch.checkpoints import save_checkpoint
-    from latentpatch.config import load_saved_config, save_config
-    from latentpatch.denoiser import build_precond
-    from latentpatch.models.widen import COORD_CHANNELS, CoordinateConv2d
-    from latentpatch.runs import load_run
-
-    if (out / "done").is_file():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    loaded = load_run(base, weights="ema")  # the checkpoint a fine-tune of `base` starts from (BEST)
-    cfg = load_saved_config(base / "config.yaml")
-    latent_channels = int(loaded.info["latent_shape"][0])
-    cfg.model.pretrained.config = {**cfg.model.pretrained.config, "in_channels": latent_channels + COORD_CHANNELS}
-    save_config(cfg, out / "config.yaml")
-    shutil.copyfile(base / "run.json", out / "run.json")
-    state = {k: v.clone() for k, v in loaded.precond.state_dict().items()}
-    conv = loaded.precond.net.unet.conv_in
-    state["net.unet.conv_in.weight"] = CoordinateConv2d.widen(conv).weight.detach().clone()
-    widened = build_precond(cfg, latent_channels, device="cpu", init_state=state)
-    save_checkpoint(out, loaded.step, widened, widened, torch.optim.AdamW(widened.parameters()), {"nimg": 0})
-    (out / "widened.json").write_text(json.dumps({"from": base.name, "step": loaded.step}) + "\n")
-    (out / "done").write_text("")
-    return out

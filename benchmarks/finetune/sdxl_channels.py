@@ -27,18 +27,17 @@ import torch
 from .channel_runs import FinetunePlan, Pretraining
 from .experiment import Plan, arguments, report, run_experiment
 from .results import plot
-from .sdxl_base import FACE_CAPTION, random_base, stores, widened_copy
+from .sdxl_base import FACE_CAPTION, random_base, stores
 
 # Fixed before running (issue 33): about 40 minutes of process CPU, one thread per run (the base ~15 min at ~0.2 s
 # a step, each fine-tune ~4 min).
-PLAN = Plan("sdxl", "time-ids", Pretraining(steps=4000, batch_size=16, lr=5e-4, eval_every=500),
+PLAN = Plan("sdxl", "time-ids", "net.unet.conv_in.weight",
+            Pretraining(steps=4000, batch_size=16, lr=5e-4, eval_every=500),
             FinetunePlan(steps=1000, batch_size=16, lr=2e-4, eval_every=100, heldout_limit=20), seeds=(0, 1, 2))
-QUICK = Plan("sdxl", "time-ids", Pretraining(steps=40, batch_size=8, lr=5e-4, eval_every=20),
+QUICK = Plan("sdxl", "time-ids", "net.unet.conv_in.weight",
+            Pretraining(steps=40, batch_size=8, lr=5e-4, eval_every=20),
              FinetunePlan(steps=20, batch_size=8, lr=2e-4, eval_every=10, heldout_limit=8), seeds=(0, 1, 2))
 
-
-def conv_in(net: torch.nn.Module) -> torch.nn.Module:
-    return net.unet.conv_in
 
 
 def sample_picture(base: Path, runs: dict[str, Path], path: Path, n: int) -> None:
@@ -58,7 +57,7 @@ def main() -> None:
     args = arguments(__doc__)
     plan, out = QUICK if args.quick else PLAN, args.out
     base = random_base(out / "random-base")
-    results = run_experiment(plan, out, base, stores(out, base), widened_copy, conv_in, args.jobs, args.quick)
+    results = run_experiment(plan, out, base, stores(out, base), args.jobs, args.quick)
     plot(results, out / "sdxl-channels-curves.png", "the base: pretraining on digits (patches, time ids)",
          "fine-tuning on faces (patches)", {"time-ids": "tab:blue", "channels": "tab:orange"})
     sample_picture(out / "base", {arm: out / "runs" / arm / "seed0" for arm in results["arms"]},
