@@ -136,7 +136,8 @@ def make_flux_pipeline(root: Path, guidance_embeds: bool = True, scaling_factor:
     tokenizer, _, tokenizer_2 = _tokenizers(root)
     pipe = FluxPipeline(
         transformer=tiny_flux_transformer(guidance_embeds), scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-        vae=tiny_flow_vae(0.1159, scaling_factor), text_encoder=tiny_clip(CLIP_WIDTHS[0], 8, False), tokenizer=tokenizer,
+        vae=tiny_flow_vae(0.1159, scaling_factor), text_encoder=tiny_clip(CLIP_WIDTHS[0], 8, False),
+        tokenizer=tokenizer,
         text_encoder_2=tiny_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2)
     pipe.save_pretrained(root)
     return root

@@ -85,7 +85,8 @@ def run_experiment(plan: Plan, out: Path, random_base: Path, stores: dict[str, P
     widened = widened_copy(out / "base", out / "base-widened", plan.first_layer)
     config["bases"] = {plan.control: str(out / "base"), "channels": str(widened)}
     launch([(arm, seed, out / "runs" / arm / f"seed{seed}") for seed in plan.seeds for arm in arms], config, jobs)
-    runs = {arm: {seed: run_record(out / "runs" / arm / f"seed{seed}", plan.first_layer) for seed in plan.seeds} for arm in arms}
+    runs = {arm: {seed: run_record(out / "runs" / arm / f"seed{seed}", plan.first_layer) for seed in plan.seeds}
+            for arm in arms}
     base = curve(out / "base")
     name = f"{plan.experiment}_channels"
     results = {
