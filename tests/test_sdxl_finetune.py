@@ -178,8 +178,8 @@ def test_a_run_widened_by_coordinate_channels_samples_as_its_base_then_trains_bu
     net = lp.load_run(tuned.run_dir, weights="raw").precond.net
     assert net.coordinate_inputs == 2 and net.unet.conv_in.weight[:, LATENT_CHANNELS:].abs().max() > 0
     with pytest.raises(UserError, match="reads coordinate channels .* only stock SDXL fine-tunes export"):
-        lp.export(tuned.run_dir, tmp_path / "export")
-    assert not (tmp_path / "export").exists()
+        lp.export(tuned.run_dir, tmp_path / "exports" / "export")
+    assert not (tmp_path / "exports").exists()  # refused before anything is written, its parent folder too
 
 
 @pytest.mark.parametrize("mode", ["separate", "merged"])

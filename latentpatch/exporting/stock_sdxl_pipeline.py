@@ -26,6 +26,15 @@ def serves(loaded: LoadedRun) -> bool:
     return model.arch == "pretrained" and is_sdxl_unet(model.pretrained.config)
 
 
+def check(loaded: LoadedRun) -> None:
+    """UserError, before anything is written, for an SDXL run this target cannot export: one whose UNet reads
+    coordinate channels (the measurement's widened arm, models/sdxl.py)."""
+    if loaded.precond.net.coordinate_inputs:
+        raise UserError(f"{loaded.run_dir}'s SDXL UNet reads coordinate channels (conv_in widened to "
+                        f"{loaded.cfg.model.pretrained.config['in_channels']} inputs), which StableDiffusionXLPipeline "
+                        "does not give; only stock SDXL fine-tunes export")
+
+
 def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> dict[str, Any]:
     """Save the base pipeline with the run's UNet (the checkpoint's weights, adapters merged or separate) and the
     sampler's scheduler into `folder`."""
@@ -36,10 +45,6 @@ def write(loaded: LoadedRun, folder: Path, sampler: str, lora: str | None) -> di
     from latentpatch.exporting.schedulers import export_scheduler
     from latentpatch.exporting.stock_flow_pipeline import base_pipeline, stock_loader, stock_network
 
-    if loaded.precond.net.coordinate_inputs:
-        raise UserError(f"{loaded.run_dir}'s SDXL UNet reads coordinate channels (conv_in widened to "
-                        f"{loaded.cfg.model.pretrained.config['in_channels']} inputs), which StableDiffusionXLPipeline "
-                        "does not give; only stock SDXL fine-tunes export")
     source = base_pipeline(loaded)
     scheduler = export_scheduler(loaded.cfg.edm, sampler)
     unet = stock_network(loaded, lora, folder, "unet", SDXL_LOADER)

@@ -62,8 +62,7 @@ def check_sdxl_unet(config: dict[str, Any], widened_ok: bool = False) -> None:
         raise UserError("this SDXL UNet takes a guidance embedding (time_cond_proj_dim: an LCM-distilled model), which "
                         "latentpatch does not give it; fine-tune the undistilled base")
     latent = int(config.get("out_channels") or config["in_channels"])
-    widened = widened_ok and coordinate_inputs(config)
-    if int(config["in_channels"]) != latent and not widened:
+    if int(config["in_channels"]) != latent + (coordinate_inputs(config) if widened_ok else 0):
         raise UserError(f"this SDXL UNet takes {config['in_channels']} input channels for {latent}-channel latents "
                         "(an inpainting or instruct model: extra image inputs latentpatch does not give)")
     if sdxl_pooled_width(config) <= 0:
