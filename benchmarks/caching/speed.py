@@ -2,6 +2,8 @@
 sampler's network calls, decoding), process CPU time with one torch thread, in interleaved rounds (the arms'
 order rotates each round), every arm on the same seeds. Each round also times the part no cache touches (text
 conditioning and decoding of the same images), so the sampler's own speed-up is reported beside the whole job's.
+A job embeds each distinct prompt once (`latentpatch.text.memo`), so the text tower's share shrinks as a job
+grows: `--n` sets the job's size (images per prompt), and with it how much of a batch job this measures.
 
     python -m benchmarks.caching.speed latentpatch-demo/run --n 4 --rounds 3 --out docs/figures/caching-speed-demo.json
 """
@@ -18,18 +20,21 @@ import torch
 from latentpatch.conditioning.requested import request_conditioning
 from latentpatch.runs import load_run
 from latentpatch.sampling.generate import load_autoencoder_for, sample
+from latentpatch.text.memo import memo_encoder
 
 from .arms import add_job_arguments, arms_for, job_kwargs, write_result
 
 
 def fixed_cost(loaded, autoencoder, kw: dict, shape: list[int]) -> float:
-    """CPU seconds of what every arm does alike for the job `kw`: its text conditioning and its decoding."""
+    """CPU seconds of what every arm does alike for the job `kw`: its text conditioning (each distinct prompt
+    once, through the job's memo, as `sample` does) and its decoding."""
     prompts = [p for p in kw["prompts"] for _ in range(kw["n"])] if kw["prompts"] else [None] * kw["n"]
     start = time.process_time()
+    text = memo_encoder(loaded.text_encoder())
     with torch.no_grad():
         for first in range(0, len(prompts), kw["batch_size"]):
             batch = prompts[first: first + kw["batch_size"]]
-            request_conditioning(loaded.spec, loaded.text_encoder(), batch if kw["prompts"] else None, None, "cpu")
+            request_conditioning(loaded.spec, text, batch if kw["prompts"] else None, None, "cpu")
             autoencoder.decode(torch.zeros(len(batch), *shape))
     return time.process_time() - start
 

@@ -37,6 +37,7 @@ from latentpatch.sampling.latents import generate_latents
 from latentpatch.sampling.options import DEFAULTS, SampleOptions, sample_options
 from latentpatch.sampling.shape import own_size, sample_shape
 from latentpatch.seeding import image_seed
+from latentpatch.text.memo import MemoEncoder, memo_encoder
 
 JOB_FORMAT = 1
 
@@ -154,14 +155,17 @@ def load_autoencoder_for(loaded: LoadedRun, device: torch.device | str) -> Any:
 
 
 def sample_batch(loaded: LoadedRun, autoencoder: Any, job: Job, specs: Sequence[ImageSpec], device: torch.device,
-                 progress: bool = False, *, cache: Any = None) -> Tensor:
+                 progress: bool = False, *, cache: Any = None, text: MemoEncoder | None = None) -> Tensor:
     """Sample the latents of `specs` and decode them: [B, 3, H, W] float32 in [-1, 1]. `cache`: the job's
-    `job_cache(...)` (its options' --cache), cleared here for this batch; None: the run's denoiser as loaded."""
+    `job_cache(...)` (its options' --cache), cleared here for this batch; None: the run's denoiser as loaded.
+    `text`: the job's `memo_encoder(...)`, so a prompt goes through the tower once per job; None: the run's own
+    encoder, every prompt of the batch through it."""
     s, options = job.settings, job.options
     precond = loaded.precond if cache is None else cache.fresh()
     prompts = [x.prompt for x in specs] if specs[0].prompt is not None else None
     classes = [x.class_label for x in specs] if specs[0].class_label is not None else None
-    cond, uncond = request_conditioning(loaded.spec, loaded.text_encoder(), prompts, classes, device)
+    encoder = text if text is not None else loaded.text_encoder()
+    cond, uncond = request_conditioning(loaded.spec, encoder, prompts, classes, device)
     guidance, net = options.guidance, loaded.precond.net
     if getattr(net, "embeds_guidance", False):  # FLUX.1-dev: the guidance is the network's own input
         net.guidance_scale, guidance = guidance, 1.0
@@ -242,8 +246,9 @@ def run_job(
                 tqdm(total=len(mine), unit="img", disable=not (progress and d.is_main), desc="sampling") as bar, \
                 job_cache(loaded.precond, job.options.cache) as cache:
             pending: list = []
+            text = memo_encoder(loaded.text_encoder())
             for specs in _batched(mine, batch_size):
-                images = folder.to_uint8(sample_batch(loaded, autoencoder, job, specs, device, cache=cache))
+                images = folder.to_uint8(sample_batch(loaded, autoencoder, job, specs, device, cache=cache, text=text))
                 for future in pending:
                     future.result()
                 pending = [pool.submit(_write_image, out, img, image_metadata(job, spec, class_names))
@@ -329,8 +334,9 @@ def sample(
     dev = loaded.device
     autoencoder = load_autoencoder_for(loaded, dev)
     batches = list(_batched(job.images, options.batch_size))
+    text = memo_encoder(loaded.text_encoder())
     with job_cache(loaded.precond, job.options.cache) as cache:
-        images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev, cache=cache).cpu()
+        images = torch.cat([sample_batch(loaded, autoencoder, job, specs, dev, cache=cache, text=text).cpu()
                             for specs in tqdm(batches, unit="batch", disable=not progress, desc="sampling")])
     pixels = folder.to_uint8(images)  # what a job's PNGs hold, so `out` never changes the values
     if output == "tensor":
