@@ -60,8 +60,8 @@ def test_memo_rows_are_each_texts_own_encoding_and_only_new_texts_reach_the_towe
 def test_memo_drops_its_least_recently_used_rows_past_its_budget(clip_json):
     encoder = load_text_encoder(str(clip_json), None, device="cpu")
     spy = Spy(encoder)
-    one = sum(t[0].numel() * t[0].element_size() for t in (encoder.encode(["x"]).tokens,
-                                                          encoder.encode(["x"]).mask, encoder.encode(["x"]).pooled))
+    x = encoder.encode(["x"])
+    one = sum(t[0].numel() * t[0].element_size() for t in (x.tokens, x.mask, x.pooled))  # one text's row
     memo = MemoEncoder(spy, max_bytes=2 * one)
     memo.encode(["a", "b", "c"])  # all three are needed by this batch: none is dropped yet
     assert list(memo.rows) == ["a", "b", "c"] and memo.bytes == 3 * one

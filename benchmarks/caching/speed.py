@@ -16,9 +16,8 @@ import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
-
 import unittest.mock
+from pathlib import Path
 
 import torch
 
