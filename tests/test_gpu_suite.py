@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks.gpu.suite` runs from the repository root
-CHECKS = [str(n) for n in range(11)]  # 0 matmul rate ... 9, 10 speed to quality on MNIST (32x32, 64x64 latents)
+CHECKS = [str(n) for n in range(13)]  # 0 matmul rate ... 9, 10 speed to quality on MNIST, 11 flow bases, 12 caches
 
 
 def test_smoke_run_writes_a_figure_or_a_named_skip_for_every_check_in_agreeing_tables(tmp_path):

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .checks import attention_check, encode_check, pretrained_check, sample_check, speed_check, speed_mnist_check
-from .checks import flow_check, trainer_check
+from .checks import caching_check, flow_check, trainer_check
 from .checks.common import GPU, SMOKE, Context, Row, free_memory
 from .tables import write_tables
 
@@ -56,6 +56,7 @@ CHECKS = [
     Check("flow bases", [f"11 {m} half-crop/full step, {s} latents" for m in ("sd3-medium", "flux")
                          for s in ("smaller", "larger")],
           60, 15, flow_check.run),
+    Check("sampling caches", caching_check.ROWS, 60, 15, caching_check.run),
     Check("speed to quality mnist5k-128", ["9 speed to quality, mnist5k-128: time to full-size's best, full/patch"],
           170, 40, speed_mnist_check.run, optional=True),
     Check("speed to quality mnist5k-256", ["10 speed to quality, mnist5k-256: time to full-size's best, full/patch"],
