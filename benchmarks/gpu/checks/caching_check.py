@@ -29,9 +29,10 @@ NETWORKS = {  # the suite's network -> (the Sizes field of its config overrides,
 ROWS = [f"12 cache {net} {arm}" for net, (_, arms) in NETWORKS.items() for arm in arms]
 
 
-def _seconds(ctx: Context, precond, cache: str | None) -> float:
-    """One batch through the sampler with `cache` installed (None: uncached), synchronised wall seconds."""
-    s, edm = ctx.sizes, ctx.extra["edm"]
+def _seconds(ctx: Context, precond, edm, cache: str | None) -> float:
+    """One batch through the sampler with `cache` installed (None: uncached), synchronised wall seconds; `edm`
+    the config's noise range."""
+    s = ctx.sizes
     with job_cache(precond, cache) as installed:
         denoiser = installed.fresh()
         t0 = clock(ctx.device)
@@ -45,14 +46,13 @@ def run(ctx: Context) -> list[Row]:
     s, rows = ctx.sizes, []
     for net, (field, arms) in NETWORKS.items():
         cfg = lp.load_config(None, getattr(s, field) + ["model.attention=sdpa", "edm.sigma_data=0.5"])
-        ctx.extra["edm"] = cfg.edm
         torch.manual_seed(0)
         precond = build_precond(cfg, C, device=ctx.device).to(ctx.device).eval().requires_grad_(False)
         caches = {"uncached": None} | arms
         times: dict[str, list[float]] = {arm: [] for arm in caches}
         for r in range(ROUNDS + 1):
             for arm, cache in caches.items():
-                seconds = _seconds(ctx, precond, cache)
+                seconds = _seconds(ctx, precond, cfg.edm, cache)
                 if r:
                     times[arm].append(seconds)
         best = {arm: min(t) for arm, t in times.items()}
