@@ -30,6 +30,11 @@ def test_sigma_table_takes_the_evaluation_of_each_time_averages_seeds_and_bolds_
     grid = {"a": {0: [(0.0, [1.0]), (30.4, [0.8]), (60.1, [0.6]), (90.2, [0.5]), (120.3, [0.45])]}}
     lines = report.sigma_table(grid, [0.1], budget_s=100.0, fractions=(0.25, 0.5), every=30.0).splitlines()
     assert lines[2:] == ["| 30 | a | 0.8000 |", "| 60 | a | 0.6000 |"]
+    # A budget off the grid (375 s on 50): its whole-budget row is the run's last evaluation, at its budget,
+    # not the grid point past it (400 s), which no run reaches.
+    off = {"a": {0: [(50.2, [0.9]), (350.1, [0.5]), (375.3, [0.4])]}}
+    lines = report.sigma_table(off, [0.1], budget_s=375.0, fractions=(1.0,), every=50.0).splitlines()
+    assert lines[2:] == ["| 375 | a | 0.4000 |"]
 
 
 def test_posthoc_table_compares_the_training_ema_at_the_same_evaluation_as_the_post_hoc_point():

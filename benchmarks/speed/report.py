@@ -139,11 +139,12 @@ def sigma_table(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[float]
     """Markdown: per arm and fixed time (fractions of the budget), the held-out loss at each noise level at the
     evaluation of that time, mean over seeds; the lowest of the arms at each (time, sigma) in bold. Where patch
     training wins or loses. With `every` (the evaluation grid's interval) each time is the grid point nearest to
-    its fraction of the budget (at least the first), so that a row is the evaluation of the time it names."""
+    its fraction of the budget (at least the first, at most the budget: a run's last evaluation is at its budget,
+    which need not be on the grid), so that a row is the evaluation of the time it names."""
     head = "| at s | arm | " + " | ".join(f"σ {s:.3g}" for s in sigmas) + " |"
     lines = [head, "|---:|---|" + "---:|" * len(sigmas)]
     for f in fractions:
-        t = f * budget_s if every is None else every * max(1, round(f * budget_s / every))
+        t = f * budget_s if every is None else min(budget_s, every * max(1, round(f * budget_s / every)))
         rows = {}
         for arm, by_seed in per_sigma.items():
             found = [v for v in (sigma_at(c, t) for c in by_seed.values()) if v is not None]
