@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import torch
 
-import latentpatch as lp
-from latentpatch.denoiser import build_precond
 from latentpatch.sampling.caches import job_cache
 from latentpatch.sampling.latents import generate_latents
 
-from .common import C, Context, Row, clock
+from .common import C, Context, Row, clock, sampling_network
 
 ROUNDS = 3  # timed, after one untimed round
 NETWORKS = {  # the suite's network -> (the Sizes field of its config overrides, {arm: --cache})
@@ -45,9 +43,7 @@ def _seconds(ctx: Context, precond, edm, cache: str | None) -> float:
 def run(ctx: Context) -> list[Row]:
     s, rows = ctx.sizes, []
     for net, (field, arms) in NETWORKS.items():
-        cfg = lp.load_config(None, getattr(s, field) + ["model.attention=sdpa", "edm.sigma_data=0.5"])
-        torch.manual_seed(0)
-        precond = build_precond(cfg, C, device=ctx.device).to(ctx.device).eval().requires_grad_(False)
+        cfg, precond = sampling_network(ctx, getattr(s, field))
         caches = {"uncached": None} | arms
         times: dict[str, list[float]] = {arm: [] for arm in caches}
         for r in range(ROUNDS + 1):

@@ -125,6 +125,17 @@ class Context:
         return "bf16" if self.bf16 else "fp32"
 
 
+def sampling_network(ctx: Context, overrides: list[str]):
+    """A random network of the suite's sizes (`overrides`: a Sizes field) for the sampling checks: its config and
+    its EDM preconditioning, seeded, on the device, in eval mode without gradients."""
+    import latentpatch as lp
+    from latentpatch.denoiser import build_precond
+
+    cfg = lp.load_config(None, overrides + ["model.attention=sdpa", "edm.sigma_data=0.5"])
+    torch.manual_seed(0)
+    return cfg, build_precond(cfg, C, device=ctx.device).to(ctx.device).eval().requires_grad_(False)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

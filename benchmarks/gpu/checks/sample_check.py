@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import torch
 
-import latentpatch as lp
-from latentpatch.denoiser import build_precond
 from latentpatch.diffusion.samplers import karras_sigmas
 from latentpatch.patches import full_coordinates
 from latentpatch.sampling.latents import generate_latents
 
-from .common import C, Context, Row, clock, ratio_row
+from .common import C, Context, Row, clock, ratio_row, sampling_network
 
 
 @torch.no_grad()
@@ -42,9 +40,7 @@ def plain_heun(ctx: Context, precond, n: int, side: int, steps: int, sigma_min: 
 
 def run(ctx: Context) -> list[Row]:
     s = ctx.sizes
-    cfg = lp.load_config(None, s.dit_b + ["model.attention=sdpa", "edm.sigma_data=0.5"])
-    torch.manual_seed(0)
-    precond = build_precond(cfg, C, device=ctx.device).to(ctx.device).eval().requires_grad_(False)
+    cfg, precond = sampling_network(ctx, s.dit_b)
     edm, shape = cfg.edm, (C, s.latent, s.latent)
 
     def ours() -> float:
