@@ -9,14 +9,13 @@ finished run is kept.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..one_thread import run_python, side_by_side
 
 EXPERIMENTS = {
     "dit": {
@@ -93,24 +92,16 @@ def run_one(arm: str, seed: int, out: Path, config: dict) -> None:
 
 def launch(jobs: list[tuple[str, int, Path]], config: dict, workers: int) -> None:
     """Each (arm, seed, out) not yet done in its own process (`workers` at once), one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parents[2]
-
     def one(job: tuple[str, int, Path]) -> None:
         arm, seed, out = job
         if (out / "done").is_file():
             return
         if arm != "base":  # a killed fine-tune starts again; the base continues (pretrain resumes it)
             shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "benchmarks.finetune.channel_runs", arm, str(seed), str(out), json.dumps(config)]
-        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
-        print(f"  {arm} seed {seed}: {time.perf_counter() - t0:.0f} s wall", flush=True)
+        run_python(["-m", "benchmarks.finetune.channel_runs", arm, str(seed), str(out), json.dumps(config)],
+                   f"{arm} seed {seed}")
 
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, jobs))
+    side_by_side(one, jobs, workers)
 
 
 if __name__ == "__main__":

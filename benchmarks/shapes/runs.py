@@ -3,19 +3,16 @@ trained for the same process CPU seconds in its own single-threaded process."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 import latentpatch as lp
 
+from ..one_thread import run_python, side_by_side
 from ..speed.arms import ARMS as SPEED_ARMS, COMMON
 
 ARMS = {  # arm: (its stores' kind, config overrides)
@@ -72,7 +69,6 @@ def train_arms(stores: dict[str, Path], root: Path, budget_s: float, seed: int, 
                jobs: int, arms: list[str]) -> dict[str, Path]:
     """The arms, `jobs` at once, each in its own single-threaded process (a finished run is kept)."""
     runs = {arm: root / f"run-{arm.replace('/', '-')}-{budget_s:g}s-seed{seed}" for arm in arms}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def launch(arm: str) -> None:
         if (runs[arm] / "done").is_file():
@@ -82,11 +78,9 @@ def train_arms(stores: dict[str, Path], root: Path, budget_s: float, seed: int, 
         code = ("import sys; from benchmarks.shapes.runs import train_one; from pathlib import Path; "
                 "train_one(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]), "
                 "int(sys.argv[6]), int(sys.argv[7]))")
-        subprocess.run([sys.executable, "-c", code, arm, str(stores[f"{kind}-train"]), str(stores[f"{kind}-heldout"]),
-                        str(runs[arm]), str(budget_s), str(seed), str(eval_every)],
-                       env=env, check=True)  # -c: this folder on its path, as -m put it on ours
+        run_python(["-c", code, arm, str(stores[f"{kind}-train"]), str(stores[f"{kind}-heldout"]), str(runs[arm]),
+                    str(budget_s), str(seed), str(eval_every)], f"{arm} seed {seed}", capture=False)
         (runs[arm] / "done").write_text("")
 
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(launch, arms))
+    side_by_side(launch, arms, jobs)
     return runs

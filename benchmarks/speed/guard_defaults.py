@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..one_thread import run_python, side_by_side
 from .arms import ARMS, COMMON
 from .data import prepare_data
 from .renames import folder_name, rename_folders, unknown_arm_hint
@@ -32,11 +30,7 @@ def train_one(out: Path, store: Path, overrides: list[str]) -> None:
     code = ("import sys; from latentpatch.config import load_config; from latentpatch.training.trainer import train; "
             "r = train(load_config(None, sys.argv[3:]), sys.argv[1], sys.argv[2], device='cpu', progress=False); "
             "print(r.summary() or f'trained to step {r.step}')")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code, str(store), str(out), *overrides], env=env, text=True,
-                          capture_output=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-3000:])
+    done = run_python(["-c", code, str(store), str(out), *overrides], out.name)
     (out / "stdout.txt").write_text(done.stdout)
 
 
@@ -65,8 +59,7 @@ def main() -> None:
         for arm in args.arms.split(",") for kind, extra in (("guarded", GUARDED), ("unguarded", UNGUARDED))
         if kind in args.settings.split(",")}
     todo = [(out, data["train"], over) for out, over in runs.values() if latest_checkpoint(out) is None]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: train_one(*job), todo))
+    side_by_side(lambda job: train_one(*job), todo, args.jobs)
     rows = []
     for (arm, kind), (out, _) in runs.items():
         sampled = load_run(out, device="cpu")  # what `sample` loads: BEST when there is one, else the latest

@@ -46,7 +46,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +54,7 @@ import torch
 from latentpatch.io import atomic_write_text, write_json_atomic
 from latentpatch.sampling.options import DEFAULTS
 
+from ..one_thread import side_by_side
 from . import cost_table, plots, report
 from .arms import ARMS, needs_zoom
 from .data import REGIMES, prepare_data
@@ -149,9 +149,8 @@ def train_all(study: Study, also: list[str]) -> None:
         for seed in study.seeds:
             for arm in arms:
                 queue[arm, seed] = run_config(arm, seed, study.data, a.regime, a.snapshot_every, a.heldout_limit)
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = dict(zip(queue, pool.map(lambda key: run_training(*key, queue[key], study.data, a.out, a.budget_s,
-                                                                 a.eval_every_s), queue)))
+    done = dict(zip(queue, side_by_side(lambda key: run_training(*key, queue[key], study.data, a.out, a.budget_s,
+                                                                 a.eval_every_s), queue, a.jobs)))
     study.configs = {key: cfg for key, cfg in queue.items() if key[0] in study.arms}
     study.runs = {key: done[key] for key in study.configs}
 

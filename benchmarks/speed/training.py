@@ -7,16 +7,13 @@ is logged as `train_s` in every record. The time axis of every curve is that log
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from latentpatch.config import config_to_dict
 from latentpatch.diffusion.edm import heldout_sigma_grid
 from latentpatch.training.logging import read_log
 
+from ..one_thread import run_python
 from .arms import arm_config
 from .renames import folder_name
 
@@ -38,14 +35,8 @@ def run_training(arm: str, seed: int, cfg, data: dict, out: Path, budget_s: floa
     config = out / "configs" / f"{folder_name(arm)}-seed{seed}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    cmd = [sys.executable, "-m", "benchmarks.speed.timed_run", str(config), str(data["train"]), str(run),
-           "--budget-s", str(budget_s), "--eval-every-s", str(eval_every_s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-    if proc.returncode != 0:
-        raise RuntimeError(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    print(f"  trained {arm} seed {seed}: {time.perf_counter() - t0:.0f} s wall", flush=True)
+    run_python(["-m", "benchmarks.speed.timed_run", str(config), str(data["train"]), str(run),
+                "--budget-s", str(budget_s), "--eval-every-s", str(eval_every_s)], f"{arm} seed {seed}")
     return run
 
 
