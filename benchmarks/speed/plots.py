@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 from .report import SigmaCurve
+
+CHARS_PER_INCH = 13  # of a 9-point title: lines wrapped to the figure's width instead of cut at its edges
+
+
+def wrapped(title: str, inches: float) -> str:
+    """`title` with each of its lines wrapped to fit a figure `inches` wide."""
+    width = max(20, int(inches * CHARS_PER_INCH))
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
 def plot_sigma_curves(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[float], path: Path,
@@ -39,7 +48,8 @@ def plot_sigma_curves(per_sigma: dict[str, dict[int, SigmaCurve]], sigmas: list[
     for ax in list(axes.flat)[len(sigmas):]:
         ax.axis("off")
     fig.legend(fontsize=7, loc="lower center", ncol=min(len(per_sigma), 4))
-    fig.suptitle(f"{title}\nheld-out loss per noise level against each run's own training seconds", fontsize=9)
+    fig.suptitle(wrapped(f"{title}\nheld-out loss per noise level against each run's own training seconds",
+                         3.4 * cols), fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
@@ -61,7 +71,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[float, float]]]], path: P
                     lw=1.4 if j == 0 else 0.9, alpha=1.0 if j == 0 else 0.6, label=arm if j == 0 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out EDM-weighted loss of the EMA")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrapped(title, 8), fontsize=9)
     losses = [loss for by_seed in curves.values() for c in by_seed.values() for _, loss in c]
     low = min(losses)
     ax.set_ylim(low - 0.02 * abs(low), min(max(losses), low + 4 * (statistics.median(losses) - low) + 1e-3))
@@ -86,7 +96,7 @@ def grid_figure(grids: dict[str, Path], path: Path, title: str) -> None:
             ax.imshow(im.convert("RGB"))
         ax.set_title(arm, fontsize=9)
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrapped(title, 3.2 * len(grids)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
