@@ -187,3 +187,20 @@ def test_a_small_folder_fine_tune_is_guarded_by_default_with_lora_too(base_run, 
     assert result.best == best_checkpoint(tmp_path / "ft") and result.summary.startswith("Best held-out loss")
     assert f"at step {int(result.best.name[5:])}" in result.summary
     assert load_run(tmp_path / "ft").step == int(result.best.name[5:])
+
+
+def test_a_fine_tunes_callback_stops_it_and_asks_for_held_out_evaluations(base_run, tmp_path):
+    """lp.finetune passes `callback` to the trainer: EVALUATE scores the held-out images after that step (here 3,
+    off the every-8 grid), True ends the fine-tune after a checkpoint of that step (5, not the 40 asked for)."""
+    from latentpatch.training.logging import read_log
+    from latentpatch.training.results import EVALUATE
+
+    folder = colour_folder(tmp_path / "faces", n=24, captions=False)
+
+    def callback(info):
+        return True if info.step == 5 else EVALUATE if info.step == 3 else None
+
+    result = lp.finetune(base_run, folder, tmp_path / "ft", steps=40, lr=1e-2, batch_size=4, callback=callback, **FAST)
+    assert result.step == 5 and int(latest_checkpoint(tmp_path / "ft").name[5:]) == 5
+    scored = [r["step"] for r in read_log(tmp_path / "ft" / "log.jsonl") if "heldout_loss" in r]
+    assert scored == [0, 3, 5]

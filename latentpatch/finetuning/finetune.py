@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def finetune(
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
+    callback: Callable[[Any], bool | str | None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `base` on `data` into the new run folder `out` for `steps` optimisation steps.
 
@@ -94,6 +96,8 @@ def finetune(
     checkpoints still hold whole weights, merged when loaded, so sampling needs nothing new).
     lr, batch_size, config (a preset or YAML, for a diffusers base) and `overrides` ("section.key=value")
     set the training; the rest comes from the base run. `resume` continues an interrupted fine-tune.
+    callback: as train's (after each step; True ends the fine-tune after a checkpoint, EVALUATE scores the
+    held-out set now), e.g. to stop at a budget of training time rather than of steps.
     """
     from latentpatch.training.trainer import train
 
@@ -125,7 +129,7 @@ def finetune(
         write_json_atomic(out / BASE_FILE, {**found.describe, "data": str(Path(data).resolve()),
                                             "lora_rank": lora_rank})
     result = train(None if resumed else cfg, store, out, resume=resume, max_steps=steps, device=device,
-                   progress=progress, init_state=state)
+                   progress=progress, callback=callback, init_state=state)
     return FinetuneResult(out, store.path, result.step, result.loss, result.checkpoint, result.seconds,
                           result.best, result.summary())
 
