@@ -35,12 +35,11 @@ from ..speed.arms import ARMS
 from ..speed.data import N_FACES, write_faces
 from ..speed.samples import sample_metrics
 from ..speed.timed_run import TimeGrid, finished
-from ..speed.training import heldout_curve, heldout_records, sigma_curves, steps_taken
+from ..speed.to_quality import by_seed_str
+from ..speed.training import NO_STEP_EVALUATIONS, heldout_curve, heldout_records, sigma_curves, steps_taken
 from . import flow_base
 from .captioned import DIGITS, FACE_CAPTION, FACES
 from .channel_runs import Pretraining
-
-NO_STEP_EVALUATIONS = 10**9  # heldout.every: the time grid asks for the evaluations (and steps 0 and last)
 
 
 @dataclass(frozen=True)
@@ -138,13 +137,10 @@ def results(plan: FlowPlan, out: Path, runs: dict[tuple[str, int], Path], refere
     md += report.sigma_table(per_sigma, sigmas, budget, every=plan.eval_every_s)
     (out / "flow-speed-table.md").write_text(md)
 
-    def seeded(table):
-        return {arm: {str(s): x for s, x in by.items()} for arm, by in table.items()}
-
     found = {"plan": asdict(plan), "time": "each run's own train_s (process CPU seconds, one thread)",
-             "evaluations": seeded(per_run(lambda run, b: heldout_records(run, b))), "curves": seeded(curves),
-             "sigmas": sigmas, "sigma_curves": seeded(per_sigma), "summary": seeded(summary),
-             "speedups": seeded(ups), "metrics": metrics, "steps": steps, "wall_s": time.perf_counter() - started}
+             "evaluations": by_seed_str(per_run(heldout_records)), "curves": by_seed_str(curves),
+             "sigmas": sigmas, "sigma_curves": by_seed_str(per_sigma), "summary": by_seed_str(summary),
+             "speedups": by_seed_str(ups), "metrics": metrics, "steps": steps, "wall_s": time.perf_counter() - started}
     (out / "flow-speed-results.json").write_text(json.dumps(found, indent=1) + "\n")
     print("\n" + md, flush=True)
     return found
