@@ -5,7 +5,7 @@ tokens at 128 px) is pretrained by latentpatch on captioned digits at full size 
 each arm fine-tunes that folder on faces (another domain) with `lp.finetune`, the crop's place told through SD3's
 own position table (no extra channels), for a budget of its own training time (process CPU seconds of one thread,
 the trainer's clock), evaluated on the 20 held-out faces at equal intervals of that time (timed_run.TimeGrid). The
-race and its tables are speed to quality's (speed/report.py): the time each arm takes to reach full size's best
+race and its tables are speed to quality's (speed/race.py): the time each arm takes to reach full size's best
 held-out loss, 3 seeds; FID/KID/SWD of samples of each arm's best checkpoint (seed 0) given the face caption,
 against the 100 faces.
 
@@ -30,13 +30,11 @@ from pathlib import Path
 import torch
 
 from ..one_thread import run_python, side_by_side
-from ..speed import plots, report
 from ..speed.arms import ARMS
 from ..speed.data import N_FACES, write_faces
-from ..speed.samples import sample_metrics
+from ..speed.race import Race, Samples, race_section, results_json
 from ..speed.timed_run import TimeGrid, finished
-from ..speed.to_quality import by_seed_str
-from ..speed.training import NO_STEP_EVALUATIONS, heldout_curve, heldout_records, sigma_curves, steps_taken
+from ..speed.training import NO_STEP_EVALUATIONS
 from . import flow_base
 from .captioned import DIGITS, FACE_CAPTION, FACES
 from .channel_runs import Pretraining
@@ -110,37 +108,17 @@ def heldout_levels(run: Path) -> list[float]:
 
 
 def results(plan: FlowPlan, out: Path, runs: dict[tuple[str, int], Path], reference: Path, started: float) -> dict:
-    """The race (speed/report.py), per-noise-level table, samples' metrics and figures; written beside the runs."""
-    budget = plan.budget_s
-
-    def per_run(read):
-        return {arm: {s: read(runs[arm, s], budget) for s in plan.seeds} for arm in plan.arms}
-
-    curves, per_sigma = per_run(heldout_curve), per_run(sigma_curves)
-    steps = {arm: {s: steps_taken(runs[arm, s], budget) for s in plan.seeds} for arm in plan.arms}
-    summary = {arm: {s: report.summarise_run(c) for s, c in by.items()} for arm, by in curves.items()}
-    ups = report.speedups(curves, BASELINE)
-    first = {arm: runs[arm, plan.seeds[0]] for arm in plan.arms}
-    metrics, grids = sample_metrics(first, {"reference": reference}, out / "samples", plan.samples,
-                                    plan.sample_steps, prompt=FACE_CAPTION)
+    """The race, its per-noise-level table, samples' metrics and figures (speed/race.py); written beside the runs."""
     latent = flow_base.SIDE // 4
-    title = (f"SD3-shaped base fine-tuned on faces at {flow_base.SIDE} px ({latent}x{latent} latents); {budget:.0f} "
-             f"training-s per run (own process CPU time), evaluated every {plan.eval_every_s:g} s; "
-             f"seeds {list(plan.seeds)}")
+    title = (f"SD3-shaped base fine-tuned on faces at {flow_base.SIDE} px ({latent}x{latent} latents); "
+             f"{plan.budget_s:.0f} training-s per run (own process CPU time), evaluated every {plan.eval_every_s:g} "
+             f"s; seeds {list(plan.seeds)}")
+    race = Race(runs, list(plan.arms), list(plan.seeds), plan.budget_s, plan.eval_every_s, BASELINE, title)
     sigmas = heldout_levels(runs[plan.arms[0], plan.seeds[0]])
-    plots.plot_curves(curves, out / "flow-speed-curves.png", title)
-    plots.plot_sigma_curves(per_sigma, sigmas, out / "flow-speed-sigmas.png", title)
-    plots.grid_figure(grids, out / "flow-speed-grids.png", f"'{FACE_CAPTION}': samples of each arm's best checkpoint "
-                      f"(seed {plan.seeds[0]}), first 64")
-    md = f"{title}\n\n" + report.table(summary, ups, metrics, BASELINE, steps)
-    md += "\nHeld-out loss per noise level (mean over seeds) at the evaluations of fixed training times:\n\n"
-    md += report.sigma_table(per_sigma, sigmas, budget, every=plan.eval_every_s)
+    samples = Samples(reference, plan.samples, plan.sample_steps, out / "samples", prompt=FACE_CAPTION)
+    md, found = race_section(race, sigmas, out / "flow-speed", samples)
     (out / "flow-speed-table.md").write_text(md)
-
-    found = {"plan": asdict(plan), "time": "each run's own train_s (process CPU seconds, one thread)",
-             "evaluations": by_seed_str(per_run(heldout_records)), "curves": by_seed_str(curves),
-             "sigmas": sigmas, "sigma_curves": by_seed_str(per_sigma), "summary": by_seed_str(summary),
-             "speedups": by_seed_str(ups), "metrics": metrics, "steps": steps, "wall_s": time.perf_counter() - started}
+    found = {"plan": asdict(plan), **results_json(race, sigmas, found), "wall_s": time.perf_counter() - started}
     (out / "flow-speed-results.json").write_text(json.dumps(found, indent=1) + "\n")
     print("\n" + md, flush=True)
     return found

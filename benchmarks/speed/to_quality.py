@@ -60,9 +60,8 @@ from .arms import ARMS, needs_zoom
 from .data import REGIMES, prepare_data
 from .posthoc import posthoc_curve, posthoc_table
 from .renames import folder_name, rename_folders, rename_step_times, unknown_arm_hint
-from .samples import sample_metrics
-from .training import (heldout_curve, heldout_records, heldout_sigmas, run_config, run_training, seconds_of_steps,
-                       sigma_curves, steps_taken)
+from .race import Race, Samples, by_seed_str, race_section, results_json
+from .training import heldout_sigmas, run_config, run_training, seconds_of_steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,9 +134,10 @@ class Study:
         return (f"{a.regime}: {REGIMES[a.regime].describe()}; {a.budget_s:.0f} training-s per run (own process CPU "
                 f"time), evaluated every {a.eval_every_s:g} s; seeds {a.seeds}")
 
-    def per_run(self, curve) -> dict[str, dict[int, object]]:
-        """{arm: {seed: curve(run folder, budget)}}."""
-        return {arm: {s: curve(self.runs[arm, s], self.args.budget_s) for s in self.seeds} for arm in self.arms}
+    @property
+    def race(self) -> Race:
+        a = self.args
+        return Race(self.runs, self.arms, self.seeds, a.budget_s, a.eval_every_s, a.baseline, self.title)
 
 
 def train_all(study: Study, also: list[str]) -> None:
@@ -153,27 +153,6 @@ def train_all(study: Study, also: list[str]) -> None:
                                                                  a.eval_every_s), queue, a.jobs)))
     study.configs = {key: cfg for key, cfg in queue.items() if key[0] in study.arms}
     study.runs = {key: done[key] for key in study.configs}
-
-
-def race_section(study: Study, curves: dict, per_sigma: dict, sigmas: list[float]) -> tuple[str, dict]:
-    """The markdown of the race and the per-noise-level table, the figures, and the results it reports."""
-    a, out = study.args, study.args.out
-    summary = {arm: {seed: report.summarise_run(c) for seed, c in by.items()} for arm, by in curves.items()}
-    ups = report.speedups(curves, a.baseline)
-    steps = {arm: {seed: steps_taken(study.runs[arm, seed], a.budget_s) for seed in study.seeds} for arm in study.arms}
-    metrics, grids = {}, {}
-    if a.samples:
-        first = {arm: study.runs[arm, study.seeds[0]] for arm in study.arms}
-        metrics, grids = sample_metrics(first, study.data, out / "samples" / study.name, a.samples, a.sample_steps)
-    plots.plot_curves(curves, out / f"{study.name}-curves.png", study.title)
-    plots.plot_sigma_curves(per_sigma, sigmas, out / f"{study.name}-sigmas.png", study.title)
-    if grids:
-        plots.grid_figure(grids, out / f"{study.name}-grids.png",
-                          f"{a.samples} samples of each arm's best checkpoint (seed {study.seeds[0]}), first 64")
-    md = f"{study.title}\n\n" + report.table(summary, ups, metrics, a.baseline, steps)
-    md += "\nHeld-out loss per noise level (mean over seeds) at the evaluations of fixed training times:\n\n"
-    md += report.sigma_table(per_sigma, sigmas, a.budget_s, every=a.eval_every_s)
-    return md, {"summary": summary, "speedups": ups, "metrics": metrics, "steps": steps}
 
 
 def posthoc_section(study: Study, curves: dict, steps: dict) -> tuple[str, dict]:
@@ -201,34 +180,22 @@ def posthoc_section(study: Study, curves: dict, steps: dict) -> tuple[str, dict]
     return md, posthoc
 
 
-def by_seed_str(table: dict) -> dict:
-    """{arm: {seed: x}} with the seeds as JSON keys."""
-    return {arm: {str(s): x for s, x in by.items()} for arm, by in table.items()}
-
-
-EVALUATION_KEYS = ("step", "kimg", "train_s", "heldout_loss", "heldout_per_sigma")
-
-
 def report_study(study: Study, started: float) -> None:
     """Curves from the runs' logs, then NAME-table.md, NAME-results.json and the figures into --out."""
     a = study.args
-    curves, per_sigma = study.per_run(heldout_curve), study.per_run(sigma_curves)
-    evaluations = study.per_run(lambda run, budget: [{k: r[k] for k in EVALUATION_KEYS if k in r}
-                                                     for r in heldout_records(run, budget)])
     sigmas = heldout_sigmas(study.configs[study.arms[0], study.seeds[0]])
-    md, results = race_section(study, curves, per_sigma, sigmas)
-    posthoc_md, posthoc = posthoc_section(study, curves, results["steps"])
+    samples = (Samples(study.data["reference"], a.samples, a.sample_steps, a.out / "samples" / study.name)
+               if a.samples else None)
+    md, found = race_section(study.race, sigmas, a.out / study.name, samples)
+    posthoc_md, posthoc = posthoc_section(study, found["curves"], found["steps"])
     md += posthoc_md
     extra = {}
     if a.cost_table:
-        cost_md, extra = cost_table.section(study, results["steps"])
+        cost_md, extra = cost_table.section(study, found["steps"])
         md += cost_md
     atomic_write_text(a.out / f"{study.name}-table.md", md)
     write_json_atomic(a.out / f"{study.name}-results.json", {
-        "args": {k: str(v) for k, v in vars(a).items()}, "time": "each run's own train_s (process CPU seconds)",
-        "evaluations": by_seed_str(evaluations), "curves": by_seed_str(curves), "sigmas": sigmas,
-        "sigma_curves": by_seed_str(per_sigma), "summary": by_seed_str(results["summary"]),
-        "speedups": by_seed_str(results["speedups"]), "metrics": results["metrics"], "steps": results["steps"],
+        "args": {k: str(v) for k, v in vars(a).items()}, **results_json(study.race, sigmas, found),
         "posthoc": by_seed_str(posthoc), **extra, "wall_s": time.perf_counter() - started})
     print("\n" + md, flush=True)
 
