@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from latentpatch.io import atomic_write_text, write_json_atomic
+
 from ..one_thread import run_python, side_by_side
 from ..speed.arms import ARMS
 from ..speed.data import N_FACES, write_faces
@@ -117,9 +119,9 @@ def results(plan: FlowPlan, out: Path, runs: dict[tuple[str, int], Path], refere
     sigmas = heldout_levels(runs[plan.arms[0], plan.seeds[0]])
     samples = Samples(reference, plan.samples, plan.sample_steps, out / "samples", prompt=FACE_CAPTION)
     md, found = race_section(race, sigmas, out / "flow-speed", samples)
-    (out / "flow-speed-table.md").write_text(md)
+    atomic_write_text(out / "flow-speed-table.md", md)
     found = {"plan": asdict(plan), **results_json(race, sigmas, found), "wall_s": time.perf_counter() - started}
-    (out / "flow-speed-results.json").write_text(json.dumps(found, indent=1) + "\n")
+    write_json_atomic(out / "flow-speed-results.json", found)
     print("\n" + md, flush=True)
     return found
 
