@@ -29,6 +29,9 @@ EXPERIMENTS = {
 }
 
 
+FULL_SIZE = ["patches.real_p=1", "patches.sizes=[]"]  # a base pretrained on whole images only
+
+
 @dataclass(frozen=True)
 class Pretraining:
     """The base's pretraining, fixed before running."""
@@ -38,6 +41,21 @@ class Pretraining:
     lr: float
     eval_every: int
     warmup_steps: int = 300  # given, so a run continued to more steps (resume) is the longer run exactly
+
+    def run(self, base: Path, stores: dict[str, Path], out: Path, overrides: list[str]) -> Path:
+        """The random pipeline `base` trained by lp.finetune on stores["base-train"] into `out`: held-out loss on
+        128 of stores["base-heldout"] every eval_every steps, no early stop; `overrides` are the base's own (its
+        patch schedule, caption dropout, text length). A run already in `out` (killed, or planned shorter) is
+        continued: resume is exact."""
+        import latentpatch as lp
+
+        lp.finetune(base, stores["base-train"], out, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                    overrides=[f"heldout.latents={stores['base-heldout']}", f"heldout.every={self.eval_every}",
+                               "heldout.limit=128", "train.patience=0", "model.attention=sdpa",
+                               f"train.log_every={self.eval_every}", f"optim.warmup_steps={self.warmup_steps}",
+                               *overrides],
+                    resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
+        return out
 
 
 @dataclass(frozen=True)

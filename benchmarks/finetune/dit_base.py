@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-import latentpatch as lp
 from latentpatch.encoding.encode import encode
 
 from ..speed.data import mnist_split, write_mnist
-from .channel_runs import Pretraining
+from .channel_runs import FULL_SIZE, Pretraining
 
 SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16, 8 x 8 tokens of patch 2 (half-crops: 4 x 4)
 BASE_DIGITS, NEW_DIGITS = range(0, 5), range(5, 10)
@@ -63,14 +62,7 @@ def random_base(folder: Path) -> Path:
 
 
 def pretrain(folder: Path, stores: dict[str, Path], out: Path, plan: Pretraining) -> Path:
-    """The base: the random pipeline fine-tuned by lp.finetune on digits 0-4 at full size, VP preconditioning
-    (the scheduler's), held-out loss on the held-out digits 0-4 every plan.eval_every steps, no early stop. A
-    run already in `out` (killed, or planned shorter) is continued: resume is exact."""
-    lp.finetune(folder, stores["base-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
-                overrides=["patches.real_p=1", "patches.sizes=[]", f"heldout.latents={stores['base-heldout']}",
-                           f"heldout.every={plan.eval_every}", "heldout.limit=128", "train.patience=0",
-                           "model.attention=sdpa", f"train.log_every={plan.eval_every}",
-                           f"optim.warmup_steps={plan.warmup_steps}"],
-                resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
-    return out
+    """The base: the random pipeline trained on digits 0-4 at full size, VP preconditioning (the scheduler's),
+    held-out loss on the held-out digits 0-4 (Pretraining.run)."""
+    return plan.run(folder, stores, out, FULL_SIZE)
 

@@ -23,7 +23,7 @@ import torch
 import latentpatch as lp
 
 from .captioned import captioned_stores, random_clip
-from .channel_runs import Pretraining
+from .channel_runs import FULL_SIZE, Pretraining
 
 SIDE = 128  # pixels; 32 x 32 latents through the shipped f4 VAE, 16 x 16 tokens of patch 2 (half-side crops: 8 x 8)
 TEXT_LENGTH = 16  # tokens of each tokenizer (SD3: CLIP's 77, T5's 256)
@@ -81,16 +81,9 @@ def stores(root: Path, base: Path, parts: tuple[str, ...], every: int = 1) -> di
 
 
 def pretrain(folder: Path, data: dict[str, Path], out: Path, plan: Pretraining) -> Path:
-    """The base: the random pipeline fine-tuned by lp.finetune on the digits at full size, held-out loss on the
-    held-out digits every plan.eval_every steps, no early stop. A run already in `out` (killed, or planned shorter)
-    is continued: resume is exact."""
-    lp.finetune(folder, data["base-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
-                overrides=["patches.real_p=1", "patches.sizes=[]", f"heldout.latents={data['base-heldout']}",
-                           f"heldout.every={plan.eval_every}", "heldout.limit=128", "train.patience=0",
-                           "model.attention=sdpa", "train.label_dropout=0.1", f"train.log_every={plan.eval_every}",
-                           f"optim.warmup_steps={plan.warmup_steps}", *TEXT],
-                resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
-    return out
+    """The base: the random pipeline trained on the digits at full size, caption dropout for guidance, TEXT_LENGTH
+    tokens (Pretraining.run)."""
+    return plan.run(folder, data, out, [*FULL_SIZE, "train.label_dropout=0.1", *TEXT])
 
 
 def base_pipeline(run: Path, folder: Path) -> Path:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-import latentpatch as lp
 
 from .captioned import captioned_stores, random_clip
 from .channel_runs import Pretraining
@@ -69,13 +68,7 @@ def stores(root: Path, base: Path) -> dict[str, Path]:
 
 
 def pretrain(folder: Path, data: dict[str, Path], out: Path, plan: Pretraining) -> Path:
-    """The base: the random pipeline fine-tuned by lp.finetune on the digits with the default patch schedule (half-
-    side crops in half the steps), each crop's place in the time ids alone; held-out loss on the held-out digits
-    every plan.eval_every steps, no early stop. A run already in `out` (killed, or planned shorter) is continued."""
-    lp.finetune(folder, data["base-train"], out, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
-                overrides=[f"heldout.latents={data['base-heldout']}", f"heldout.every={plan.eval_every}",
-                           "heldout.limit=128", "train.patience=0", "model.attention=sdpa", "train.label_dropout=0.1",
-                           f"train.log_every={plan.eval_every}", f"optim.warmup_steps={plan.warmup_steps}"],
-                resume=(out / "config.yaml").is_file(), device="cpu", progress=False)
-    return out
+    """The base: the random pipeline trained on the digits with the default patch schedule (half-side crops in
+    half the steps), each crop's place in the time ids alone; caption dropout for guidance (Pretraining.run)."""
+    return plan.run(folder, data, out, ["train.label_dropout=0.1"])
 
