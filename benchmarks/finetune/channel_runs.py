@@ -29,9 +29,6 @@ EXPERIMENTS = {
 }
 
 
-FULL_SIZE = ["patches.real_p=1", "patches.sizes=[]"]  # a base pretrained on whole images only
-
-
 @dataclass(frozen=True)
 class Pretraining:
     """The base's pretraining, fixed before running."""

@@ -13,8 +13,9 @@ import torch
 
 from latentpatch.encoding.encode import encode
 
+from ..speed.arms import FULL
 from ..speed.data import mnist_split, write_mnist
-from .channel_runs import FULL_SIZE, Pretraining
+from .channel_runs import Pretraining
 
 SIDE = 64  # pixels; the shipped VAE's f4 latents are 16 x 16, 8 x 8 tokens of patch 2 (half-crops: 4 x 4)
 BASE_DIGITS, NEW_DIGITS = range(0, 5), range(5, 10)
@@ -64,5 +65,5 @@ def random_base(folder: Path) -> Path:
 def pretrain(folder: Path, stores: dict[str, Path], out: Path, plan: Pretraining) -> Path:
     """The base: the random pipeline trained on digits 0-4 at full size, VP preconditioning (the scheduler's),
     held-out loss on the held-out digits 0-4 (Pretraining.run)."""
-    return plan.run(folder, stores, out, FULL_SIZE)
+    return plan.run(folder, stores, out, FULL)
 

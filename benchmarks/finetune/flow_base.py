@@ -22,8 +22,9 @@ import torch
 
 import latentpatch as lp
 
+from ..speed.arms import FULL
 from .captioned import captioned_stores, random_clip
-from .channel_runs import FULL_SIZE, Pretraining
+from .channel_runs import Pretraining
 
 SIDE = 128  # pixels; 32 x 32 latents through the shipped f4 VAE, 16 x 16 tokens of patch 2 (half-side crops: 8 x 8)
 TEXT_LENGTH = 16  # tokens of each tokenizer (SD3: CLIP's 77, T5's 256)
@@ -83,7 +84,7 @@ def stores(root: Path, base: Path, parts: tuple[str, ...], every: int = 1) -> di
 def pretrain(folder: Path, data: dict[str, Path], out: Path, plan: Pretraining) -> Path:
     """The base: the random pipeline trained on the digits at full size, caption dropout for guidance, TEXT_LENGTH
     tokens (Pretraining.run)."""
-    return plan.run(folder, data, out, [*FULL_SIZE, "train.label_dropout=0.1", *TEXT])
+    return plan.run(folder, data, out, [*FULL, "train.label_dropout=0.1", *TEXT])
 
 
 def base_pipeline(run: Path, folder: Path) -> Path:
