@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-
 from .captioned import captioned_stores, random_clip
 from .channel_runs import Pretraining
 
